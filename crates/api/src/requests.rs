@@ -1,0 +1,119 @@
+//! Request bodies. Every body rejects unknown fields.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::{InstanceType, RestartPolicy};
+
+/// `POST /v1/projects`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateProjectRequest {
+    /// Name (DNS label).
+    pub name: String,
+    /// Description.
+    #[serde(default)]
+    pub description: String,
+}
+
+/// `POST /v1/projects/{project}/instances`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct CreateInstanceRequest {
+    /// Name (DNS label, unique in the project).
+    pub name: String,
+    /// Image name or digest.
+    pub image: String,
+    /// `container` (default) or `vm`.
+    #[serde(default, rename = "type")]
+    pub instance_type: InstanceType,
+    /// vCPUs (default 1).
+    #[serde(default)]
+    pub cpus: Option<f64>,
+    /// Memory: bytes as a number or a size string (`512M`, `1G`). Default 256M (512M for VMs).
+    #[serde(default)]
+    pub memory: Option<serde_json::Value>,
+    /// Disk: like memory. Default 1G (VMs: 2G).
+    #[serde(default)]
+    pub disk: Option<serde_json::Value>,
+    /// Command (empty: image default).
+    #[serde(default)]
+    pub command: Vec<String>,
+    /// Environment.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Restart policy (default `never`).
+    #[serde(default)]
+    pub restart: RestartPolicy,
+    /// Process limit (default 1024).
+    #[serde(default)]
+    pub pids_limit: Option<u64>,
+    /// VM user-data (first-boot script), at most 64 KiB.
+    #[serde(default)]
+    pub user_data: Option<String>,
+    /// SSH public keys (VMs).
+    #[serde(default)]
+    pub ssh_keys: Vec<String>,
+    /// Create it stopped.
+    #[serde(default)]
+    pub start: Option<bool>,
+}
+
+/// `POST /v1/projects/{project}/instances/{name}/{action}` body (optional).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceActionRequest {
+    /// Expected resource version (optimistic concurrency).
+    #[serde(default)]
+    pub version: Option<u64>,
+}
+
+/// `POST /v1/projects/{project}/instances/{name}/exec`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    /// Command and arguments.
+    pub command: Vec<String>,
+    /// Timeout in seconds (default 60).
+    #[serde(default)]
+    pub timeout_secs: Option<u64>,
+}
+
+/// Result of an exec.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ExecResponse {
+    /// Exit code of the command.
+    pub exit_code: i32,
+    /// Captured standard output (UTF-8, lossy).
+    pub stdout: String,
+    /// Captured standard error (UTF-8, lossy).
+    pub stderr: String,
+}
+
+/// `PATCH /v1/nodes/{name}`: operator actions on a node.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateNodeRequest {
+    /// Cordon (true) or uncordon (false).
+    #[serde(default)]
+    pub cordoned: Option<bool>,
+    /// Expected version.
+    #[serde(default)]
+    pub version: Option<u64>,
+}
+
+/// Health answer.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Health {
+    /// `ok`.
+    pub status: String,
+    /// Server version.
+    pub version: String,
+    /// Current Raft leader id, if known.
+    pub leader: Option<u64>,
+}

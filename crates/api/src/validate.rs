@@ -1,0 +1,209 @@
+//! Validation in one place: names, sizes, resources.
+
+use crate::{ApiError, CreateInstanceRequest, InstanceType};
+
+/// Maximum user-data size.
+pub const MAX_USER_DATA: usize = 64 * 1024;
+/// Smallest VM memory.
+pub const MIN_VM_MEMORY: u64 = 128 * 1024 * 1024;
+/// Smallest container memory.
+pub const MIN_CONTAINER_MEMORY: u64 = 4 * 1024 * 1024;
+
+/// Checks a name against DNS label rules: 1-63 chars of `[a-z0-9-]`, starting with a letter,
+/// not ending with `-`.
+pub fn name(field: &str, value: &str) -> Result<(), ApiError> {
+    let bad = |why: &str| Err(ApiError::invalid(field, format!("invalid name {value:?}: {why}")));
+    if value.is_empty() {
+        return bad("must not be empty");
+    }
+    if value.len() > 63 {
+        return bad("at most 63 characters");
+    }
+    if !value.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
+        return bad("only lowercase letters, digits and '-' are allowed");
+    }
+    if !value.as_bytes()[0].is_ascii_lowercase() {
+        return bad("must start with a letter");
+    }
+    if value.ends_with('-') {
+        return bad("must not end with '-'");
+    }
+    Ok(())
+}
+
+/// Parses a size: a plain number of bytes, or a number with a suffix
+/// `K`, `M`, `G`, `T` (powers of 1024; `KiB`, `MB`, `Gi` spellings accepted).
+pub fn parse_size(field: &str, value: &str) -> Result<u64, ApiError> {
+    let bad = || ApiError::invalid(field, format!("invalid size {value:?}: use a number with an optional K, M, G or T suffix, e.g. 512M"));
+    let s = value.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    if num.is_empty() {
+        return Err(bad());
+    }
+    let n: f64 = num.parse().map_err(|_| bad())?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "ki" | "kib" => 1 << 10,
+        "m" | "mb" | "mi" | "mib" => 1 << 20,
+        "g" | "gb" | "gi" | "gib" => 1 << 30,
+        "t" | "tb" | "ti" | "tib" => 1 << 40,
+        _ => return Err(bad()),
+    };
+    let bytes = n * mult as f64;
+    if !bytes.is_finite() || bytes < 1.0 || bytes > 1e18 {
+        return Err(ApiError::invalid(field, format!("size {value:?} must be positive and below 1 EiB")));
+    }
+    Ok(bytes as u64)
+}
+
+/// A size given as JSON: a number of bytes or a size string.
+pub fn json_size(field: &str, value: &serde_json::Value) -> Result<u64, ApiError> {
+    match value {
+        serde_json::Value::Number(n) => match n.as_u64() {
+            Some(v) if v > 0 => Ok(v),
+            _ => Err(ApiError::invalid(field, format!("{field} must be a positive number of bytes"))),
+        },
+        serde_json::Value::String(s) => parse_size(field, s),
+        _ => Err(ApiError::invalid(field, format!("{field} must be a number of bytes or a size string like \"512M\""))),
+    }
+}
+
+/// Formats bytes for humans (`512M`, `1.5G`).
+pub fn format_size(bytes: u64) -> String {
+    const UNITS: [(&str, u64); 4] = [("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)];
+    for (u, m) in UNITS {
+        if bytes >= m {
+            let v = bytes as f64 / m as f64;
+            return if (v - v.round()).abs() < 0.05 { format!("{}{u}", v.round()) } else { format!("{v:.1}{u}") };
+        }
+    }
+    format!("{bytes}B")
+}
+
+/// A create request after validation and defaults.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidInstance {
+    /// vCPUs.
+    pub cpus: f64,
+    /// Memory bytes.
+    pub memory_bytes: u64,
+    /// Disk bytes.
+    pub disk_bytes: u64,
+    /// pids limit.
+    pub pids_limit: u64,
+}
+
+/// Validates an instance create request and fills defaults.
+pub fn create_instance(req: &CreateInstanceRequest) -> Result<ValidInstance, ApiError> {
+    name("name", &req.name)?;
+    if req.image.trim().is_empty() {
+        return Err(ApiError::invalid("image", "image must not be empty"));
+    }
+    let vm = req.instance_type == InstanceType::Vm;
+    let cpus = req.cpus.unwrap_or(1.0);
+    if !cpus.is_finite() || cpus <= 0.0 {
+        return Err(ApiError::invalid("cpus", format!("cpus must be positive, got {cpus}")));
+    }
+    if cpus > 256.0 {
+        return Err(ApiError::invalid("cpus", "cpus must be at most 256"));
+    }
+    if vm && cpus.fract() != 0.0 {
+        return Err(ApiError::invalid("cpus", "a VM needs a whole number of vCPUs"));
+    }
+    let memory_bytes = match &req.memory {
+        Some(v) => json_size("memory", v)?,
+        None if vm => 512 << 20,
+        None => 256 << 20,
+    };
+    if vm && memory_bytes < MIN_VM_MEMORY {
+        return Err(ApiError::invalid("memory", format!("a VM needs at least 128M of memory, got {}", format_size(memory_bytes))));
+    }
+    if memory_bytes < MIN_CONTAINER_MEMORY {
+        return Err(ApiError::invalid("memory", format!("memory must be at least 4M, got {}", format_size(memory_bytes))));
+    }
+    let disk_bytes = match &req.disk {
+        Some(v) => json_size("disk", v)?,
+        None if vm => 2 << 30,
+        None => 1 << 30,
+    };
+    let pids_limit = req.pids_limit.unwrap_or(1024);
+    if pids_limit == 0 {
+        return Err(ApiError::invalid("pids_limit", "pids_limit must be positive"));
+    }
+    if let Some(ud) = &req.user_data {
+        if ud.len() > MAX_USER_DATA {
+            return Err(ApiError::invalid("user_data", format!("user-data is {} bytes; the limit is 64 KiB", ud.len())));
+        }
+    }
+    for (k, v) in &req.env {
+        if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+            return Err(ApiError::invalid(format!("env.{k}"), format!("invalid environment variable {k:?}")));
+        }
+    }
+    for (k, v) in &req.labels {
+        label(k, v)?;
+    }
+    if req.command.iter().any(|c| c.contains('\0')) {
+        return Err(ApiError::invalid("command", "command must not contain NUL bytes"));
+    }
+    Ok(ValidInstance { cpus, memory_bytes, disk_bytes, pids_limit })
+}
+
+/// Checks a label key and value.
+pub fn label(k: &str, v: &str) -> Result<(), ApiError> {
+    let ok_key = !k.is_empty()
+        && k.len() <= 63
+        && k.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b));
+    if !ok_key {
+        return Err(ApiError::invalid(format!("labels.{k}"), format!("invalid label key {k:?}")));
+    }
+    if v.len() > 253 || v.contains('\0') {
+        return Err(ApiError::invalid(format!("labels.{k}"), "label value too long or contains NUL"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        assert!(name("name", "web-1").is_ok());
+        for bad in ["", "Web", "1abc", "a_b", "abc-", &"a".repeat(64)] {
+            let e = name("name", bad).unwrap_err();
+            assert_eq!(e.field.as_deref(), Some("name"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("m", "512M").unwrap(), 512 << 20);
+        assert_eq!(parse_size("m", "1G").unwrap(), 1 << 30);
+        assert_eq!(parse_size("m", "1.5GiB").unwrap(), 3 << 29);
+        assert_eq!(parse_size("m", "4096").unwrap(), 4096);
+        for bad in ["", "M", "12Q", "-1M", "0", "abc", "1e400"] {
+            assert!(parse_size("m", bad).is_err(), "{bad}");
+        }
+        assert_eq!(format_size(512 << 20), "512M");
+    }
+
+    #[test]
+    fn create_defaults_and_errors() {
+        let mut r = CreateInstanceRequest { name: "web".into(), image: "busybox".into(), ..Default::default() };
+        let v = create_instance(&r).unwrap();
+        assert_eq!(v.memory_bytes, 256 << 20);
+        r.cpus = Some(0.0);
+        assert_eq!(create_instance(&r).unwrap_err().field.as_deref(), Some("cpus"));
+        r.cpus = Some(-1.0);
+        assert!(create_instance(&r).is_err());
+        r.cpus = None;
+        r.instance_type = InstanceType::Vm;
+        r.memory = Some(serde_json::json!("64M"));
+        assert_eq!(create_instance(&r).unwrap_err().field.as_deref(), Some("memory"));
+        r.memory = None;
+        r.user_data = Some("x".repeat(MAX_USER_DATA + 1));
+        assert_eq!(create_instance(&r).unwrap_err().field.as_deref(), Some("user_data"));
+    }
+}

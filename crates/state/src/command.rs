@@ -1,0 +1,140 @@
+//! Commands: every mutation of the cluster state, as written to the Raft log.
+
+use serde::{Deserialize, Serialize};
+
+use nimbus_api::agent::{InstanceReport, RegisterNodeRequest};
+use nimbus_api::{ApiError, Image, Instance, Node, Project};
+
+/// The version of the command encoding this build writes and understands.
+pub const COMMAND_FORMAT_VERSION: u32 = 1;
+
+/// A command with the context the proposer fixed, so that applying it is deterministic.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CommandEnvelope {
+    /// Encoding version; a state machine refuses versions it does not know.
+    pub format: u32,
+    /// Proposer's wall-clock time (RFC 3339), used for timestamps.
+    pub time: String,
+    /// Fresh UUID the proposer generated, used as the id of a created resource.
+    pub new_id: String,
+    /// The command.
+    pub command: Command,
+}
+
+/// A typed mutation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Command {
+    /// No-op (used to probe the write path).
+    Noop,
+    /// Create a project.
+    CreateProject {
+        /// Name.
+        name: String,
+        /// Description.
+        description: String,
+    },
+    /// Delete an empty project.
+    DeleteProject {
+        /// Name.
+        name: String,
+    },
+    /// Register or re-register a node.
+    RegisterNode(RegisterNodeRequest),
+    /// Record a heartbeat.
+    NodeHeartbeat {
+        /// Node.
+        name: String,
+    },
+    /// Mark nodes down that missed heartbeats (decided by the leader's controller).
+    MarkNodeDown {
+        /// Node.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+    /// Cordon or uncordon.
+    SetNodeCordon {
+        /// Node.
+        name: String,
+        /// Cordoned.
+        cordoned: bool,
+        /// Expected version.
+        version: Option<u64>,
+    },
+    /// Record an imported image.
+    PutImage(Image),
+    /// Remove an image record.
+    DeleteImage {
+        /// Name.
+        name: String,
+    },
+    /// Create an instance (spec already validated; image resolved).
+    CreateInstance {
+        /// The instance as proposed (id, timestamps and version are set by apply).
+        instance: Box<Instance>,
+        /// Idempotency key.
+        idempotency_key: Option<String>,
+    },
+    /// Change an instance's desired state (start/stop/restart/delete).
+    SetInstanceDesired {
+        /// Project.
+        project: String,
+        /// Name.
+        name: String,
+        /// The action.
+        action: InstanceAction,
+        /// Expected version.
+        version: Option<u64>,
+    },
+    /// Place an instance on a node (scheduler decision), or record why it cannot be placed.
+    ScheduleInstance {
+        /// Instance id.
+        id: String,
+        /// The chosen node, or `None` with a message.
+        node: Option<String>,
+        /// Reason when unschedulable.
+        message: String,
+    },
+    /// Status reports from a node's agent.
+    ReportStatus {
+        /// Node.
+        node: String,
+        /// Reports.
+        reports: Vec<InstanceReport>,
+    },
+}
+
+/// User actions on an instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum InstanceAction {
+    /// Start.
+    Start,
+    /// Stop.
+    Stop,
+    /// Restart.
+    Restart,
+    /// Delete.
+    Delete,
+}
+
+/// What applying a command produced.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "value", rename_all = "snake_case")]
+pub enum CommandOutput {
+    /// Nothing to return.
+    None,
+    /// A project.
+    Project(Project),
+    /// A node.
+    Node(Node),
+    /// An image.
+    Image(Image),
+    /// An instance.
+    Instance(Box<Instance>),
+}
+
+/// The result of applying a command: the output, or the API error that refused it (the state
+/// is unchanged in that case).
+pub type CommandResult = Result<CommandOutput, ApiError>;

@@ -1,0 +1,8 @@
+//! Replicated state: typed [`Command`]s, the pure [`StateMachine`] they apply to, and the
+//! openraft + redb runtime that orders them through a Raft log.
+
+pub mod command;
+pub mod machine;
+
+pub use command::{Command, CommandEnvelope, CommandOutput, CommandResult, COMMAND_FORMAT_VERSION};
+pub use machine::StateMachine;
