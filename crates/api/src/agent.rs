@@ -6,7 +6,7 @@ use utoipa::ToSchema;
 use crate::{Capacity, DesiredState, InstanceSpec, InstanceState, NodeCapabilities};
 
 /// `POST /v1/nodes`: an agent registers (or re-registers) itself.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegisterNodeRequest {
     /// Node name (DNS label), stable across restarts.
@@ -29,7 +29,7 @@ pub struct RegisterNodeRequest {
 }
 
 /// `POST /v1/nodes/{name}/heartbeat`.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, Default)]
 #[serde(deny_unknown_fields)]
 pub struct HeartbeatRequest {
     /// Measured CPU utilisation 0..1.
@@ -134,7 +134,7 @@ pub struct InstanceReport {
 }
 
 /// `POST /v1/nodes/{name}/status`.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, Default)]
 #[serde(deny_unknown_fields)]
 pub struct StatusReport {
     /// Instances whose observed state changed (or all, on a full resync).

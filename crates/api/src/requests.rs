@@ -8,7 +8,7 @@ use utoipa::ToSchema;
 use crate::{InstanceType, RestartPolicy};
 
 /// `POST /v1/projects`.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateProjectRequest {
     /// Name (DNS label).
@@ -19,7 +19,7 @@ pub struct CreateProjectRequest {
 }
 
 /// `POST /v1/projects/{project}/instances`.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, Default)]
 #[serde(deny_unknown_fields)]
 pub struct CreateInstanceRequest {
     /// Name (DNS label, unique in the project).
@@ -65,7 +65,7 @@ pub struct CreateInstanceRequest {
 }
 
 /// `POST /v1/projects/{project}/instances/{name}/{action}` body (optional).
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, Default)]
 #[serde(deny_unknown_fields)]
 pub struct InstanceActionRequest {
     /// Expected resource version (optimistic concurrency).
@@ -74,7 +74,7 @@ pub struct InstanceActionRequest {
 }
 
 /// `POST /v1/projects/{project}/instances/{name}/exec`.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExecRequest {
     /// Command and arguments.
@@ -96,7 +96,7 @@ pub struct ExecResponse {
 }
 
 /// `PATCH /v1/nodes/{name}`: operator actions on a node.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, Default)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateNodeRequest {
     /// Cordon (true) or uncordon (false).
@@ -108,7 +108,7 @@ pub struct UpdateNodeRequest {
 }
 
 /// Health answer.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Health {
     /// `ok`.
     pub status: String,
