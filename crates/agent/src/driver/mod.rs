@@ -153,3 +153,4 @@ pub trait Driver: Send + Sync + 'static {
 }
 
 pub mod conformance;
+pub mod container;
