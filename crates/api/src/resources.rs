@@ -247,6 +247,9 @@ pub struct InstanceSpec {
     pub ssh_keys: Vec<String>,
     /// Desired state.
     pub desired: DesiredState,
+    /// Bumped by each restart request; agents restart the instance when it changes.
+    #[serde(default)]
+    pub restart_nonce: u64,
 }
 
 /// What the platform observed.

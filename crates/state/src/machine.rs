@@ -1,12 +1,25 @@
 //! The pure state machine: all cluster state, and the deterministic `apply` of commands.
+//!
+//! `apply` reads nothing but the state, the log index and the command envelope (which carries
+//! the proposer's time and a fresh id), so every replica computes the same result. Placement
+//! runs inside `apply` through the pure scheduler, so concurrent creates can never double-book
+//! a node.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use nimbus_api::{ApiError, ErrorCode, Event, Image, Instance, Node, Project};
+use nimbus_api::agent::InstanceReport;
+use nimbus_api::{
+    ApiError, DesiredState, ErrorCode, Event, Image, Instance, InstanceState, InstanceType, Meta, Node, NodeState,
+    Project,
+};
 
-use crate::command::{CommandEnvelope, CommandResult, COMMAND_FORMAT_VERSION};
+use crate::command::{Command, CommandEnvelope, CommandOutput, CommandResult, InstanceAction, COMMAND_FORMAT_VERSION};
+use crate::network;
+
+/// How many events are kept.
+pub const EVENT_HISTORY: usize = 10_000;
 
 /// All replicated state. Serialized whole as the snapshot.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -21,24 +34,474 @@ pub struct StateMachine {
     pub images: BTreeMap<String, Image>,
     /// Instances by id.
     pub instances: BTreeMap<String, Instance>,
-    /// Recent events (bounded).
-    pub events: std::collections::VecDeque<Event>,
+    /// Idempotency keys: `project/key` -> instance id.
+    pub idempotency: BTreeMap<String, String>,
+    /// Recent events (bounded to [`EVENT_HISTORY`]).
+    pub events: VecDeque<Event>,
     /// Next event sequence number.
     pub next_event_seq: u64,
+    /// Scheduling policy.
+    #[serde(default)]
+    pub policy: PolicyConfig,
+    /// Per node: the revision at which its assignments last changed (agents long-poll on it).
+    #[serde(default)]
+    pub assignment_revisions: BTreeMap<String, u64>,
+}
+
+/// The scheduling policy kept in the state (so every replica places identically).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct PolicyConfig {
+    /// The policy.
+    pub scheduler: Option<SchedulerPolicy>,
+}
+
+/// Serializable mirror of [`nimbus_scheduler::Policy`].
+pub type SchedulerPolicy = nimbus_scheduler::Policy;
+
+fn meta(env: &CommandEnvelope, name: &str, project: &str) -> Meta {
+    Meta {
+        id: env.new_id.clone(),
+        name: name.to_string(),
+        project: project.to_string(),
+        version: 1,
+        created_at: env.time.clone(),
+        updated_at: env.time.clone(),
+        labels: BTreeMap::new(),
+    }
+}
+
+fn touch(m: &mut Meta, env: &CommandEnvelope) {
+    m.version += 1;
+    m.updated_at.clone_from(&env.time);
+}
+
+fn check_version(m: &Meta, expected: Option<u64>) -> Result<(), ApiError> {
+    match expected {
+        Some(v) if v != m.version => Err(ApiError {
+            code: ErrorCode::VersionConflict,
+            message: format!("{} has version {}, not {v}; re-read it and retry", m.name, m.version),
+            field: Some("version".into()),
+        }),
+        _ => Ok(()),
+    }
 }
 
 impl StateMachine {
     /// Applies one command at log index `index`. Pure: the result depends only on the state,
-    /// the index and the envelope.
+    /// the index and the envelope. On error the state is unchanged (except `revision`).
     pub fn apply(&mut self, index: u64, env: &CommandEnvelope) -> CommandResult {
         self.revision = index;
         if env.format > COMMAND_FORMAT_VERSION {
             return Err(ApiError::new(
                 ErrorCode::Internal,
-                format!("log entry uses command format {} but this server understands up to {}; upgrade this server", env.format, COMMAND_FORMAT_VERSION),
+                format!(
+                    "log entry uses command format {} but this server understands up to {COMMAND_FORMAT_VERSION}; upgrade this server",
+                    env.format
+                ),
             ));
         }
-        let _ = env;
-        todo!("filled in by the state machine commit")
+        match &env.command {
+            Command::Noop => Ok(CommandOutput::None),
+            Command::CreateProject { name, description } => self.create_project(env, name, description),
+            Command::DeleteProject { name } => self.delete_project(env, name),
+            Command::RegisterNode(req) => self.register_node(env, req),
+            Command::NodeHeartbeat { name } => self.heartbeat(env, name),
+            Command::MarkNodeDown { name, reason } => self.mark_node_down(env, name, reason),
+            Command::SetNodeCordon { name, cordoned, version } => {
+                let node = self.nodes.get_mut(name).ok_or_else(|| ApiError::not_found("node", name))?;
+                check_version(&node.meta, *version)?;
+                if node.cordoned != *cordoned {
+                    node.cordoned = *cordoned;
+                    touch(&mut node.meta, env);
+                    let what = if *cordoned { "Cordoned" } else { "Uncordoned" };
+                    self.event(env, "", "node", name, what, String::new());
+                }
+                Ok(CommandOutput::Node(self.nodes[name].clone()))
+            }
+            Command::PutImage(image) => {
+                let mut image = image.clone();
+                if let Some(old) = self.images.get(&image.meta.name) {
+                    if old.digest == image.digest {
+                        return Ok(CommandOutput::Image(old.clone()));
+                    }
+                    image.meta.id.clone_from(&old.meta.id);
+                    image.meta.created_at.clone_from(&old.meta.created_at);
+                    image.meta.version = old.meta.version + 1;
+                } else {
+                    image.meta = Meta { labels: image.meta.labels.clone(), ..meta(env, &image.meta.name, "") };
+                }
+                image.meta.updated_at.clone_from(&env.time);
+                self.event(env, "", "image", &image.meta.name, "Imported", image.digest.clone());
+                self.images.insert(image.meta.name.clone(), image.clone());
+                Ok(CommandOutput::Image(image))
+            }
+            Command::DeleteImage { name } => {
+                let img = self.images.get(name).ok_or_else(|| ApiError::not_found("image", name))?;
+                if let Some(i) = self.instances.values().find(|i| i.spec.image_digest == img.digest) {
+                    return Err(ApiError::conflict(format!(
+                        "image {name:?} is used by instance {}/{}",
+                        i.meta.project, i.meta.name
+                    )));
+                }
+                self.images.remove(name);
+                self.event(env, "", "image", name, "Deleted", String::new());
+                Ok(CommandOutput::None)
+            }
+            Command::CreateInstance { instance, idempotency_key } => self.create_instance(env, instance, idempotency_key.as_deref()),
+            Command::SetInstanceDesired { project, name, action, version } => {
+                self.set_desired(env, project, name, *action, *version)
+            }
+            Command::ScheduleInstance { id, .. } => self.schedule_pending(env, id),
+            Command::ReportStatus { node, reports } => {
+                for r in reports {
+                    self.apply_report(env, node, r);
+                }
+                Ok(CommandOutput::None)
+            }
+        }
+    }
+
+    /// Finds an instance by project and name.
+    pub fn instance_by_name(&self, project: &str, name: &str) -> Option<&Instance> {
+        self.instances.values().find(|i| i.meta.project == project && i.meta.name == name)
+    }
+
+    /// Instances assigned to a node.
+    pub fn instances_on(&self, node: &str) -> impl Iterator<Item = &Instance> {
+        let node = node.to_string();
+        self.instances.values().filter(move |i| i.status.node.as_deref() == Some(node.as_str()))
+    }
+
+    /// Records that the assignments of `node` changed at this revision.
+    fn bump_assignments(&mut self, node: &str) {
+        self.assignment_revisions.insert(node.to_string(), self.revision);
+    }
+
+    /// The revision at which `node`'s assignments last changed.
+    pub fn assignment_revision(&self, node: &str) -> u64 {
+        self.assignment_revisions.get(node).copied().unwrap_or(0)
+    }
+
+    fn event(&mut self, env: &CommandEnvelope, project: &str, kind: &str, name: &str, reason: &str, message: String) {
+        self.next_event_seq += 1;
+        self.events.push_back(Event {
+            seq: self.next_event_seq,
+            time: env.time.clone(),
+            project: project.to_string(),
+            kind: kind.to_string(),
+            name: name.to_string(),
+            reason: reason.to_string(),
+            message,
+        });
+        while self.events.len() > EVENT_HISTORY {
+            self.events.pop_front();
+        }
+    }
+
+    fn create_project(&mut self, env: &CommandEnvelope, name: &str, description: &str) -> CommandResult {
+        nimbus_api::validate::name("name", name)?;
+        if self.projects.contains_key(name) {
+            return Err(ApiError::already_exists("project", name));
+        }
+        let p = Project { meta: meta(env, name, name), description: description.to_string() };
+        self.projects.insert(name.to_string(), p.clone());
+        self.event(env, name, "project", name, "Created", String::new());
+        Ok(CommandOutput::Project(p))
+    }
+
+    fn delete_project(&mut self, env: &CommandEnvelope, name: &str) -> CommandResult {
+        if !self.projects.contains_key(name) {
+            return Err(ApiError::not_found("project", name));
+        }
+        if name == "default" {
+            return Err(ApiError::conflict("the default project cannot be deleted"));
+        }
+        let n = self.instances.values().filter(|i| i.meta.project == name).count();
+        if n > 0 {
+            return Err(ApiError::conflict(format!("project {name:?} still has {n} instance(s); delete them first")));
+        }
+        self.projects.remove(name);
+        self.event(env, name, "project", name, "Deleted", String::new());
+        Ok(CommandOutput::None)
+    }
+
+    fn register_node(&mut self, env: &CommandEnvelope, req: &nimbus_api::agent::RegisterNodeRequest) -> CommandResult {
+        nimbus_api::validate::name("name", &req.name)?;
+        let subnet = match self.nodes.get(&req.name) {
+            Some(n) => n.subnet.clone(),
+            None => {
+                let used: BTreeSet<String> = self.nodes.values().map(|n| n.subnet.clone()).collect();
+                network::free_node_subnet(&used)
+                    .ok_or_else(|| ApiError::conflict("the node subnet pool is exhausted (250 nodes)"))?
+            }
+        };
+        let existed = self.nodes.get(&req.name).cloned();
+        let mut node = Node {
+            meta: meta(env, &req.name, ""),
+            agent_url: req.agent_url.clone(),
+            capacity: req.capacity,
+            capabilities: req.capabilities.clone(),
+            state: NodeState::Ready,
+            cordoned: false,
+            zone: req.zone.clone(),
+            last_heartbeat: env.time.clone(),
+            agent_version: req.agent_version.clone(),
+            subnet,
+        };
+        node.meta.labels.clone_from(&req.labels);
+        if let Some(old) = existed {
+            node.meta.id = old.meta.id;
+            node.meta.created_at = old.meta.created_at;
+            node.meta.version = old.meta.version + 1;
+            node.cordoned = old.cordoned;
+            self.event(env, "", "node", &req.name, "Registered", format!("agent at {} re-registered", req.agent_url));
+        } else {
+            self.event(env, "", "node", &req.name, "Registered", format!("agent at {}", req.agent_url));
+        }
+        self.nodes.insert(req.name.clone(), node.clone());
+        Ok(CommandOutput::Node(node))
+    }
+
+    fn heartbeat(&mut self, env: &CommandEnvelope, name: &str) -> CommandResult {
+        let node = self.nodes.get_mut(name).ok_or_else(|| ApiError::not_found("node", name))?;
+        node.last_heartbeat.clone_from(&env.time);
+        if node.state == NodeState::Down {
+            node.state = NodeState::Ready;
+            touch(&mut node.meta, env);
+            self.event(env, "", "node", name, "Ready", "heartbeats resumed".into());
+        }
+        Ok(CommandOutput::None)
+    }
+
+    fn mark_node_down(&mut self, env: &CommandEnvelope, name: &str, reason: &str) -> CommandResult {
+        let node = self.nodes.get_mut(name).ok_or_else(|| ApiError::not_found("node", name))?;
+        if node.state == NodeState::Down {
+            return Ok(CommandOutput::None);
+        }
+        node.state = NodeState::Down;
+        touch(&mut node.meta, env);
+        self.event(env, "", "node", name, "Down", reason.to_string());
+        let ids: Vec<String> = self.instances_on(name).map(|i| i.meta.id.clone()).collect();
+        for id in ids {
+            let i = self.instances.get_mut(&id).expect("listed above");
+            if matches!(i.status.state, InstanceState::Running | InstanceState::Starting | InstanceState::Scheduled) {
+                i.status.state = InstanceState::Failed;
+                i.status.message = format!("node {name} is down");
+                touch(&mut i.meta, env);
+                let (p, n) = (i.meta.project.clone(), i.meta.name.clone());
+                self.event(env, &p, "instance", &n, "NodeDown", format!("node {name} is down"));
+            }
+        }
+        Ok(CommandOutput::None)
+    }
+
+    fn create_instance(&mut self, env: &CommandEnvelope, proposed: &Instance, key: Option<&str>) -> CommandResult {
+        let project = proposed.meta.project.clone();
+        let name = proposed.meta.name.clone();
+        if !self.projects.contains_key(&project) {
+            return Err(ApiError::not_found("project", &project).with_field("project"));
+        }
+        if let Some(key) = key {
+            if let Some(id) = self.idempotency.get(&format!("{project}/{key}")) {
+                if let Some(i) = self.instances.get(id) {
+                    if i.meta.name == name {
+                        return Ok(CommandOutput::Instance(Box::new(i.clone())));
+                    }
+                    return Err(ApiError::conflict(format!(
+                        "idempotency key {key:?} was already used to create instance {:?}",
+                        i.meta.name
+                    )));
+                }
+            }
+        }
+        nimbus_api::validate::name("name", &name)?;
+        if self.instance_by_name(&project, &name).is_some() {
+            return Err(ApiError::already_exists("instance", &name));
+        }
+        if !self.images.values().any(|i| i.digest == proposed.spec.image_digest) {
+            return Err(ApiError::invalid("image", format!("image {:?} not found", proposed.spec.image)));
+        }
+        let mut inst = proposed.clone();
+        inst.meta = Meta { labels: proposed.meta.labels.clone(), ..meta(env, &name, &project) };
+        inst.status = nimbus_api::InstanceStatus::default();
+        let node = self.place(&inst)?;
+        self.assign(env, &mut inst, &node)?;
+        let id = inst.meta.id.clone();
+        if let Some(key) = key {
+            self.idempotency.insert(format!("{project}/{key}"), id.clone());
+        }
+        self.instances.insert(id, inst.clone());
+        self.bump_assignments(&node);
+        self.event(env, &project, "instance", &name, "Created", format!("{} from image {}", inst.spec.instance_type.as_str(), inst.spec.image));
+        self.event(env, &project, "instance", &name, "Scheduled", format!("placed on node {node}"));
+        Ok(CommandOutput::Instance(Box::new(inst)))
+    }
+
+    /// Runs the scheduler for `inst` against the current nodes.
+    fn place(&self, inst: &Instance) -> Result<String, ApiError> {
+        let views = crate::placement::node_views(self, Some(&inst.meta.id));
+        let req = crate::placement::request(inst);
+        let policy = self.policy.scheduler.unwrap_or_default();
+        nimbus_scheduler::place(&views, &req, &policy).map(|n| n.name.clone()).map_err(|u| {
+            let mut msg = u.to_string();
+            if inst.spec.instance_type == InstanceType::Vm && u.reasons.len() == 1 && u.reasons.contains_key(&nimbus_scheduler::Reason::NoVmSupport) {
+                msg = format!("no node can run VMs: {msg}");
+            }
+            ApiError { code: ErrorCode::Unschedulable, message: msg, field: None }
+        })
+    }
+
+    fn assign(&self, env: &CommandEnvelope, inst: &mut Instance, node: &str) -> Result<(), ApiError> {
+        let n = &self.nodes[node];
+        let used: BTreeSet<String> = self
+            .instances_on(node)
+            .filter(|i| i.meta.id != inst.meta.id)
+            .filter_map(|i| i.status.ip.clone())
+            .collect();
+        let ip = network::free_ip(&n.subnet, &used)
+            .ok_or_else(|| ApiError::new(ErrorCode::Unschedulable, format!("node {node} has no free address in {}", n.subnet)))?;
+        inst.status.node = Some(node.to_string());
+        inst.status.ip = Some(ip);
+        inst.status.generation += 1;
+        inst.status.state = InstanceState::Scheduled;
+        inst.status.message.clear();
+        inst.status.pid = None;
+        inst.meta.updated_at.clone_from(&env.time);
+        Ok(())
+    }
+
+    fn schedule_pending(&mut self, env: &CommandEnvelope, id: &str) -> CommandResult {
+        let inst = self.instances.get(id).ok_or_else(|| ApiError::not_found("instance", id))?.clone();
+        if inst.spec.desired == DesiredState::Deleted {
+            return Ok(CommandOutput::Instance(Box::new(inst)));
+        }
+        let node = self.place(&inst)?;
+        let mut inst = inst;
+        self.assign(env, &mut inst, &node)?;
+        touch(&mut inst.meta, env);
+        let (p, n) = (inst.meta.project.clone(), inst.meta.name.clone());
+        self.instances.insert(id.to_string(), inst.clone());
+        self.bump_assignments(&node);
+        self.event(env, &p, "instance", &n, "Scheduled", format!("placed on node {node}"));
+        Ok(CommandOutput::Instance(Box::new(inst)))
+    }
+
+    fn set_desired(
+        &mut self,
+        env: &CommandEnvelope,
+        project: &str,
+        name: &str,
+        action: InstanceAction,
+        version: Option<u64>,
+    ) -> CommandResult {
+        let id = self
+            .instance_by_name(project, name)
+            .map(|i| i.meta.id.clone())
+            .ok_or_else(|| ApiError::not_found("instance", name))?;
+        let node_down = {
+            let i = &self.instances[&id];
+            check_version(&i.meta, version)?;
+            i.status.node.as_ref().is_none_or(|n| self.nodes.get(n).is_none_or(|n| n.state == NodeState::Down))
+        };
+        let i = self.instances.get_mut(&id).expect("found above");
+        if i.spec.desired == DesiredState::Deleted {
+            return Err(ApiError::not_found("instance", name));
+        }
+        let reason = match action {
+            InstanceAction::Start => {
+                i.spec.desired = DesiredState::Running;
+                if matches!(i.status.state, InstanceState::Stopped | InstanceState::Failed) {
+                    i.status.state = InstanceState::Starting;
+                    i.status.message.clear();
+                }
+                "StartRequested"
+            }
+            InstanceAction::Stop => {
+                i.spec.desired = DesiredState::Stopped;
+                if matches!(i.status.state, InstanceState::Running | InstanceState::Starting | InstanceState::Scheduled) {
+                    i.status.state = InstanceState::Stopping;
+                }
+                "StopRequested"
+            }
+            InstanceAction::Restart => {
+                i.spec.desired = DesiredState::Running;
+                i.spec.restart_nonce += 1;
+                if matches!(i.status.state, InstanceState::Stopped | InstanceState::Failed) {
+                    i.status.state = InstanceState::Starting;
+                }
+                "RestartRequested"
+            }
+            InstanceAction::Delete => {
+                i.spec.desired = DesiredState::Deleted;
+                i.status.state = InstanceState::Deleting;
+                "DeleteRequested"
+            }
+        };
+        touch(&mut i.meta, env);
+        let out = i.clone();
+        if let Some(n) = &out.status.node {
+            self.bump_assignments(n);
+        }
+        self.event(env, project, "instance", name, reason, String::new());
+        if action == InstanceAction::Delete && node_down {
+            // Nothing runs it (never placed, or its node is gone): remove it now.
+            self.instances.remove(&id);
+            self.event(env, project, "instance", name, "Deleted", "no live node held it".into());
+        }
+        Ok(CommandOutput::Instance(Box::new(out)))
+    }
+
+    fn apply_report(&mut self, env: &CommandEnvelope, node: &str, r: &InstanceReport) {
+        let Some(i) = self.instances.get_mut(&r.id) else { return };
+        // Fencing: only the node holding the current generation may report.
+        if i.status.node.as_deref() != Some(node) || i.status.generation != r.generation {
+            return;
+        }
+        let (project, name) = (i.meta.project.clone(), i.meta.name.clone());
+        if r.deleted {
+            if i.spec.desired == DesiredState::Deleted {
+                self.instances.remove(&r.id);
+                self.bump_assignments(node);
+                self.event(env, &project, "instance", &name, "Deleted", String::new());
+            }
+            return;
+        }
+        let before = i.status.clone();
+        // While a delete is pending, the observed state stays `deleting`.
+        if i.spec.desired != DesiredState::Deleted {
+            i.status.state = r.state;
+        }
+        i.status.pid = r.pid;
+        i.status.exit_code = r.exit_code;
+        i.status.message.clone_from(&r.message);
+        i.status.restart_count = r.restart_count;
+        if r.accelerator.is_some() {
+            i.status.accelerator.clone_from(&r.accelerator);
+        }
+        if r.state == InstanceState::Running && (before.state != InstanceState::Running || before.pid != r.pid) {
+            i.status.started_at = Some(env.time.clone());
+        }
+        if i.status == before {
+            return;
+        }
+        touch(&mut i.meta, env);
+        if before.state != i.status.state || before.pid != i.status.pid {
+            let reason = match i.status.state {
+                InstanceState::Running if before.restart_count != r.restart_count => "Restarted",
+                InstanceState::Running => "Started",
+                InstanceState::Stopped => "Stopped",
+                InstanceState::Failed => "Failed",
+                InstanceState::Starting => "Starting",
+                InstanceState::Stopping => "Stopping",
+                other => other.as_str(),
+            };
+            let mut msg = r.message.clone();
+            if let Some(code) = r.exit_code {
+                if matches!(i.status.state, InstanceState::Stopped | InstanceState::Failed) {
+                    msg = if msg.is_empty() { format!("exit code {code}") } else { format!("{msg} (exit code {code})") };
+                }
+            }
+            self.event(env, &project, "instance", &name, reason, msg);
+        }
     }
 }

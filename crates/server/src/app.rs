@@ -1,0 +1,80 @@
+//! Shared server state and the write path: HTTP -> typed command -> Raft log -> result.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nimbus_api::{ApiError, ErrorCode};
+use nimbus_image::ImageStore;
+use nimbus_state::raft::{RaftNode, WriteError};
+use nimbus_state::{Command, CommandEnvelope, CommandOutput, StateMachine, COMMAND_FORMAT_VERSION};
+
+/// Server settings.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Address to listen on.
+    pub listen: std::net::SocketAddr,
+    /// URL other members and agents reach this server at.
+    pub advertise_url: String,
+    /// Raft node id.
+    pub node_id: u64,
+    /// A node is marked down after this long without a heartbeat.
+    pub heartbeat_grace: Duration,
+    /// Maximum JSON request body.
+    pub body_limit: usize,
+}
+
+/// Everything handlers need.
+#[derive(Clone)]
+pub struct AppState {
+    /// Settings.
+    pub cfg: Arc<ServerConfig>,
+    /// The Raft node.
+    pub raft: RaftNode,
+    /// Image store.
+    pub images: Arc<ImageStore>,
+    /// Admin bearer token.
+    pub admin_token: Arc<String>,
+    /// Node (agent) bearer token.
+    pub node_token: Arc<String>,
+    /// HTTP client for calls to agents.
+    pub http: reqwest::Client,
+}
+
+/// RFC 3339 now.
+pub fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+impl AppState {
+    /// Proposes a command through Raft and returns its output or the error that refused it.
+    pub async fn propose(&self, command: Command) -> Result<CommandOutput, ApiError> {
+        let env = CommandEnvelope { format: COMMAND_FORMAT_VERSION, time: now(), new_id: uuid::Uuid::new_v4().to_string(), command };
+        match self.raft.write(env).await {
+            Ok(result) => result,
+            Err(WriteError::ForwardToLeader { leader_url, .. }) => Err(ApiError::new(
+                ErrorCode::Unavailable,
+                match leader_url {
+                    Some(u) => format!("this server is not the leader; the leader is at {u}"),
+                    None => "no leader is elected yet; retry shortly".to_string(),
+                },
+            )),
+            Err(e) => Err(ApiError::new(ErrorCode::Unavailable, format!("the write could not be committed: {e}"))),
+        }
+    }
+
+    /// Reads the applied state.
+    pub fn read<R>(&self, f: impl FnOnce(&StateMachine) -> R) -> R {
+        self.raft.read(f)
+    }
+
+    /// Waits until a linearizable read is possible (the leader confirmed its leadership).
+    pub async fn barrier(&self) -> Result<(), ApiError> {
+        self.raft
+            .linearizable_barrier()
+            .await
+            .map_err(|e| ApiError::new(ErrorCode::Unavailable, format!("cannot serve a linearizable read: {e}")))
+    }
+}

@@ -1,0 +1,81 @@
+//! The REST API router.
+
+use axum::extract::{DefaultBodyLimit, State};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use nimbus_api::Health;
+use utoipa::OpenApi;
+
+use crate::app::AppState;
+
+pub mod events;
+pub mod images;
+pub mod instances;
+pub mod nodes;
+pub mod projects;
+
+/// The OpenAPI document.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "nimbus", description = "The nimbus cloud REST API. Every route but /healthz needs `Authorization: Bearer TOKEN`."),
+    paths(
+        health,
+        projects::create, projects::list, projects::get, projects::delete,
+        instances::create, instances::list, instances::get, instances::start, instances::stop, instances::restart,
+        instances::delete, instances::exec, instances::logs,
+        nodes::register, nodes::list, nodes::get, nodes::update, nodes::heartbeat, nodes::status, nodes::assignments,
+        images::import, images::list, images::get, images::delete, images::blob,
+        events::list,
+    ),
+    components(schemas(nimbus_api::ErrorBody, nimbus_api::ApiError, nimbus_api::ErrorCode))
+)]
+pub struct ApiDoc;
+
+/// Liveness and leader.
+#[utoipa::path(get, path = "/healthz", responses((status = 200, body = Health)))]
+pub async fn health(State(app): State<AppState>) -> Json<Health> {
+    Json(Health { status: "ok".into(), version: env!("CARGO_PKG_VERSION").into(), leader: app.raft.leader() })
+}
+
+async fn openapi() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}
+
+async fn not_found() -> crate::error::HttpError {
+    crate::error::HttpError(nimbus_api::ApiError::new(nimbus_api::ErrorCode::NotFound, "no such route"))
+}
+
+/// Builds the API router (without the Raft RPC routes).
+pub fn router(app: AppState) -> Router {
+    let limit = app.cfg.body_limit;
+    let json_routes = Router::new()
+        .route("/healthz", get(health))
+        .route("/v1/openapi.json", get(openapi))
+        .route("/v1/projects", post(projects::create).get(projects::list))
+        .route("/v1/projects/{project}", get(projects::get).delete(projects::delete))
+        .route("/v1/projects/{project}/instances", post(instances::create).get(instances::list))
+        .route("/v1/projects/{project}/instances/{name}", get(instances::get).delete(instances::delete))
+        .route("/v1/projects/{project}/instances/{name}/start", post(instances::start))
+        .route("/v1/projects/{project}/instances/{name}/stop", post(instances::stop))
+        .route("/v1/projects/{project}/instances/{name}/restart", post(instances::restart))
+        .route("/v1/projects/{project}/instances/{name}/exec", post(instances::exec))
+        .route("/v1/projects/{project}/instances/{name}/logs", get(instances::logs))
+        .route("/v1/nodes", post(nodes::register).get(nodes::list))
+        .route("/v1/nodes/{name}", get(nodes::get).patch(nodes::update))
+        .route("/v1/nodes/{name}/heartbeat", post(nodes::heartbeat))
+        .route("/v1/nodes/{name}/status", post(nodes::status))
+        .route("/v1/nodes/{name}/assignments", get(nodes::assignments))
+        .route("/v1/images", get(images::list))
+        .route("/v1/images/{name}", get(images::get).delete(images::delete))
+        .route("/v1/images/blobs/{digest}", get(images::blob))
+        .route("/v1/events", get(events::list))
+        .layer(DefaultBodyLimit::max(limit));
+    let upload = Router::new()
+        .route("/v1/images", post(images::import))
+        .layer(DefaultBodyLimit::disable());
+    json_routes
+        .merge(upload)
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(app.clone(), crate::auth::require_token))
+        .with_state(app)
+}

@@ -1,0 +1,138 @@
+//! `/v1/nodes`: agent registration, heartbeats, assignments (long-poll), status; operator
+//! cordon/uncordon.
+
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::Json;
+use nimbus_api::agent::{
+    Assignment, AssignmentsResponse, HeartbeatRequest, ImageRef, NetworkAttachment, RegisterNodeRequest, StatusReport,
+};
+use nimbus_api::{ApiError, Node, UpdateNodeRequest};
+use nimbus_state::{network, Command, CommandOutput, StateMachine};
+use serde::Deserialize;
+
+use crate::app::AppState;
+use crate::error::{ApiJson, HttpResult};
+
+/// Name of the node-local bridge instances attach to.
+pub const BRIDGE: &str = "nimbus0";
+
+/// Register (or re-register) a node.
+#[utoipa::path(post, path = "/v1/nodes", request_body = RegisterNodeRequest, responses((status = 200, body = Node)))]
+pub async fn register(State(app): State<AppState>, ApiJson(req): ApiJson<RegisterNodeRequest>) -> HttpResult<Json<Node>> {
+    match app.propose(Command::RegisterNode(req)).await? {
+        CommandOutput::Node(n) => Ok(Json(n)),
+        other => Err(ApiError::internal(format!("unexpected output {other:?}")).into()),
+    }
+}
+
+/// List nodes.
+#[utoipa::path(get, path = "/v1/nodes", responses((status = 200, body = [Node])))]
+pub async fn list(State(app): State<AppState>) -> HttpResult<Json<Vec<Node>>> {
+    app.barrier().await?;
+    Ok(Json(app.read(|s| s.nodes.values().cloned().collect())))
+}
+
+/// Get a node.
+#[utoipa::path(get, path = "/v1/nodes/{name}", params(("name" = String, Path)), responses((status = 200, body = Node)))]
+pub async fn get(State(app): State<AppState>, Path(name): Path<String>) -> HttpResult<Json<Node>> {
+    app.barrier().await?;
+    Ok(Json(app.read(|s| s.nodes.get(&name).cloned()).ok_or_else(|| ApiError::not_found("node", &name))?))
+}
+
+/// Cordon / uncordon.
+#[utoipa::path(patch, path = "/v1/nodes/{name}", request_body = UpdateNodeRequest, params(("name" = String, Path)), responses((status = 200, body = Node)))]
+pub async fn update(State(app): State<AppState>, Path(name): Path<String>, ApiJson(req): ApiJson<UpdateNodeRequest>) -> HttpResult<Json<Node>> {
+    let Some(cordoned) = req.cordoned else {
+        return Err(ApiError::invalid("cordoned", "nothing to update: set cordoned").into());
+    };
+    match app.propose(Command::SetNodeCordon { name, cordoned, version: req.version }).await? {
+        CommandOutput::Node(n) => Ok(Json(n)),
+        other => Err(ApiError::internal(format!("unexpected output {other:?}")).into()),
+    }
+}
+
+/// Heartbeat.
+#[utoipa::path(post, path = "/v1/nodes/{name}/heartbeat", request_body = HeartbeatRequest, params(("name" = String, Path)), responses((status = 204)))]
+pub async fn heartbeat(State(app): State<AppState>, Path(name): Path<String>, ApiJson(_req): ApiJson<HeartbeatRequest>) -> HttpResult<StatusCode> {
+    app.propose(Command::NodeHeartbeat { name }).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Status reports.
+#[utoipa::path(post, path = "/v1/nodes/{name}/status", request_body = StatusReport, params(("name" = String, Path)), responses((status = 204)))]
+pub async fn status(State(app): State<AppState>, Path(name): Path<String>, ApiJson(req): ApiJson<StatusReport>) -> HttpResult<StatusCode> {
+    if !app.read(|s| s.nodes.contains_key(&name)) {
+        return Err(ApiError::not_found("node", &name).into());
+    }
+    if !req.instances.is_empty() {
+        app.propose(Command::ReportStatus { node: name, reports: req.instances }).await?;
+    }
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Long-poll parameters.
+#[derive(Debug, Deserialize)]
+pub struct PollOpts {
+    /// Return once the node's assignment revision is above this.
+    #[serde(default)]
+    pub after: u64,
+    /// Longest wait in seconds (default 30, at most 60).
+    #[serde(default)]
+    pub wait: Option<u64>,
+}
+
+/// The node's assignments; blocks until they change past `after` or `wait` elapses.
+#[utoipa::path(get, path = "/v1/nodes/{name}/assignments", params(("name" = String, Path), ("after" = Option<u64>, Query), ("wait" = Option<u64>, Query)), responses((status = 200, body = AssignmentsResponse)))]
+pub async fn assignments(State(app): State<AppState>, Path(name): Path<String>, Query(o): Query<PollOpts>) -> HttpResult<Json<AssignmentsResponse>> {
+    if !app.read(|s| s.nodes.contains_key(&name)) {
+        return Err(ApiError::not_found("node", &name).into());
+    }
+    let mut watch = app.raft.applied_watch();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(o.wait.unwrap_or(30).min(60));
+    loop {
+        let rev = app.read(|s| s.assignment_revision(&name));
+        if rev > o.after || o.wait == Some(0) {
+            break;
+        }
+        if tokio::time::timeout_at(deadline, watch.changed()).await.is_err() {
+            break;
+        }
+    }
+    Ok(Json(app.read(|s| assignments_of(s, &name))))
+}
+
+/// Builds the assignments of a node from the state.
+pub fn assignments_of(s: &StateMachine, node: &str) -> AssignmentsResponse {
+    let subnet = s.nodes.get(node).map(|n| n.subnet.clone()).unwrap_or_default();
+    let prefix_len = network::parse_cidr(&subnet).map_or(24, |(_, l)| l);
+    let gateway = network::gateway(&subnet).map(|g| g.to_string()).unwrap_or_default();
+    let assignments = s
+        .instances_on(node)
+        .filter_map(|i| {
+            let image = s.images.values().find(|im| im.digest == i.spec.image_digest)?;
+            let ip = i.status.ip.clone()?;
+            Some(Assignment {
+                id: i.meta.id.clone(),
+                name: i.meta.name.clone(),
+                project: i.meta.project.clone(),
+                generation: i.status.generation,
+                desired: i.spec.desired,
+                restart_nonce: i.spec.restart_nonce,
+                spec: i.spec.clone(),
+                image: ImageRef {
+                    name: image.meta.name.clone(),
+                    digest: image.digest.clone(),
+                    layers: image.layers.clone(),
+                    default_command: image.default_command.clone(),
+                    default_env: image.default_env.clone(),
+                    working_dir: image.working_dir.clone(),
+                },
+                network: NetworkAttachment { bridge: BRIDGE.into(), mac: network::mac_for(&ip), ip, prefix_len, gateway: gateway.clone() },
+            })
+        })
+        .collect();
+    AssignmentsResponse { revision: s.assignment_revision(node), assignments }
+}

@@ -1,0 +1,61 @@
+//! Builds scheduler inputs from the state.
+
+use std::collections::BTreeMap;
+
+use nimbus_api::{DesiredState, Instance, InstanceType, NodeState};
+use nimbus_scheduler::{NodeView, Request, Resources};
+
+use crate::StateMachine;
+
+/// The resources an instance reserves.
+pub fn resources(i: &Instance) -> Resources {
+    Resources {
+        cpu_millis: (i.spec.cpus * 1000.0).round() as u64,
+        memory_bytes: i.spec.memory_bytes,
+        disk_bytes: i.spec.disk_bytes,
+    }
+}
+
+/// The scheduler request for an instance.
+pub fn request(i: &Instance) -> Request {
+    Request { resources: resources(i), vm: i.spec.instance_type == InstanceType::Vm }
+}
+
+/// Scheduler views of all nodes; `exclude` is an instance whose own reservation is ignored
+/// (when it is being re-placed).
+pub fn node_views(sm: &StateMachine, exclude: Option<&str>) -> Vec<NodeView> {
+    let mut alloc: BTreeMap<&str, (Resources, u32)> = BTreeMap::new();
+    for i in sm.instances.values() {
+        if Some(i.meta.id.as_str()) == exclude || i.spec.desired == DesiredState::Deleted && i.status.node.is_none() {
+            continue;
+        }
+        if let Some(n) = &i.status.node {
+            let e = alloc.entry(n.as_str()).or_default();
+            let r = resources(i);
+            e.0.cpu_millis += r.cpu_millis;
+            e.0.memory_bytes += r.memory_bytes;
+            e.0.disk_bytes += r.disk_bytes;
+            e.1 += 1;
+        }
+    }
+    sm.nodes
+        .values()
+        .map(|n| {
+            let (allocated, count) = alloc.get(n.meta.name.as_str()).copied().unwrap_or_default();
+            NodeView {
+                name: n.meta.name.clone(),
+                ready: n.state == NodeState::Ready,
+                cordoned: n.cordoned,
+                vm_capable: n.capabilities.vms,
+                container_capable: n.capabilities.containers,
+                capacity: Resources {
+                    cpu_millis: n.capacity.cpu_millis,
+                    memory_bytes: n.capacity.memory_bytes,
+                    disk_bytes: n.capacity.disk_bytes,
+                },
+                allocated,
+                instance_count: count,
+            }
+        })
+        .collect()
+}
