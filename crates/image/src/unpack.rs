@@ -369,29 +369,17 @@ impl<'a> Extractor<'a> {
 
     fn whiteout(&mut self, rel: &Path, name: &[u8]) -> Result<(), ImageError> {
         if self.mode == WhiteoutMode::Flatten {
+            // Already applied by the deletion pass; only make sure the directory holding the
+            // marker exists (and that its path is safe), as in the overlay form.
+            if name == OPAQUE_MARKER {
+                self.marker_dir(rel)?;
+            } else {
+                resolve_parent(self.root, rel, self.layer, true)?;
+            }
             return Ok(());
         }
         if name == OPAQUE_MARKER {
-            let parent = rel.parent().unwrap_or(Path::new(""));
-            let dir = if parent.as_os_str().is_empty() {
-                self.root.to_path_buf()
-            } else {
-                let dir = resolve_parent(self.root, parent, self.layer, true)?
-                    .expect("create=true always yields a path");
-                match fs::symlink_metadata(&dir) {
-                    Ok(m) if m.is_dir() => {}
-                    Ok(_) => {
-                        remove_any(&dir)?;
-                        fs::create_dir(&dir).at("create directory", &dir)?;
-                        set_mode(&dir, 0o755)?;
-                    }
-                    Err(_) => {
-                        fs::create_dir(&dir).at("create directory", &dir)?;
-                        set_mode(&dir, 0o755)?;
-                    }
-                }
-                dir
-            };
+            let dir = self.marker_dir(rel)?;
             xattr::set(&dir, OVERLAY_OPAQUE_XATTR, b"y")
                 .at("set trusted.overlay.opaque on", &dir)?;
             return Ok(());
@@ -414,6 +402,31 @@ impl<'a> Extractor<'a> {
         mknod(&path, SFlag::S_IFCHR, Mode::empty(), 0)
             .map_err(|e| ImageError::io_path("create whiteout device", &path, e.into()))?;
         Ok(())
+    }
+
+    /// The directory holding an opaque marker, created if missing. A symlink there is refused
+    /// (only a hostile archive puts a marker under a symlink).
+    fn marker_dir(&self, marker: &Path) -> Result<PathBuf, ImageError> {
+        let Some(parent) = marker.parent().filter(|p| !p.as_os_str().is_empty()) else {
+            return Ok(self.root.to_path_buf());
+        };
+        let dir = resolve_parent(self.root, parent, self.layer, true)?
+            .expect("create=true always yields a path");
+        match fs::symlink_metadata(&dir) {
+            Ok(m) if m.is_dir() => return Ok(dir),
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(unsafe_path(
+                    self.layer,
+                    marker,
+                    "opaque marker under a symlink",
+                ))
+            }
+            Ok(_) => remove_any(&dir)?,
+            Err(_) => {}
+        }
+        fs::create_dir(&dir).at("create directory", &dir)?;
+        set_mode(&dir, 0o755)?;
+        Ok(dir)
     }
 
     fn apply_meta(&self, path: &Path, meta: &Meta, is_symlink: bool) -> Result<(), ImageError> {
