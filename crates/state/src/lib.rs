@@ -3,6 +3,12 @@
 
 pub mod command;
 pub mod machine;
+pub mod raft;
+pub mod network;
+pub mod placement;
 
-pub use command::{Command, CommandEnvelope, CommandOutput, CommandResult, COMMAND_FORMAT_VERSION};
+pub use command::{Command, CommandEnvelope, CommandOutput, CommandResult, InstanceAction, COMMAND_FORMAT_VERSION};
 pub use machine::StateMachine;
+
+#[cfg(test)]
+mod machine_tests;

@@ -1,0 +1,307 @@
+//! The state machine side of openraft: the in-memory [`StateMachine`] behind a lock that the
+//! server reads directly, plus snapshots persisted in the redb file.
+//!
+//! The state machine itself is not persisted on every apply: on restart it is restored from the
+//! last snapshot and openraft re-applies the committed log after it.
+
+use std::io::Cursor;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{
+    EntryPayload, ErrorSubject, ErrorVerb, OptionalSend, RaftSnapshotBuilder, StorageIOError,
+};
+use redb::{Database, Durability, ReadableTable};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::db::{self, DbError, SNAPSHOT, SNAP_DATA, SNAP_META};
+use super::{Entry, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
+use crate::command::{CommandOutput, CommandResult};
+use crate::machine::StateMachine;
+
+/// The applied state: the state machine and the Raft bookkeeping that goes with it. Kept under
+/// one lock so a snapshot always sees a consistent triple.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// The replicated state.
+    pub state: StateMachine,
+    /// The last log id applied to `state`.
+    pub last_applied: Option<LogId>,
+    /// The last membership config applied.
+    pub membership: StoredMembership,
+}
+
+/// The applied state shared between openraft and readers.
+pub type SharedState = Arc<RwLock<Applied>>;
+
+/// Snapshot payload as written (borrowing the state).
+#[derive(Serialize)]
+struct SnapshotOut<'a> {
+    last_applied: &'a Option<LogId>,
+    membership: &'a StoredMembership,
+    state: &'a StateMachine,
+}
+
+/// Snapshot payload as read.
+#[derive(Deserialize)]
+struct SnapshotIn {
+    last_applied: Option<LogId>,
+    membership: StoredMembership,
+    state: StateMachine,
+}
+
+/// Decodes snapshot data (JSON of the state machine, last applied log id and membership).
+pub(crate) fn decode_snapshot(data: &[u8]) -> Result<Applied, serde_json::Error> {
+    let s: SnapshotIn = serde_json::from_slice(data)?;
+    Ok(Applied {
+        state: s.state,
+        last_applied: s.last_applied,
+        membership: s.membership,
+    })
+}
+
+/// Takes the read lock, ignoring poisoning (the state is plain data).
+pub(crate) fn read_lock(s: &RwLock<Applied>) -> RwLockReadGuard<'_, Applied> {
+    s.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write_lock(s: &RwLock<Applied>) -> RwLockWriteGuard<'_, Applied> {
+    s.write().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn snap_err(e: &DbError) -> StorageError {
+    StorageIOError::new(ErrorSubject::Snapshot(None), ErrorVerb::Write, e).into()
+}
+
+/// Writes a snapshot into the redb file unless a newer one is already there.
+fn persist_snapshot(db: &Database, meta: &SnapshotMeta, data: &[u8]) -> Result<bool, DbError> {
+    let meta_bytes = serde_json::to_vec(meta).map_err(DbError::Encode)?;
+    let mut tx = db.begin_write()?;
+    tx.set_durability(Durability::Immediate);
+    {
+        let mut t = tx.open_table(SNAPSHOT)?;
+        if let Some(cur) = t.get(SNAP_META)? {
+            if let Ok(cur) = serde_json::from_slice::<SnapshotMeta>(cur.value()) {
+                if cur.last_log_id > meta.last_log_id {
+                    return Ok(false);
+                }
+            }
+        }
+        t.insert(SNAP_META, meta_bytes.as_slice())?;
+        t.insert(SNAP_DATA, data)?;
+    }
+    tx.commit()?;
+    Ok(true)
+}
+
+/// Reads the stored snapshot, if any.
+pub(crate) fn load_snapshot(db: &Database) -> Result<Option<(SnapshotMeta, Vec<u8>)>, DbError> {
+    let Some(meta) = db::get_json::<SnapshotMeta>(db, SNAPSHOT, SNAP_META)? else {
+        return Ok(None);
+    };
+    let tx = db.begin_read()?;
+    let t = tx.open_table(SNAPSHOT)?;
+    let data = t
+        .get(SNAP_DATA)?
+        .map(|v| v.value().to_vec())
+        .unwrap_or_default();
+    Ok(Some((meta, data)))
+}
+
+/// The openraft state machine store.
+#[derive(Clone)]
+pub struct StateMachineStore {
+    db: Arc<db::Db>,
+    shared: SharedState,
+    applied_tx: watch::Sender<u64>,
+    snapshot_seq: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for StateMachineStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StateMachineStore").finish_non_exhaustive()
+    }
+}
+
+impl StateMachineStore {
+    /// A store starting from `applied` (restored from the stored snapshot, or empty).
+    pub(crate) fn new(db: Arc<db::Db>, applied: Applied) -> Self {
+        let index = applied.last_applied.map_or(0, |l| l.index);
+        let (applied_tx, _) = watch::channel(index);
+        Self {
+            db,
+            shared: Arc::new(RwLock::new(applied)),
+            applied_tx,
+            snapshot_seq: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    /// The shared applied state.
+    pub fn shared(&self) -> SharedState {
+        self.shared.clone()
+    }
+
+    /// A receiver of the last applied log index, updated after every applied batch and snapshot
+    /// install.
+    pub fn applied_watch(&self) -> watch::Receiver<u64> {
+        self.applied_tx.subscribe()
+    }
+
+    fn publish(&self, index: u64) {
+        self.applied_tx.send_if_modified(|cur| {
+            if *cur == index {
+                false
+            } else {
+                *cur = index;
+                true
+            }
+        });
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let (state, last_applied, membership) = {
+            let g = read_lock(&self.shared);
+            (g.state.clone(), g.last_applied, g.membership.clone())
+        };
+        let seq = self.snapshot_seq.fetch_add(1, Ordering::Relaxed);
+        let snapshot_id = match last_applied {
+            Some(l) => format!(
+                "{}-{}-{}-{seq}",
+                l.leader_id.term, l.leader_id.node_id, l.index
+            ),
+            None => format!("0-0-0-{seq}"),
+        };
+        let meta = SnapshotMeta {
+            last_log_id: last_applied,
+            last_membership: membership,
+            snapshot_id,
+        };
+        let db = self.db.clone();
+        let m = meta.clone();
+        let data = db::blocking(move || {
+            let out = SnapshotOut {
+                last_applied: &m.last_log_id,
+                membership: &m.last_membership,
+                state: &state,
+            };
+            let data = serde_json::to_vec(&out).map_err(DbError::Encode)?;
+            persist_snapshot(&db, &m, &data)?;
+            Ok(data)
+        })
+        .await
+        .map_err(|e| snap_err(&e))?;
+        tracing::info!(snapshot = %meta, bytes = data.len(), "built raft snapshot");
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        let g = read_lock(&self.shared);
+        Ok((g.last_applied, g.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<CommandResult>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut results = Vec::new();
+        let last = {
+            let mut g = write_lock(&self.shared);
+            for entry in entries {
+                let index = entry.log_id.index;
+                g.last_applied = Some(entry.log_id);
+                let res = match entry.payload {
+                    EntryPayload::Blank => Ok(CommandOutput::None),
+                    EntryPayload::Normal(env) => g.state.apply(index, &env),
+                    EntryPayload::Membership(m) => {
+                        g.membership = StoredMembership::new(Some(entry.log_id), m);
+                        Ok(CommandOutput::None)
+                    }
+                };
+                results.push(res);
+            }
+            g.last_applied
+        };
+        if let Some(last) = last {
+            self.publish(last.index);
+        }
+        Ok(results)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
+        tracing::info!(snapshot = %meta, "installing raft snapshot");
+        let data = snapshot.into_inner();
+        let db = self.db.clone();
+        let m = meta.clone();
+        let applied = db::blocking(move || {
+            let applied = decode_snapshot(&data).map_err(|source| DbError::Decode {
+                key: format!("snapshot {}", m.snapshot_id),
+                source,
+            })?;
+            persist_snapshot(&db, &m, &data)?;
+            Ok(applied)
+        })
+        .await
+        .map_err(|e| {
+            StorageError::from(StorageIOError::new(
+                ErrorSubject::Snapshot(Some(meta.signature())),
+                ErrorVerb::Write,
+                &e,
+            ))
+        })?;
+        if applied.last_applied != meta.last_log_id {
+            tracing::warn!(
+                snapshot = %meta,
+                "snapshot data's last applied log id differs from its metadata; using the metadata"
+            );
+        }
+        {
+            let mut g = write_lock(&self.shared);
+            g.state = applied.state;
+            g.last_applied = meta.last_log_id;
+            g.membership = meta.last_membership.clone();
+        }
+        self.publish(meta.last_log_id.map_or(0, |l| l.index));
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let db = self.db.clone();
+        let snap = db::blocking(move || load_snapshot(&db))
+            .await
+            .map_err(|e| {
+                StorageError::from(StorageIOError::new(
+                    ErrorSubject::Snapshot(None),
+                    ErrorVerb::Read,
+                    &e,
+                ))
+            })?;
+        Ok(snap.map(|(meta, data)| Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        }))
+    }
+}
