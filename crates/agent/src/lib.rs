@@ -1,4 +1,12 @@
 //! The nimbus node agent: registers the node, watches its assignments, converges local reality
 //! through the drivers, and reports status.
 
+pub mod config;
 pub mod driver;
+pub mod http;
+pub mod local;
+pub mod runtime;
+pub mod server_link;
+
+pub use config::AgentConfig;
+pub use runtime::{Agent, AgentHandle};

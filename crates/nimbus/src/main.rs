@@ -1,8 +1,116 @@
 //! The `nimbus` binary: wires subcommands to the crates.
 
-fn main() {
+mod cli;
+mod daemon;
+mod verbs;
+
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use nimbus_client::{Client, ClientError};
+
+use crate::cli::{Cli, Command};
+
+fn client(cli: &Cli) -> Result<Client> {
+    let url = cli.url.clone().unwrap_or_else(|| "http://127.0.0.1:7443".into());
+    let token = match &cli.token {
+        Some(t) => t.clone(),
+        None => {
+            let dir = std::env::var_os("NIMBUS_DATA_DIR").map_or_else(daemon::default_data_dir, std::path::PathBuf::from);
+            let path = dir.join("admin.token");
+            std::fs::read_to_string(&path)
+                .with_context(|| format!("no token: set NIMBUS_TOKEN or run `nimbus up` (reading {})", path.display()))?
+                .trim()
+                .to_string()
+        }
+    };
+    Ok(Client::new(url, token, cli.project.clone()))
+}
+
+async fn run(cli: Cli) -> Result<i32> {
+    let code = match cli.command {
+        Command::Up(a) => daemon::up(a).await.map(|()| 0)?,
+        Command::Server(a) => daemon::server(a).await.map(|()| 0)?,
+        Command::Agent(a) => daemon::agent(a).await.map(|()| 0)?,
+        Command::Shim { .. } => unreachable!("handled before the runtime starts"),
+        ref other => {
+            let c = client(&cli)?;
+            match other {
+                Command::Launch(_) => {
+                    let Command::Launch(a) = cli.command else { unreachable!() };
+                    verbs::launch(&c, a).await?;
+                }
+                Command::List(o) => verbs::list(&c, o.output).await?,
+                Command::Show { name, o } => verbs::show(&c, name, o.output).await?,
+                Command::Logs { name, follow, tail } => verbs::logs(&c, name, *follow, *tail).await?,
+                Command::Exec { name, command } => return verbs::exec(&c, name, command.clone()).await,
+                Command::Stop { name } => verbs::action(&c, name, "stop").await?,
+                Command::Start { name } => verbs::action(&c, name, "start").await?,
+                Command::Restart { name } => verbs::action(&c, name, "restart").await?,
+                Command::Delete { name, no_wait } => verbs::delete(&c, name, *no_wait).await?,
+                Command::Image(_) => {
+                    let Command::Image(cmd) = cli.command else { unreachable!() };
+                    verbs::image(&c, cmd).await?;
+                }
+                Command::Node(_) => {
+                    let Command::Node(cmd) = cli.command else { unreachable!() };
+                    verbs::node(&c, cmd).await?;
+                }
+                Command::Project(_) => {
+                    let Command::Project(cmd) = cli.command else { unreachable!() };
+                    verbs::project(&c, cmd).await?;
+                }
+                Command::Events { follow, all, o } => verbs::events(&c, *follow, *all, o.output).await?,
+                Command::Up(_) | Command::Server(_) | Command::Agent(_) | Command::Shim { .. } => unreachable!(),
+            }
+            0
+        }
+    };
+    Ok(code)
+}
+
+fn describe(e: &anyhow::Error) -> String {
+    if let Some(ClientError::Api(api)) = e.downcast_ref::<ClientError>() {
+        let mut s = api.message.clone();
+        if let Some(f) = &api.field {
+            s.push_str(&format!(" (field {f}"));
+            s.push_str(&format!(", {})", api.code.as_str()));
+        } else {
+            s.push_str(&format!(" ({})", api.code.as_str()));
+        }
+        return s;
+    }
+    // The chain, printed once.
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let c = cause.to_string();
+        if !parts.iter().any(|p| p.contains(&c)) {
+            parts.push(c);
+        }
+    }
+    parts.join(": ")
+}
+
+fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("shim") {
-        std::process::exit(nimbus_agent::driver::container::shim::main(args[2..].to_vec()));
+        let code = nimbus_agent::driver::container::shim::main(args[2..].to_vec());
+        return ExitCode::from(u8::try_from(code).unwrap_or(1));
+    }
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(code) => ExitCode::from(u8::try_from(code.clamp(0, 255)).unwrap_or(1)),
+        Err(e) => {
+            eprintln!("error: {}", describe(&e));
+            ExitCode::from(1)
+        }
     }
 }

@@ -410,7 +410,9 @@ impl StateMachine {
         let reason = match action {
             InstanceAction::Start => {
                 i.spec.desired = DesiredState::Running;
-                if matches!(i.status.state, InstanceState::Stopped | InstanceState::Failed) {
+                if matches!(i.status.state, InstanceState::Stopped | InstanceState::Failed | InstanceState::Stopping) {
+                    // The nonce tells the agent to start it even if its policy would not.
+                    i.spec.restart_nonce += 1;
                     i.status.state = InstanceState::Starting;
                     i.status.message.clear();
                 }

@@ -1,0 +1,33 @@
+//! Agent settings.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// How the agent runs.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Node name (DNS label), stable across restarts.
+    pub name: String,
+    /// Control-plane URLs (any server; the agent fails over between them).
+    pub servers: Vec<String>,
+    /// Node bearer token.
+    pub token: String,
+    /// Agent data directory (local state, drivers' state).
+    pub data_dir: PathBuf,
+    /// Image store directory (shared with the server under `nimbus up`).
+    pub image_dir: PathBuf,
+    /// Address of the agent's own API.
+    pub listen: SocketAddr,
+    /// URL the control plane reaches the agent API at (default `http://<listen>`).
+    pub advertise_url: Option<String>,
+    /// Zone.
+    pub zone: String,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+    /// Heartbeat period.
+    pub heartbeat_every: Duration,
+    /// Grace period of a stop before the hard kill.
+    pub stop_grace: Duration,
+}

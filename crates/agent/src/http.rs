@@ -1,0 +1,150 @@
+//! The agent's own API, called by the control plane: exec and logs.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use nimbus_api::{ApiError, ErrorBody, ErrorCode, ExecRequest};
+use serde::Deserialize;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+use crate::driver::DriverError;
+use crate::runtime::Agent;
+
+fn err(e: ApiError) -> Response {
+    let status = StatusCode::from_u16(e.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (status, Json(ErrorBody { error: e })).into_response()
+}
+
+fn driver_err(e: &DriverError) -> ApiError {
+    match e {
+        DriverError::NotFound(_) => ApiError::new(ErrorCode::NotFound, e.to_string()),
+        DriverError::NotRunning(_) => ApiError::conflict(e.to_string()),
+        DriverError::Timeout(_) => ApiError::new(ErrorCode::Unavailable, e.to_string()),
+        _ => ApiError::internal(e.to_string()),
+    }
+}
+
+async fn auth(State(agent): State<Arc<Agent>>, req: Request, next: Next) -> Response {
+    let ok = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| t.trim() == agent.cfg.token);
+    if ok {
+        next.run(req).await
+    } else {
+        err(ApiError::new(ErrorCode::Unauthorized, "missing or invalid node token"))
+    }
+}
+
+/// The router.
+pub fn router(agent: Arc<Agent>) -> Router {
+    Router::new()
+        .route("/agent/v1/instances/{id}/exec", post(exec))
+        .route("/agent/v1/instances/{id}/logs", get(logs))
+        .layer(axum::middleware::from_fn_with_state(agent.clone(), auth))
+        .route("/agent/healthz", get(|| async { "ok" }))
+        .with_state(agent)
+}
+
+async fn exec(State(agent): State<Arc<Agent>>, Path(id): Path<String>, Json(req): Json<ExecRequest>) -> Response {
+    let Some((driver, a)) = agent.lookup(&id) else {
+        return err(ApiError::not_found("instance", &id));
+    };
+    let timeout = Duration::from_secs(req.timeout_secs.unwrap_or(60).clamp(1, 3600));
+    match driver.exec(&id, &req.command, timeout).await {
+        Ok(r) => Json(r).into_response(),
+        Err(DriverError::NotRunning(_)) => err(ApiError::conflict(format!("instance {} is not running", a.name))),
+        Err(e) => err(driver_err(&e)),
+    }
+}
+
+/// Log query.
+#[derive(Debug, Deserialize)]
+pub struct LogQuery {
+    /// Follow.
+    #[serde(default)]
+    follow: bool,
+    /// Last N lines.
+    #[serde(default)]
+    tail: Option<u64>,
+}
+
+fn tail_offset(data: &[u8], lines: u64) -> usize {
+    if lines == 0 {
+        return data.len();
+    }
+    let mut seen = 0;
+    let end = if data.last() == Some(&b'\n') { data.len() - 1 } else { data.len() };
+    for i in (0..end).rev() {
+        if data[i] == b'\n' {
+            seen += 1;
+            if seen == lines {
+                return i + 1;
+            }
+        }
+    }
+    0
+}
+
+async fn logs(State(agent): State<Arc<Agent>>, Path(id): Path<String>, Query(q): Query<LogQuery>) -> Response {
+    let Some((driver, _)) = agent.lookup(&id) else {
+        return err(ApiError::not_found("instance", &id));
+    };
+    let path = driver.log_path(&id);
+    let data = tokio::fs::read(&path).await.unwrap_or_default();
+    let start = q.tail.map_or(0, |n| tail_offset(&data, n));
+    let initial = data[start..].to_vec();
+    if !q.follow {
+        return ([(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")], initial).into_response();
+    }
+    let offset = data.len() as u64;
+    let stream = futures::stream::unfold((Some(initial), offset, agent, id, path), |(first, mut offset, agent, id, path)| async move {
+        if let Some(b) = first {
+            return Some((Ok::<_, Infallible>(b), (None, offset, agent, id, path)));
+        }
+        loop {
+            if agent.lookup(&id).is_none() {
+                return None;
+            }
+            if let Ok(mut f) = tokio::fs::File::open(&path).await {
+                let len = f.metadata().await.map(|m| m.len()).unwrap_or(0);
+                if len < offset {
+                    offset = 0; // truncated
+                }
+                if len > offset && f.seek(std::io::SeekFrom::Start(offset)).await.is_ok() {
+                    let mut buf = Vec::new();
+                    if f.take(1 << 20).read_to_end(&mut buf).await.is_ok() && !buf.is_empty() {
+                        offset += buf.len() as u64;
+                        return Some((Ok(buf), (None, offset, agent, id, path)));
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")], Body::from_stream(stream)).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tail_offset;
+
+    #[test]
+    fn tail() {
+        let d = b"a\nb\nc\n";
+        assert_eq!(&d[tail_offset(d, 1)..], b"c\n");
+        assert_eq!(&d[tail_offset(d, 2)..], b"b\nc\n");
+        assert_eq!(&d[tail_offset(d, 9)..], d);
+        assert_eq!(&d[tail_offset(d, 0)..], b"");
+    }
+}

@@ -1,0 +1,297 @@
+//! Command-line definitions (clap).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// nimbus: a self-hosted cloud in one binary.
+#[derive(Debug, Parser)]
+#[command(name = "nimbus", version, about, propagate_version = true)]
+pub struct Cli {
+    /// API URL (default: the local `nimbus up`).
+    #[arg(long, global = true, env = "NIMBUS_URL")]
+    pub url: Option<String>,
+    /// Bearer token (default: the local `nimbus up`'s admin token).
+    #[arg(long, global = true, env = "NIMBUS_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Project.
+    #[arg(long, global = true, env = "NIMBUS_PROJECT", default_value = "default")]
+    pub project: String,
+    /// Command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Output format of read verbs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Default)]
+pub enum Output {
+    /// A readable table.
+    #[default]
+    Table,
+    /// JSON.
+    Json,
+}
+
+/// `-o json`.
+#[derive(Debug, Args, Clone, Copy)]
+pub struct OutputArg {
+    /// Output format.
+    #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
+    pub output: Output,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Start an all-in-one cloud on this machine (server + agent, embedded store).
+    Up(UpArgs),
+    /// Run a control-plane server.
+    Server(ServerArgs),
+    /// Run a node agent.
+    Agent(AgentArgs),
+    /// Create and start an instance.
+    Launch(LaunchArgs),
+    /// List instances.
+    #[command(alias = "ls")]
+    List(OutputArg),
+    /// Show one instance.
+    Show {
+        /// Instance name.
+        name: String,
+        /// Output.
+        #[command(flatten)]
+        o: OutputArg,
+    },
+    /// Print an instance's log (container output or VM console).
+    Logs {
+        /// Instance name.
+        name: String,
+        /// Keep following.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only the last N lines.
+        #[arg(long)]
+        tail: Option<u64>,
+    },
+    /// Run a command inside an instance; exits with its exit code.
+    Exec {
+        /// Instance name.
+        name: String,
+        /// Command and arguments (after `--`).
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Stop an instance.
+    Stop {
+        /// Instance name.
+        name: String,
+    },
+    /// Start a stopped instance.
+    Start {
+        /// Instance name.
+        name: String,
+    },
+    /// Restart an instance.
+    Restart {
+        /// Instance name.
+        name: String,
+    },
+    /// Delete an instance and everything it has on its node.
+    #[command(alias = "rm")]
+    Delete {
+        /// Instance name.
+        name: String,
+        /// Return without waiting for the node to finish.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Images.
+    #[command(subcommand)]
+    Image(ImageCmd),
+    /// Nodes.
+    #[command(subcommand)]
+    Node(NodeCmd),
+    /// Projects.
+    #[command(subcommand)]
+    Project(ProjectCmd),
+    /// Cluster events.
+    Events {
+        /// Keep following.
+        #[arg(short, long)]
+        follow: bool,
+        /// All projects' and cluster events.
+        #[arg(long)]
+        all: bool,
+        /// Output.
+        #[command(flatten)]
+        o: OutputArg,
+    },
+    /// Internal: the per-container shim.
+    #[command(hide = true)]
+    Shim {
+        /// Shim arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+/// `nimbus up`.
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Data directory.
+    #[arg(long, env = "NIMBUS_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// API listen address.
+    #[arg(long, default_value = "127.0.0.1:7443")]
+    pub listen: SocketAddr,
+    /// Agent API listen address.
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub agent_listen: SocketAddr,
+    /// Node name (default: the host name).
+    #[arg(long)]
+    pub node_name: Option<String>,
+    /// Log as JSON.
+    #[arg(long)]
+    pub log_json: bool,
+}
+
+/// `nimbus server`.
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// Data directory.
+    #[arg(long, env = "NIMBUS_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// API listen address.
+    #[arg(long, default_value = "0.0.0.0:7443")]
+    pub listen: SocketAddr,
+    /// URL other members and agents reach this server at.
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// Log as JSON.
+    #[arg(long)]
+    pub log_json: bool,
+}
+
+/// `nimbus agent`.
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Control-plane server URL (repeat for several).
+    #[arg(long = "server", required = true)]
+    pub servers: Vec<String>,
+    /// File holding the node token (the server's `<data-dir>/node.token`).
+    #[arg(long, env = "NIMBUS_NODE_TOKEN_FILE")]
+    pub token_file: PathBuf,
+    /// Node name (default: the host name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Data directory.
+    #[arg(long, default_value = "/var/lib/nimbus-agent")]
+    pub data_dir: PathBuf,
+    /// Agent API listen address.
+    #[arg(long, default_value = "0.0.0.0:7444")]
+    pub listen: SocketAddr,
+    /// URL the control plane reaches this agent at.
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// Zone.
+    #[arg(long, default_value = "")]
+    pub zone: String,
+    /// Log as JSON.
+    #[arg(long)]
+    pub log_json: bool,
+}
+
+/// `nimbus launch`.
+#[derive(Debug, Args)]
+pub struct LaunchArgs {
+    /// Image name.
+    pub image: String,
+    /// Instance name.
+    pub name: String,
+    /// vCPUs.
+    #[arg(long)]
+    pub cpus: Option<f64>,
+    /// Memory (e.g. 512M).
+    #[arg(long)]
+    pub memory: Option<String>,
+    /// Disk (e.g. 2G).
+    #[arg(long)]
+    pub disk: Option<String>,
+    /// Restart policy: never, on-failure, always.
+    #[arg(long, default_value = "never")]
+    pub restart: String,
+    /// Environment K=V.
+    #[arg(long = "env", short = 'e')]
+    pub env: Vec<String>,
+    /// Label K=V.
+    #[arg(long = "label", short = 'l')]
+    pub labels: Vec<String>,
+    /// Run as a virtual machine.
+    #[arg(long)]
+    pub vm: bool,
+    /// First-boot script (VMs).
+    #[arg(long)]
+    pub user_data: Option<PathBuf>,
+    /// SSH public key file (VMs).
+    #[arg(long)]
+    pub ssh_key: Vec<PathBuf>,
+    /// Idempotency key (a retried launch with the same key creates nothing new).
+    #[arg(long)]
+    pub idempotency_key: Option<String>,
+    /// Return as soon as the instance is accepted.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Command and arguments (after `--`).
+    #[arg(last = true)]
+    pub command: Vec<String>,
+}
+
+/// `nimbus image`.
+#[derive(Debug, Subcommand)]
+pub enum ImageCmd {
+    /// Import an OCI image-layout or `docker save` tarball.
+    Import {
+        /// Tarball.
+        file: PathBuf,
+        /// Name (default: from the tarball).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List images.
+    List(OutputArg),
+}
+
+/// `nimbus node`.
+#[derive(Debug, Subcommand)]
+pub enum NodeCmd {
+    /// List nodes.
+    List(OutputArg),
+    /// Stop placing new instances on a node.
+    Cordon {
+        /// Node.
+        name: String,
+    },
+    /// Allow placements again.
+    Uncordon {
+        /// Node.
+        name: String,
+    },
+}
+
+/// `nimbus project`.
+#[derive(Debug, Subcommand)]
+pub enum ProjectCmd {
+    /// Create a project.
+    Create {
+        /// Name.
+        name: String,
+    },
+    /// List projects.
+    List(OutputArg),
+    /// Delete an empty project.
+    Delete {
+        /// Name.
+        name: String,
+    },
+}

@@ -1,0 +1,162 @@
+//! The long-running roles: `up` (server + agent), `server`, `agent`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use nimbus_agent::driver::container::{ContainerConfig, ContainerDriver};
+use nimbus_agent::driver::Driver;
+use nimbus_agent::{Agent, AgentConfig};
+use nimbus_api::NodeCapabilities;
+use nimbus_server::{Server, ServerConfig};
+
+use crate::cli::{AgentArgs, ServerArgs, UpArgs};
+
+/// The default data directory: `/var/lib/nimbus` as root, else `~/.local/share/nimbus`.
+pub fn default_data_dir() -> PathBuf {
+    if nix::unistd::geteuid().is_root() {
+        PathBuf::from("/var/lib/nimbus")
+    } else {
+        std::env::var_os("HOME").map_or_else(|| PathBuf::from(".nimbus"), |h| PathBuf::from(h).join(".local/share/nimbus"))
+    }
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("NIMBUS_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+fn hostname() -> String {
+    let raw = nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "node".into());
+    let mut s: String = raw.to_ascii_lowercase().chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' }).collect();
+    s = s.trim_matches('-').chars().take(63).collect();
+    if s.is_empty() || !s.as_bytes()[0].is_ascii_lowercase() {
+        s = format!("node-{s}").chars().take(63).collect();
+    }
+    s
+}
+
+fn drivers(agent_dir: &Path) -> Result<(Vec<Arc<dyn Driver>>, NodeCapabilities)> {
+    let mut drivers: Vec<Arc<dyn Driver>> = Vec::new();
+    let mut caps = NodeCapabilities::default();
+    match ContainerConfig::new(agent_dir.join("containers")).and_then(ContainerDriver::new) {
+        Ok(d) => {
+            drivers.push(Arc::new(d));
+            caps.containers = true;
+        }
+        Err(e) => tracing::warn!("container driver unavailable: {e}"),
+    }
+    caps.vm_unavailable_reason = Some("the VM driver is not enabled in this build".into());
+    Ok((drivers, caps))
+}
+
+async fn wait_for_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = async { if let Some(t) = term.as_mut() { t.recv().await; } else { std::future::pending::<()>().await } } => {}
+    }
+}
+
+/// `nimbus up`.
+pub async fn up(args: UpArgs) -> Result<()> {
+    init_logging(args.log_json);
+    let data_dir = args.data_dir.unwrap_or_else(default_data_dir);
+    let server = Server::start(ServerConfig {
+        data_dir: data_dir.clone(),
+        listen: args.listen,
+        advertise_url: String::new(),
+        node_id: 1,
+        heartbeat_grace: Duration::from_secs(10),
+        body_limit: 1 << 20,
+    })
+    .await
+    .with_context(|| format!("starting the control plane in {}", data_dir.display()))?;
+    let url = format!("http://{}", server.local_addr);
+    let agent_dir = data_dir.join("agent");
+    let (drivers, caps) = drivers(&agent_dir)?;
+    let agent = Agent::start(
+        AgentConfig {
+            name: args.node_name.unwrap_or_else(hostname),
+            servers: vec![url.clone()],
+            token: server.app.node_token.to_string(),
+            data_dir: agent_dir,
+            image_dir: data_dir.join("images"),
+            listen: args.agent_listen,
+            advertise_url: None,
+            zone: String::new(),
+            labels: std::collections::BTreeMap::new(),
+            heartbeat_every: Duration::from_secs(2),
+            stop_grace: Duration::from_secs(10),
+        },
+        drivers,
+        caps,
+    )
+    .await
+    .context("starting the node agent")?;
+    println!("nimbus is ready at {url} (data {}, token {})", data_dir.display(), data_dir.join("admin.token").display());
+    wait_for_signal().await;
+    tracing::info!("shutting down; instances keep running");
+    agent.stop();
+    server.shutdown().await;
+    Ok(())
+}
+
+/// `nimbus server`.
+pub async fn server(args: ServerArgs) -> Result<()> {
+    init_logging(args.log_json);
+    let data_dir = args.data_dir.unwrap_or_else(default_data_dir);
+    let server = Server::start(ServerConfig {
+        data_dir: data_dir.clone(),
+        listen: args.listen,
+        advertise_url: args.advertise.unwrap_or_default(),
+        node_id: 1,
+        heartbeat_grace: Duration::from_secs(10),
+        body_limit: 1 << 20,
+    })
+    .await
+    .with_context(|| format!("starting the control plane in {}", data_dir.display()))?;
+    println!("nimbus server ready at http://{} (node token in {})", server.local_addr, data_dir.join("node.token").display());
+    wait_for_signal().await;
+    server.shutdown().await;
+    Ok(())
+}
+
+/// `nimbus agent`.
+pub async fn agent(args: AgentArgs) -> Result<()> {
+    init_logging(args.log_json);
+    let token = std::fs::read_to_string(&args.token_file)
+        .with_context(|| format!("reading the node token from {}", args.token_file.display()))?
+        .trim()
+        .to_string();
+    let (drivers, caps) = drivers(&args.data_dir)?;
+    let agent = Agent::start(
+        AgentConfig {
+            name: args.name.unwrap_or_else(hostname),
+            servers: args.servers,
+            token,
+            image_dir: args.data_dir.join("images"),
+            data_dir: args.data_dir,
+            listen: args.listen,
+            advertise_url: args.advertise,
+            zone: args.zone,
+            labels: std::collections::BTreeMap::new(),
+            heartbeat_every: Duration::from_secs(2),
+            stop_grace: Duration::from_secs(10),
+        },
+        drivers,
+        caps,
+    )
+    .await
+    .context("starting the node agent")?;
+    println!("nimbus agent ready (API at {})", agent.local_addr);
+    wait_for_signal().await;
+    agent.stop();
+    Ok(())
+}
