@@ -75,7 +75,13 @@ pub struct GcStats {
     pub records_removed: usize,
     /// Bytes of blobs deleted (unpacked layers not counted).
     pub bytes_freed: u64,
+    /// Leftovers of crashed imports and unpacks (older than a day) deleted from `tmp/`.
+    pub tmp_removed: usize,
 }
+
+/// Age after which GC treats an entry of `tmp/` as left over by a crash.
+#[allow(clippy::duration_suboptimal_units)] // from_hours is newer than the MSRV (1.85)
+const TMP_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 /// A content-addressed image store rooted at one directory.
 #[derive(Debug, Clone)]
@@ -327,6 +333,31 @@ impl ImageStore {
                     _ => stats.layers_removed += 1,
                 }
                 tracing::debug!(path = %path.display(), "gc removed");
+            }
+        }
+        let tmp = self.tmp_dir();
+        for entry in fs::read_dir(&tmp).at("read directory", &tmp)? {
+            let path = entry.at("read directory", &tmp)?.path();
+            let Ok(meta) = fs::symlink_metadata(&path) else {
+                continue;
+            };
+            let old = meta
+                .modified()
+                .ok()
+                .and_then(|m| m.elapsed().ok())
+                .is_some_and(|age| age > TMP_MAX_AGE);
+            if old {
+                let removed = if meta.is_dir() {
+                    fs::remove_dir_all(&path)
+                } else {
+                    fs::remove_file(&path)
+                };
+                match removed {
+                    Ok(()) => stats.tmp_removed += 1,
+                    Err(e) => {
+                        tracing::warn!(path = %path.display(), error = %e, "cannot remove stale tmp entry");
+                    }
+                }
             }
         }
         tracing::info!(?stats, "image store gc done");

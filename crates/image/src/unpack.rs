@@ -176,6 +176,12 @@ fn read_meta<R: Read>(entry: &mut tar::Entry<R>, layer: &str) -> Result<Meta, Im
                     .and_then(|v| v.parse::<u64>().ok())
             };
             if let Some(name) = key.strip_prefix("SCHILY.xattr.") {
+                // overlayfs's own attributes (redirects, metacopy, opacity) are ours to set;
+                // taking them from an archive would let a layer steer overlayfs lookups.
+                if name.starts_with("trusted.overlay.") || name.starts_with("user.overlay.") {
+                    tracing::warn!(layer, xattr = name, "ignoring overlayfs xattr in layer");
+                    continue;
+                }
                 meta.xattrs.push((name.as_bytes().to_vec(), value.to_vec()));
             } else if key == "uid" {
                 meta.uid = number().map_or(meta.uid, |v| v as u32);
@@ -529,6 +535,16 @@ impl ImageStore {
             "unpacked layer"
         );
         Ok(dest)
+    }
+
+    /// Unpacks every layer of an image (see [`ImageStore::unpacked_layer`]) and returns the
+    /// layer directories bottom first. overlayfs wants them top first in `lowerdir=`.
+    pub fn unpack_image(&self, image: &crate::ImportedImage) -> Result<Vec<PathBuf>, ImageError> {
+        image
+            .layers
+            .iter()
+            .map(|layer| self.unpacked_layer(layer))
+            .collect()
     }
 
     /// Applies `layers` (blob digests, bottom first) in order into one plain directory,

@@ -394,3 +394,69 @@ fn unpacked_layers_mount_as_overlayfs() {
     nix::mount::umount(&merged).unwrap();
     result.unwrap();
 }
+
+#[test]
+fn overlay_xattrs_from_archives_are_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path());
+    let mut b = tar::Builder::new(Vec::new());
+    let pax = b"44 SCHILY.xattr.trusted.overlay.redirect=/x\n";
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(tar::EntryType::XHeader);
+    h.set_size(pax.len() as u64);
+    b.append_data(&mut h, "PaxHeader/d", &pax[..]).unwrap();
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(tar::EntryType::Directory);
+    h.set_mode(0o755);
+    h.set_size(0);
+    b.append_data(&mut h, "d/", &[][..]).unwrap();
+    let digest = put(&store, &b.into_inner().unwrap());
+    let root = store.unpacked_layer(&digest).unwrap();
+    assert!(root.join("d").is_dir());
+    assert_eq!(
+        xattr::get(root.join("d"), "trusted.overlay.redirect").unwrap(),
+        None
+    );
+}
+
+#[test]
+fn unpack_image_returns_layers_bottom_first_and_gc_clears_stale_tmp() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path());
+    let tarball = dir.path().join("img.tar");
+    let layers = vec![
+        testutil::layer_tar(&lower_layers()).unwrap(),
+        testutil::layer_tar(&upper_layers()).unwrap(),
+    ];
+    testutil::write_oci_layout_tarball_layers(
+        &layers,
+        &tarball,
+        &testutil::FixtureConfig::default(),
+    )
+    .unwrap();
+    let image = store.import_tarball(&tarball, None).unwrap();
+    assert_eq!(image.name, "fixture");
+    let dirs = store.unpack_image(&image).unwrap();
+    assert_eq!(dirs.len(), 2);
+    assert!(dirs[0].join("keep").is_file());
+    assert!(is_whiteout(&dirs[1].join("a")));
+
+    let stale = store.root().join("tmp/layer-stale");
+    fs::create_dir_all(stale.join("x")).unwrap();
+    let fresh = store.root().join("tmp/blob-fresh");
+    fs::write(&fresh, b"in progress").unwrap();
+    let old = nix::sys::time::TimeSpec::new(1_000_000, 0);
+    nix::sys::stat::utimensat(
+        None,
+        &stale,
+        &old,
+        &old,
+        nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+    )
+    .unwrap();
+    let stats = store.gc(std::slice::from_ref(&image)).unwrap();
+    assert_eq!(stats.tmp_removed, 1);
+    assert!(!stale.exists());
+    assert!(fresh.exists());
+    assert_eq!(store.unpack_image(&image).unwrap(), dirs);
+}
