@@ -460,3 +460,26 @@ fn unpack_image_returns_layers_bottom_first_and_gc_clears_stale_tmp() {
     assert!(fresh.exists());
     assert_eq!(store.unpack_image(&image).unwrap(), dirs);
 }
+
+#[test]
+fn concurrent_unpacks_of_one_layer_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path());
+    let mut entries = lower_layers();
+    for i in 0..200 {
+        entries.push(LayerEntry::file(&format!("many/{i}"), &[b'x'; 512]));
+    }
+    let digest = put_layer(&store, &entries);
+    let paths: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| s.spawn(|| store.unpacked_layer(&digest)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap().unwrap())
+            .collect()
+    });
+    assert!(paths.windows(2).all(|w| w[0] == w[1]));
+    assert_eq!(fs::read_dir(paths[0].join("many")).unwrap().count(), 200);
+    assert_eq!(fs::read_dir(store.root().join("tmp")).unwrap().count(), 0);
+}
