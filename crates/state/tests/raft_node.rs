@@ -261,7 +261,7 @@ async fn three_nodes_over_http_with_snapshot_transfer() {
         "node 2 got a snapshot"
     );
 
-    // Wrong or missing secret is refused.
+    // A missing secret is refused before the body is looked at.
     let client = reqwest::Client::new();
     let resp = client
         .post(format!("{u2}/raft/vote"))
@@ -278,4 +278,62 @@ async fn three_nodes_over_http_with_snapshot_transfer() {
 
     n1.shutdown().await;
     n2.shutdown().await;
+}
+
+#[tokio::test]
+async fn unreachable_peer_is_reported_as_unreachable() {
+    use nimbus_state::raft::network::HttpNetworkFactory;
+    use openraft::error::RPCError;
+    use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+    use openraft::raft::VoteRequest;
+
+    // Bind and drop a listener to get a local port nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut factory = HttpNetworkFactory::new(SECRET);
+    let mut client = factory
+        .new_client(
+            9,
+            &openraft::BasicNode::new(format!("http://127.0.0.1:{port}")),
+        )
+        .await;
+    let req = VoteRequest::new(openraft::Vote::new(1, 1), None);
+    let err = client
+        .vote(req, RPCOption::new(Duration::from_secs(1)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RPCError::Unreachable(_)), "{err:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_secret_is_refused() {
+    use nimbus_state::raft::network::HttpNetworkFactory;
+    use openraft::error::RPCError;
+    use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+    use openraft::raft::VoteRequest;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (node, url) = serve(dir.path(), 1, 100).await;
+    let mut factory = HttpNetworkFactory::new("not-the-secret");
+    let mut client = factory
+        .new_client(1, &openraft::BasicNode::new(url.clone()))
+        .await;
+    let req = VoteRequest::new(openraft::Vote::new(1, 2), None);
+    let err = client
+        .vote(req.clone(), RPCOption::new(Duration::from_secs(2)))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RPCError::Unreachable(_)), "{err:?}");
+
+    // The right secret gets an answer from Raft.
+    let mut factory = HttpNetworkFactory::new(SECRET);
+    let mut client = factory.new_client(1, &openraft::BasicNode::new(url)).await;
+    client
+        .vote(req, RPCOption::new(Duration::from_secs(2)))
+        .await
+        .unwrap();
+    node.shutdown().await;
 }

@@ -121,7 +121,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
         // Losing the committed id is harmless (openraft then just re-applies less at startup),
         // so it rides along with the next durable commit instead of costing its own fsync.
-        db::put_meta(&self.db, META_COMMITTED, &committed, Durability::None)
+        // Off the async worker: a concurrent snapshot write would make `begin_write` block.
+        let db = self.db.clone();
+        db::blocking(move || db::put_meta(&db, META_COMMITTED, &committed, Durability::None))
+            .await
             .map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Write, &e))
     }
 

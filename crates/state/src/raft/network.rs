@@ -105,6 +105,11 @@ impl HttpNetworkFactory {
                 tracing::warn!(error = %e, "cannot build tuned HTTP client for raft; using defaults");
                 reqwest::Client::new()
             });
+        Self::with_client(client, cluster_secret)
+    }
+
+    /// A factory using a caller-built client (e.g. one trusting a private CA).
+    pub fn with_client(client: reqwest::Client, cluster_secret: impl Into<String>) -> Self {
         Self {
             client,
             secret: cluster_secret.into(),
