@@ -41,7 +41,9 @@ impl ErrorCode {
             Self::Unauthorized => 401,
             Self::Forbidden => 403,
             Self::NotFound => 404,
-            Self::AlreadyExists | Self::Conflict | Self::VersionConflict | Self::Unschedulable => 409,
+            Self::AlreadyExists | Self::Conflict | Self::VersionConflict | Self::Unschedulable => {
+                409
+            }
             Self::PayloadTooLarge => 413,
             Self::InvalidArgument => 422,
             Self::Unavailable => 503,
@@ -91,11 +93,19 @@ pub struct ErrorBody {
 impl ApiError {
     /// A new error with no field.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { code, message: message.into(), field: None }
+        Self {
+            code,
+            message: message.into(),
+            field: None,
+        }
     }
     /// A validation error on `field`.
     pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { code: ErrorCode::InvalidArgument, message: message.into(), field: Some(field.into()) }
+        Self {
+            code: ErrorCode::InvalidArgument,
+            message: message.into(),
+            field: Some(field.into()),
+        }
     }
     /// `kind NAME not found`.
     pub fn not_found(kind: &str, name: &str) -> Self {
@@ -103,7 +113,11 @@ impl ApiError {
     }
     /// `kind NAME already exists`.
     pub fn already_exists(kind: &str, name: &str) -> Self {
-        Self { code: ErrorCode::AlreadyExists, message: format!("{kind} {name:?} already exists"), field: Some("name".into()) }
+        Self {
+            code: ErrorCode::AlreadyExists,
+            message: format!("{kind} {name:?} already exists"),
+            field: Some("name".into()),
+        }
     }
     /// A state conflict.
     pub fn conflict(message: impl Into<String>) -> Self {

@@ -12,14 +12,22 @@ pub const MIN_CONTAINER_MEMORY: u64 = 4 * 1024 * 1024;
 /// Checks a name against DNS label rules: 1-63 chars of `[a-z0-9-]`, starting with a letter,
 /// not ending with `-`.
 pub fn name(field: &str, value: &str) -> Result<(), ApiError> {
-    let bad = |why: &str| Err(ApiError::invalid(field, format!("invalid name {value:?}: {why}")));
+    let bad = |why: &str| {
+        Err(ApiError::invalid(
+            field,
+            format!("invalid name {value:?}: {why}"),
+        ))
+    };
     if value.is_empty() {
         return bad("must not be empty");
     }
     if value.len() > 63 {
         return bad("at most 63 characters");
     }
-    if !value.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
+    if !value
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
         return bad("only lowercase letters, digits and '-' are allowed");
     }
     if !value.as_bytes()[0].is_ascii_lowercase() {
@@ -34,9 +42,13 @@ pub fn name(field: &str, value: &str) -> Result<(), ApiError> {
 /// Parses a size: a plain number of bytes, or a number with a suffix
 /// `K`, `M`, `G`, `T` (powers of 1024; `KiB`, `MB`, `Gi` spellings accepted).
 pub fn parse_size(field: &str, value: &str) -> Result<u64, ApiError> {
-    let bad = || ApiError::invalid(field, format!("invalid size {value:?}: use a number with an optional K, M, G or T suffix, e.g. 512M"));
+    let bad = || {
+        ApiError::invalid(field, format!("invalid size {value:?}: use a number with an optional K, M, G or T suffix, e.g. 512M"))
+    };
     let s = value.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(s.len());
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     if num.is_empty() {
         return Err(bad());
@@ -51,8 +63,11 @@ pub fn parse_size(field: &str, value: &str) -> Result<u64, ApiError> {
         _ => return Err(bad()),
     };
     let bytes = n * mult as f64;
-    if !bytes.is_finite() || bytes < 1.0 || bytes > 1e18 {
-        return Err(ApiError::invalid(field, format!("size {value:?} must be positive and below 1 EiB")));
+    if !bytes.is_finite() || !(1.0..=1e18).contains(&bytes) {
+        return Err(ApiError::invalid(
+            field,
+            format!("size {value:?} must be positive and below 1 EiB"),
+        ));
     }
     Ok(bytes as u64)
 }
@@ -62,20 +77,35 @@ pub fn json_size(field: &str, value: &serde_json::Value) -> Result<u64, ApiError
     match value {
         serde_json::Value::Number(n) => match n.as_u64() {
             Some(v) if v > 0 => Ok(v),
-            _ => Err(ApiError::invalid(field, format!("{field} must be a positive number of bytes"))),
+            _ => Err(ApiError::invalid(
+                field,
+                format!("{field} must be a positive number of bytes"),
+            )),
         },
         serde_json::Value::String(s) => parse_size(field, s),
-        _ => Err(ApiError::invalid(field, format!("{field} must be a number of bytes or a size string like \"512M\""))),
+        _ => Err(ApiError::invalid(
+            field,
+            format!("{field} must be a number of bytes or a size string like \"512M\""),
+        )),
     }
 }
 
 /// Formats bytes for humans (`512M`, `1.5G`).
 pub fn format_size(bytes: u64) -> String {
-    const UNITS: [(&str, u64); 4] = [("T", 1 << 40), ("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)];
+    const UNITS: [(&str, u64); 4] = [
+        ("T", 1 << 40),
+        ("G", 1 << 30),
+        ("M", 1 << 20),
+        ("K", 1 << 10),
+    ];
     for (u, m) in UNITS {
         if bytes >= m {
             let v = bytes as f64 / m as f64;
-            return if (v - v.round()).abs() < 0.05 { format!("{}{u}", v.round()) } else { format!("{v:.1}{u}") };
+            return if (v - v.round()).abs() < 0.05 {
+                format!("{}{u}", v.round())
+            } else {
+                format!("{v:.1}{u}")
+            };
         }
     }
     format!("{bytes}B")
@@ -103,13 +133,19 @@ pub fn create_instance(req: &CreateInstanceRequest) -> Result<ValidInstance, Api
     let vm = req.instance_type == InstanceType::Vm;
     let cpus = req.cpus.unwrap_or(1.0);
     if !cpus.is_finite() || cpus <= 0.0 {
-        return Err(ApiError::invalid("cpus", format!("cpus must be positive, got {cpus}")));
+        return Err(ApiError::invalid(
+            "cpus",
+            format!("cpus must be positive, got {cpus}"),
+        ));
     }
     if cpus > 256.0 {
         return Err(ApiError::invalid("cpus", "cpus must be at most 256"));
     }
     if vm && cpus.fract() != 0.0 {
-        return Err(ApiError::invalid("cpus", "a VM needs a whole number of vCPUs"));
+        return Err(ApiError::invalid(
+            "cpus",
+            "a VM needs a whole number of vCPUs",
+        ));
     }
     let memory_bytes = match &req.memory {
         Some(v) => json_size("memory", v)?,
@@ -117,10 +153,22 @@ pub fn create_instance(req: &CreateInstanceRequest) -> Result<ValidInstance, Api
         None => 256 << 20,
     };
     if vm && memory_bytes < MIN_VM_MEMORY {
-        return Err(ApiError::invalid("memory", format!("a VM needs at least 128M of memory, got {}", format_size(memory_bytes))));
+        return Err(ApiError::invalid(
+            "memory",
+            format!(
+                "a VM needs at least 128M of memory, got {}",
+                format_size(memory_bytes)
+            ),
+        ));
     }
     if memory_bytes < MIN_CONTAINER_MEMORY {
-        return Err(ApiError::invalid("memory", format!("memory must be at least 4M, got {}", format_size(memory_bytes))));
+        return Err(ApiError::invalid(
+            "memory",
+            format!(
+                "memory must be at least 4M, got {}",
+                format_size(memory_bytes)
+            ),
+        ));
     }
     let disk_bytes = match &req.disk {
         Some(v) => json_size("disk", v)?,
@@ -129,37 +177,61 @@ pub fn create_instance(req: &CreateInstanceRequest) -> Result<ValidInstance, Api
     };
     let pids_limit = req.pids_limit.unwrap_or(1024);
     if pids_limit == 0 {
-        return Err(ApiError::invalid("pids_limit", "pids_limit must be positive"));
+        return Err(ApiError::invalid(
+            "pids_limit",
+            "pids_limit must be positive",
+        ));
     }
     if let Some(ud) = &req.user_data {
         if ud.len() > MAX_USER_DATA {
-            return Err(ApiError::invalid("user_data", format!("user-data is {} bytes; the limit is 64 KiB", ud.len())));
+            return Err(ApiError::invalid(
+                "user_data",
+                format!("user-data is {} bytes; the limit is 64 KiB", ud.len()),
+            ));
         }
     }
     for (k, v) in &req.env {
         if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
-            return Err(ApiError::invalid(format!("env.{k}"), format!("invalid environment variable {k:?}")));
+            return Err(ApiError::invalid(
+                format!("env.{k}"),
+                format!("invalid environment variable {k:?}"),
+            ));
         }
     }
     for (k, v) in &req.labels {
         label(k, v)?;
     }
     if req.command.iter().any(|c| c.contains('\0')) {
-        return Err(ApiError::invalid("command", "command must not contain NUL bytes"));
+        return Err(ApiError::invalid(
+            "command",
+            "command must not contain NUL bytes",
+        ));
     }
-    Ok(ValidInstance { cpus, memory_bytes, disk_bytes, pids_limit })
+    Ok(ValidInstance {
+        cpus,
+        memory_bytes,
+        disk_bytes,
+        pids_limit,
+    })
 }
 
 /// Checks a label key and value.
 pub fn label(k: &str, v: &str) -> Result<(), ApiError> {
     let ok_key = !k.is_empty()
         && k.len() <= 63
-        && k.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b));
+        && k.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b));
     if !ok_key {
-        return Err(ApiError::invalid(format!("labels.{k}"), format!("invalid label key {k:?}")));
+        return Err(ApiError::invalid(
+            format!("labels.{k}"),
+            format!("invalid label key {k:?}"),
+        ));
     }
     if v.len() > 253 || v.contains('\0') {
-        return Err(ApiError::invalid(format!("labels.{k}"), "label value too long or contains NUL"));
+        return Err(ApiError::invalid(
+            format!("labels.{k}"),
+            "label value too long or contains NUL",
+        ));
     }
     Ok(())
 }
@@ -191,19 +263,32 @@ mod tests {
 
     #[test]
     fn create_defaults_and_errors() {
-        let mut r = CreateInstanceRequest { name: "web".into(), image: "busybox".into(), ..Default::default() };
+        let mut r = CreateInstanceRequest {
+            name: "web".into(),
+            image: "busybox".into(),
+            ..Default::default()
+        };
         let v = create_instance(&r).unwrap();
         assert_eq!(v.memory_bytes, 256 << 20);
         r.cpus = Some(0.0);
-        assert_eq!(create_instance(&r).unwrap_err().field.as_deref(), Some("cpus"));
+        assert_eq!(
+            create_instance(&r).unwrap_err().field.as_deref(),
+            Some("cpus")
+        );
         r.cpus = Some(-1.0);
         assert!(create_instance(&r).is_err());
         r.cpus = None;
         r.instance_type = InstanceType::Vm;
         r.memory = Some(serde_json::json!("64M"));
-        assert_eq!(create_instance(&r).unwrap_err().field.as_deref(), Some("memory"));
+        assert_eq!(
+            create_instance(&r).unwrap_err().field.as_deref(),
+            Some("memory")
+        );
         r.memory = None;
         r.user_data = Some("x".repeat(MAX_USER_DATA + 1));
-        assert_eq!(create_instance(&r).unwrap_err().field.as_deref(), Some("user_data"));
+        assert_eq!(
+            create_instance(&r).unwrap_err().field.as_deref(),
+            Some("user_data")
+        );
     }
 }

@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use futures::Stream;
 use nimbus_api::{
-    ApiError, CreateInstanceRequest, CreateProjectRequest, ErrorBody, Event, ExecRequest, ExecResponse, Health, Image,
-    Instance, Node, Project, UpdateNodeRequest,
+    ApiError, CreateInstanceRequest, CreateProjectRequest, ErrorBody, Event, ExecRequest,
+    ExecResponse, Health, Image, Instance, Node, Project, UpdateNodeRequest,
 };
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
@@ -61,15 +61,30 @@ pub struct Client {
 
 impl Client {
     /// New client.
-    pub fn new(base: impl Into<String>, token: impl Into<String>, project: impl Into<String>) -> Self {
-        let http = reqwest::Client::builder().connect_timeout(Duration::from_secs(5)).build().unwrap_or_default();
-        Self { base: base.into().trim_end_matches('/').to_string(), token: token.into(), project: project.into(), http }
+    pub fn new(
+        base: impl Into<String>,
+        token: impl Into<String>,
+        project: impl Into<String>,
+    ) -> Self {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .unwrap_or_default();
+        Self {
+            base: base.into().trim_end_matches('/').to_string(),
+            token: token.into(),
+            project: project.into(),
+            http,
+        }
     }
 
     /// The same client for another project.
     #[must_use]
     pub fn with_project(&self, project: impl Into<String>) -> Self {
-        Self { project: project.into(), ..self.clone() }
+        Self {
+            project: project.into(),
+            ..self.clone()
+        }
     }
 
     /// Base URL.
@@ -78,11 +93,16 @@ impl Client {
     }
 
     fn req(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
-        self.http.request(method, format!("{}{path}", self.base)).bearer_auth(&self.token)
+        self.http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(&self.token)
     }
 
     async fn send(&self, rb: reqwest::RequestBuilder) -> Result<reqwest::Response> {
-        let resp = rb.send().await.map_err(|source| ClientError::Connect { url: self.base.clone(), source })?;
+        let resp = rb.send().await.map_err(|source| ClientError::Connect {
+            url: self.base.clone(),
+            source,
+        })?;
         if resp.status().is_success() {
             return Ok(resp);
         }
@@ -90,16 +110,30 @@ impl Client {
         let text = resp.text().await.unwrap_or_default();
         match serde_json::from_str::<ErrorBody>(&text) {
             Ok(b) => Err(ClientError::Api(b.error)),
-            Err(_) => Err(ClientError::Protocol { url: self.base.clone(), message: format!("HTTP {status}: {}", text.chars().take(300).collect::<String>()) }),
+            Err(_) => Err(ClientError::Protocol {
+                url: self.base.clone(),
+                message: format!(
+                    "HTTP {status}: {}",
+                    text.chars().take(300).collect::<String>()
+                ),
+            }),
         }
     }
 
     async fn json<T: DeserializeOwned>(&self, rb: reqwest::RequestBuilder) -> Result<T> {
         let resp = self.send(rb).await?;
-        resp.json().await.map_err(|e| ClientError::Protocol { url: self.base.clone(), message: e.to_string() })
+        resp.json().await.map_err(|e| ClientError::Protocol {
+            url: self.base.clone(),
+            message: e.to_string(),
+        })
     }
 
-    async fn call<B: Serialize, T: DeserializeOwned>(&self, method: Method, path: &str, body: Option<&B>) -> Result<T> {
+    async fn call<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<T> {
         let mut rb = self.req(method, path);
         if let Some(b) = body {
             rb = rb.json(b);
@@ -117,7 +151,11 @@ impl Client {
     }
 
     /// Creates an instance.
-    pub async fn create_instance(&self, req: &CreateInstanceRequest, idempotency_key: Option<&str>) -> Result<Instance> {
+    pub async fn create_instance(
+        &self,
+        req: &CreateInstanceRequest,
+        idempotency_key: Option<&str>,
+    ) -> Result<Instance> {
         let mut rb = self.req(Method::POST, &self.ipath("")).json(req);
         if let Some(k) = idempotency_key {
             rb = rb.header("Idempotency-Key", k);
@@ -132,23 +170,36 @@ impl Client {
 
     /// Gets an instance.
     pub async fn get_instance(&self, name: &str) -> Result<Instance> {
-        self.call::<(), _>(Method::GET, &self.ipath(&format!("/{name}")), None).await
+        self.call::<(), _>(Method::GET, &self.ipath(&format!("/{name}")), None)
+            .await
     }
 
     /// `start`, `stop` or `restart`.
     pub async fn instance_action(&self, name: &str, action: &str) -> Result<Instance> {
-        self.call::<(), _>(Method::POST, &self.ipath(&format!("/{name}/{action}")), None).await
+        self.call::<(), _>(
+            Method::POST,
+            &self.ipath(&format!("/{name}/{action}")),
+            None,
+        )
+        .await
     }
 
     /// Deletes an instance (returns once the deletion is accepted).
     pub async fn delete_instance(&self, name: &str) -> Result<Instance> {
-        self.call::<(), _>(Method::DELETE, &self.ipath(&format!("/{name}")), None).await
+        self.call::<(), _>(Method::DELETE, &self.ipath(&format!("/{name}")), None)
+            .await
     }
 
     /// Runs a command in an instance.
     pub async fn exec(&self, name: &str, command: Vec<String>) -> Result<ExecResponse> {
-        let req = ExecRequest { command, timeout_secs: None };
-        let rb = self.req(Method::POST, &self.ipath(&format!("/{name}/exec"))).json(&req).timeout(Duration::from_secs(90));
+        let req = ExecRequest {
+            command,
+            timeout_secs: None,
+        };
+        let rb = self
+            .req(Method::POST, &self.ipath(&format!("/{name}/exec")))
+            .json(&req)
+            .timeout(Duration::from_secs(90));
         self.json(rb).await
     }
 
@@ -159,12 +210,21 @@ impl Client {
             rb = rb.query(&[("tail", t)]);
         }
         let resp = self.send(rb).await?;
-        resp.text().await.map_err(|e| ClientError::Protocol { url: self.base.clone(), message: e.to_string() })
+        resp.text().await.map_err(|e| ClientError::Protocol {
+            url: self.base.clone(),
+            message: e.to_string(),
+        })
     }
 
     /// The instance's log, followed: a stream of chunks.
-    pub async fn follow_logs(&self, name: &str, tail: Option<u64>) -> Result<impl Stream<Item = reqwest::Result<bytes::Bytes>>> {
-        let mut rb = self.req(Method::GET, &self.ipath(&format!("/{name}/logs"))).query(&[("follow", "true")]);
+    pub async fn follow_logs(
+        &self,
+        name: &str,
+        tail: Option<u64>,
+    ) -> Result<impl Stream<Item = reqwest::Result<bytes::Bytes>>> {
+        let mut rb = self
+            .req(Method::GET, &self.ipath(&format!("/{name}/logs")))
+            .query(&[("follow", "true")]);
         if let Some(t) = tail {
             rb = rb.query(&[("tail", t)]);
         }
@@ -178,12 +238,22 @@ impl Client {
 
     /// Creates a project.
     pub async fn create_project(&self, name: &str) -> Result<Project> {
-        self.call(Method::POST, "/v1/projects", Some(&CreateProjectRequest { name: name.into(), description: String::new() })).await
+        self.call(
+            Method::POST,
+            "/v1/projects",
+            Some(&CreateProjectRequest {
+                name: name.into(),
+                description: String::new(),
+            }),
+        )
+        .await
     }
 
     /// Deletes a project.
     pub async fn delete_project(&self, name: &str) -> Result<()> {
-        self.send(self.req(Method::DELETE, &format!("/v1/projects/{name}"))).await.map(|_| ())
+        self.send(self.req(Method::DELETE, &format!("/v1/projects/{name}")))
+            .await
+            .map(|_| ())
     }
 
     /// Nodes.
@@ -193,7 +263,15 @@ impl Client {
 
     /// Cordons or uncordons a node.
     pub async fn cordon_node(&self, name: &str, cordoned: bool) -> Result<Node> {
-        self.call(Method::PATCH, &format!("/v1/nodes/{name}"), Some(&UpdateNodeRequest { cordoned: Some(cordoned), version: None })).await
+        self.call(
+            Method::PATCH,
+            &format!("/v1/nodes/{name}"),
+            Some(&UpdateNodeRequest {
+                cordoned: Some(cordoned),
+                version: None,
+            }),
+        )
+        .await
     }
 
     /// Images.
@@ -202,20 +280,35 @@ impl Client {
     }
 
     /// Imports an image tarball.
-    pub async fn import_image(&self, tarball: &std::path::Path, name: Option<&str>) -> Result<Image> {
-        let file = tokio::fs::File::open(tarball).await.map_err(|e| ClientError::Protocol { url: tarball.display().to_string(), message: e.to_string() })?;
-        let len = file.metadata().await.map(|m| m.len()).unwrap_or(0);
+    pub async fn import_image(
+        &self,
+        tarball: &std::path::Path,
+        name: Option<&str>,
+    ) -> Result<Image> {
+        let file = tokio::fs::File::open(tarball)
+            .await
+            .map_err(|e| ClientError::Protocol {
+                url: tarball.display().to_string(),
+                message: e.to_string(),
+            })?;
+        let len = file.metadata().await.map_or(0, |m| m.len());
         let body = reqwest::Body::wrap_stream(tokio_util_stream(file));
-        let mut rb = self.req(Method::POST, "/v1/images").header("content-type", "application/x-tar").header("content-length", len).body(body);
+        let mut rb = self
+            .req(Method::POST, "/v1/images")
+            .header("content-type", "application/x-tar")
+            .header("content-length", len)
+            .body(body);
         if let Some(n) = name {
             rb = rb.query(&[("name", n)]);
         }
-        self.json(rb.timeout(Duration::from_secs(3600))).await
+        self.json(rb.timeout(Duration::from_secs(60 * 60))).await
     }
 
     /// Events after `after` (optionally for one project).
     pub async fn events(&self, project: Option<&str>, after: u64) -> Result<Vec<Event>> {
-        let mut rb = self.req(Method::GET, "/v1/events").query(&[("after", after)]);
+        let mut rb = self
+            .req(Method::GET, "/v1/events")
+            .query(&[("after", after)]);
         if let Some(p) = project {
             rb = rb.query(&[("project", p)]);
         }
@@ -223,8 +316,14 @@ impl Client {
     }
 
     /// Follows events as a stream of NDJSON chunks.
-    pub async fn follow_events(&self, project: Option<&str>, after: u64) -> Result<impl Stream<Item = reqwest::Result<bytes::Bytes>>> {
-        let mut rb = self.req(Method::GET, "/v1/events").query(&[("after", after.to_string()), ("follow", "true".into())]);
+    pub async fn follow_events(
+        &self,
+        project: Option<&str>,
+        after: u64,
+    ) -> Result<impl Stream<Item = reqwest::Result<bytes::Bytes>>> {
+        let mut rb = self
+            .req(Method::GET, "/v1/events")
+            .query(&[("after", after.to_string()), ("follow", "true".into())]);
         if let Some(p) = project {
             rb = rb.query(&[("project", p)]);
         }
@@ -232,7 +331,13 @@ impl Client {
     }
 
     /// Raw request for tests: returns status and body text.
-    pub async fn raw(&self, method: Method, path: &str, body: Option<String>, token: Option<&str>) -> Result<(StatusCode, String)> {
+    pub async fn raw(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<String>,
+        token: Option<&str>,
+    ) -> Result<(StatusCode, String)> {
         let mut rb = self.http.request(method, format!("{}{path}", self.base));
         if let Some(t) = token {
             rb = rb.bearer_auth(t);
@@ -240,7 +345,10 @@ impl Client {
         if let Some(b) = body {
             rb = rb.header("content-type", "application/json").body(b);
         }
-        let resp = rb.send().await.map_err(|source| ClientError::Connect { url: self.base.clone(), source })?;
+        let resp = rb.send().await.map_err(|source| ClientError::Connect {
+            url: self.base.clone(),
+            source,
+        })?;
         let status = resp.status();
         Ok((status, resp.text().await.unwrap_or_default()))
     }

@@ -151,6 +151,12 @@ pub struct UpArgs {
     /// Node name (default: the host name).
     #[arg(long)]
     pub node_name: Option<String>,
+    /// Pool node subnets are carved from (a /16; set when the cluster is created).
+    #[arg(long, default_value = "10.213.0.0/16")]
+    pub node_pool: String,
+    /// Node-local bridge name (set when the cluster is created).
+    #[arg(long, default_value = "nimbus0")]
+    pub bridge: String,
     /// Log as JSON.
     #[arg(long)]
     pub log_json: bool,
@@ -168,6 +174,12 @@ pub struct ServerArgs {
     /// URL other members and agents reach this server at.
     #[arg(long)]
     pub advertise: Option<String>,
+    /// Pool node subnets are carved from (a /16; set when the cluster is created).
+    #[arg(long, default_value = "10.213.0.0/16")]
+    pub node_pool: String,
+    /// Node-local bridge name (set when the cluster is created).
+    #[arg(long, default_value = "nimbus0")]
+    pub bridge: String,
     /// Log as JSON.
     #[arg(long)]
     pub log_json: bool,

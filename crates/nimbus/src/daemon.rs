@@ -18,13 +18,19 @@ pub fn default_data_dir() -> PathBuf {
     if nix::unistd::geteuid().is_root() {
         PathBuf::from("/var/lib/nimbus")
     } else {
-        std::env::var_os("HOME").map_or_else(|| PathBuf::from(".nimbus"), |h| PathBuf::from(h).join(".local/share/nimbus"))
+        std::env::var_os("HOME").map_or_else(
+            || PathBuf::from(".nimbus"),
+            |h| PathBuf::from(h).join(".local/share/nimbus"),
+        )
     }
 }
 
 fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("NIMBUS_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_env("NIMBUS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if json {
         b.json().init();
     } else {
@@ -33,8 +39,21 @@ fn init_logging(json: bool) {
 }
 
 fn hostname() -> String {
-    let raw = nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "node".into());
-    let mut s: String = raw.to_ascii_lowercase().chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' }).collect();
+    let raw = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "node".into());
+    let mut s: String = raw
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
     s = s.trim_matches('-').chars().take(63).collect();
     if s.is_empty() || !s.as_bytes()[0].is_ascii_lowercase() {
         s = format!("node-{s}").chars().take(63).collect();
@@ -75,6 +94,8 @@ pub async fn up(args: UpArgs) -> Result<()> {
         node_id: 1,
         heartbeat_grace: Duration::from_secs(10),
         body_limit: 1 << 20,
+        node_pool: args.node_pool,
+        bridge: args.bridge,
     })
     .await
     .with_context(|| format!("starting the control plane in {}", data_dir.display()))?;
@@ -100,7 +121,11 @@ pub async fn up(args: UpArgs) -> Result<()> {
     )
     .await
     .context("starting the node agent")?;
-    println!("nimbus is ready at {url} (data {}, token {})", data_dir.display(), data_dir.join("admin.token").display());
+    println!(
+        "nimbus is ready at {url} (data {}, token {})",
+        data_dir.display(),
+        data_dir.join("admin.token").display()
+    );
     wait_for_signal().await;
     tracing::info!("shutting down; instances keep running");
     agent.stop();
@@ -119,10 +144,16 @@ pub async fn server(args: ServerArgs) -> Result<()> {
         node_id: 1,
         heartbeat_grace: Duration::from_secs(10),
         body_limit: 1 << 20,
+        node_pool: args.node_pool,
+        bridge: args.bridge,
     })
     .await
     .with_context(|| format!("starting the control plane in {}", data_dir.display()))?;
-    println!("nimbus server ready at http://{} (node token in {})", server.local_addr, data_dir.join("node.token").display());
+    println!(
+        "nimbus server ready at http://{} (node token in {})",
+        server.local_addr,
+        data_dir.join("node.token").display()
+    );
     wait_for_signal().await;
     server.shutdown().await;
     Ok(())

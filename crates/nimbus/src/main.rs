@@ -13,14 +13,23 @@ use nimbus_client::{Client, ClientError};
 use crate::cli::{Cli, Command};
 
 fn client(cli: &Cli) -> Result<Client> {
-    let url = cli.url.clone().unwrap_or_else(|| "http://127.0.0.1:7443".into());
+    let url = cli
+        .url
+        .clone()
+        .unwrap_or_else(|| "http://127.0.0.1:7443".into());
     let token = match &cli.token {
         Some(t) => t.clone(),
         None => {
-            let dir = std::env::var_os("NIMBUS_DATA_DIR").map_or_else(daemon::default_data_dir, std::path::PathBuf::from);
+            let dir = std::env::var_os("NIMBUS_DATA_DIR")
+                .map_or_else(daemon::default_data_dir, std::path::PathBuf::from);
             let path = dir.join("admin.token");
             std::fs::read_to_string(&path)
-                .with_context(|| format!("no token: set NIMBUS_TOKEN or run `nimbus up` (reading {})", path.display()))?
+                .with_context(|| {
+                    format!(
+                        "no token: set NIMBUS_TOKEN or run `nimbus up` (reading {})",
+                        path.display()
+                    )
+                })?
                 .trim()
                 .to_string()
         }
@@ -38,31 +47,47 @@ async fn run(cli: Cli) -> Result<i32> {
             let c = client(&cli)?;
             match other {
                 Command::Launch(_) => {
-                    let Command::Launch(a) = cli.command else { unreachable!() };
+                    let Command::Launch(a) = cli.command else {
+                        unreachable!()
+                    };
                     verbs::launch(&c, a).await?;
                 }
                 Command::List(o) => verbs::list(&c, o.output).await?,
                 Command::Show { name, o } => verbs::show(&c, name, o.output).await?,
-                Command::Logs { name, follow, tail } => verbs::logs(&c, name, *follow, *tail).await?,
-                Command::Exec { name, command } => return verbs::exec(&c, name, command.clone()).await,
+                Command::Logs { name, follow, tail } => {
+                    verbs::logs(&c, name, *follow, *tail).await?
+                }
+                Command::Exec { name, command } => {
+                    return verbs::exec(&c, name, command.clone()).await
+                }
                 Command::Stop { name } => verbs::action(&c, name, "stop").await?,
                 Command::Start { name } => verbs::action(&c, name, "start").await?,
                 Command::Restart { name } => verbs::action(&c, name, "restart").await?,
                 Command::Delete { name, no_wait } => verbs::delete(&c, name, *no_wait).await?,
                 Command::Image(_) => {
-                    let Command::Image(cmd) = cli.command else { unreachable!() };
+                    let Command::Image(cmd) = cli.command else {
+                        unreachable!()
+                    };
                     verbs::image(&c, cmd).await?;
                 }
                 Command::Node(_) => {
-                    let Command::Node(cmd) = cli.command else { unreachable!() };
+                    let Command::Node(cmd) = cli.command else {
+                        unreachable!()
+                    };
                     verbs::node(&c, cmd).await?;
                 }
                 Command::Project(_) => {
-                    let Command::Project(cmd) = cli.command else { unreachable!() };
+                    let Command::Project(cmd) = cli.command else {
+                        unreachable!()
+                    };
                     verbs::project(&c, cmd).await?;
                 }
-                Command::Events { follow, all, o } => verbs::events(&c, *follow, *all, o.output).await?,
-                Command::Up(_) | Command::Server(_) | Command::Agent(_) | Command::Shim { .. } => unreachable!(),
+                Command::Events { follow, all, o } => {
+                    verbs::events(&c, *follow, *all, o.output).await?
+                }
+                Command::Up(_) | Command::Server(_) | Command::Agent(_) | Command::Shim { .. } => {
+                    unreachable!()
+                }
             }
             0
         }
@@ -99,7 +124,11 @@ fn main() -> ExitCode {
         return ExitCode::from(u8::try_from(code).unwrap_or(1));
     }
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

@@ -28,7 +28,11 @@ fn print_table<T: Tabled>(rows: Vec<T>) {
 fn kv(items: &[String], what: &str) -> Result<BTreeMap<String, String>> {
     items
         .iter()
-        .map(|s| s.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())).ok_or_else(|| anyhow!("invalid {what} {s:?}: use KEY=VALUE")))
+        .map(|s| {
+            s.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .ok_or_else(|| anyhow!("invalid {what} {s:?}: use KEY=VALUE"))
+        })
         .collect()
 }
 
@@ -40,7 +44,12 @@ fn spinner(msg: String) -> indicatif::ProgressBar {
 }
 
 /// Waits until `pred` holds for the instance (or it fails); returns the instance.
-async fn wait_for(c: &Client, name: &str, timeout: Duration, pred: impl Fn(&Instance) -> bool) -> Result<Instance> {
+async fn wait_for(
+    c: &Client,
+    name: &str,
+    timeout: Duration,
+    pred: impl Fn(&Instance) -> bool,
+) -> Result<Instance> {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let i = c.get_instance(name).await?;
@@ -48,10 +57,20 @@ async fn wait_for(c: &Client, name: &str, timeout: Duration, pred: impl Fn(&Inst
             return Ok(i);
         }
         if i.status.state == InstanceState::Failed {
-            bail!("instance {name} failed: {}", if i.status.message.is_empty() { "no reason given" } else { &i.status.message });
+            bail!(
+                "instance {name} failed: {}",
+                if i.status.message.is_empty() {
+                    "no reason given"
+                } else {
+                    &i.status.message
+                }
+            );
         }
         if tokio::time::Instant::now() > deadline {
-            bail!("timed out waiting for instance {name} (state {})", i.status.state.as_str());
+            bail!(
+                "timed out waiting for instance {name} (state {})",
+                i.status.state.as_str()
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -59,21 +78,37 @@ async fn wait_for(c: &Client, name: &str, timeout: Duration, pred: impl Fn(&Inst
 
 /// `nimbus launch`.
 pub async fn launch(c: &Client, a: LaunchArgs) -> Result<()> {
-    let restart: RestartPolicy = serde_json::from_value(serde_json::Value::String(a.restart.clone()))
-        .map_err(|_| anyhow!("invalid restart policy {:?}: use never, on-failure or always", a.restart))?;
+    let restart: RestartPolicy =
+        serde_json::from_value(serde_json::Value::String(a.restart.clone())).map_err(|_| {
+            anyhow!(
+                "invalid restart policy {:?}: use never, on-failure or always",
+                a.restart
+            )
+        })?;
     let user_data = match &a.user_data {
-        Some(p) => Some(std::fs::read_to_string(p).with_context(|| format!("reading user-data {}", p.display()))?),
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .with_context(|| format!("reading user-data {}", p.display()))?,
+        ),
         None => None,
     };
     let ssh_keys = a
         .ssh_key
         .iter()
-        .map(|p| std::fs::read_to_string(p).map(|s| s.trim().to_string()).with_context(|| format!("reading {}", p.display())))
+        .map(|p| {
+            std::fs::read_to_string(p)
+                .map(|s| s.trim().to_string())
+                .with_context(|| format!("reading {}", p.display()))
+        })
         .collect::<Result<Vec<_>>>()?;
     let req = CreateInstanceRequest {
         name: a.name.clone(),
         image: a.image.clone(),
-        instance_type: if a.vm { InstanceType::Vm } else { InstanceType::Container },
+        instance_type: if a.vm {
+            InstanceType::Vm
+        } else {
+            InstanceType::Container
+        },
         cpus: a.cpus,
         memory: a.memory.map(serde_json::Value::String),
         disk: a.disk.map(serde_json::Value::String),
@@ -86,17 +121,33 @@ pub async fn launch(c: &Client, a: LaunchArgs) -> Result<()> {
         ssh_keys,
         start: None,
     };
-    let inst = c.create_instance(&req, a.idempotency_key.as_deref()).await?;
+    let inst = c
+        .create_instance(&req, a.idempotency_key.as_deref())
+        .await?;
     if a.no_wait {
         println!("{} {}", inst.meta.name, inst.status.state.as_str());
         return Ok(());
     }
     let pb = spinner(format!("starting {}", a.name));
-    let timeout = if a.vm { Duration::from_secs(300) } else { Duration::from_secs(120) };
-    let res = wait_for(c, &a.name, timeout, |i| i.status.state == InstanceState::Running || (i.status.state == InstanceState::Stopped && i.status.exit_code.is_some())).await;
+    let timeout = if a.vm {
+        Duration::from_secs(300)
+    } else {
+        Duration::from_secs(120)
+    };
+    let res = wait_for(c, &a.name, timeout, |i| {
+        i.status.state == InstanceState::Running
+            || (i.status.state == InstanceState::Stopped && i.status.exit_code.is_some())
+    })
+    .await;
     pb.finish_and_clear();
     let i = res?;
-    println!("{} {} on {} ip {}", i.meta.name, i.status.state.as_str(), i.status.node.as_deref().unwrap_or("-"), i.status.ip.as_deref().unwrap_or("-"));
+    println!(
+        "{} {} on {} ip {}",
+        i.meta.name,
+        i.status.state.as_str(),
+        i.status.node.as_deref().unwrap_or("-"),
+        i.status.ip.as_deref().unwrap_or("-")
+    );
     Ok(())
 }
 
@@ -160,13 +211,22 @@ pub async fn show(c: &Client, name: &str, o: Output) -> Result<()> {
         ("node", s.node.clone().unwrap_or_default()),
         ("ip", s.ip.clone().unwrap_or_default()),
         ("pid", s.pid.map(|p| p.to_string()).unwrap_or_default()),
-        ("exit code", s.exit_code.map(|p| p.to_string()).unwrap_or_default()),
+        (
+            "exit code",
+            s.exit_code.map(|p| p.to_string()).unwrap_or_default(),
+        ),
         ("message", s.message.clone()),
         ("image", i.spec.image.clone()),
         ("cpus", i.spec.cpus.to_string()),
         ("memory", format_size(i.spec.memory_bytes)),
         ("disk", format_size(i.spec.disk_bytes)),
-        ("restart policy", serde_json::to_value(i.spec.restart)?.as_str().unwrap_or_default().to_string()),
+        (
+            "restart policy",
+            serde_json::to_value(i.spec.restart)?
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
+        ),
         ("restarts", s.restart_count.to_string()),
         ("accelerator", s.accelerator.clone().unwrap_or_default()),
         ("command", i.spec.command.join(" ")),
@@ -212,10 +272,19 @@ pub async fn action(c: &Client, name: &str, action: &str) -> Result<()> {
     let before = c.instance_action(name, action).await?;
     let pb = spinner(format!("{action} {name}"));
     let res = match action {
-        "stop" => wait_for(c, name, Duration::from_secs(60), |i| matches!(i.status.state, InstanceState::Stopped)).await,
+        "stop" => {
+            wait_for(c, name, Duration::from_secs(60), |i| {
+                matches!(i.status.state, InstanceState::Stopped)
+            })
+            .await
+        }
         _ => {
             let old_pid = before.status.pid;
-            wait_for(c, name, Duration::from_secs(300), move |i| i.status.state == InstanceState::Running && (action != "restart" || i.status.pid != old_pid)).await
+            wait_for(c, name, Duration::from_secs(300), move |i| {
+                i.status.state == InstanceState::Running
+                    && (action != "restart" || i.status.pid != old_pid)
+            })
+            .await
         }
     };
     pb.finish_and_clear();
@@ -232,9 +301,16 @@ pub async fn delete(c: &Client, name: &str, no_wait: bool) -> Result<()> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
         loop {
             match c.get_instance(name).await {
-                Err(e) if e.api().is_some_and(|a| a.code == nimbus_api::ErrorCode::NotFound) => break,
+                Err(e)
+                    if e.api()
+                        .is_some_and(|a| a.code == nimbus_api::ErrorCode::NotFound) =>
+                {
+                    break
+                }
                 Err(e) => return Err(e.into()),
-                Ok(_) if tokio::time::Instant::now() > deadline => bail!("timed out waiting for {name} to be deleted"),
+                Ok(_) if tokio::time::Instant::now() > deadline => {
+                    bail!("timed out waiting for {name} to be deleted")
+                }
                 Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             }
         }
@@ -273,7 +349,12 @@ pub async fn image(c: &Client, cmd: ImageCmd) -> Result<()> {
             }
             print_table(
                 v.into_iter()
-                    .map(|i| ImageRow { name: i.meta.name, digest: i.digest.chars().take(19).collect(), size: format_size(i.size_bytes), layers: i.layers.len() })
+                    .map(|i| ImageRow {
+                        name: i.meta.name,
+                        digest: i.digest.chars().take(19).collect(),
+                        size: format_size(i.size_bytes),
+                        layers: i.layers.len(),
+                    })
                     .collect(),
             );
         }
@@ -310,10 +391,21 @@ pub async fn node(c: &Client, cmd: NodeCmd) -> Result<()> {
             print_table(
                 v.into_iter()
                     .map(|n| NodeRow {
-                        state: format!("{}{}", serde_json::to_value(n.state).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(), if n.cordoned { ",cordoned" } else { "" }),
+                        state: format!(
+                            "{}{}",
+                            serde_json::to_value(n.state)
+                                .ok()
+                                .and_then(|v| v.as_str().map(String::from))
+                                .unwrap_or_default(),
+                            if n.cordoned { ",cordoned" } else { "" }
+                        ),
                         cpus: format!("{}", n.capacity.cpu_millis as f64 / 1000.0),
                         memory: format_size(n.capacity.memory_bytes),
-                        vms: n.capabilities.accelerator.clone().unwrap_or_else(|| "no".into()),
+                        vms: n
+                            .capabilities
+                            .accelerator
+                            .clone()
+                            .unwrap_or_else(|| "no".into()),
                         name: n.meta.name,
                         subnet: n.subnet,
                         agent: n.agent_url,
@@ -357,7 +449,14 @@ pub async fn project(c: &Client, cmd: ProjectCmd) -> Result<()> {
             if o.output == Output::Json {
                 return print_json(&v);
             }
-            print_table(v.into_iter().map(|p| ProjectRow { name: p.meta.name, created: p.meta.created_at }).collect());
+            print_table(
+                v.into_iter()
+                    .map(|p| ProjectRow {
+                        name: p.meta.name,
+                        created: p.meta.created_at,
+                    })
+                    .collect(),
+            );
         }
     }
     Ok(())
@@ -374,7 +473,10 @@ pub async fn events(c: &Client, follow: bool, all: bool, o: Output) -> Result<()
                 if o == Output::Json {
                     println!("{line}");
                 } else if let Ok(e) = serde_json::from_str::<nimbus_api::Event>(line) {
-                    println!("{} {:<8} {:<16} {:<16} {}", e.time, e.kind, e.name, e.reason, e.message);
+                    println!(
+                        "{} {:<8} {:<16} {:<16} {}",
+                        e.time, e.kind, e.name, e.reason, e.message
+                    );
                 }
             }
         }
@@ -385,7 +487,10 @@ pub async fn events(c: &Client, follow: bool, all: bool, o: Output) -> Result<()
         return print_json(&v);
     }
     for e in v {
-        println!("{} {:<8} {:<16} {:<16} {}", e.time, e.kind, e.name, e.reason, e.message);
+        println!(
+            "{} {:<8} {:<16} {:<16} {}",
+            e.time, e.kind, e.name, e.reason, e.message
+        );
     }
     Ok(())
 }

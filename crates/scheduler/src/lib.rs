@@ -64,7 +64,13 @@ pub struct Policy {
 
 impl Default for Policy {
     fn default() -> Self {
-        Self { cpu_overcommit: 4.0, memory_overcommit: 1.0, disk_overcommit: 2.0, max_instances_per_node: 250, strategy: Strategy::Spread }
+        Self {
+            cpu_overcommit: 4.0,
+            memory_overcommit: 1.0,
+            disk_overcommit: 2.0,
+            max_instances_per_node: 250,
+            strategy: Strategy::Spread,
+        }
     }
 }
 
@@ -136,7 +142,11 @@ impl fmt::Display for Unschedulable {
         let parts: Vec<String> = counts.iter().map(|(r, n)| format!("{n} {r}")).collect();
         write!(f, "0 of {} nodes fit: {}", self.total, parts.join(", "))?;
         if self.per_node.len() <= 16 {
-            let detail: Vec<String> = self.per_node.iter().map(|(n, r)| format!("{n}: {r}")).collect();
+            let detail: Vec<String> = self
+                .per_node
+                .iter()
+                .map(|(n, r)| format!("{n}: {r}"))
+                .collect();
             write!(f, " ({})", detail.join("; "))?;
         }
         Ok(())
@@ -160,11 +170,26 @@ pub fn filter(node: &NodeView, req: &Request, policy: &Policy) -> Option<Reason>
         Some(Reason::NoContainerSupport)
     } else if node.instance_count >= policy.max_instances_per_node {
         Some(Reason::TooManyInstances)
-    } else if !fits(node.capacity.cpu_millis, node.allocated.cpu_millis, r.cpu_millis, policy.cpu_overcommit) {
+    } else if !fits(
+        node.capacity.cpu_millis,
+        node.allocated.cpu_millis,
+        r.cpu_millis,
+        policy.cpu_overcommit,
+    ) {
         Some(Reason::InsufficientCpu)
-    } else if !fits(node.capacity.memory_bytes, node.allocated.memory_bytes, r.memory_bytes, policy.memory_overcommit) {
+    } else if !fits(
+        node.capacity.memory_bytes,
+        node.allocated.memory_bytes,
+        r.memory_bytes,
+        policy.memory_overcommit,
+    ) {
         Some(Reason::InsufficientMemory)
-    } else if !fits(node.capacity.disk_bytes, node.allocated.disk_bytes, r.disk_bytes, policy.disk_overcommit) {
+    } else if !fits(
+        node.capacity.disk_bytes,
+        node.allocated.disk_bytes,
+        r.disk_bytes,
+        policy.disk_overcommit,
+    ) {
         Some(Reason::InsufficientDisk)
     } else {
         None
@@ -173,14 +198,32 @@ pub fn filter(node: &NodeView, req: &Request, policy: &Policy) -> Option<Reason>
 
 /// Utilisation after placement: the mean of the CPU and memory fractions (0..1+).
 pub fn score(node: &NodeView, req: &Request) -> f64 {
-    let frac = |used: u64, want: u64, cap: u64| if cap == 0 { 1.0 } else { (used + want) as f64 / cap as f64 };
-    let cpu = frac(node.allocated.cpu_millis, req.resources.cpu_millis, node.capacity.cpu_millis);
-    let mem = frac(node.allocated.memory_bytes, req.resources.memory_bytes, node.capacity.memory_bytes);
+    let frac = |used: u64, want: u64, cap: u64| {
+        if cap == 0 {
+            1.0
+        } else {
+            (used + want) as f64 / cap as f64
+        }
+    };
+    let cpu = frac(
+        node.allocated.cpu_millis,
+        req.resources.cpu_millis,
+        node.capacity.cpu_millis,
+    );
+    let mem = frac(
+        node.allocated.memory_bytes,
+        req.resources.memory_bytes,
+        node.capacity.memory_bytes,
+    );
     0.5 * cpu + 0.5 * mem
 }
 
 /// Chooses a node for `req`. Ties break by node name, so the result is deterministic.
-pub fn place<'a>(nodes: &'a [NodeView], req: &Request, policy: &Policy) -> Result<&'a NodeView, Unschedulable> {
+pub fn place<'a>(
+    nodes: &'a [NodeView],
+    req: &Request,
+    policy: &Policy,
+) -> Result<&'a NodeView, Unschedulable> {
     let mut best: Option<(&NodeView, f64)> = None;
     let mut reasons = BTreeMap::new();
     let mut per_node = Vec::new();
@@ -194,15 +237,19 @@ pub fn place<'a>(nodes: &'a [NodeView], req: &Request, policy: &Policy) -> Resul
         let better = match best {
             None => true,
             Some((b, bs)) => match policy.strategy {
-                Strategy::Spread => s < bs || (s == bs && n.name < b.name),
-                Strategy::Binpack => s > bs || (s == bs && n.name < b.name),
+                Strategy::Spread => s.total_cmp(&bs).then_with(|| n.name.cmp(&b.name)).is_lt(),
+                Strategy::Binpack => bs.total_cmp(&s).then_with(|| n.name.cmp(&b.name)).is_lt(),
             },
         };
         if better {
             best = Some((n, s));
         }
     }
-    best.map(|(n, _)| n).ok_or(Unschedulable { total: nodes.len(), reasons, per_node })
+    best.map(|(n, _)| n).ok_or(Unschedulable {
+        total: nodes.len(),
+        reasons,
+        per_node,
+    })
 }
 
 #[cfg(test)]
@@ -216,14 +263,25 @@ mod tests {
             cordoned: false,
             vm_capable: false,
             container_capable: true,
-            capacity: Resources { cpu_millis: cpu, memory_bytes: mem, disk_bytes: 1 << 40 },
+            capacity: Resources {
+                cpu_millis: cpu,
+                memory_bytes: mem,
+                disk_bytes: 1 << 40,
+            },
             allocated: Resources::default(),
             instance_count: 0,
         }
     }
 
     fn req(cpu: u64, mem: u64) -> Request {
-        Request { resources: Resources { cpu_millis: cpu, memory_bytes: mem, disk_bytes: 1 }, vm: false }
+        Request {
+            resources: Resources {
+                cpu_millis: cpu,
+                memory_bytes: mem,
+                disk_bytes: 1,
+            },
+            vm: false,
+        }
     }
 
     #[test]
@@ -232,8 +290,16 @@ mod tests {
         a.allocated.memory_bytes = 4 << 30;
         let b = node("b", 4000, 8 << 30);
         let nodes = vec![a, b];
-        assert_eq!(place(&nodes, &req(1000, 1 << 30), &Policy::default()).unwrap().name, "b");
-        let bp = Policy { strategy: Strategy::Binpack, ..Policy::default() };
+        assert_eq!(
+            place(&nodes, &req(1000, 1 << 30), &Policy::default())
+                .unwrap()
+                .name,
+            "b"
+        );
+        let bp = Policy {
+            strategy: Strategy::Binpack,
+            ..Policy::default()
+        };
         assert_eq!(place(&nodes, &req(1000, 1 << 30), &bp).unwrap().name, "a");
     }
 
@@ -248,8 +314,14 @@ mod tests {
         assert_eq!(e.reasons[&Reason::InsufficientMemory], 2);
         assert_eq!(e.reasons[&Reason::Cordoned], 1);
         let msg = e.to_string();
-        assert!(msg.starts_with("0 of 4 nodes fit: 2 insufficient memory, 1 not ready, 1 cordoned"), "{msg}");
-        let vm = Request { vm: true, ..req(1, 1) };
+        assert!(
+            msg.starts_with("0 of 4 nodes fit: 2 insufficient memory, 1 not ready, 1 cordoned"),
+            "{msg}"
+        );
+        let vm = Request {
+            vm: true,
+            ..req(1, 1)
+        };
         let e = place(&nodes[..2], &vm, &Policy::default()).unwrap_err();
         assert_eq!(e.reasons[&Reason::NoVmSupport], 2);
     }

@@ -24,6 +24,10 @@ pub struct ServerConfig {
     pub heartbeat_grace: Duration,
     /// Maximum JSON request body.
     pub body_limit: usize,
+    /// Node address pool (a /16) set when the cluster is created.
+    pub node_pool: String,
+    /// Node-local bridge name set when the cluster is created.
+    pub bridge: String,
 }
 
 /// Everything handlers need.
@@ -51,7 +55,12 @@ pub fn now() -> String {
 impl AppState {
     /// Proposes a command through Raft and returns its output or the error that refused it.
     pub async fn propose(&self, command: Command) -> Result<CommandOutput, ApiError> {
-        let env = CommandEnvelope { format: COMMAND_FORMAT_VERSION, time: now(), new_id: uuid::Uuid::new_v4().to_string(), command };
+        let env = CommandEnvelope {
+            format: COMMAND_FORMAT_VERSION,
+            time: now(),
+            new_id: uuid::Uuid::new_v4().to_string(),
+            command,
+        };
         match self.raft.write(env).await {
             Ok(result) => result,
             Err(WriteError::ForwardToLeader { leader_url, .. }) => Err(ApiError::new(
@@ -61,7 +70,10 @@ impl AppState {
                     None => "no leader is elected yet; retry shortly".to_string(),
                 },
             )),
-            Err(e) => Err(ApiError::new(ErrorCode::Unavailable, format!("the write could not be committed: {e}"))),
+            Err(e) => Err(ApiError::new(
+                ErrorCode::Unavailable,
+                format!("the write could not be committed: {e}"),
+            )),
         }
     }
 
@@ -72,9 +84,11 @@ impl AppState {
 
     /// Waits until a linearizable read is possible (the leader confirmed its leadership).
     pub async fn barrier(&self) -> Result<(), ApiError> {
-        self.raft
-            .linearizable_barrier()
-            .await
-            .map_err(|e| ApiError::new(ErrorCode::Unavailable, format!("cannot serve a linearizable read: {e}")))
+        self.raft.linearizable_barrier().await.map_err(|e| {
+            ApiError::new(
+                ErrorCode::Unavailable,
+                format!("cannot serve a linearizable read: {e}"),
+            )
+        })
     }
 }

@@ -35,7 +35,11 @@ pub async fn require_token(State(app): State<AppState>, req: Request, next: Next
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
     let Some(token) = token else {
-        return HttpError(ApiError::new(ErrorCode::Unauthorized, "missing bearer token (set NIMBUS_TOKEN)")).into_response();
+        return HttpError(ApiError::new(
+            ErrorCode::Unauthorized,
+            "missing bearer token (set NIMBUS_TOKEN)",
+        ))
+        .into_response();
     };
     if constant_time_eq(token.as_bytes(), app.admin_token.as_bytes()) {
         return next.run(req).await;
@@ -44,7 +48,15 @@ pub async fn require_token(State(app): State<AppState>, req: Request, next: Next
         if path.starts_with("/v1/nodes") || path.starts_with("/v1/images/blobs/") {
             return next.run(req).await;
         }
-        return HttpError(ApiError::new(ErrorCode::Forbidden, "the node token may only be used by agents")).into_response();
+        return HttpError(ApiError::new(
+            ErrorCode::Forbidden,
+            "the node token may only be used by agents",
+        ))
+        .into_response();
     }
-    HttpError(ApiError::new(ErrorCode::Unauthorized, "invalid bearer token")).into_response()
+    HttpError(ApiError::new(
+        ErrorCode::Unauthorized,
+        "invalid bearer token",
+    ))
+    .into_response()
 }

@@ -33,10 +33,16 @@ async fn node_liveness(app: AppState) {
             was_leader = true;
         }
         let now = Instant::now();
-        let nodes: Vec<(String, String, NodeState)> =
-            app.read(|s| s.nodes.values().map(|n| (n.meta.name.clone(), n.last_heartbeat.clone(), n.state)).collect());
+        let nodes: Vec<(String, String, NodeState)> = app.read(|s| {
+            s.nodes
+                .values()
+                .map(|n| (n.meta.name.clone(), n.last_heartbeat.clone(), n.state))
+                .collect()
+        });
         for (name, hb, state) in nodes {
-            let entry = seen.entry(name.clone()).or_insert_with(|| (hb.clone(), now));
+            let entry = seen
+                .entry(name.clone())
+                .or_insert_with(|| (hb.clone(), now));
             if entry.0 != hb {
                 *entry = (hb, now);
                 continue;
@@ -44,7 +50,13 @@ async fn node_liveness(app: AppState) {
             if state == NodeState::Ready && now.duration_since(entry.1) > grace {
                 let reason = format!("no heartbeat for {}s", grace.as_secs());
                 tracing::warn!(node = %name, "marking node down: {reason}");
-                if let Err(e) = app.propose(Command::MarkNodeDown { name: name.clone(), reason }).await {
+                if let Err(e) = app
+                    .propose(Command::MarkNodeDown {
+                        name: name.clone(),
+                        reason,
+                    })
+                    .await
+                {
                     tracing::warn!(node = %name, "cannot mark node down: {}", e.message);
                 }
             }
@@ -58,11 +70,21 @@ async fn retry_pending(app: &AppState) {
     let pending: Vec<String> = app.read(|s| {
         s.instances
             .values()
-            .filter(|i| i.status.node.is_none() && i.status.state == InstanceState::Pending && i.spec.desired != DesiredState::Deleted)
+            .filter(|i| {
+                i.status.node.is_none()
+                    && i.status.state == InstanceState::Pending
+                    && i.spec.desired != DesiredState::Deleted
+            })
             .map(|i| i.meta.id.clone())
             .collect()
     });
     for id in pending {
-        let _ = app.propose(Command::ScheduleInstance { id, node: None, message: String::new() }).await;
+        let _ = app
+            .propose(Command::ScheduleInstance {
+                id,
+                node: None,
+                message: String::new(),
+            })
+            .await;
     }
 }

@@ -20,7 +20,8 @@ impl From<ApiError> for HttpError {
 
 impl IntoResponse for HttpError {
     fn into_response(self) -> Response {
-        let status = StatusCode::from_u16(self.0.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status = StatusCode::from_u16(self.0.code.http_status())
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         if status.is_server_error() {
             tracing::error!(code = self.0.code.as_str(), "{}", self.0.message);
         }
@@ -60,10 +61,24 @@ fn json_rejection(rej: &JsonRejection) -> ApiError {
         .nth(1)
         .and_then(|s| s.split('`').next())
         .map(String::from)
-        .or_else(|| text.split("missing field `").nth(1).and_then(|s| s.split('`').next()).map(String::from))
+        .or_else(|| {
+            text.split("missing field `")
+                .nth(1)
+                .and_then(|s| s.split('`').next())
+                .map(String::from)
+        })
         .or_else(|| {
             // "Failed to deserialize the JSON body into the target type: cpus: invalid type..."
-            text.split("target type: ").nth(1).and_then(|s| s.split(':').next()).map(str::trim).filter(|f| !f.contains(' ')).map(String::from)
+            text.split("target type: ")
+                .nth(1)
+                .and_then(|s| s.split(':').next())
+                .map(str::trim)
+                .filter(|f| !f.contains(' '))
+                .map(String::from)
         });
-    ApiError { code: ErrorCode::BadRequest, message: text, field }
+    ApiError {
+        code: ErrorCode::BadRequest,
+        message: text,
+        field,
+    }
 }

@@ -56,7 +56,10 @@ pub struct Server {
 /// Reads a token file, or creates it (mode 0600) with a fresh token.
 pub fn load_or_create_token(path: &Path) -> Result<String, StartError> {
     use std::os::unix::fs::OpenOptionsExt;
-    let err = |m: String| StartError::DataDir { path: path.display().to_string(), message: m };
+    let err = |m: String| StartError::DataDir {
+        path: path.display().to_string(),
+        message: m,
+    };
     match std::fs::read_to_string(path) {
         Ok(t) if !t.trim().is_empty() => return Ok(t.trim().to_string()),
         Ok(_) => {}
@@ -71,19 +74,27 @@ pub fn load_or_create_token(path: &Path) -> Result<String, StartError> {
         .mode(0o600)
         .open(path)
         .map_err(|e| err(format!("writing token: {e}")))?;
-    std::io::Write::write_all(&mut f, format!("{token}\n").as_bytes()).map_err(|e| err(format!("writing token: {e}")))?;
-    f.sync_all().map_err(|e| err(format!("syncing token: {e}")))?;
+    std::io::Write::write_all(&mut f, format!("{token}\n").as_bytes())
+        .map_err(|e| err(format!("writing token: {e}")))?;
+    f.sync_all()
+        .map_err(|e| err(format!("syncing token: {e}")))?;
     Ok(token)
 }
 
 /// Checks that `dir` is a nimbus data directory (or empty / new), writing a marker file.
 pub fn check_data_dir(dir: &Path) -> Result<(), StartError> {
-    let err = |m: String| StartError::DataDir { path: dir.display().to_string(), message: m };
+    let err = |m: String| StartError::DataDir {
+        path: dir.display().to_string(),
+        message: m,
+    };
     std::fs::create_dir_all(dir).map_err(|e| err(format!("cannot create: {e}")))?;
     let marker = dir.join("NIMBUS_DATA_DIR");
     match std::fs::read_to_string(&marker) {
         Ok(s) if s.trim() == "nimbus-data-v1" => Ok(()),
-        Ok(s) => Err(err(format!("unsupported data directory format {:?}", s.trim()))),
+        Ok(s) => Err(err(format!(
+            "unsupported data directory format {:?}",
+            s.trim()
+        ))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let foreign = std::fs::read_dir(dir)
                 .map_err(|e| err(format!("cannot read: {e}")))?
@@ -92,7 +103,8 @@ pub fn check_data_dir(dir: &Path) -> Result<(), StartError> {
             if foreign {
                 return Err(err("not empty and not a nimbus data directory (no NIMBUS_DATA_DIR marker); choose another --data-dir".into()));
             }
-            std::fs::write(&marker, "nimbus-data-v1\n").map_err(|e| err(format!("cannot write marker: {e}")))
+            std::fs::write(&marker, "nimbus-data-v1\n")
+                .map_err(|e| err(format!("cannot write marker: {e}")))
         }
         Err(e) => Err(err(format!("cannot read marker: {e}"))),
     }
@@ -104,12 +116,21 @@ impl Server {
         check_data_dir(&cfg.data_dir)?;
         let admin_token = load_or_create_token(&cfg.data_dir.join("admin.token"))?;
         let node_token = load_or_create_token(&cfg.data_dir.join("node.token"))?;
-        let images = ImageStore::open(&cfg.data_dir.join("images"))
-            .map_err(|e| StartError::DataDir { path: cfg.data_dir.display().to_string(), message: format!("image store: {e}") })?;
+        let images =
+            ImageStore::open(&cfg.data_dir.join("images")).map_err(|e| StartError::DataDir {
+                path: cfg.data_dir.display().to_string(),
+                message: format!("image store: {e}"),
+            })?;
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
-            .map_err(|source| StartError::Listen { addr: cfg.listen.to_string(), source })?;
-        let local_addr = listener.local_addr().map_err(|source| StartError::Listen { addr: cfg.listen.to_string(), source })?;
+            .map_err(|source| StartError::Listen {
+                addr: cfg.listen.to_string(),
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(|source| StartError::Listen {
+            addr: cfg.listen.to_string(),
+            source,
+        })?;
         let mut cfg = cfg;
         if cfg.advertise_url.is_empty() {
             cfg.advertise_url = format!("http://{local_addr}");
@@ -129,18 +150,32 @@ impl Server {
             images: Arc::new(images),
             admin_token: Arc::new(admin_token),
             node_token: Arc::new(node_token),
-            http: reqwest::Client::builder().build().map_err(|e| StartError::NotReady(e.to_string()))?,
+            http: reqwest::Client::builder()
+                .build()
+                .map_err(|e| StartError::NotReady(e.to_string()))?,
         };
-        let router = routes::router(app.clone()).merge(nimbus_state::raft::raft_router(raft.clone()));
+        let router =
+            routes::router(app.clone()).merge(nimbus_state::raft::raft_router(raft.clone()));
         let serve = tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, router.into_make_service_with_connect_info::<std::net::SocketAddr>()).await {
+            if let Err(e) = axum::serve(
+                listener,
+                router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+            )
+            .await
+            {
                 tracing::error!("API server stopped: {e}");
             }
         });
-        raft.bootstrap_single().await.map_err(|e| StartError::NotReady(e.to_string()))?;
+        raft.bootstrap_single()
+            .await
+            .map_err(|e| StartError::NotReady(e.to_string()))?;
         bootstrap_defaults(&app).await?;
         controllers::spawn(app.clone());
-        Ok(Self { app, local_addr, serve })
+        Ok(Self {
+            app,
+            local_addr,
+            serve,
+        })
     }
 
     /// Stops serving.
@@ -155,32 +190,66 @@ async fn bootstrap_defaults(app: &AppState) -> Result<(), StartError> {
     loop {
         match app.propose(Command::Noop).await {
             Ok(_) => break,
-            Err(e) if tokio::time::Instant::now() > deadline => return Err(StartError::NotReady(e.message)),
+            Err(e) if tokio::time::Instant::now() > deadline => {
+                return Err(StartError::NotReady(e.message))
+            }
             Err(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
         }
     }
-    if !app.read(|s| s.projects.contains_key("default")) {
-        app.propose(Command::CreateProject { name: "default".into(), description: "the default project".into() })
+    let want = nimbus_state::machine::NetworkSettings {
+        pool: app.cfg.node_pool.clone(),
+        bridge: app.cfg.bridge.clone(),
+    };
+    if app.read(|s| s.network != want) {
+        if let Err(e) = app
+            .propose(Command::ConfigureNetwork {
+                pool: want.pool.clone(),
+                bridge: want.bridge.clone(),
+            })
             .await
-            .or_else(|e| if e.code == nimbus_api::ErrorCode::AlreadyExists { Ok(nimbus_state::CommandOutput::None) } else { Err(e) })
-            .map_err(|e| StartError::NotReady(e.message))?;
+        {
+            if app.read(|s| s.nodes.is_empty()) {
+                return Err(StartError::NotReady(e.message));
+            }
+            tracing::warn!("keeping the existing network settings: {}", e.message);
+        }
+    }
+    if !app.read(|s| s.projects.contains_key("default")) {
+        app.propose(Command::CreateProject {
+            name: "default".into(),
+            description: "the default project".into(),
+        })
+        .await
+        .or_else(|e| {
+            if e.code == nimbus_api::ErrorCode::AlreadyExists {
+                Ok(nimbus_state::CommandOutput::None)
+            } else {
+                Err(e)
+            }
+        })
+        .map_err(|e| StartError::NotReady(e.message))?;
     }
     if !app.read(|s| s.images.contains_key("busybox")) {
         let busybox = Path::new("/bin/busybox");
         if busybox.exists() {
             let store = app.images.clone();
-            let img = tokio::task::spawn_blocking(move || store.build_busybox(Path::new("/bin/busybox")))
-                .await
-                .map_err(|e| StartError::NotReady(e.to_string()))?;
+            let img =
+                tokio::task::spawn_blocking(move || store.build_busybox(Path::new("/bin/busybox")))
+                    .await
+                    .map_err(|e| StartError::NotReady(e.to_string()))?;
             match img {
                 Ok(img) => {
-                    routes::images::put(app, &img).await.map_err(|e| StartError::NotReady(e.message))?;
+                    routes::images::put(app, &img)
+                        .await
+                        .map_err(|e| StartError::NotReady(e.message))?;
                     tracing::info!(digest = %img.digest, "built-in busybox image created");
                 }
                 Err(e) => tracing::warn!("cannot build the built-in busybox image: {e}"),
             }
         } else {
-            tracing::warn!("/bin/busybox is missing (install busybox-static): no built-in busybox image");
+            tracing::warn!(
+                "/bin/busybox is missing (install busybox-static): no built-in busybox image"
+            );
         }
     }
     Ok(())

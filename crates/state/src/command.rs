@@ -27,6 +27,13 @@ pub struct CommandEnvelope {
 pub enum Command {
     /// No-op (used to probe the write path).
     Noop,
+    /// Set the cluster's node address pool and bridge name (only before any node registers).
+    ConfigureNetwork {
+        /// Pool node subnets are carved from (a /16).
+        pool: String,
+        /// Name of the node-local bridge.
+        bridge: String,
+    },
     /// Create a project.
     CreateProject {
         /// Name.

@@ -3,11 +3,13 @@
 
 pub mod command;
 pub mod machine;
-pub mod raft;
 pub mod network;
 pub mod placement;
+pub mod raft;
 
-pub use command::{Command, CommandEnvelope, CommandOutput, CommandResult, InstanceAction, COMMAND_FORMAT_VERSION};
+pub use command::{
+    Command, CommandEnvelope, CommandOutput, CommandResult, InstanceAction, COMMAND_FORMAT_VERSION,
+};
 pub use machine::StateMachine;
 
 #[cfg(test)]

@@ -11,11 +11,13 @@ use serde::{Deserialize, Serialize};
 
 use nimbus_api::agent::InstanceReport;
 use nimbus_api::{
-    ApiError, DesiredState, ErrorCode, Event, Image, Instance, InstanceState, InstanceType, Meta, Node, NodeState,
-    Project,
+    ApiError, DesiredState, ErrorCode, Event, Image, Instance, InstanceState, InstanceType, Meta,
+    Node, NodeState, Project,
 };
 
-use crate::command::{Command, CommandEnvelope, CommandOutput, CommandResult, InstanceAction, COMMAND_FORMAT_VERSION};
+use crate::command::{
+    Command, CommandEnvelope, CommandOutput, CommandResult, InstanceAction, COMMAND_FORMAT_VERSION,
+};
 use crate::network;
 
 /// How many events are kept.
@@ -43,6 +45,9 @@ pub struct StateMachine {
     /// Scheduling policy.
     #[serde(default)]
     pub policy: PolicyConfig,
+    /// Node address pool and bridge.
+    #[serde(default)]
+    pub network: NetworkSettings,
     /// Per node: the revision at which its assignments last changed (agents long-poll on it).
     #[serde(default)]
     pub assignment_revisions: BTreeMap<String, u64>,
@@ -53,6 +58,24 @@ pub struct StateMachine {
 pub struct PolicyConfig {
     /// The policy.
     pub scheduler: Option<SchedulerPolicy>,
+}
+
+/// Cluster network settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkSettings {
+    /// Pool node subnets (/24 each) are carved from; a /16.
+    pub pool: String,
+    /// Node-local bridge name.
+    pub bridge: String,
+}
+
+impl Default for NetworkSettings {
+    fn default() -> Self {
+        Self {
+            pool: network::DEFAULT_POOL.into(),
+            bridge: network::DEFAULT_BRIDGE.into(),
+        }
+    }
 }
 
 /// Serializable mirror of [`nimbus_scheduler::Policy`].
@@ -79,7 +102,10 @@ fn check_version(m: &Meta, expected: Option<u64>) -> Result<(), ApiError> {
     match expected {
         Some(v) if v != m.version => Err(ApiError {
             code: ErrorCode::VersionConflict,
-            message: format!("{} has version {}, not {v}; re-read it and retry", m.name, m.version),
+            message: format!(
+                "{} has version {}, not {v}; re-read it and retry",
+                m.name, m.version
+            ),
             field: Some("version".into()),
         }),
         _ => Ok(()),
@@ -102,13 +128,40 @@ impl StateMachine {
         }
         match &env.command {
             Command::Noop => Ok(CommandOutput::None),
-            Command::CreateProject { name, description } => self.create_project(env, name, description),
+            Command::ConfigureNetwork { pool, bridge } => {
+                let want = NetworkSettings {
+                    pool: pool.clone(),
+                    bridge: bridge.clone(),
+                };
+                if self.network == want {
+                    return Ok(CommandOutput::None);
+                }
+                network::validate_pool(pool)?;
+                network::validate_bridge(bridge)?;
+                if !self.nodes.is_empty() {
+                    return Err(ApiError::conflict(
+                        "the node address pool cannot change once nodes are registered",
+                    ));
+                }
+                self.network = want;
+                Ok(CommandOutput::None)
+            }
+            Command::CreateProject { name, description } => {
+                self.create_project(env, name, description)
+            }
             Command::DeleteProject { name } => self.delete_project(env, name),
             Command::RegisterNode(req) => self.register_node(env, req),
             Command::NodeHeartbeat { name } => self.heartbeat(env, name),
             Command::MarkNodeDown { name, reason } => self.mark_node_down(env, name, reason),
-            Command::SetNodeCordon { name, cordoned, version } => {
-                let node = self.nodes.get_mut(name).ok_or_else(|| ApiError::not_found("node", name))?;
+            Command::SetNodeCordon {
+                name,
+                cordoned,
+                version,
+            } => {
+                let node = self
+                    .nodes
+                    .get_mut(name)
+                    .ok_or_else(|| ApiError::not_found("node", name))?;
                 check_version(&node.meta, *version)?;
                 if node.cordoned != *cordoned {
                     node.cordoned = *cordoned;
@@ -128,16 +181,33 @@ impl StateMachine {
                     image.meta.created_at.clone_from(&old.meta.created_at);
                     image.meta.version = old.meta.version + 1;
                 } else {
-                    image.meta = Meta { labels: image.meta.labels.clone(), ..meta(env, &image.meta.name, "") };
+                    image.meta = Meta {
+                        labels: image.meta.labels.clone(),
+                        ..meta(env, &image.meta.name, "")
+                    };
                 }
                 image.meta.updated_at.clone_from(&env.time);
-                self.event(env, "", "image", &image.meta.name, "Imported", image.digest.clone());
+                self.event(
+                    env,
+                    "",
+                    "image",
+                    &image.meta.name,
+                    "Imported",
+                    image.digest.clone(),
+                );
                 self.images.insert(image.meta.name.clone(), image.clone());
                 Ok(CommandOutput::Image(image))
             }
             Command::DeleteImage { name } => {
-                let img = self.images.get(name).ok_or_else(|| ApiError::not_found("image", name))?;
-                if let Some(i) = self.instances.values().find(|i| i.spec.image_digest == img.digest) {
+                let img = self
+                    .images
+                    .get(name)
+                    .ok_or_else(|| ApiError::not_found("image", name))?;
+                if let Some(i) = self
+                    .instances
+                    .values()
+                    .find(|i| i.spec.image_digest == img.digest)
+                {
                     return Err(ApiError::conflict(format!(
                         "image {name:?} is used by instance {}/{}",
                         i.meta.project, i.meta.name
@@ -147,10 +217,16 @@ impl StateMachine {
                 self.event(env, "", "image", name, "Deleted", String::new());
                 Ok(CommandOutput::None)
             }
-            Command::CreateInstance { instance, idempotency_key } => self.create_instance(env, instance, idempotency_key.as_deref()),
-            Command::SetInstanceDesired { project, name, action, version } => {
-                self.set_desired(env, project, name, *action, *version)
-            }
+            Command::CreateInstance {
+                instance,
+                idempotency_key,
+            } => self.create_instance(env, instance, idempotency_key.as_deref()),
+            Command::SetInstanceDesired {
+                project,
+                name,
+                action,
+                version,
+            } => self.set_desired(env, project, name, *action, *version),
             Command::ScheduleInstance { id, .. } => self.schedule_pending(env, id),
             Command::ReportStatus { node, reports } => {
                 for r in reports {
@@ -163,18 +239,23 @@ impl StateMachine {
 
     /// Finds an instance by project and name.
     pub fn instance_by_name(&self, project: &str, name: &str) -> Option<&Instance> {
-        self.instances.values().find(|i| i.meta.project == project && i.meta.name == name)
+        self.instances
+            .values()
+            .find(|i| i.meta.project == project && i.meta.name == name)
     }
 
     /// Instances assigned to a node.
     pub fn instances_on(&self, node: &str) -> impl Iterator<Item = &Instance> {
         let node = node.to_string();
-        self.instances.values().filter(move |i| i.status.node.as_deref() == Some(node.as_str()))
+        self.instances
+            .values()
+            .filter(move |i| i.status.node.as_deref() == Some(node.as_str()))
     }
 
     /// Records that the assignments of `node` changed at this revision.
     fn bump_assignments(&mut self, node: &str) {
-        self.assignment_revisions.insert(node.to_string(), self.revision);
+        self.assignment_revisions
+            .insert(node.to_string(), self.revision);
     }
 
     /// The revision at which `node`'s assignments last changed.
@@ -182,7 +263,15 @@ impl StateMachine {
         self.assignment_revisions.get(node).copied().unwrap_or(0)
     }
 
-    fn event(&mut self, env: &CommandEnvelope, project: &str, kind: &str, name: &str, reason: &str, message: String) {
+    fn event(
+        &mut self,
+        env: &CommandEnvelope,
+        project: &str,
+        kind: &str,
+        name: &str,
+        reason: &str,
+        message: String,
+    ) {
         self.next_event_seq += 1;
         self.events.push_back(Event {
             seq: self.next_event_seq,
@@ -198,12 +287,20 @@ impl StateMachine {
         }
     }
 
-    fn create_project(&mut self, env: &CommandEnvelope, name: &str, description: &str) -> CommandResult {
+    fn create_project(
+        &mut self,
+        env: &CommandEnvelope,
+        name: &str,
+        description: &str,
+    ) -> CommandResult {
         nimbus_api::validate::name("name", name)?;
         if self.projects.contains_key(name) {
             return Err(ApiError::already_exists("project", name));
         }
-        let p = Project { meta: meta(env, name, name), description: description.to_string() };
+        let p = Project {
+            meta: meta(env, name, name),
+            description: description.to_string(),
+        };
         self.projects.insert(name.to_string(), p.clone());
         self.event(env, name, "project", name, "Created", String::new());
         Ok(CommandOutput::Project(p))
@@ -216,23 +313,35 @@ impl StateMachine {
         if name == "default" {
             return Err(ApiError::conflict("the default project cannot be deleted"));
         }
-        let n = self.instances.values().filter(|i| i.meta.project == name).count();
+        let n = self
+            .instances
+            .values()
+            .filter(|i| i.meta.project == name)
+            .count();
         if n > 0 {
-            return Err(ApiError::conflict(format!("project {name:?} still has {n} instance(s); delete them first")));
+            return Err(ApiError::conflict(format!(
+                "project {name:?} still has {n} instance(s); delete them first"
+            )));
         }
         self.projects.remove(name);
         self.event(env, name, "project", name, "Deleted", String::new());
         Ok(CommandOutput::None)
     }
 
-    fn register_node(&mut self, env: &CommandEnvelope, req: &nimbus_api::agent::RegisterNodeRequest) -> CommandResult {
+    fn register_node(
+        &mut self,
+        env: &CommandEnvelope,
+        req: &nimbus_api::agent::RegisterNodeRequest,
+    ) -> CommandResult {
         nimbus_api::validate::name("name", &req.name)?;
         let subnet = match self.nodes.get(&req.name) {
             Some(n) => n.subnet.clone(),
             None => {
-                let used: BTreeSet<String> = self.nodes.values().map(|n| n.subnet.clone()).collect();
-                network::free_node_subnet(&used)
-                    .ok_or_else(|| ApiError::conflict("the node subnet pool is exhausted (250 nodes)"))?
+                let used: BTreeSet<String> =
+                    self.nodes.values().map(|n| n.subnet.clone()).collect();
+                network::free_node_subnet(&self.network.pool, &used).ok_or_else(|| {
+                    ApiError::conflict("the node subnet pool is exhausted (250 nodes)")
+                })?
             }
         };
         let existed = self.nodes.get(&req.name).cloned();
@@ -254,16 +363,33 @@ impl StateMachine {
             node.meta.created_at = old.meta.created_at;
             node.meta.version = old.meta.version + 1;
             node.cordoned = old.cordoned;
-            self.event(env, "", "node", &req.name, "Registered", format!("agent at {} re-registered", req.agent_url));
+            self.event(
+                env,
+                "",
+                "node",
+                &req.name,
+                "Registered",
+                format!("agent at {} re-registered", req.agent_url),
+            );
         } else {
-            self.event(env, "", "node", &req.name, "Registered", format!("agent at {}", req.agent_url));
+            self.event(
+                env,
+                "",
+                "node",
+                &req.name,
+                "Registered",
+                format!("agent at {}", req.agent_url),
+            );
         }
         self.nodes.insert(req.name.clone(), node.clone());
         Ok(CommandOutput::Node(node))
     }
 
     fn heartbeat(&mut self, env: &CommandEnvelope, name: &str) -> CommandResult {
-        let node = self.nodes.get_mut(name).ok_or_else(|| ApiError::not_found("node", name))?;
+        let node = self
+            .nodes
+            .get_mut(name)
+            .ok_or_else(|| ApiError::not_found("node", name))?;
         node.last_heartbeat.clone_from(&env.time);
         if node.state == NodeState::Down {
             node.state = NodeState::Ready;
@@ -274,7 +400,10 @@ impl StateMachine {
     }
 
     fn mark_node_down(&mut self, env: &CommandEnvelope, name: &str, reason: &str) -> CommandResult {
-        let node = self.nodes.get_mut(name).ok_or_else(|| ApiError::not_found("node", name))?;
+        let node = self
+            .nodes
+            .get_mut(name)
+            .ok_or_else(|| ApiError::not_found("node", name))?;
         if node.state == NodeState::Down {
             return Ok(CommandOutput::None);
         }
@@ -284,18 +413,33 @@ impl StateMachine {
         let ids: Vec<String> = self.instances_on(name).map(|i| i.meta.id.clone()).collect();
         for id in ids {
             let i = self.instances.get_mut(&id).expect("listed above");
-            if matches!(i.status.state, InstanceState::Running | InstanceState::Starting | InstanceState::Scheduled) {
+            if matches!(
+                i.status.state,
+                InstanceState::Running | InstanceState::Starting | InstanceState::Scheduled
+            ) {
                 i.status.state = InstanceState::Failed;
                 i.status.message = format!("node {name} is down");
                 touch(&mut i.meta, env);
                 let (p, n) = (i.meta.project.clone(), i.meta.name.clone());
-                self.event(env, &p, "instance", &n, "NodeDown", format!("node {name} is down"));
+                self.event(
+                    env,
+                    &p,
+                    "instance",
+                    &n,
+                    "NodeDown",
+                    format!("node {name} is down"),
+                );
             }
         }
         Ok(CommandOutput::None)
     }
 
-    fn create_instance(&mut self, env: &CommandEnvelope, proposed: &Instance, key: Option<&str>) -> CommandResult {
+    fn create_instance(
+        &mut self,
+        env: &CommandEnvelope,
+        proposed: &Instance,
+        key: Option<&str>,
+    ) -> CommandResult {
         let project = proposed.meta.project.clone();
         let name = proposed.meta.name.clone();
         if !self.projects.contains_key(&project) {
@@ -318,22 +462,51 @@ impl StateMachine {
         if self.instance_by_name(&project, &name).is_some() {
             return Err(ApiError::already_exists("instance", &name));
         }
-        if !self.images.values().any(|i| i.digest == proposed.spec.image_digest) {
-            return Err(ApiError::invalid("image", format!("image {:?} not found", proposed.spec.image)));
+        if !self
+            .images
+            .values()
+            .any(|i| i.digest == proposed.spec.image_digest)
+        {
+            return Err(ApiError::invalid(
+                "image",
+                format!("image {:?} not found", proposed.spec.image),
+            ));
         }
         let mut inst = proposed.clone();
-        inst.meta = Meta { labels: proposed.meta.labels.clone(), ..meta(env, &name, &project) };
+        inst.meta = Meta {
+            labels: proposed.meta.labels.clone(),
+            ..meta(env, &name, &project)
+        };
         inst.status = nimbus_api::InstanceStatus::default();
         let node = self.place(&inst)?;
         self.assign(env, &mut inst, &node)?;
         let id = inst.meta.id.clone();
         if let Some(key) = key {
-            self.idempotency.insert(format!("{project}/{key}"), id.clone());
+            self.idempotency
+                .insert(format!("{project}/{key}"), id.clone());
         }
         self.instances.insert(id, inst.clone());
         self.bump_assignments(&node);
-        self.event(env, &project, "instance", &name, "Created", format!("{} from image {}", inst.spec.instance_type.as_str(), inst.spec.image));
-        self.event(env, &project, "instance", &name, "Scheduled", format!("placed on node {node}"));
+        self.event(
+            env,
+            &project,
+            "instance",
+            &name,
+            "Created",
+            format!(
+                "{} from image {}",
+                inst.spec.instance_type.as_str(),
+                inst.spec.image
+            ),
+        );
+        self.event(
+            env,
+            &project,
+            "instance",
+            &name,
+            "Scheduled",
+            format!("placed on node {node}"),
+        );
         Ok(CommandOutput::Instance(Box::new(inst)))
     }
 
@@ -342,24 +515,43 @@ impl StateMachine {
         let views = crate::placement::node_views(self, Some(&inst.meta.id));
         let req = crate::placement::request(inst);
         let policy = self.policy.scheduler.unwrap_or_default();
-        nimbus_scheduler::place(&views, &req, &policy).map(|n| n.name.clone()).map_err(|u| {
-            let mut msg = u.to_string();
-            if inst.spec.instance_type == InstanceType::Vm && u.reasons.len() == 1 && u.reasons.contains_key(&nimbus_scheduler::Reason::NoVmSupport) {
-                msg = format!("no node can run VMs: {msg}");
-            }
-            ApiError { code: ErrorCode::Unschedulable, message: msg, field: None }
-        })
+        nimbus_scheduler::place(&views, &req, &policy)
+            .map(|n| n.name.clone())
+            .map_err(|u| {
+                let mut msg = u.to_string();
+                if inst.spec.instance_type == InstanceType::Vm
+                    && u.reasons.len() == 1
+                    && u.reasons
+                        .contains_key(&nimbus_scheduler::Reason::NoVmSupport)
+                {
+                    msg = format!("no node can run VMs: {msg}");
+                }
+                ApiError {
+                    code: ErrorCode::Unschedulable,
+                    message: msg,
+                    field: None,
+                }
+            })
     }
 
-    fn assign(&self, env: &CommandEnvelope, inst: &mut Instance, node: &str) -> Result<(), ApiError> {
+    fn assign(
+        &self,
+        env: &CommandEnvelope,
+        inst: &mut Instance,
+        node: &str,
+    ) -> Result<(), ApiError> {
         let n = &self.nodes[node];
         let used: BTreeSet<String> = self
             .instances_on(node)
             .filter(|i| i.meta.id != inst.meta.id)
             .filter_map(|i| i.status.ip.clone())
             .collect();
-        let ip = network::free_ip(&n.subnet, &used)
-            .ok_or_else(|| ApiError::new(ErrorCode::Unschedulable, format!("node {node} has no free address in {}", n.subnet)))?;
+        let ip = network::free_ip(&n.subnet, &used).ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::Unschedulable,
+                format!("node {node} has no free address in {}", n.subnet),
+            )
+        })?;
         inst.status.node = Some(node.to_string());
         inst.status.ip = Some(ip);
         inst.status.generation += 1;
@@ -371,7 +563,11 @@ impl StateMachine {
     }
 
     fn schedule_pending(&mut self, env: &CommandEnvelope, id: &str) -> CommandResult {
-        let inst = self.instances.get(id).ok_or_else(|| ApiError::not_found("instance", id))?.clone();
+        let inst = self
+            .instances
+            .get(id)
+            .ok_or_else(|| ApiError::not_found("instance", id))?
+            .clone();
         if inst.spec.desired == DesiredState::Deleted {
             return Ok(CommandOutput::Instance(Box::new(inst)));
         }
@@ -382,7 +578,14 @@ impl StateMachine {
         let (p, n) = (inst.meta.project.clone(), inst.meta.name.clone());
         self.instances.insert(id.to_string(), inst.clone());
         self.bump_assignments(&node);
-        self.event(env, &p, "instance", &n, "Scheduled", format!("placed on node {node}"));
+        self.event(
+            env,
+            &p,
+            "instance",
+            &n,
+            "Scheduled",
+            format!("placed on node {node}"),
+        );
         Ok(CommandOutput::Instance(Box::new(inst)))
     }
 
@@ -401,7 +604,10 @@ impl StateMachine {
         let node_down = {
             let i = &self.instances[&id];
             check_version(&i.meta, version)?;
-            i.status.node.as_ref().is_none_or(|n| self.nodes.get(n).is_none_or(|n| n.state == NodeState::Down))
+            i.status
+                .node
+                .as_ref()
+                .is_none_or(|n| self.nodes.get(n).is_none_or(|n| n.state == NodeState::Down))
         };
         let i = self.instances.get_mut(&id).expect("found above");
         if i.spec.desired == DesiredState::Deleted {
@@ -410,7 +616,10 @@ impl StateMachine {
         let reason = match action {
             InstanceAction::Start => {
                 i.spec.desired = DesiredState::Running;
-                if matches!(i.status.state, InstanceState::Stopped | InstanceState::Failed | InstanceState::Stopping) {
+                if matches!(
+                    i.status.state,
+                    InstanceState::Stopped | InstanceState::Failed | InstanceState::Stopping
+                ) {
                     // The nonce tells the agent to start it even if its policy would not.
                     i.spec.restart_nonce += 1;
                     i.status.state = InstanceState::Starting;
@@ -420,7 +629,10 @@ impl StateMachine {
             }
             InstanceAction::Stop => {
                 i.spec.desired = DesiredState::Stopped;
-                if matches!(i.status.state, InstanceState::Running | InstanceState::Starting | InstanceState::Scheduled) {
+                if matches!(
+                    i.status.state,
+                    InstanceState::Running | InstanceState::Starting | InstanceState::Scheduled
+                ) {
                     i.status.state = InstanceState::Stopping;
                 }
                 "StopRequested"
@@ -428,7 +640,10 @@ impl StateMachine {
             InstanceAction::Restart => {
                 i.spec.desired = DesiredState::Running;
                 i.spec.restart_nonce += 1;
-                if matches!(i.status.state, InstanceState::Stopped | InstanceState::Failed) {
+                if matches!(
+                    i.status.state,
+                    InstanceState::Stopped | InstanceState::Failed
+                ) {
                     i.status.state = InstanceState::Starting;
                 }
                 "RestartRequested"
@@ -448,13 +663,22 @@ impl StateMachine {
         if action == InstanceAction::Delete && node_down {
             // Nothing runs it (never placed, or its node is gone): remove it now.
             self.instances.remove(&id);
-            self.event(env, project, "instance", name, "Deleted", "no live node held it".into());
+            self.event(
+                env,
+                project,
+                "instance",
+                name,
+                "Deleted",
+                "no live node held it".into(),
+            );
         }
         Ok(CommandOutput::Instance(Box::new(out)))
     }
 
     fn apply_report(&mut self, env: &CommandEnvelope, node: &str, r: &InstanceReport) {
-        let Some(i) = self.instances.get_mut(&r.id) else { return };
+        let Some(i) = self.instances.get_mut(&r.id) else {
+            return;
+        };
         // Fencing: only the node holding the current generation may report.
         if i.status.node.as_deref() != Some(node) || i.status.generation != r.generation {
             return;
@@ -480,7 +704,9 @@ impl StateMachine {
         if r.accelerator.is_some() {
             i.status.accelerator.clone_from(&r.accelerator);
         }
-        if r.state == InstanceState::Running && (before.state != InstanceState::Running || before.pid != r.pid) {
+        if r.state == InstanceState::Running
+            && (before.state != InstanceState::Running || before.pid != r.pid)
+        {
             i.status.started_at = Some(env.time.clone());
         }
         if i.status == before {
@@ -499,8 +725,15 @@ impl StateMachine {
             };
             let mut msg = r.message.clone();
             if let Some(code) = r.exit_code {
-                if matches!(i.status.state, InstanceState::Stopped | InstanceState::Failed) {
-                    msg = if msg.is_empty() { format!("exit code {code}") } else { format!("{msg} (exit code {code})") };
+                if matches!(
+                    i.status.state,
+                    InstanceState::Stopped | InstanceState::Failed
+                ) {
+                    msg = if msg.is_empty() {
+                        format!("exit code {code}")
+                    } else {
+                        format!("{msg} (exit code {code})")
+                    };
                 }
             }
             self.event(env, &project, "instance", &name, reason, msg);

@@ -4,11 +4,13 @@ use std::collections::BTreeMap;
 
 use nimbus_api::agent::{InstanceReport, RegisterNodeRequest};
 use nimbus_api::{
-    Capacity, DesiredState, ErrorCode, Image, Instance, InstanceSpec, InstanceState, InstanceStatus, InstanceType,
-    Meta, NodeCapabilities, RestartPolicy,
+    Capacity, DesiredState, ErrorCode, Image, Instance, InstanceSpec, InstanceState,
+    InstanceStatus, InstanceType, Meta, NodeCapabilities, RestartPolicy,
 };
 
-use crate::{Command, CommandEnvelope, CommandOutput, InstanceAction, StateMachine, COMMAND_FORMAT_VERSION};
+use crate::{
+    Command, CommandEnvelope, CommandOutput, InstanceAction, StateMachine, COMMAND_FORMAT_VERSION,
+};
 
 struct H {
     sm: StateMachine,
@@ -17,14 +19,25 @@ struct H {
 
 impl H {
     fn new() -> Self {
-        let mut h = Self { sm: StateMachine::default(), index: 0 };
-        h.ok(Command::CreateProject { name: "default".into(), description: String::new() });
+        let mut h = Self {
+            sm: StateMachine::default(),
+            index: 0,
+        };
+        h.ok(Command::CreateProject {
+            name: "default".into(),
+            description: String::new(),
+        });
         h.ok(Command::PutImage(image("busybox", "sha256:aa")));
         h
     }
     fn run(&mut self, c: Command) -> crate::CommandResult {
         self.index += 1;
-        let env = CommandEnvelope { format: COMMAND_FORMAT_VERSION, time: format!("2026-01-01T00:00:{:02}Z", self.index % 60), new_id: format!("id-{}", self.index), command: c };
+        let env = CommandEnvelope {
+            format: COMMAND_FORMAT_VERSION,
+            time: format!("2026-01-01T00:00:{:02}Z", self.index % 60),
+            new_id: format!("id-{}", self.index),
+            command: c,
+        };
         self.sm.apply(self.index, &env)
     }
     fn ok(&mut self, c: Command) -> CommandOutput {
@@ -42,21 +55,40 @@ impl H {
         self.ok(Command::RegisterNode(RegisterNodeRequest {
             name: name.into(),
             agent_url: "http://127.0.0.1:1".into(),
-            capacity: Capacity { cpu_millis: 2000, memory_bytes: 4 << 30, disk_bytes: 100 << 30 },
-            capabilities: NodeCapabilities { containers: true, vms, ..Default::default() },
+            capacity: Capacity {
+                cpu_millis: 2000,
+                memory_bytes: 4 << 30,
+                disk_bytes: 100 << 30,
+            },
+            capabilities: NodeCapabilities {
+                containers: true,
+                vms,
+                ..Default::default()
+            },
             zone: String::new(),
             labels: BTreeMap::new(),
             agent_version: "test".into(),
         }));
     }
     fn create(&mut self, name: &str, mem: u64, key: Option<&str>) -> crate::CommandResult {
-        self.run(Command::CreateInstance { instance: Box::new(instance(name, mem)), idempotency_key: key.map(String::from) })
+        self.run(Command::CreateInstance {
+            instance: Box::new(instance(name, mem)),
+            idempotency_key: key.map(String::from),
+        })
     }
 }
 
 fn image(name: &str, digest: &str) -> Image {
     Image {
-        meta: Meta { id: String::new(), name: name.into(), project: String::new(), version: 0, created_at: String::new(), updated_at: String::new(), labels: BTreeMap::new() },
+        meta: Meta {
+            id: String::new(),
+            name: name.into(),
+            project: String::new(),
+            version: 0,
+            created_at: String::new(),
+            updated_at: String::new(),
+            labels: BTreeMap::new(),
+        },
         digest: digest.into(),
         layers: vec![],
         size_bytes: 1,
@@ -68,7 +100,15 @@ fn image(name: &str, digest: &str) -> Image {
 
 fn instance(name: &str, mem: u64) -> Instance {
     Instance {
-        meta: Meta { id: String::new(), name: name.into(), project: "default".into(), version: 0, created_at: String::new(), updated_at: String::new(), labels: BTreeMap::new() },
+        meta: Meta {
+            id: String::new(),
+            name: name.into(),
+            project: "default".into(),
+            version: 0,
+            created_at: String::new(),
+            updated_at: String::new(),
+            labels: BTreeMap::new(),
+        },
         spec: InstanceSpec {
             instance_type: InstanceType::Container,
             image: "busybox".into(),
@@ -113,25 +153,56 @@ fn create_places_and_allocates_unique_ips() {
 #[test]
 fn bad_creates_change_nothing() {
     let mut h = H::new();
-    let e = h.err(Command::CreateInstance { instance: Box::new(instance("a", 1 << 30)), idempotency_key: None });
+    let e = h.err(Command::CreateInstance {
+        instance: Box::new(instance("a", 1 << 30)),
+        idempotency_key: None,
+    });
     assert_eq!(e.code, ErrorCode::Unschedulable);
     assert!(e.message.contains("0 of 0 nodes"), "{}", e.message);
     h.node("n1", false);
     h.create("a", 1 << 30, None).unwrap();
-    assert_eq!(h.err(Command::CreateInstance { instance: Box::new(instance("a", 1 << 30)), idempotency_key: None }).code, ErrorCode::AlreadyExists);
-    let e = h.err(Command::CreateInstance { instance: Box::new(instance("big", 8 << 30)), idempotency_key: None });
+    assert_eq!(
+        h.err(Command::CreateInstance {
+            instance: Box::new(instance("a", 1 << 30)),
+            idempotency_key: None
+        })
+        .code,
+        ErrorCode::AlreadyExists
+    );
+    let e = h.err(Command::CreateInstance {
+        instance: Box::new(instance("big", 8 << 30)),
+        idempotency_key: None,
+    });
     assert_eq!(e.code, ErrorCode::Unschedulable);
     assert!(e.message.contains("1 insufficient memory"), "{}", e.message);
     let mut bad = instance("x", 1 << 20);
     bad.spec.image_digest = "sha256:nope".into();
-    assert_eq!(h.err(Command::CreateInstance { instance: Box::new(bad), idempotency_key: None }).field.as_deref(), Some("image"));
+    assert_eq!(
+        h.err(Command::CreateInstance {
+            instance: Box::new(bad),
+            idempotency_key: None
+        })
+        .field
+        .as_deref(),
+        Some("image")
+    );
     let mut vm = instance("vm", 1 << 30);
     vm.spec.instance_type = InstanceType::Vm;
-    let e = h.err(Command::CreateInstance { instance: Box::new(vm), idempotency_key: None });
+    let e = h.err(Command::CreateInstance {
+        instance: Box::new(vm),
+        idempotency_key: None,
+    });
     assert!(e.message.contains("no node can run VMs"), "{}", e.message);
     let mut other = instance("y", 1 << 20);
     other.meta.project = "nope".into();
-    assert_eq!(h.err(Command::CreateInstance { instance: Box::new(other), idempotency_key: None }).code, ErrorCode::NotFound);
+    assert_eq!(
+        h.err(Command::CreateInstance {
+            instance: Box::new(other),
+            idempotency_key: None
+        })
+        .code,
+        ErrorCode::NotFound
+    );
 }
 
 #[test]
@@ -142,7 +213,10 @@ fn idempotency_key_returns_the_same_instance() {
     let again = inst(h.create("a", 1 << 20, Some("k1")).unwrap());
     assert_eq!(a.meta.id, again.meta.id);
     assert_eq!(h.sm.instances.len(), 1);
-    assert_eq!(h.create("b", 1 << 20, Some("k1")).unwrap_err().code, ErrorCode::Conflict);
+    assert_eq!(
+        h.create("b", 1 << 20, Some("k1")).unwrap_err().code,
+        ErrorCode::Conflict
+    );
 }
 
 #[test]
@@ -153,30 +227,95 @@ fn lifecycle_reports_and_fencing() {
     let a = inst(h.create("a", 1 << 20, None).unwrap());
     let node = a.status.node.clone().unwrap();
     let other = if node == "n1" { "n2" } else { "n1" };
-    let report = |state, pid, generation| InstanceReport { id: a.meta.id.clone(), generation, state, pid, exit_code: None, message: String::new(), restart_count: 0, accelerator: None, deleted: false };
-    h.ok(Command::ReportStatus { node: node.clone(), reports: vec![report(InstanceState::Running, Some(42), 1)] });
-    assert_eq!(h.sm.instances[&a.meta.id].status.state, InstanceState::Running);
+    let report = |state, pid, generation| InstanceReport {
+        id: a.meta.id.clone(),
+        generation,
+        state,
+        pid,
+        exit_code: None,
+        message: String::new(),
+        restart_count: 0,
+        accelerator: None,
+        deleted: false,
+    };
+    h.ok(Command::ReportStatus {
+        node: node.clone(),
+        reports: vec![report(InstanceState::Running, Some(42), 1)],
+    });
+    assert_eq!(
+        h.sm.instances[&a.meta.id].status.state,
+        InstanceState::Running
+    );
     assert_eq!(h.sm.instances[&a.meta.id].status.pid, Some(42));
     // Stale generation and wrong node are ignored.
-    h.ok(Command::ReportStatus { node: node.clone(), reports: vec![report(InstanceState::Stopped, None, 0)] });
-    h.ok(Command::ReportStatus { node: other.into(), reports: vec![report(InstanceState::Stopped, None, 1)] });
-    assert_eq!(h.sm.instances[&a.meta.id].status.state, InstanceState::Running);
+    h.ok(Command::ReportStatus {
+        node: node.clone(),
+        reports: vec![report(InstanceState::Stopped, None, 0)],
+    });
+    h.ok(Command::ReportStatus {
+        node: other.into(),
+        reports: vec![report(InstanceState::Stopped, None, 1)],
+    });
+    assert_eq!(
+        h.sm.instances[&a.meta.id].status.state,
+        InstanceState::Running
+    );
     // Stop, version check.
     let v = h.sm.instances[&a.meta.id].meta.version;
-    let e = h.err(Command::SetInstanceDesired { project: "default".into(), name: "a".into(), action: InstanceAction::Stop, version: Some(v + 5) });
+    let e = h.err(Command::SetInstanceDesired {
+        project: "default".into(),
+        name: "a".into(),
+        action: InstanceAction::Stop,
+        version: Some(v + 5),
+    });
     assert_eq!(e.code, ErrorCode::VersionConflict);
-    h.ok(Command::SetInstanceDesired { project: "default".into(), name: "a".into(), action: InstanceAction::Stop, version: Some(v) });
-    assert_eq!(h.sm.instances[&a.meta.id].status.state, InstanceState::Stopping);
-    assert_eq!(h.sm.instances[&a.meta.id].spec.desired, DesiredState::Stopped);
+    h.ok(Command::SetInstanceDesired {
+        project: "default".into(),
+        name: "a".into(),
+        action: InstanceAction::Stop,
+        version: Some(v),
+    });
+    assert_eq!(
+        h.sm.instances[&a.meta.id].status.state,
+        InstanceState::Stopping
+    );
+    assert_eq!(
+        h.sm.instances[&a.meta.id].spec.desired,
+        DesiredState::Stopped
+    );
     // Delete waits for the agent.
-    h.ok(Command::SetInstanceDesired { project: "default".into(), name: "a".into(), action: InstanceAction::Delete, version: None });
-    assert_eq!(h.sm.instances[&a.meta.id].status.state, InstanceState::Deleting);
-    assert_eq!(h.err(Command::SetInstanceDesired { project: "default".into(), name: "a".into(), action: InstanceAction::Start, version: None }).code, ErrorCode::NotFound);
+    h.ok(Command::SetInstanceDesired {
+        project: "default".into(),
+        name: "a".into(),
+        action: InstanceAction::Delete,
+        version: None,
+    });
+    assert_eq!(
+        h.sm.instances[&a.meta.id].status.state,
+        InstanceState::Deleting
+    );
+    assert_eq!(
+        h.err(Command::SetInstanceDesired {
+            project: "default".into(),
+            name: "a".into(),
+            action: InstanceAction::Start,
+            version: None
+        })
+        .code,
+        ErrorCode::NotFound
+    );
     let mut gone = report(InstanceState::Stopped, None, 1);
     gone.deleted = true;
-    h.ok(Command::ReportStatus { node, reports: vec![gone] });
+    h.ok(Command::ReportStatus {
+        node,
+        reports: vec![gone],
+    });
     assert!(h.sm.instances.is_empty());
-    assert!(h.sm.events.iter().any(|e| e.reason == "Deleted" && e.name == "a"));
+    assert!(h
+        .sm
+        .events
+        .iter()
+        .any(|e| e.reason == "Deleted" && e.name == "a"));
 }
 
 #[test]
@@ -184,9 +323,18 @@ fn node_down_fails_its_instances_and_heartbeat_revives() {
     let mut h = H::new();
     h.node("n1", false);
     let a = inst(h.create("a", 1 << 20, None).unwrap());
-    h.ok(Command::MarkNodeDown { name: "n1".into(), reason: "missed heartbeats".into() });
-    assert_eq!(h.sm.instances[&a.meta.id].status.state, InstanceState::Failed);
-    assert_eq!(h.create("b", 1 << 20, None).unwrap_err().code, ErrorCode::Unschedulable);
+    h.ok(Command::MarkNodeDown {
+        name: "n1".into(),
+        reason: "missed heartbeats".into(),
+    });
+    assert_eq!(
+        h.sm.instances[&a.meta.id].status.state,
+        InstanceState::Failed
+    );
+    assert_eq!(
+        h.create("b", 1 << 20, None).unwrap_err().code,
+        ErrorCode::Unschedulable
+    );
     h.ok(Command::NodeHeartbeat { name: "n1".into() });
     assert_eq!(h.sm.nodes["n1"].state, nimbus_api::NodeState::Ready);
 }
@@ -194,14 +342,46 @@ fn node_down_fails_its_instances_and_heartbeat_revives() {
 #[test]
 fn projects_and_images() {
     let mut h = H::new();
-    h.ok(Command::CreateProject { name: "team".into(), description: String::new() });
-    assert_eq!(h.err(Command::CreateProject { name: "team".into(), description: String::new() }).code, ErrorCode::AlreadyExists);
-    assert_eq!(h.err(Command::CreateProject { name: "Bad_Name".into(), description: String::new() }).field.as_deref(), Some("name"));
-    assert_eq!(h.err(Command::DeleteProject { name: "default".into() }).code, ErrorCode::Conflict);
-    h.ok(Command::DeleteProject { name: "team".into() });
+    h.ok(Command::CreateProject {
+        name: "team".into(),
+        description: String::new(),
+    });
+    assert_eq!(
+        h.err(Command::CreateProject {
+            name: "team".into(),
+            description: String::new()
+        })
+        .code,
+        ErrorCode::AlreadyExists
+    );
+    assert_eq!(
+        h.err(Command::CreateProject {
+            name: "Bad_Name".into(),
+            description: String::new()
+        })
+        .field
+        .as_deref(),
+        Some("name")
+    );
+    assert_eq!(
+        h.err(Command::DeleteProject {
+            name: "default".into()
+        })
+        .code,
+        ErrorCode::Conflict
+    );
+    h.ok(Command::DeleteProject {
+        name: "team".into(),
+    });
     h.node("n1", false);
     h.create("a", 1 << 20, None).unwrap();
-    assert_eq!(h.err(Command::DeleteImage { name: "busybox".into() }).code, ErrorCode::Conflict);
+    assert_eq!(
+        h.err(Command::DeleteImage {
+            name: "busybox".into()
+        })
+        .code,
+        ErrorCode::Conflict
+    );
 }
 
 #[test]
@@ -226,7 +406,12 @@ fn snapshot_round_trip_and_determinism() {
 #[test]
 fn refuses_unknown_format() {
     let mut sm = StateMachine::default();
-    let env = CommandEnvelope { format: COMMAND_FORMAT_VERSION + 1, time: String::new(), new_id: String::new(), command: Command::Noop };
+    let env = CommandEnvelope {
+        format: COMMAND_FORMAT_VERSION + 1,
+        time: String::new(),
+        new_id: String::new(),
+        command: Command::Noop,
+    };
     let e = sm.apply(1, &env).unwrap_err();
     assert!(e.message.contains("upgrade"), "{}", e.message);
 }

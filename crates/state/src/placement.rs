@@ -18,7 +18,10 @@ pub fn resources(i: &Instance) -> Resources {
 
 /// The scheduler request for an instance.
 pub fn request(i: &Instance) -> Request {
-    Request { resources: resources(i), vm: i.spec.instance_type == InstanceType::Vm }
+    Request {
+        resources: resources(i),
+        vm: i.spec.instance_type == InstanceType::Vm,
+    }
 }
 
 /// Scheduler views of all nodes; `exclude` is an instance whose own reservation is ignored
@@ -26,7 +29,9 @@ pub fn request(i: &Instance) -> Request {
 pub fn node_views(sm: &StateMachine, exclude: Option<&str>) -> Vec<NodeView> {
     let mut alloc: BTreeMap<&str, (Resources, u32)> = BTreeMap::new();
     for i in sm.instances.values() {
-        if Some(i.meta.id.as_str()) == exclude || i.spec.desired == DesiredState::Deleted && i.status.node.is_none() {
+        if Some(i.meta.id.as_str()) == exclude
+            || i.spec.desired == DesiredState::Deleted && i.status.node.is_none()
+        {
             continue;
         }
         if let Some(n) = &i.status.node {

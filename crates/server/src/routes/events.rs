@@ -48,23 +48,30 @@ pub async fn list(State(app): State<AppState>, Query(o): Query<EventOpts>) -> Ht
         return Ok(Json(matching(&app, &o, o.after)).into_response());
     }
     let watch = app.raft.applied_watch();
-    let stream = futures::stream::unfold((app, o, watch, None::<u64>), |(app, o, mut watch, last)| async move {
-        let mut after = last.unwrap_or(o.after);
-        loop {
-            let evs = matching(&app, &o, after);
-            if !evs.is_empty() {
-                after = evs.last().map_or(after, |e| e.seq);
-                let mut buf = String::new();
-                for e in evs {
-                    buf.push_str(&serde_json::to_string(&e).unwrap_or_default());
-                    buf.push('\n');
+    let stream = futures::stream::unfold(
+        (app, o, watch, None::<u64>),
+        |(app, o, mut watch, last)| async move {
+            let mut after = last.unwrap_or(o.after);
+            loop {
+                let evs = matching(&app, &o, after);
+                if !evs.is_empty() {
+                    after = evs.last().map_or(after, |e| e.seq);
+                    let mut buf = String::new();
+                    for e in evs {
+                        buf.push_str(&serde_json::to_string(&e).unwrap_or_default());
+                        buf.push('\n');
+                    }
+                    return Some((Ok::<_, Infallible>(buf), (app, o, watch, Some(after))));
                 }
-                return Some((Ok::<_, Infallible>(buf), (app, o, watch, Some(after))));
+                if watch.changed().await.is_err() {
+                    return None;
+                }
             }
-            if watch.changed().await.is_err() {
-                return None;
-            }
-        }
-    });
-    Ok(([(axum::http::header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(stream)).into_response())
+        },
+    );
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(stream),
+    )
+        .into_response())
 }

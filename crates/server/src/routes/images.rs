@@ -58,33 +58,48 @@ pub async fn put(app: &AppState, img: &ImportedImage) -> Result<Image, ApiError>
 
 /// Import an OCI image-layout or `docker save` tarball sent as the request body.
 #[utoipa::path(post, path = "/v1/images", params(("name" = Option<String>, Query)), request_body(content = Vec<u8>, content_type = "application/x-tar"), responses((status = 201, body = Image)))]
-pub async fn import(State(app): State<AppState>, Query(o): Query<ImportOpts>, body: Body) -> HttpResult<(StatusCode, Json<Image>)> {
+pub async fn import(
+    State(app): State<AppState>,
+    Query(o): Query<ImportOpts>,
+    body: Body,
+) -> HttpResult<(StatusCode, Json<Image>)> {
     if let Some(n) = &o.name {
         nimbus_api::validate::name("name", n)?;
     }
     let tmp_dir = app.cfg.data_dir.join("tmp");
-    std::fs::create_dir_all(&tmp_dir).map_err(|e| ApiError::internal(format!("creating {}: {e}", tmp_dir.display())))?;
-    let mut tmp = tempfile::NamedTempFile::new_in(&tmp_dir).map_err(|e| ApiError::internal(format!("temp file: {e}")))?;
+    std::fs::create_dir_all(&tmp_dir)
+        .map_err(|e| ApiError::internal(format!("creating {}: {e}", tmp_dir.display())))?;
+    let mut tmp = tempfile::NamedTempFile::new_in(&tmp_dir)
+        .map_err(|e| ApiError::internal(format!("temp file: {e}")))?;
     let mut stream = body.into_data_stream();
     let mut total = 0u64;
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("reading upload: {e}")))?;
+        let chunk = chunk
+            .map_err(|e| ApiError::new(ErrorCode::BadRequest, format!("reading upload: {e}")))?;
         total += chunk.len() as u64;
         if total > MAX_IMAGE_BYTES {
-            return Err(ApiError::new(ErrorCode::PayloadTooLarge, "image tarball is over 8 GiB").into());
+            return Err(
+                ApiError::new(ErrorCode::PayloadTooLarge, "image tarball is over 8 GiB").into(),
+            );
         }
-        tmp.write_all(&chunk).map_err(|e| ApiError::internal(format!("writing upload: {e}")))?;
+        tmp.write_all(&chunk)
+            .map_err(|e| ApiError::internal(format!("writing upload: {e}")))?;
     }
     if total == 0 {
-        return Err(ApiError::new(ErrorCode::BadRequest, "empty upload: send the image tarball as the body").into());
+        return Err(ApiError::new(
+            ErrorCode::BadRequest,
+            "empty upload: send the image tarball as the body",
+        )
+        .into());
     }
     let store = app.images.clone();
     let path = tmp.path().to_path_buf();
     let name = o.name.clone();
-    let imported = tokio::task::spawn_blocking(move || store.import_tarball(&path, name.as_deref()))
-        .await
-        .map_err(|e| ApiError::internal(format!("import task: {e}")))?
-        .map_err(|e| ApiError::invalid("body", format!("not a valid image tarball: {e}")))?;
+    let imported =
+        tokio::task::spawn_blocking(move || store.import_tarball(&path, name.as_deref()))
+            .await
+            .map_err(|e| ApiError::internal(format!("import task: {e}")))?
+            .map_err(|e| ApiError::invalid("body", format!("not a valid image tarball: {e}")))?;
     drop(tmp);
     let img = put(&app, &imported).await?;
     Ok((StatusCode::CREATED, Json(img)))
@@ -101,12 +116,18 @@ pub async fn list(State(app): State<AppState>) -> HttpResult<Json<Vec<Image>>> {
 #[utoipa::path(get, path = "/v1/images/{name}", params(("name" = String, Path)), responses((status = 200, body = Image)))]
 pub async fn get(State(app): State<AppState>, Path(name): Path<String>) -> HttpResult<Json<Image>> {
     app.barrier().await?;
-    Ok(Json(app.read(|s| s.images.get(&name).cloned()).ok_or_else(|| ApiError::not_found("image", &name))?))
+    Ok(Json(
+        app.read(|s| s.images.get(&name).cloned())
+            .ok_or_else(|| ApiError::not_found("image", &name))?,
+    ))
 }
 
 /// Delete an image record (refused while instances use it).
 #[utoipa::path(delete, path = "/v1/images/{name}", params(("name" = String, Path)), responses((status = 204)))]
-pub async fn delete(State(app): State<AppState>, Path(name): Path<String>) -> HttpResult<StatusCode> {
+pub async fn delete(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+) -> HttpResult<StatusCode> {
     app.propose(Command::DeleteImage { name }).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -114,11 +135,19 @@ pub async fn delete(State(app): State<AppState>, Path(name): Path<String>) -> Ht
 /// Download a blob (agents on other machines pull layers this way).
 #[utoipa::path(get, path = "/v1/images/blobs/{digest}", params(("digest" = String, Path)), responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>)))]
 pub async fn blob(State(app): State<AppState>, Path(digest): Path<String>) -> HttpResult<Response> {
-    let valid = digest.strip_prefix("sha256:").is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()));
+    let valid = digest
+        .strip_prefix("sha256:")
+        .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()));
     if !valid || !app.images.has_blob(&digest) {
         return Err(ApiError::not_found("blob", &digest).into());
     }
-    let file = tokio::fs::File::open(app.images.blob_path(&digest)).await.map_err(|e| ApiError::internal(format!("opening blob: {e}")))?;
+    let file = tokio::fs::File::open(app.images.blob_path(&digest))
+        .await
+        .map_err(|e| ApiError::internal(format!("opening blob: {e}")))?;
     let stream = tokio_util::io::ReaderStream::new(file);
-    Ok(([(axum::http::header::CONTENT_TYPE, "application/octet-stream")], Body::from_stream(stream)).into_response())
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/octet-stream")],
+        Body::from_stream(stream),
+    )
+        .into_response())
 }

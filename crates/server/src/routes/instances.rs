@@ -6,8 +6,8 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use nimbus_api::{
-    validate, ApiError, CreateInstanceRequest, DesiredState, ErrorCode, ExecRequest, ExecResponse, Instance,
-    InstanceActionRequest, InstanceSpec, InstanceStatus, InstanceType, Meta,
+    validate, ApiError, CreateInstanceRequest, DesiredState, ErrorCode, ExecRequest, ExecResponse,
+    Instance, InstanceActionRequest, InstanceSpec, InstanceStatus, InstanceType, Meta,
 };
 use nimbus_state::{Command, CommandOutput, InstanceAction};
 use serde::Deserialize;
@@ -18,7 +18,9 @@ use crate::error::{ApiJson, HttpResult};
 fn instance(out: CommandOutput) -> Result<Instance, ApiError> {
     match out {
         CommandOutput::Instance(i) => Ok(*i),
-        other => Err(ApiError::internal(format!("unexpected command output {other:?}"))),
+        other => Err(ApiError::internal(format!(
+            "unexpected command output {other:?}"
+        ))),
     }
 }
 
@@ -50,19 +52,47 @@ pub async fn create(
 ) -> HttpResult<(StatusCode, Json<Instance>)> {
     check_project(&app, &project)?;
     let v = validate::create_instance(&req)?;
-    let key = headers.get("idempotency-key").map(|h| h.to_str().map(str::to_string)).transpose().map_err(|_| {
-        ApiError::new(ErrorCode::BadRequest, "Idempotency-Key must be printable ASCII").with_field("Idempotency-Key")
-    })?;
+    let key = headers
+        .get("idempotency-key")
+        .map(|h| h.to_str().map(str::to_string))
+        .transpose()
+        .map_err(|_| {
+            ApiError::new(
+                ErrorCode::BadRequest,
+                "Idempotency-Key must be printable ASCII",
+            )
+            .with_field("Idempotency-Key")
+        })?;
     if key.as_ref().is_some_and(|k| k.is_empty() || k.len() > 255) {
-        return Err(ApiError::new(ErrorCode::BadRequest, "Idempotency-Key must be 1-255 characters").with_field("Idempotency-Key").into());
+        return Err(ApiError::new(
+            ErrorCode::BadRequest,
+            "Idempotency-Key must be 1-255 characters",
+        )
+        .with_field("Idempotency-Key")
+        .into());
     }
     let image = app
-        .read(|s| s.images.get(&req.image).cloned().or_else(|| s.images.values().find(|i| i.digest == req.image).cloned()))
-        .ok_or_else(|| ApiError::invalid("image", format!("image {:?} not found; see `nimbus image list`", req.image)))?;
+        .read(|s| {
+            s.images
+                .get(&req.image)
+                .cloned()
+                .or_else(|| s.images.values().find(|i| i.digest == req.image).cloned())
+        })
+        .ok_or_else(|| {
+            ApiError::invalid(
+                "image",
+                format!("image {:?} not found; see `nimbus image list`", req.image),
+            )
+        })?;
     if req.instance_type == InstanceType::Vm && v.disk_bytes < image.size_bytes {
         return Err(ApiError::invalid(
             "disk",
-            format!("disk {} is smaller than image {} ({})", validate::format_size(v.disk_bytes), image.meta.name, validate::format_size(image.size_bytes)),
+            format!(
+                "disk {} is smaller than image {} ({})",
+                validate::format_size(v.disk_bytes),
+                image.meta.name,
+                validate::format_size(image.size_bytes)
+            ),
         )
         .into());
     }
@@ -89,30 +119,52 @@ pub async fn create(
             pids_limit: v.pids_limit,
             user_data: req.user_data.clone(),
             ssh_keys: req.ssh_keys.clone(),
-            desired: if req.start.unwrap_or(true) { DesiredState::Running } else { DesiredState::Stopped },
+            desired: if req.start.unwrap_or(true) {
+                DesiredState::Running
+            } else {
+                DesiredState::Stopped
+            },
             restart_nonce: 0,
         },
         status: InstanceStatus::default(),
     };
-    let out = app.propose(Command::CreateInstance { instance: Box::new(inst), idempotency_key: key }).await?;
+    let out = app
+        .propose(Command::CreateInstance {
+            instance: Box::new(inst),
+            idempotency_key: key,
+        })
+        .await?;
     Ok((StatusCode::CREATED, Json(instance(out)?)))
 }
 
 /// List instances.
 #[utoipa::path(get, path = "/v1/projects/{project}/instances", params(("project" = String, Path)), responses((status = 200, body = [Instance])))]
-pub async fn list(State(app): State<AppState>, Path(project): Path<String>, Query(o): Query<ReadOpts>) -> HttpResult<Json<Vec<Instance>>> {
+pub async fn list(
+    State(app): State<AppState>,
+    Path(project): Path<String>,
+    Query(o): Query<ReadOpts>,
+) -> HttpResult<Json<Vec<Instance>>> {
     if !o.stale {
         app.barrier().await?;
     }
     check_project(&app, &project)?;
-    let mut v: Vec<Instance> = app.read(|s| s.instances.values().filter(|i| i.meta.project == project).cloned().collect());
+    let mut v: Vec<Instance> = app.read(|s| {
+        s.instances
+            .values()
+            .filter(|i| i.meta.project == project)
+            .cloned()
+            .collect()
+    });
     v.sort_by(|a, b| a.meta.name.cmp(&b.meta.name));
     Ok(Json(v))
 }
 
 /// Get one instance.
 #[utoipa::path(get, path = "/v1/projects/{project}/instances/{name}", params(("project" = String, Path), ("name" = String, Path)), responses((status = 200, body = Instance), (status = 404, body = nimbus_api::ErrorBody)))]
-pub async fn get(State(app): State<AppState>, Path((project, name)): Path<(String, String)>) -> HttpResult<Json<Instance>> {
+pub async fn get(
+    State(app): State<AppState>,
+    Path((project, name)): Path<(String, String)>,
+) -> HttpResult<Json<Instance>> {
     app.barrier().await?;
     Ok(Json(find(&app, &project, &name)?))
 }
@@ -120,7 +172,8 @@ pub async fn get(State(app): State<AppState>, Path((project, name)): Path<(Strin
 /// Finds an instance or 404.
 pub fn find(app: &AppState, project: &str, name: &str) -> Result<Instance, ApiError> {
     check_project(app, project)?;
-    app.read(|s| s.instance_by_name(project, name).cloned()).ok_or_else(|| ApiError::not_found("instance", name))
+    app.read(|s| s.instance_by_name(project, name).cloned())
+        .ok_or_else(|| ApiError::not_found("instance", name))
 }
 
 fn optional_body(body: &[u8]) -> Result<Option<InstanceActionRequest>, ApiError> {
@@ -129,52 +182,97 @@ fn optional_body(body: &[u8]) -> Result<Option<InstanceActionRequest>, ApiError>
     }
     serde_json::from_slice(body).map(Some).map_err(|e| {
         let msg = e.to_string();
-        let field = msg.split("unknown field `").nth(1).and_then(|s| s.split('`').next()).map(String::from);
-        ApiError { code: ErrorCode::BadRequest, message: format!("invalid JSON body: {msg}"), field }
+        let field = msg
+            .split("unknown field `")
+            .nth(1)
+            .and_then(|s| s.split('`').next())
+            .map(String::from);
+        ApiError {
+            code: ErrorCode::BadRequest,
+            message: format!("invalid JSON body: {msg}"),
+            field,
+        }
     })
 }
 
-async fn action(app: AppState, project: String, name: String, action: InstanceAction, body: Option<InstanceActionRequest>) -> HttpResult<Json<Instance>> {
+async fn action(
+    app: AppState,
+    project: String,
+    name: String,
+    action: InstanceAction,
+    body: Option<InstanceActionRequest>,
+) -> HttpResult<Json<Instance>> {
     check_project(&app, &project)?;
     let version = body.and_then(|b| b.version);
-    let out = app.propose(Command::SetInstanceDesired { project, name, action, version }).await?;
+    let out = app
+        .propose(Command::SetInstanceDesired {
+            project,
+            name,
+            action,
+            version,
+        })
+        .await?;
     Ok(Json(instance(out)?))
 }
 
 /// Start.
 #[utoipa::path(post, path = "/v1/projects/{project}/instances/{name}/start", params(("project" = String, Path), ("name" = String, Path)), responses((status = 200, body = Instance)))]
-pub async fn start(State(app): State<AppState>, Path((p, n)): Path<(String, String)>, body: axum::body::Bytes) -> HttpResult<Json<Instance>> {
+pub async fn start(
+    State(app): State<AppState>,
+    Path((p, n)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> HttpResult<Json<Instance>> {
     action(app, p, n, InstanceAction::Start, optional_body(&body)?).await
 }
 
 /// Stop.
 #[utoipa::path(post, path = "/v1/projects/{project}/instances/{name}/stop", params(("project" = String, Path), ("name" = String, Path)), responses((status = 200, body = Instance)))]
-pub async fn stop(State(app): State<AppState>, Path((p, n)): Path<(String, String)>, body: axum::body::Bytes) -> HttpResult<Json<Instance>> {
+pub async fn stop(
+    State(app): State<AppState>,
+    Path((p, n)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> HttpResult<Json<Instance>> {
     action(app, p, n, InstanceAction::Stop, optional_body(&body)?).await
 }
 
 /// Restart.
 #[utoipa::path(post, path = "/v1/projects/{project}/instances/{name}/restart", params(("project" = String, Path), ("name" = String, Path)), responses((status = 200, body = Instance)))]
-pub async fn restart(State(app): State<AppState>, Path((p, n)): Path<(String, String)>, body: axum::body::Bytes) -> HttpResult<Json<Instance>> {
+pub async fn restart(
+    State(app): State<AppState>,
+    Path((p, n)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> HttpResult<Json<Instance>> {
     action(app, p, n, InstanceAction::Restart, optional_body(&body)?).await
 }
 
 /// Delete (asynchronous: the instance shows `deleting` until its node confirms).
 #[utoipa::path(delete, path = "/v1/projects/{project}/instances/{name}", params(("project" = String, Path), ("name" = String, Path)), responses((status = 202, body = Instance)))]
-pub async fn delete(State(app): State<AppState>, Path((p, n)): Path<(String, String)>) -> HttpResult<(StatusCode, Json<Instance>)> {
+pub async fn delete(
+    State(app): State<AppState>,
+    Path((p, n)): Path<(String, String)>,
+) -> HttpResult<(StatusCode, Json<Instance>)> {
     let Json(i) = action(app, p, n, InstanceAction::Delete, None).await?;
     Ok((StatusCode::ACCEPTED, Json(i)))
 }
 
 fn agent_of(app: &AppState, inst: &Instance) -> Result<String, ApiError> {
-    let node = inst.status.node.clone().ok_or_else(|| ApiError::conflict(format!("instance {} is not placed on a node", inst.meta.name)))?;
+    let node = inst.status.node.clone().ok_or_else(|| {
+        ApiError::conflict(format!(
+            "instance {} is not placed on a node",
+            inst.meta.name
+        ))
+    })?;
     app.read(|s| s.nodes.get(&node).map(|n| n.agent_url.clone()))
         .ok_or_else(|| ApiError::new(ErrorCode::Unavailable, format!("node {node} is unknown")))
 }
 
 /// Run a command in a running instance.
 #[utoipa::path(post, path = "/v1/projects/{project}/instances/{name}/exec", request_body = ExecRequest, params(("project" = String, Path), ("name" = String, Path)), responses((status = 200, body = ExecResponse)))]
-pub async fn exec(State(app): State<AppState>, Path((p, n)): Path<(String, String)>, ApiJson(req): ApiJson<ExecRequest>) -> HttpResult<Json<ExecResponse>> {
+pub async fn exec(
+    State(app): State<AppState>,
+    Path((p, n)): Path<(String, String)>,
+    ApiJson(req): ApiJson<ExecRequest>,
+) -> HttpResult<Json<ExecResponse>> {
     if req.command.is_empty() {
         return Err(ApiError::invalid("command", "command must not be empty").into());
     }
@@ -183,7 +281,8 @@ pub async fn exec(State(app): State<AppState>, Path((p, n)): Path<(String, Strin
         return Err(ApiError::not_found("instance", &n).into());
     }
     let url = agent_of(&app, &inst)?;
-    let timeout = std::time::Duration::from_secs(req.timeout_secs.unwrap_or(60).clamp(1, 3600) + 10);
+    let timeout =
+        std::time::Duration::from_secs(req.timeout_secs.unwrap_or(60).clamp(1, 3600) + 10);
     let resp = app
         .http
         .post(format!("{url}/agent/v1/instances/{}/exec", inst.meta.id))
@@ -192,13 +291,23 @@ pub async fn exec(State(app): State<AppState>, Path((p, n)): Path<(String, Strin
         .json(&req)
         .send()
         .await
-        .map_err(|e| ApiError::new(ErrorCode::Unavailable, format!("node agent unreachable: {e}")))?;
+        .map_err(|e| {
+            ApiError::new(
+                ErrorCode::Unavailable,
+                format!("node agent unreachable: {e}"),
+            )
+        })?;
     Ok(forward_json(resp).await.map(Json)?)
 }
 
-async fn forward_json<T: serde::de::DeserializeOwned>(resp: reqwest::Response) -> Result<T, ApiError> {
+async fn forward_json<T: serde::de::DeserializeOwned>(
+    resp: reqwest::Response,
+) -> Result<T, ApiError> {
     if resp.status().is_success() {
-        return resp.json().await.map_err(|e| ApiError::internal(format!("bad agent answer: {e}")));
+        return resp
+            .json()
+            .await
+            .map_err(|e| ApiError::internal(format!("bad agent answer: {e}")));
     }
     match resp.json::<nimbus_api::ErrorBody>().await {
         Ok(b) => Err(b.error),
@@ -219,7 +328,11 @@ pub struct LogOpts {
 
 /// The instance's log (container stdout/stderr or VM console), optionally followed.
 #[utoipa::path(get, path = "/v1/projects/{project}/instances/{name}/logs", params(("project" = String, Path), ("name" = String, Path)), responses((status = 200, content_type = "text/plain", body = String)))]
-pub async fn logs(State(app): State<AppState>, Path((p, n)): Path<(String, String)>, Query(o): Query<LogOpts>) -> HttpResult<Response> {
+pub async fn logs(
+    State(app): State<AppState>,
+    Path((p, n)): Path<(String, String)>,
+    Query(o): Query<LogOpts>,
+) -> HttpResult<Response> {
     let inst = find(&app, &p, &n)?;
     let url = agent_of(&app, &inst)?;
     let mut req = app
@@ -230,9 +343,25 @@ pub async fn logs(State(app): State<AppState>, Path((p, n)): Path<(String, Strin
     if let Some(t) = o.tail {
         req = req.query(&[("tail", t.to_string())]);
     }
-    let resp = req.send().await.map_err(|e| ApiError::new(ErrorCode::Unavailable, format!("node agent unreachable: {e}")))?;
+    let resp = req.send().await.map_err(|e| {
+        ApiError::new(
+            ErrorCode::Unavailable,
+            format!("node agent unreachable: {e}"),
+        )
+    })?;
     if !resp.status().is_success() {
-        return Err(forward_json::<serde_json::Value>(resp).await.err().unwrap_or_else(|| ApiError::internal("agent failed")).into());
+        return Err(forward_json::<serde_json::Value>(resp)
+            .await
+            .err()
+            .unwrap_or_else(|| ApiError::internal("agent failed"))
+            .into());
     }
-    Ok(([(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")], Body::from_stream(resp.bytes_stream())).into_response())
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; charset=utf-8",
+        )],
+        Body::from_stream(resp.bytes_stream()),
+    )
+        .into_response())
 }

@@ -17,14 +17,37 @@ pub mod projects;
 /// The OpenAPI document.
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "nimbus", description = "The nimbus cloud REST API. Every route but /healthz needs `Authorization: Bearer TOKEN`."),
+    info(
+        title = "nimbus",
+        description = "The nimbus cloud REST API. Every route but /healthz needs `Authorization: Bearer TOKEN`."
+    ),
     paths(
         health,
-        projects::create, projects::list, projects::get, projects::delete,
-        instances::create, instances::list, instances::get, instances::start, instances::stop, instances::restart,
-        instances::delete, instances::exec, instances::logs,
-        nodes::register, nodes::list, nodes::get, nodes::update, nodes::heartbeat, nodes::status, nodes::assignments,
-        images::import, images::list, images::get, images::delete, images::blob,
+        projects::create,
+        projects::list,
+        projects::get,
+        projects::delete,
+        instances::create,
+        instances::list,
+        instances::get,
+        instances::start,
+        instances::stop,
+        instances::restart,
+        instances::delete,
+        instances::exec,
+        instances::logs,
+        nodes::register,
+        nodes::list,
+        nodes::get,
+        nodes::update,
+        nodes::heartbeat,
+        nodes::status,
+        nodes::assignments,
+        images::import,
+        images::list,
+        images::get,
+        images::delete,
+        images::blob,
         events::list,
     ),
     components(schemas(nimbus_api::ErrorBody, nimbus_api::ApiError, nimbus_api::ErrorCode))
@@ -34,7 +57,11 @@ pub struct ApiDoc;
 /// Liveness and leader.
 #[utoipa::path(get, path = "/healthz", responses((status = 200, body = Health)))]
 pub async fn health(State(app): State<AppState>) -> Json<Health> {
-    Json(Health { status: "ok".into(), version: env!("CARGO_PKG_VERSION").into(), leader: app.raft.leader() })
+    Json(Health {
+        status: "ok".into(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        leader: app.raft.leader(),
+    })
 }
 
 async fn openapi() -> Json<utoipa::openapi::OpenApi> {
@@ -42,7 +69,10 @@ async fn openapi() -> Json<utoipa::openapi::OpenApi> {
 }
 
 async fn not_found() -> crate::error::HttpError {
-    crate::error::HttpError(nimbus_api::ApiError::new(nimbus_api::ErrorCode::NotFound, "no such route"))
+    crate::error::HttpError(nimbus_api::ApiError::new(
+        nimbus_api::ErrorCode::NotFound,
+        "no such route",
+    ))
 }
 
 /// Builds the API router (without the Raft RPC routes).
@@ -52,14 +82,38 @@ pub fn router(app: AppState) -> Router {
         .route("/healthz", get(health))
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/projects", post(projects::create).get(projects::list))
-        .route("/v1/projects/{project}", get(projects::get).delete(projects::delete))
-        .route("/v1/projects/{project}/instances", post(instances::create).get(instances::list))
-        .route("/v1/projects/{project}/instances/{name}", get(instances::get).delete(instances::delete))
-        .route("/v1/projects/{project}/instances/{name}/start", post(instances::start))
-        .route("/v1/projects/{project}/instances/{name}/stop", post(instances::stop))
-        .route("/v1/projects/{project}/instances/{name}/restart", post(instances::restart))
-        .route("/v1/projects/{project}/instances/{name}/exec", post(instances::exec))
-        .route("/v1/projects/{project}/instances/{name}/logs", get(instances::logs))
+        .route(
+            "/v1/projects/{project}",
+            get(projects::get).delete(projects::delete),
+        )
+        .route(
+            "/v1/projects/{project}/instances",
+            post(instances::create).get(instances::list),
+        )
+        .route(
+            "/v1/projects/{project}/instances/{name}",
+            get(instances::get).delete(instances::delete),
+        )
+        .route(
+            "/v1/projects/{project}/instances/{name}/start",
+            post(instances::start),
+        )
+        .route(
+            "/v1/projects/{project}/instances/{name}/stop",
+            post(instances::stop),
+        )
+        .route(
+            "/v1/projects/{project}/instances/{name}/restart",
+            post(instances::restart),
+        )
+        .route(
+            "/v1/projects/{project}/instances/{name}/exec",
+            post(instances::exec),
+        )
+        .route(
+            "/v1/projects/{project}/instances/{name}/logs",
+            get(instances::logs),
+        )
         .route("/v1/nodes", post(nodes::register).get(nodes::list))
         .route("/v1/nodes/{name}", get(nodes::get).patch(nodes::update))
         .route("/v1/nodes/{name}/heartbeat", post(nodes::heartbeat))
@@ -76,6 +130,9 @@ pub fn router(app: AppState) -> Router {
     json_routes
         .merge(upload)
         .fallback(not_found)
-        .layer(axum::middleware::from_fn_with_state(app.clone(), crate::auth::require_token))
+        .layer(axum::middleware::from_fn_with_state(
+            app.clone(),
+            crate::auth::require_token,
+        ))
         .with_state(app)
 }

@@ -7,7 +7,8 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
 use nimbus_api::agent::{
-    Assignment, AssignmentsResponse, HeartbeatRequest, ImageRef, NetworkAttachment, RegisterNodeRequest, StatusReport,
+    Assignment, AssignmentsResponse, HeartbeatRequest, ImageRef, NetworkAttachment,
+    RegisterNodeRequest, StatusReport,
 };
 use nimbus_api::{ApiError, Node, UpdateNodeRequest};
 use nimbus_state::{network, Command, CommandOutput, StateMachine};
@@ -16,12 +17,12 @@ use serde::Deserialize;
 use crate::app::AppState;
 use crate::error::{ApiJson, HttpResult};
 
-/// Name of the node-local bridge instances attach to.
-pub const BRIDGE: &str = "nimbus0";
-
 /// Register (or re-register) a node.
 #[utoipa::path(post, path = "/v1/nodes", request_body = RegisterNodeRequest, responses((status = 200, body = Node)))]
-pub async fn register(State(app): State<AppState>, ApiJson(req): ApiJson<RegisterNodeRequest>) -> HttpResult<Json<Node>> {
+pub async fn register(
+    State(app): State<AppState>,
+    ApiJson(req): ApiJson<RegisterNodeRequest>,
+) -> HttpResult<Json<Node>> {
     match app.propose(Command::RegisterNode(req)).await? {
         CommandOutput::Node(n) => Ok(Json(n)),
         other => Err(ApiError::internal(format!("unexpected output {other:?}")).into()),
@@ -39,16 +40,30 @@ pub async fn list(State(app): State<AppState>) -> HttpResult<Json<Vec<Node>>> {
 #[utoipa::path(get, path = "/v1/nodes/{name}", params(("name" = String, Path)), responses((status = 200, body = Node)))]
 pub async fn get(State(app): State<AppState>, Path(name): Path<String>) -> HttpResult<Json<Node>> {
     app.barrier().await?;
-    Ok(Json(app.read(|s| s.nodes.get(&name).cloned()).ok_or_else(|| ApiError::not_found("node", &name))?))
+    Ok(Json(
+        app.read(|s| s.nodes.get(&name).cloned())
+            .ok_or_else(|| ApiError::not_found("node", &name))?,
+    ))
 }
 
 /// Cordon / uncordon.
 #[utoipa::path(patch, path = "/v1/nodes/{name}", request_body = UpdateNodeRequest, params(("name" = String, Path)), responses((status = 200, body = Node)))]
-pub async fn update(State(app): State<AppState>, Path(name): Path<String>, ApiJson(req): ApiJson<UpdateNodeRequest>) -> HttpResult<Json<Node>> {
+pub async fn update(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+    ApiJson(req): ApiJson<UpdateNodeRequest>,
+) -> HttpResult<Json<Node>> {
     let Some(cordoned) = req.cordoned else {
         return Err(ApiError::invalid("cordoned", "nothing to update: set cordoned").into());
     };
-    match app.propose(Command::SetNodeCordon { name, cordoned, version: req.version }).await? {
+    match app
+        .propose(Command::SetNodeCordon {
+            name,
+            cordoned,
+            version: req.version,
+        })
+        .await?
+    {
         CommandOutput::Node(n) => Ok(Json(n)),
         other => Err(ApiError::internal(format!("unexpected output {other:?}")).into()),
     }
@@ -56,19 +71,31 @@ pub async fn update(State(app): State<AppState>, Path(name): Path<String>, ApiJs
 
 /// Heartbeat.
 #[utoipa::path(post, path = "/v1/nodes/{name}/heartbeat", request_body = HeartbeatRequest, params(("name" = String, Path)), responses((status = 204)))]
-pub async fn heartbeat(State(app): State<AppState>, Path(name): Path<String>, ApiJson(_req): ApiJson<HeartbeatRequest>) -> HttpResult<StatusCode> {
+pub async fn heartbeat(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+    ApiJson(_req): ApiJson<HeartbeatRequest>,
+) -> HttpResult<StatusCode> {
     app.propose(Command::NodeHeartbeat { name }).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 /// Status reports.
 #[utoipa::path(post, path = "/v1/nodes/{name}/status", request_body = StatusReport, params(("name" = String, Path)), responses((status = 204)))]
-pub async fn status(State(app): State<AppState>, Path(name): Path<String>, ApiJson(req): ApiJson<StatusReport>) -> HttpResult<StatusCode> {
+pub async fn status(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+    ApiJson(req): ApiJson<StatusReport>,
+) -> HttpResult<StatusCode> {
     if !app.read(|s| s.nodes.contains_key(&name)) {
         return Err(ApiError::not_found("node", &name).into());
     }
     if !req.instances.is_empty() {
-        app.propose(Command::ReportStatus { node: name, reports: req.instances }).await?;
+        app.propose(Command::ReportStatus {
+            node: name,
+            reports: req.instances,
+        })
+        .await?;
     }
     Ok(StatusCode::NO_CONTENT)
 }
@@ -86,7 +113,11 @@ pub struct PollOpts {
 
 /// The node's assignments; blocks until they change past `after` or `wait` elapses.
 #[utoipa::path(get, path = "/v1/nodes/{name}/assignments", params(("name" = String, Path), ("after" = Option<u64>, Query), ("wait" = Option<u64>, Query)), responses((status = 200, body = AssignmentsResponse)))]
-pub async fn assignments(State(app): State<AppState>, Path(name): Path<String>, Query(o): Query<PollOpts>) -> HttpResult<Json<AssignmentsResponse>> {
+pub async fn assignments(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+    Query(o): Query<PollOpts>,
+) -> HttpResult<Json<AssignmentsResponse>> {
     if !app.read(|s| s.nodes.contains_key(&name)) {
         return Err(ApiError::not_found("node", &name).into());
     }
@@ -97,7 +128,10 @@ pub async fn assignments(State(app): State<AppState>, Path(name): Path<String>, 
         if rev > o.after || o.wait == Some(0) {
             break;
         }
-        if tokio::time::timeout_at(deadline, watch.changed()).await.is_err() {
+        if tokio::time::timeout_at(deadline, watch.changed())
+            .await
+            .is_err()
+        {
             break;
         }
     }
@@ -106,13 +140,22 @@ pub async fn assignments(State(app): State<AppState>, Path(name): Path<String>, 
 
 /// Builds the assignments of a node from the state.
 pub fn assignments_of(s: &StateMachine, node: &str) -> AssignmentsResponse {
-    let subnet = s.nodes.get(node).map(|n| n.subnet.clone()).unwrap_or_default();
+    let subnet = s
+        .nodes
+        .get(node)
+        .map(|n| n.subnet.clone())
+        .unwrap_or_default();
     let prefix_len = network::parse_cidr(&subnet).map_or(24, |(_, l)| l);
-    let gateway = network::gateway(&subnet).map(|g| g.to_string()).unwrap_or_default();
+    let gateway = network::gateway(&subnet)
+        .map(|g| g.to_string())
+        .unwrap_or_default();
     let assignments = s
         .instances_on(node)
         .filter_map(|i| {
-            let image = s.images.values().find(|im| im.digest == i.spec.image_digest)?;
+            let image = s
+                .images
+                .values()
+                .find(|im| im.digest == i.spec.image_digest)?;
             let ip = i.status.ip.clone()?;
             Some(Assignment {
                 id: i.meta.id.clone(),
@@ -130,9 +173,18 @@ pub fn assignments_of(s: &StateMachine, node: &str) -> AssignmentsResponse {
                     default_env: image.default_env.clone(),
                     working_dir: image.working_dir.clone(),
                 },
-                network: NetworkAttachment { bridge: BRIDGE.into(), mac: network::mac_for(&ip), ip, prefix_len, gateway: gateway.clone() },
+                network: NetworkAttachment {
+                    bridge: s.network.bridge.clone(),
+                    mac: network::mac_for(&ip),
+                    ip,
+                    prefix_len,
+                    gateway: gateway.clone(),
+                },
             })
         })
         .collect();
-    AssignmentsResponse { revision: s.assignment_revision(node), assignments }
+    AssignmentsResponse {
+        revision: s.assignment_revision(node),
+        assignments,
+    }
 }

@@ -11,9 +11,18 @@ use crate::error::{ApiJson, HttpResult};
 
 /// Create a project.
 #[utoipa::path(post, path = "/v1/projects", request_body = CreateProjectRequest, responses((status = 201, body = Project), (status = 409, body = nimbus_api::ErrorBody)))]
-pub async fn create(State(app): State<AppState>, ApiJson(req): ApiJson<CreateProjectRequest>) -> HttpResult<(StatusCode, Json<Project>)> {
+pub async fn create(
+    State(app): State<AppState>,
+    ApiJson(req): ApiJson<CreateProjectRequest>,
+) -> HttpResult<(StatusCode, Json<Project>)> {
     nimbus_api::validate::name("name", &req.name)?;
-    match app.propose(Command::CreateProject { name: req.name, description: req.description }).await? {
+    match app
+        .propose(Command::CreateProject {
+            name: req.name,
+            description: req.description,
+        })
+        .await?
+    {
         CommandOutput::Project(p) => Ok((StatusCode::CREATED, Json(p))),
         other => Err(ApiError::internal(format!("unexpected output {other:?}")).into()),
     }
@@ -28,14 +37,23 @@ pub async fn list(State(app): State<AppState>) -> HttpResult<Json<Vec<Project>>>
 
 /// Get a project.
 #[utoipa::path(get, path = "/v1/projects/{project}", params(("project" = String, Path)), responses((status = 200, body = Project)))]
-pub async fn get(State(app): State<AppState>, Path(name): Path<String>) -> HttpResult<Json<Project>> {
+pub async fn get(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+) -> HttpResult<Json<Project>> {
     app.barrier().await?;
-    Ok(Json(app.read(|s| s.projects.get(&name).cloned()).ok_or_else(|| ApiError::not_found("project", &name))?))
+    Ok(Json(
+        app.read(|s| s.projects.get(&name).cloned())
+            .ok_or_else(|| ApiError::not_found("project", &name))?,
+    ))
 }
 
 /// Delete an empty project.
 #[utoipa::path(delete, path = "/v1/projects/{project}", params(("project" = String, Path)), responses((status = 204)))]
-pub async fn delete(State(app): State<AppState>, Path(name): Path<String>) -> HttpResult<StatusCode> {
+pub async fn delete(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+) -> HttpResult<StatusCode> {
     app.propose(Command::DeleteProject { name }).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -1,0 +1,590 @@
+//! End to end: the real `nimbus` binary (`nimbus up`), real runc containers, driven through the
+//! CLI and the typed client.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::Output;
+use std::time::Duration;
+
+use nimbus_api::{CreateInstanceRequest, ErrorCode, InstanceState, RestartPolicy};
+use nimbus_client::Client;
+use nimbus_testkit::{eventually, have, require, Cloud};
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_nimbus"))
+}
+
+fn deps() -> bool {
+    require("root", nix::unistd::geteuid().is_root())
+        && require("runc", have("runc"))
+        && require("/bin/busybox", Path::new("/bin/busybox").exists())
+}
+
+fn run(cloud: &Cloud, args: &[&str]) -> Output {
+    cloud.cli().args(args).output().expect("run nimbus")
+}
+
+fn ok(cloud: &Cloud, args: &[&str]) -> String {
+    let o = run(cloud, args);
+    assert!(
+        o.status.success(),
+        "nimbus {args:?} failed: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+async fn wait_state(c: &Client, name: &str, state: InstanceState) -> nimbus_api::Instance {
+    let got = eventually(Duration::from_secs(30), || async {
+        c.get_instance(name)
+            .await
+            .ok()
+            .filter(|i| i.status.state == state)
+    })
+    .await;
+    match got {
+        Some(i) => i,
+        None => panic!(
+            "{name} never reached {state:?}: {:?}",
+            c.get_instance(name).await.map(|i| i.status)
+        ),
+    }
+}
+
+fn http_get(ip: &str, port: u16) -> Option<String> {
+    use std::io::{Read, Write};
+    let addr = format!("{ip}:{port}").parse().ok()?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    s.write_all(format!("GET / HTTP/1.0\r\nHost: {ip}\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+fn mounts_mentioning(id: &str) -> usize {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(id))
+        .count()
+}
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn container_lifecycle_end_to_end() {
+    if !deps() {
+        return;
+    }
+    let cloud = Cloud::start(bin()).expect("nimbus up");
+    let c = cloud.client();
+
+    // launch busybox running httpd, serving a page we put there with exec.
+    let out = ok(
+        &cloud,
+        &[
+            "launch", "busybox", "web", "--memory", "64M", "--cpus", "0.5", "--", "httpd", "-f",
+            "-p", "8080", "-h", "/var/www",
+        ],
+    );
+    assert!(out.contains("running"), "{out}");
+    let web = c.get_instance("web").await.unwrap();
+    let ip = web.status.ip.clone().expect("ip");
+    let id = web.meta.id.clone();
+
+    let o = run(
+        &cloud,
+        &[
+            "exec",
+            "web",
+            "--",
+            "sh",
+            "-c",
+            "echo hello-from-nimbus > /var/www/index.html; echo done; echo oops >&2; exit 7",
+        ],
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(7),
+        "exec must return the command's exit code"
+    );
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "done\n");
+    assert_eq!(String::from_utf8_lossy(&o.stderr), "oops\n");
+
+    let page = eventually(Duration::from_secs(10), || async {
+        http_get(&ip, 8080).filter(|p| p.contains("hello-from-nimbus"))
+    })
+    .await;
+    assert!(
+        page.is_some(),
+        "httpd in the container must answer from the host on {ip}:8080"
+    );
+
+    // Resource limits reach the cgroup.
+    let mem_limit = std::fs::read_to_string(format!(
+        "/sys/fs/cgroup/memory/nimbus/{id}/memory.limit_in_bytes"
+    ))
+    .unwrap_or_default();
+    assert_eq!(mem_limit.trim(), (64u64 << 20).to_string());
+
+    // logs shows the output of a process.
+    ok(
+        &cloud,
+        &[
+            "launch",
+            "busybox",
+            "talker",
+            "--",
+            "sh",
+            "-c",
+            "echo line-one; echo line-two >&2; sleep 3600",
+        ],
+    );
+    let logs = eventually(Duration::from_secs(10), || async {
+        c.logs("talker", None)
+            .await
+            .ok()
+            .filter(|l| l.contains("line-two"))
+    })
+    .await
+    .expect("logs");
+    assert!(logs.contains("line-one\n"), "{logs}");
+    let cli_logs = ok(&cloud, &["logs", "talker", "--tail", "1"]);
+    assert_eq!(cli_logs.lines().count(), 1, "{cli_logs}");
+
+    // stop / start keep the rootfs.
+    let out = ok(&cloud, &["stop", "web"]);
+    assert!(out.contains("stopped"), "{out}");
+    assert!(
+        http_get(&ip, 8080).is_none_or(|p| !p.contains("hello")),
+        "stopped container must not serve"
+    );
+    ok(&cloud, &["start", "web"]);
+    let page = eventually(Duration::from_secs(10), || async {
+        http_get(&ip, 8080).filter(|p| p.contains("hello-from-nimbus"))
+    })
+    .await;
+    assert!(
+        page.is_some(),
+        "files written before stop must survive stop/start"
+    );
+
+    // restart gives a new PID.
+    let before = c.get_instance("web").await.unwrap().status.pid;
+    ok(&cloud, &["restart", "web"]);
+    let after = c.get_instance("web").await.unwrap().status.pid;
+    assert_ne!(before, after);
+
+    // The restart policy revives a crashing container.
+    ok(
+        &cloud,
+        &[
+            "launch",
+            "busybox",
+            "crasher",
+            "--restart",
+            "on-failure",
+            "--no-wait",
+            "--",
+            "sh",
+            "-c",
+            "sleep 0.3; exit 3",
+        ],
+    );
+    let revived = eventually(Duration::from_secs(30), || async {
+        c.get_instance("crasher")
+            .await
+            .ok()
+            .filter(|i| i.status.restart_count >= 2)
+    })
+    .await;
+    let revived = revived.expect("on-failure must restart a crashing container");
+    assert_eq!(revived.status.exit_code, Some(3));
+    // `never` leaves the exit code and stops.
+    ok(
+        &cloud,
+        &[
+            "launch",
+            "busybox",
+            "oneshot",
+            "--no-wait",
+            "--",
+            "sh",
+            "-c",
+            "exit 5",
+        ],
+    );
+    let done = wait_state(&c, "oneshot", InstanceState::Failed).await;
+    assert_eq!(done.status.exit_code, Some(5));
+    assert_eq!(done.status.restart_count, 0);
+
+    // list -o json carries the contract fields.
+    let json: serde_json::Value =
+        serde_json::from_str(&ok(&cloud, &["list", "-o", "json"])).unwrap();
+    let arr = json.as_array().unwrap();
+    let w = arr.iter().find(|v| v["name"] == "web").unwrap();
+    for k in [
+        "name",
+        "type",
+        "state",
+        "node",
+        "ip",
+        "cpus",
+        "memory_bytes",
+    ] {
+        assert!(w.get(k).is_some(), "list -o json lacks {k}: {w}");
+    }
+    assert_eq!(w["memory_bytes"], 64 << 20);
+
+    // events record the lifecycle.
+    let events = c.events(Some("default"), 0).await.unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e.name == "crasher" && e.reason == "Restarted"),
+        "{events:?}"
+    );
+
+    // delete leaves nothing behind.
+    let pid = c.get_instance("web").await.unwrap().status.pid.unwrap();
+    let out = ok(&cloud, &["delete", "web"]);
+    assert!(out.contains("deleted"));
+    assert!(!pid_alive(pid), "container process must be gone");
+    assert_eq!(mounts_mentioning(&id), 0, "no mounts may remain");
+    assert!(
+        !Path::new(&format!("/sys/fs/cgroup/memory/nimbus/{id}")).exists(),
+        "no cgroup may remain"
+    );
+    assert!(
+        !cloud.data_dir.join("agent/containers").join(&id).exists(),
+        "no files may remain"
+    );
+    let e = c.get_instance("web").await.unwrap_err();
+    assert_eq!(e.api().unwrap().code, ErrorCode::NotFound);
+    let o = run(&cloud, &["stop", "web"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.starts_with("error: ") && err.lines().count() == 1,
+        "one readable line: {err}"
+    );
+    cloud.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_and_restart_loses_nothing_and_keeps_containers_running() {
+    if !deps() {
+        return;
+    }
+    let mut cloud = Cloud::start(bin()).expect("nimbus up");
+    let c = cloud.client();
+    for i in 0..20 {
+        let req = CreateInstanceRequest {
+            name: format!("keep-{i}"),
+            image: "busybox".into(),
+            memory: Some(serde_json::json!("16M")),
+            cpus: Some(0.1),
+            command: vec!["sleep".into(), "3600".into()],
+            ..Default::default()
+        };
+        c.create_instance(&req, None).await.unwrap();
+    }
+    let mut pids = BTreeMap::new();
+    for i in 0..20 {
+        let inst = wait_state(&c, &format!("keep-{i}"), InstanceState::Running).await;
+        pids.insert(
+            inst.meta.name.clone(),
+            (inst.status.pid.unwrap(), inst.meta.id.clone()),
+        );
+    }
+    let nimbus_pid = cloud.pid().unwrap();
+    cloud.kill9();
+    assert!(!pid_alive(nimbus_pid));
+    for (name, (pid, _)) in &pids {
+        assert!(
+            pid_alive(*pid),
+            "{name} must keep running while nimbus is down"
+        );
+    }
+    cloud
+        .restart()
+        .expect("nimbus restarts on the same data dir");
+    let c = cloud.client();
+    let list = c.list_instances().await.unwrap();
+    assert_eq!(list.len(), 20, "every acknowledged create survives");
+    // After the agent has re-attached, the same PIDs are reported and nothing was restarted.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for (name, (pid, id)) in &pids {
+        let i = c.get_instance(name).await.unwrap();
+        assert_eq!(i.status.state, InstanceState::Running, "{name}");
+        assert_eq!(i.status.pid, Some(*pid), "{name} must keep its PID");
+        assert_eq!(&i.meta.id, id);
+        assert_eq!(i.status.restart_count, 0);
+        assert!(pid_alive(*pid));
+    }
+    // The cloud still works after the restart.
+    let r = c
+        .exec("keep-0", vec!["echo".into(), "alive".into()])
+        .await
+        .unwrap();
+    assert_eq!(r.stdout, "alive\n");
+    cloud.shutdown();
+    for (name, (pid, _)) in &pids {
+        assert!(!pid_alive(*pid), "{name} must be gone after delete");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_clear_errors_and_changes_nothing() {
+    if !deps() {
+        return;
+    }
+    let cloud = Cloud::start(bin()).expect("nimbus up");
+    let c = cloud.client();
+    let path = "/v1/projects/default/instances";
+    let check = |status: u16, body: &str, code: &str, field: Option<&str>| {
+        let v: serde_json::Value = serde_json::from_str(body)
+            .unwrap_or_else(|e| panic!("error body must be JSON ({e}): {body}"));
+        assert_eq!(v["error"]["code"], code, "{body}");
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{body}"
+        );
+        if let Some(f) = field {
+            assert_eq!(v["error"]["field"], f, "{body}");
+        }
+        let _ = status;
+    };
+    let post = |body: &str| {
+        c.raw(
+            reqwest::Method::POST,
+            path,
+            Some(body.to_string()),
+            Some(&cloud.token),
+        )
+    };
+    let cases: Vec<(&str, u16, &str, Option<&str>)> = vec![
+        (
+            r#"{"name":"Bad_Name","image":"busybox"}"#,
+            422,
+            "invalid_argument",
+            Some("name"),
+        ),
+        (
+            r#"{"name":"-x","image":"busybox"}"#,
+            422,
+            "invalid_argument",
+            Some("name"),
+        ),
+        (
+            r#"{"name":"ok","image":"busybox","memory":"12Q"}"#,
+            422,
+            "invalid_argument",
+            Some("memory"),
+        ),
+        (
+            r#"{"name":"ok","image":"busybox","memory":"-1M"}"#,
+            422,
+            "invalid_argument",
+            Some("memory"),
+        ),
+        (
+            r#"{"name":"ok","image":"busybox","cpus":0}"#,
+            422,
+            "invalid_argument",
+            Some("cpus"),
+        ),
+        (
+            r#"{"name":"ok","image":"busybox","cpus":-2}"#,
+            422,
+            "invalid_argument",
+            Some("cpus"),
+        ),
+        (
+            r#"{"name":"ok","image":"busybox","memory":0}"#,
+            422,
+            "invalid_argument",
+            Some("memory"),
+        ),
+        (
+            r#"{"name":"ok","image":"no-such-image"}"#,
+            422,
+            "invalid_argument",
+            Some("image"),
+        ),
+        (
+            r#"{"name":"ok","image":"busybox","colour":"red"}"#,
+            400,
+            "bad_request",
+            Some("colour"),
+        ),
+        (
+            r#"{"name":"ok","image":"busybox","memory":"1T"}"#,
+            409,
+            "unschedulable",
+            None,
+        ),
+        (
+            r#"{"name":"ok","image":"busybox","type":"vm"}"#,
+            409,
+            "unschedulable",
+            None,
+        ),
+        (r#"not json"#, 400, "bad_request", None),
+    ];
+    for (body, status, code, field) in cases {
+        let (st, text) = post(body).await.unwrap();
+        assert_eq!(st.as_u16(), status, "{body} -> {text}");
+        check(status, &text, code, field);
+    }
+    // The unschedulable message says why, per node.
+    let (_, text) = post(r#"{"name":"ok","image":"busybox","memory":"1T"}"#)
+        .await
+        .unwrap();
+    assert!(
+        text.contains("0 of 1 nodes fit: 1 insufficient memory") && text.contains("node1"),
+        "{text}"
+    );
+    // Oversized body.
+    let big = format!(
+        r#"{{"name":"ok","image":"busybox","env":{{"A":"{}"}}}}"#,
+        "x".repeat(2 << 20)
+    );
+    let (st, text) = post(&big).await.unwrap();
+    assert_eq!(st.as_u16(), 413, "{}", &text[..text.len().min(200)]);
+    check(413, &text, "payload_too_large", None);
+    // Auth.
+    let (st, text) = c.raw(reqwest::Method::GET, path, None, None).await.unwrap();
+    assert_eq!(st.as_u16(), 401);
+    check(401, &text, "unauthorized", None);
+    let (st, _) = c
+        .raw(reqwest::Method::GET, path, None, Some("wrong"))
+        .await
+        .unwrap();
+    assert_eq!(st.as_u16(), 401);
+    let (st, _) = c
+        .raw(reqwest::Method::GET, "/healthz", None, None)
+        .await
+        .unwrap();
+    assert_eq!(st.as_u16(), 200, "healthz needs no token");
+    let (st, text) = c
+        .raw(
+            reqwest::Method::GET,
+            "/v1/openapi.json",
+            None,
+            Some(&cloud.token),
+        )
+        .await
+        .unwrap();
+    assert_eq!(st.as_u16(), 200);
+    assert!(text.contains("/v1/projects/{project}/instances"));
+    // Nothing was created by any of that.
+    assert!(c.list_instances().await.unwrap().is_empty());
+    // Duplicate name.
+    let (st, _) = post(r#"{"name":"dup","image":"busybox","command":["sleep","3600"]}"#)
+        .await
+        .unwrap();
+    assert_eq!(st.as_u16(), 201);
+    let (st, text) = post(r#"{"name":"dup","image":"busybox"}"#).await.unwrap();
+    assert_eq!(st.as_u16(), 409);
+    check(409, &text, "already_exists", Some("name"));
+    // Idempotency-Key: a retried create returns the same instance.
+    let req = CreateInstanceRequest {
+        name: "idem".into(),
+        image: "busybox".into(),
+        command: vec!["sleep".into(), "3600".into()],
+        restart: RestartPolicy::Never,
+        ..Default::default()
+    };
+    let a = c.create_instance(&req, Some("key-1")).await.unwrap();
+    let b = c.create_instance(&req, Some("key-1")).await.unwrap();
+    assert_eq!(a.meta.id, b.meta.id);
+    // Optimistic concurrency.
+    let cur = c.get_instance("dup").await.unwrap();
+    let (st, text) = c
+        .raw(
+            reqwest::Method::POST,
+            "/v1/projects/default/instances/dup/stop",
+            Some(format!(r#"{{"version":{}}}"#, cur.meta.version + 100)),
+            Some(&cloud.token),
+        )
+        .await
+        .unwrap();
+    assert_eq!(st.as_u16(), 409, "{text}");
+    check(409, &text, "version_conflict", Some("version"));
+    // Operations on a deleted instance: 404.
+    c.delete_instance("dup").await.unwrap();
+    eventually(Duration::from_secs(30), || async {
+        c.get_instance("dup").await.err()
+    })
+    .await
+    .expect("deleted");
+    for action in ["start", "stop", "restart"] {
+        let e = c.instance_action("dup", action).await.unwrap_err();
+        assert_eq!(e.api().unwrap().code, ErrorCode::NotFound, "{action}");
+    }
+    // Unknown project.
+    let e = c.with_project("nope").list_instances().await.unwrap_err();
+    assert_eq!(e.api().unwrap().code, ErrorCode::NotFound);
+    // CLI: malformed size and bad names are one readable line and a non-zero exit.
+    for args in [
+        &["launch", "busybox", "x1", "--memory", "lots"][..],
+        &["launch", "busybox", "Bad"][..],
+        &["launch", "nosuch", "x2"][..],
+    ] {
+        let o = run(&cloud, args);
+        assert!(!o.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.starts_with("error: ") && err.trim_end().lines().count() == 1,
+            "{args:?}: {err}"
+        );
+    }
+    cloud.shutdown();
+}
+
+#[test]
+fn corrupt_or_foreign_data_dir_is_a_clear_startup_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Foreign: a directory with unrelated files.
+    std::fs::write(tmp.path().join("important.txt"), "user data").unwrap();
+    let o = std::process::Command::new(bin())
+        .args(["up", "--data-dir"])
+        .arg(tmp.path())
+        .args(["--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("not a nimbus data directory"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(tmp.path().join("important.txt")).unwrap(),
+        "user data"
+    );
+    // Corrupt: a nimbus data dir whose Raft store is garbage.
+    let d = tmp.path().join("corrupt");
+    std::fs::create_dir_all(d.join("raft")).unwrap();
+    std::fs::write(d.join("NIMBUS_DATA_DIR"), "nimbus-data-v1\n").unwrap();
+    std::fs::write(d.join("raft/raft.redb"), vec![0x42u8; 8192]).unwrap();
+    let o = std::process::Command::new(bin())
+        .args(["up", "--data-dir"])
+        .arg(&d)
+        .args(["--listen", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.starts_with("error: ") || err.contains("\nerror: "),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
