@@ -136,7 +136,12 @@ pub trait Driver: Send + Sync + 'static {
     async fn state(&self, id: &str) -> Result<RuntimeState, DriverError>;
 
     /// Runs a command inside the running instance and returns its output and exit code.
-    async fn exec(&self, id: &str, command: &[String], timeout: Duration) -> Result<ExecResponse, DriverError>;
+    async fn exec(
+        &self,
+        id: &str,
+        command: &[String],
+        timeout: Duration,
+    ) -> Result<ExecResponse, DriverError>;
 
     /// Path of the instance's log (container stdout/stderr, VM serial console).
     fn log_path(&self, id: &str) -> PathBuf;
@@ -154,3 +159,4 @@ pub trait Driver: Send + Sync + 'static {
 
 pub mod conformance;
 pub mod container;
+pub mod vm;

@@ -1,0 +1,917 @@
+//! The VM driver: one QEMU process per instance, driven over QMP, booting Debian's cloud kernel
+//! with nimbus's own initramfs and the instance's image as an ext4 disk.
+//!
+//! Layout under the state directory:
+//! ```text
+//! accel.json                      cached accelerator probe verdict
+//! initramfs/initramfs-<kver>-<hash>.cpio   base initramfs (busybox, modules, guest agent, /init)
+//! images/<digest>.ext4            base disk per image digest (shared, read-only backing file)
+//! vms/<id>/spec.json              the instance (its presence means "created")
+//! vms/<id>/disk.qcow2             the instance's overlay disk
+//! vms/<id>/initrd.img             base initramfs + per-VM config archive
+//! vms/<id>/{qmp,ga,console}.sock  QMP, guest agent, interactive serial console
+//! vms/<id>/console.log            serial console log (the instance log)
+//! vms/<id>/qemu.pid, qemu.stderr  the QEMU process
+//! vms/<id>/status, exit_code      exit status from the guest / recorded at stop
+//! ```
+//! Every method rebuilds what it needs from these files, so a new driver on the same state
+//! directory re-attaches to running VMs (same QEMU PID) instead of restarting them.
+
+mod accel;
+mod cgroup;
+mod disk;
+mod guest;
+mod initramfs;
+mod net;
+mod process;
+mod qmp;
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use nimbus_api::agent::NetworkAttachment;
+use nimbus_api::{ExecResponse, InstanceType};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+pub use accel::{Accel, ProbeResult, PROBE_DEADLINE};
+pub use initramfs::{Cpio, PROBE_MARKER};
+
+use super::{Driver, DriverError, RuntimeSpec, RuntimeState, RuntimeStats};
+use process::VmPaths;
+
+/// Static busybox put into the initramfs (package busybox-static).
+pub const BUSYBOX: &str = "/bin/busybox";
+/// Default kernel directory (overridden by `NIMBUS_KERNEL_DIR`).
+pub const DEFAULT_KERNEL_DIR: &str = "/var/lib/nimbus/kernel";
+/// Largest accepted user-data script.
+pub const MAX_USER_DATA: usize = 64 * 1024;
+/// Memory QEMU may use beyond guest RAM (device model, TCG translation cache).
+pub const QEMU_OVERHEAD_BYTES: u64 = 320 << 20;
+/// How long QEMU may take to bring its QMP socket up.
+const LAUNCH_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// VM driver failures; converted into [`DriverError`] at the trait boundary.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// Kernel, modules or initramfs inputs are missing or broken.
+    #[error("guest kernel: {0}")]
+    Kernel(String),
+    /// QEMU failed; carries its own stderr.
+    #[error("{0}")]
+    Qemu(String),
+    /// A QMP command failed; carries QEMU's error description.
+    #[error("QMP: {0}")]
+    Qmp(String),
+    /// The guest agent answered with an error or the connection failed.
+    #[error("guest agent: {0}")]
+    Guest(String),
+    /// The guest agent did not answer in time.
+    #[error("guest agent did not answer within {0:?}")]
+    GuestTimeout(Duration),
+    /// An external tool failed (`mkfs.ext4`, `qemu-img`, `ip`, `cp`): its own words.
+    #[error("{tool}: {message}")]
+    Tool {
+        /// The tool.
+        tool: &'static str,
+        /// What it said.
+        message: String,
+    },
+    /// The requested disk cannot hold the image.
+    #[error("disk of {requested} bytes is smaller than the image's base disk ({base} bytes)")]
+    DiskTooSmall {
+        /// Requested size.
+        requested: u64,
+        /// Size of the image's base disk.
+        base: u64,
+    },
+    /// Invalid instance spec (user-data too large).
+    #[error("{0}")]
+    Invalid(String),
+    /// Local I/O.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl VmError {
+    /// Wraps an I/O error with what was being done.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Self::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+impl From<VmError> for DriverError {
+    fn from(e: VmError) -> Self {
+        match e {
+            VmError::Kernel(m) => DriverError::Unavailable(format!("guest kernel: {m}")),
+            VmError::Qemu(m) => DriverError::Runtime {
+                tool: "qemu",
+                message: m,
+            },
+            VmError::Qmp(m) => DriverError::Runtime {
+                tool: "qemu",
+                message: format!("QMP: {m}"),
+            },
+            VmError::Guest(m) => DriverError::Runtime {
+                tool: "guest-agent",
+                message: m,
+            },
+            VmError::GuestTimeout(d) => DriverError::Timeout(d),
+            VmError::Tool { tool, message } => DriverError::Runtime { tool, message },
+            e @ VmError::DiskTooSmall { .. } => DriverError::Runtime {
+                tool: "vm-disk",
+                message: e.to_string(),
+            },
+            VmError::Invalid(m) => DriverError::Runtime {
+                tool: "vm",
+                message: m,
+            },
+            VmError::Io { context, source } => DriverError::Io { context, source },
+        }
+    }
+}
+
+/// Configuration of [`VmDriver`].
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Where the driver keeps its state (see the module docs).
+    pub state_dir: PathBuf,
+    /// `qemu-system-x86_64`.
+    pub qemu: PathBuf,
+    /// Directory with `vmlinuz` and `lib/modules/<version>/` (see `scripts/setup-vm`).
+    pub kernel_dir: PathBuf,
+    /// Accelerator policy.
+    pub accel: Accel,
+    /// The static `nimbus-guest-agent` binary.
+    pub guest_agent: PathBuf,
+    /// Cgroup parent: each QEMU runs in `/<cgroup_parent>/<id>`.
+    pub cgroup_parent: String,
+}
+
+impl VmConfig {
+    /// Defaults for a node: `qemu-system-x86_64` from `PATH`, the kernel dir from
+    /// `NIMBUS_KERNEL_DIR` (default `/var/lib/nimbus/kernel`), accelerator from `NIMBUS_VM_ACCEL`
+    /// (`auto`|`kvm`|`tcg`), the guest agent from [`default_guest_agent`], cgroup parent `nimbus`.
+    pub fn from_env(state_dir: PathBuf) -> Self {
+        let accel = match std::env::var("NIMBUS_VM_ACCEL").as_deref() {
+            Ok("kvm") => Accel::Kvm,
+            Ok("tcg") => Accel::Tcg,
+            _ => Accel::Auto,
+        };
+        Self {
+            state_dir,
+            qemu: find_in_path("qemu-system-x86_64")
+                .unwrap_or_else(|| PathBuf::from("/usr/bin/qemu-system-x86_64")),
+            kernel_dir: default_kernel_dir(),
+            accel,
+            guest_agent: default_guest_agent(),
+            cgroup_parent: "nimbus".into(),
+        }
+    }
+}
+
+/// `NIMBUS_KERNEL_DIR`, else `/var/lib/nimbus/kernel`.
+pub fn default_kernel_dir() -> PathBuf {
+    std::env::var_os("NIMBUS_KERNEL_DIR")
+        .map_or_else(|| PathBuf::from(DEFAULT_KERNEL_DIR), PathBuf::from)
+}
+
+/// Where the static guest agent is: `NIMBUS_GUEST_AGENT`, else `nimbus-guest-agent` next to the
+/// running executable, else the workspace's static build
+/// (`target/x86_64-unknown-linux-gnu/release/nimbus-guest-agent`, searched upwards from the
+/// executable).
+pub fn default_guest_agent() -> PathBuf {
+    if let Some(p) = std::env::var_os("NIMBUS_GUEST_AGENT") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().unwrap_or_default();
+    let mut dir = exe.parent();
+    if let Some(d) = dir {
+        let beside = d.join("nimbus-guest-agent");
+        if beside.exists() {
+            return beside;
+        }
+    }
+    while let Some(d) = dir {
+        let built = d.join("x86_64-unknown-linux-gnu/release/nimbus-guest-agent");
+        if built.exists() {
+            return built;
+        }
+        dir = d.parent();
+    }
+    PathBuf::from("/usr/local/lib/nimbus/nimbus-guest-agent")
+}
+
+fn find_in_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    })
+}
+
+/// Whether an ELF file is statically linked (no `PT_INTERP` program header).
+fn is_static_elf(path: &Path) -> Result<bool, String> {
+    let data = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if data.len() < 64 || &data[..4] != b"\x7fELF" || data[4] != 2 {
+        return Err(format!("{} is not a 64-bit ELF file", path.display()));
+    }
+    let u64_at = |o: usize| u64::from_le_bytes(data[o..o + 8].try_into().unwrap_or_default());
+    let u16_at = |o: usize| u16::from_le_bytes(data[o..o + 2].try_into().unwrap_or_default());
+    let (phoff, phentsize, phnum) = (
+        u64_at(32) as usize,
+        usize::from(u16_at(54)),
+        usize::from(u16_at(56)),
+    );
+    for i in 0..phnum {
+        let o = phoff + i * phentsize;
+        if o + 4 > data.len() {
+            break;
+        }
+        if u32::from_le_bytes(data[o..o + 4].try_into().unwrap_or_default()) == 3 {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// The instance as persisted in `spec.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct VmSpec {
+    id: String,
+    name: String,
+    image_digest: String,
+    command: Vec<String>,
+    env: Vec<String>,
+    working_dir: String,
+    cpus: f64,
+    memory_bytes: u64,
+    disk_bytes: u64,
+    pids_limit: u64,
+    network: NetworkAttachment,
+    user_data: Option<String>,
+    ssh_keys: Vec<String>,
+}
+
+/// The cached base initramfs for this configuration.
+fn base_initramfs(config: &VmConfig) -> Result<PathBuf, VmError> {
+    initramfs::base_initramfs(
+        &config.state_dir.join("initramfs"),
+        &initramfs::InitramfsInputs {
+            kernel_dir: &config.kernel_dir,
+            busybox: Path::new(BUSYBOX),
+            guest_agent: &config.guest_agent,
+        },
+    )
+}
+
+/// Writes `initrd.img` = base initramfs + this VM's config archive.
+fn write_initrd(config: &VmConfig, spec: &VmSpec, paths: &VmPaths) -> Result<(), VmError> {
+    let base = base_initramfs(config)?;
+    let mut bytes =
+        std::fs::read(&base).map_err(|e| VmError::io(format!("reading {}", base.display()), e))?;
+    let config = json!({
+        "hostname": spec.name,
+        "command": spec.command,
+        "env": spec.env,
+        "working_dir": spec.working_dir,
+        "user_data": spec.user_data,
+        "ssh_keys": spec.ssh_keys,
+    });
+    bytes.extend_from_slice(&initramfs::config_archive(config.to_string().as_bytes()));
+    let tmp = paths.initrd().with_extension("tmp");
+    std::fs::write(&tmp, &bytes)
+        .map_err(|e| VmError::io(format!("writing {}", tmp.display()), e))?;
+    std::fs::rename(&tmp, paths.initrd()).map_err(|e| VmError::io("renaming initrd", e))
+}
+
+/// Guest-side resource use reported by the guest agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct GuestStats {
+    /// Busy CPU time of all vCPUs, nanoseconds.
+    pub cpu_nanos: u64,
+    /// Memory in use (total - available), bytes.
+    pub memory_bytes: u64,
+    /// Guest RAM, bytes.
+    pub memory_total: u64,
+}
+
+/// The QEMU/KVM driver. See the module docs.
+pub struct VmDriver {
+    config: VmConfig,
+    accel: tokio::sync::OnceCell<ProbeResult>,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl VmDriver {
+    /// A driver on `config.state_dir` (created if missing). Nothing is started or killed:
+    /// running VMs from an earlier driver are re-attached on use.
+    pub fn new(config: VmConfig) -> Result<Self, DriverError> {
+        for d in ["vms", "images", "initramfs"] {
+            let p = config.state_dir.join(d);
+            std::fs::create_dir_all(&p)
+                .map_err(DriverError::io(format!("creating {}", p.display())))?;
+        }
+        Ok(Self {
+            config,
+            accel: tokio::sync::OnceCell::new(),
+            locks: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
+    }
+
+    fn paths(&self, id: &str) -> VmPaths {
+        VmPaths::new(self.config.state_dir.join("vms").join(id))
+    }
+
+    fn lock(&self, id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        Arc::clone(self.locks.lock().unwrap().entry(id.to_owned()).or_default())
+    }
+
+    /// Why VMs cannot run on this node, or `Ok(())`: QEMU, qemu-img, mkfs.ext4, the kernel and
+    /// its modules, a static busybox and a static guest agent must be present.
+    pub fn capability(&self) -> Result<(), String> {
+        let c = &self.config;
+        if !c.qemu.is_file() && find_in_path(&c.qemu.to_string_lossy()).is_none() {
+            return Err(format!(
+                "QEMU not found at {} (run scripts/setup-vm)",
+                c.qemu.display()
+            ));
+        }
+        for tool in ["qemu-img", "mkfs.ext4"] {
+            if find_in_path(tool).is_none()
+                && !Path::new("/usr/sbin").join(tool).exists()
+                && !Path::new("/sbin").join(tool).exists()
+            {
+                return Err(format!("{tool} not found (run scripts/setup-vm)"));
+            }
+        }
+        let vmlinuz = c.kernel_dir.join("vmlinuz");
+        if !vmlinuz.is_file() {
+            return Err(format!(
+                "guest kernel {} not found (run scripts/setup-vm)",
+                vmlinuz.display()
+            ));
+        }
+        initramfs::kernel_version(&c.kernel_dir).map_err(|e| e.to_string())?;
+        for (what, path) in [
+            ("busybox", Path::new(BUSYBOX)),
+            ("guest agent", c.guest_agent.as_path()),
+        ] {
+            match is_static_elf(path) {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Err(format!(
+                        "{what} {} is not statically linked",
+                        path.display()
+                    ))
+                }
+                Err(e) => return Err(format!("{what}: {e}")),
+            }
+        }
+        Ok(())
+    }
+
+    async fn probe(&self) -> Result<&ProbeResult, VmError> {
+        self.accel
+            .get_or_try_init(|| async {
+                match self.config.accel {
+                    Accel::Auto => {}
+                    forced => {
+                        return Ok(ProbeResult {
+                            accel: forced,
+                            reason: "configured".into(),
+                            key: String::new(),
+                        });
+                    }
+                }
+                let this_initrd = {
+                    let cfg = self.config.clone();
+                    tokio::task::spawn_blocking(move || base_initramfs(&cfg))
+                        .await
+                        .map_err(|e| VmError::Kernel(e.to_string()))??
+                };
+                let version = initramfs::kernel_version(&self.config.kernel_dir)?;
+                let qemu_size = std::fs::metadata(&self.config.qemu).map_or(0, |m| m.len());
+                let key = format!("v1 {version} {} {qemu_size}", self.config.qemu.display());
+                accel::resolve(
+                    &self.config.state_dir.join("accel.json"),
+                    &key,
+                    &self.config.qemu,
+                    &self.config.kernel_dir.join("vmlinuz"),
+                    &this_initrd,
+                )
+                .await
+            })
+            .await
+    }
+
+    /// The accelerator VMs use on this node, `"kvm"` or `"tcg"` (probing once under
+    /// [`Accel::Auto`]; the verdict is cached in the state directory).
+    pub async fn accelerator(&self) -> Result<&'static str, DriverError> {
+        Ok(self.probe().await?.accel.as_str())
+    }
+
+    /// Why the accelerator was chosen.
+    pub async fn accelerator_reason(&self) -> Result<String, DriverError> {
+        Ok(self.probe().await?.reason.clone())
+    }
+
+    /// The VM's interactive serial console (a unix stream socket; `nimbus console` attaches
+    /// to it). Everything the guest prints also goes to [`Driver::log_path`].
+    pub fn console_socket(&self, id: &str) -> PathBuf {
+        self.paths(id).console_sock()
+    }
+
+    /// The VM's QMP socket.
+    pub fn qmp_socket(&self, id: &str) -> PathBuf {
+        self.paths(id).qmp()
+    }
+
+    async fn qmp(&self, id: &str) -> Result<qmp::Qmp, DriverError> {
+        let paths = self.paths(id);
+        if !paths.spec().exists() {
+            return Err(DriverError::NotFound(id.into()));
+        }
+        if process::running_pid(&paths).is_none() {
+            return Err(DriverError::NotRunning(id.into()));
+        }
+        Ok(qmp::Qmp::connect(&paths.qmp()).await?)
+    }
+
+    /// Pauses the VM's vCPUs (QMP `stop`).
+    pub async fn pause(&self, id: &str) -> Result<(), DriverError> {
+        self.qmp(id).await?.execute("stop", None).await?;
+        Ok(())
+    }
+
+    /// Resumes a paused VM (QMP `cont`).
+    pub async fn resume(&self, id: &str) -> Result<(), DriverError> {
+        self.qmp(id).await?.execute("cont", None).await?;
+        Ok(())
+    }
+
+    /// QEMU's run state (`running`, `paused`, ...; QMP `query-status`).
+    pub async fn run_state(&self, id: &str) -> Result<String, DriverError> {
+        Ok(self.qmp(id).await?.status().await?)
+    }
+
+    /// Host thread ids of the vCPUs (QMP `query-cpus-fast`).
+    pub async fn vcpu_threads(&self, id: &str) -> Result<Vec<u32>, DriverError> {
+        Ok(self.qmp(id).await?.vcpu_threads().await?)
+    }
+
+    /// Waits until the guest agent answers.
+    pub async fn wait_ready(&self, id: &str, timeout: Duration) -> Result<(), DriverError> {
+        let paths = self.paths(id);
+        if process::running_pid(&paths).is_none() {
+            return Err(DriverError::NotRunning(id.into()));
+        }
+        Ok(guest::wait_ready(&paths.guest_agent(), timeout).await?)
+    }
+
+    /// Guest CPU and memory use as the guest sees it (from the guest agent).
+    pub async fn guest_stats(
+        &self,
+        id: &str,
+        timeout: Duration,
+    ) -> Result<GuestStats, DriverError> {
+        let paths = self.paths(id);
+        if process::running_pid(&paths).is_none() {
+            return Err(DriverError::NotRunning(id.into()));
+        }
+        let v = guest::request(&paths.guest_agent(), json!({"op": "stats"}), timeout).await?;
+        let n = |k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
+        Ok(GuestStats {
+            cpu_nanos: n("cpu_nanos"),
+            memory_bytes: n("memory_bytes"),
+            memory_total: n("memory_total"),
+        })
+    }
+
+    fn load_spec(&self, id: &str) -> Result<VmSpec, DriverError> {
+        let path = self.paths(id).spec();
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(DriverError::NotFound(id.into()))
+            }
+            Err(e) => return Err(DriverError::io(format!("reading {}", path.display()))(e)),
+        };
+        serde_json::from_str(&text).map_err(|e| DriverError::Io {
+            context: format!("parsing {}", path.display()),
+            source: std::io::Error::other(e),
+        })
+    }
+
+    fn tap_name(id: &str) -> String {
+        net::tap_name(id)
+    }
+
+    fn qemu_args(&self, spec: &VmSpec, paths: &VmPaths, accel: Accel) -> Vec<String> {
+        let p = |p: PathBuf| p.to_string_lossy().into_owned();
+        let vcpus = (spec.cpus.ceil() as u64).max(1);
+        let mem_mb = (spec.memory_bytes >> 20).max(128);
+        let mut append = String::from("console=ttyS0 panic=-1 loglevel=4 mitigations=off");
+        let net = &spec.network;
+        if !net.ip.is_empty() {
+            let _ = write!(append, " nimbus.ip={}/{}", net.ip, net.prefix_len);
+            if !net.gateway.is_empty() {
+                let _ = write!(append, " nimbus.gw={}", net.gateway);
+            }
+        }
+        let mut a: Vec<String> = vec![
+            "-name".into(),
+            format!("nimbus-{},debug-threads=on", spec.id),
+            "-M".into(),
+            "q35".into(),
+        ];
+        a.extend(accel.qemu_args());
+        a.extend(
+            [
+                "-smp",
+                &vcpus.to_string(),
+                "-m",
+                &format!("{mem_mb}M"),
+                "-nodefaults",
+                "-no-user-config",
+                "-display",
+                "none",
+                "-no-reboot",
+                "-sandbox",
+                "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+                "-kernel",
+                &p(self.config.kernel_dir.join("vmlinuz")),
+                "-initrd",
+                &p(paths.initrd()),
+                "-append",
+                &append,
+                "-drive",
+                &format!(
+                    "file={},if=none,id=d0,format=qcow2,discard=unmap",
+                    p(paths.disk())
+                ),
+                "-device",
+                "virtio-blk-pci,drive=d0",
+                "-chardev",
+                &format!(
+                    "socket,id=con,path={},server=on,wait=off,logfile={},logappend=on",
+                    p(paths.console_sock()),
+                    p(paths.console_log())
+                ),
+                "-serial",
+                "chardev:con",
+                "-device",
+                "virtio-serial-pci,id=vs0",
+                "-chardev",
+                &format!(
+                    "socket,id=ga,path={},server=on,wait=off",
+                    p(paths.guest_agent())
+                ),
+                "-device",
+                "virtserialport,bus=vs0.0,chardev=ga,name=org.nimbus.agent.0",
+                "-chardev",
+                &format!("file,id=st,path={}", p(paths.status())),
+                "-device",
+                "virtserialport,bus=vs0.0,chardev=st,name=org.nimbus.status.0",
+                "-qmp",
+                &format!("unix:{},server=on,wait=off", p(paths.qmp())),
+            ]
+            .map(str::to_owned),
+        );
+        if net.bridge.is_empty() {
+            a.extend(["-nic".to_owned(), "none".to_owned()]);
+        } else {
+            a.push("-netdev".into());
+            a.push(format!(
+                "tap,id=n0,ifname={},script=no,downscript=no,vhost=off",
+                Self::tap_name(&spec.id)
+            ));
+            a.push("-device".into());
+            let mut dev = String::from("virtio-net-pci,netdev=n0");
+            if !net.mac.is_empty() {
+                let _ = write!(dev, ",mac={}", net.mac);
+            }
+            a.push(dev);
+        }
+        a
+    }
+
+    async fn start_locked(&self, id: &str) -> Result<u32, DriverError> {
+        let paths = self.paths(id);
+        let spec = self.load_spec(id)?;
+        if let Some(pid) = process::running_pid(&paths) {
+            return Ok(pid);
+        }
+        self.capability().map_err(DriverError::Unavailable)?;
+        let accel = self.probe().await?.accel;
+        {
+            let (spec, paths, config) = (spec.clone(), paths.clone(), self.config.clone());
+            tokio::task::spawn_blocking(move || write_initrd(&config, &spec, &paths))
+                .await
+                .map_err(|e| DriverError::Runtime {
+                    tool: "vm",
+                    message: e.to_string(),
+                })??;
+        }
+        let net = &spec.network;
+        if !net.bridge.is_empty() {
+            net::ensure_bridge(&net.bridge, &net.gateway, net.prefix_len).await?;
+        }
+        let limits = cgroup::Limits {
+            cpus: spec.cpus.max(0.1),
+            memory_bytes: ((spec.memory_bytes >> 20).max(128) << 20) + QEMU_OVERHEAD_BYTES,
+            pids: spec.pids_limit.max(256),
+        };
+        let procs = cgroup::setup(&self.config.cgroup_parent, id, limits)?;
+        for f in [paths.status(), paths.exit_code()] {
+            let _ = std::fs::remove_file(f);
+        }
+        let args = self.qemu_args(&spec, &paths, accel);
+        let started = Instant::now();
+        let pid = process::launch(&self.config.qemu, &args, &procs, &paths, LAUNCH_TIMEOUT).await?;
+        if !net.bridge.is_empty() {
+            if let Err(e) = net::set_master_and_up(&Self::tap_name(id), &net.bridge).await {
+                process::kill_hard(pid);
+                return Err(e.into());
+            }
+        }
+        tracing::info!(id, pid, accel = accel.as_str(), elapsed = ?started.elapsed(), "VM started");
+        Ok(pid)
+    }
+
+    async fn stop_locked(&self, id: &str, grace: Duration) -> Result<(), DriverError> {
+        let paths = self.paths(id);
+        if !paths.spec().exists() {
+            return Err(DriverError::NotFound(id.into()));
+        }
+        let Some(pid) = process::running_pid(&paths) else {
+            return Ok(());
+        };
+        let deadline = Instant::now() + grace;
+        let left = || deadline.saturating_duration_since(Instant::now());
+        // 1. Ask the guest agent (sync, unmount, power off).
+        let asked = guest::request(
+            &paths.guest_agent(),
+            json!({"op": "shutdown"}),
+            left().min(Duration::from_secs(2)),
+        )
+        .await;
+        let mut graceful = asked.is_ok() && process::wait_exit(pid, &paths, left() / 2).await;
+        // 2. ACPI power button.
+        if !graceful {
+            if let Ok(mut q) = qmp::Qmp::connect(&paths.qmp()).await {
+                let _ = q.execute("system_powerdown", None).await;
+            }
+            graceful = process::wait_exit(pid, &paths, left()).await;
+        }
+        if !graceful {
+            tracing::warn!(
+                id,
+                pid,
+                ?grace,
+                "VM did not power off in time; stopping QEMU"
+            );
+            // 3. quit, 4. SIGKILL.
+            if let Ok(mut q) = qmp::Qmp::connect(&paths.qmp()).await {
+                let _ = q.execute("quit", None).await;
+            }
+            if !process::wait_exit(pid, &paths, Duration::from_secs(3)).await {
+                process::kill_hard(pid);
+                process::wait_exit(pid, &paths, Duration::from_secs(5)).await;
+            }
+        }
+        // A stop we asked for: its outcome is the exit code, not what the main service said
+        // while being terminated.
+        let _ = std::fs::remove_file(paths.status());
+        let _ = std::fs::write(paths.exit_code(), if graceful { "0" } else { "137" });
+        Ok(())
+    }
+
+    fn exit_code(paths: &VmPaths) -> Option<i32> {
+        let status = std::fs::read_to_string(paths.status()).unwrap_or_default();
+        let from_guest = status
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v.get("event").and_then(Value::as_str) == Some("exit"))
+            .filter_map(|v| v.get("code").and_then(Value::as_i64))
+            .next_back();
+        from_guest.map(|c| c as i32).or_else(|| {
+            std::fs::read_to_string(paths.exit_code())
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+        })
+    }
+}
+
+#[async_trait]
+impl Driver for VmDriver {
+    fn instance_type(&self) -> InstanceType {
+        InstanceType::Vm
+    }
+
+    async fn create(&self, spec: &RuntimeSpec) -> Result<(), DriverError> {
+        let lock = self.lock(&spec.id);
+        let _guard = lock.lock().await;
+        let paths = self.paths(&spec.id);
+        if paths.spec().exists() {
+            return Ok(());
+        }
+        if spec
+            .user_data
+            .as_ref()
+            .is_some_and(|u| u.len() > MAX_USER_DATA)
+        {
+            return Err(VmError::Invalid(format!(
+                "user-data is larger than {MAX_USER_DATA} bytes"
+            ))
+            .into());
+        }
+        self.capability().map_err(DriverError::Unavailable)?;
+        std::fs::create_dir_all(&paths.dir)
+            .map_err(DriverError::io(format!("creating {}", paths.dir.display())))?;
+        let images = self.config.state_dir.join("images");
+        let digest = if spec.image.digest.is_empty() {
+            format!("name-{}", spec.image.name)
+        } else {
+            spec.image.digest.clone()
+        };
+        let (layers, disk, size) = (spec.layer_dirs.clone(), paths.disk(), spec.disk_bytes);
+        let d2 = digest.clone();
+        let result = tokio::task::spawn_blocking(move || -> Result<(), VmError> {
+            let base = disk::base_disk(&images, &d2, &layers)?;
+            let _ = std::fs::remove_file(&disk);
+            disk::create_overlay(&base, &disk, size)
+        })
+        .await
+        .map_err(|e| DriverError::Runtime {
+            tool: "vm",
+            message: e.to_string(),
+        })?;
+        if let Err(e) = result {
+            let _ = std::fs::remove_dir_all(&paths.dir);
+            return Err(e.into());
+        }
+        let vm = VmSpec {
+            id: spec.id.clone(),
+            name: spec.name.clone(),
+            image_digest: digest,
+            command: spec.command.clone(),
+            env: spec.env.clone(),
+            working_dir: spec.working_dir.clone(),
+            cpus: spec.cpus,
+            memory_bytes: spec.memory_bytes,
+            disk_bytes: spec.disk_bytes,
+            pids_limit: spec.pids_limit,
+            network: spec.network.clone(),
+            user_data: spec.user_data.clone(),
+            ssh_keys: spec.ssh_keys.clone(),
+        };
+        let text = serde_json::to_string_pretty(&vm).unwrap_or_default();
+        let tmp = paths.spec().with_extension("tmp");
+        std::fs::write(&tmp, text)
+            .map_err(DriverError::io(format!("writing {}", tmp.display())))?;
+        std::fs::rename(&tmp, paths.spec()).map_err(DriverError::io("renaming spec.json"))?;
+        tracing::info!(id = %spec.id, "VM created");
+        Ok(())
+    }
+
+    async fn start(&self, id: &str) -> Result<u32, DriverError> {
+        let lock = self.lock(id);
+        let _guard = lock.lock().await;
+        self.start_locked(id).await
+    }
+
+    async fn stop(&self, id: &str, grace: Duration) -> Result<(), DriverError> {
+        let lock = self.lock(id);
+        let _guard = lock.lock().await;
+        self.stop_locked(id, grace).await
+    }
+
+    async fn state(&self, id: &str) -> Result<RuntimeState, DriverError> {
+        let paths = self.paths(id);
+        if !paths.spec().exists() {
+            return Ok(RuntimeState::Absent);
+        }
+        if let Some(pid) = process::running_pid(&paths) {
+            return Ok(RuntimeState::Running { pid });
+        }
+        if !paths.pidfile().exists() {
+            return Ok(RuntimeState::Created);
+        }
+        Ok(RuntimeState::Exited {
+            code: Self::exit_code(&paths),
+        })
+    }
+
+    async fn exec(
+        &self,
+        id: &str,
+        command: &[String],
+        timeout: Duration,
+    ) -> Result<ExecResponse, DriverError> {
+        let paths = self.paths(id);
+        if !paths.spec().exists() {
+            return Err(DriverError::NotFound(id.into()));
+        }
+        if process::running_pid(&paths).is_none() {
+            return Err(DriverError::NotRunning(id.into()));
+        }
+        let deadline = Instant::now() + timeout;
+        guest::wait_ready(&paths.guest_agent(), timeout).await?;
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(100));
+        let req = json!({"op": "exec", "argv": command, "timeout_ms": left.as_millis() as u64});
+        match guest::request(&paths.guest_agent(), req, left + Duration::from_secs(5)).await {
+            Ok(v) => Ok(ExecResponse {
+                exit_code: v.get("exit_code").and_then(Value::as_i64).unwrap_or(-1) as i32,
+                stdout: v
+                    .get("stdout")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_owned(),
+                stderr: v
+                    .get("stderr")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_owned(),
+            }),
+            Err(VmError::Guest(m)) if m.starts_with("timeout") => {
+                Err(DriverError::Timeout(timeout))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn log_path(&self, id: &str) -> PathBuf {
+        self.paths(id).console_log()
+    }
+
+    async fn stats(&self, id: &str) -> Result<RuntimeStats, DriverError> {
+        let paths = self.paths(id);
+        if !paths.spec().exists() {
+            return Err(DriverError::NotFound(id.into()));
+        }
+        let Some(pid) = process::running_pid(&paths) else {
+            return Ok(RuntimeStats::default());
+        };
+        let (cpu_nanos, memory_bytes) = process::usage(pid);
+        Ok(RuntimeStats {
+            cpu_nanos,
+            memory_bytes,
+        })
+    }
+
+    async fn delete(&self, id: &str) -> Result<(), DriverError> {
+        let lock = self.lock(id);
+        let _guard = lock.lock().await;
+        let paths = self.paths(id);
+        if let Some(pid) = process::running_pid(&paths) {
+            if let Ok(mut q) = qmp::Qmp::connect(&paths.qmp()).await {
+                let _ = q.execute("quit", None).await;
+            }
+            if !process::wait_exit(pid, &paths, Duration::from_secs(3)).await {
+                process::kill_hard(pid);
+                process::wait_exit(pid, &paths, Duration::from_secs(5)).await;
+            }
+        }
+        net::delete_link(&Self::tap_name(id)).await?;
+        cgroup::remove(&self.config.cgroup_parent, id);
+        if paths.dir.exists() {
+            std::fs::remove_dir_all(&paths.dir)
+                .map_err(DriverError::io(format!("removing {}", paths.dir.display())))?;
+        }
+        self.locks.lock().unwrap().remove(id);
+        Ok(())
+    }
+
+    async fn list(&self) -> Result<Vec<String>, DriverError> {
+        let dir = self.config.state_dir.join("vms");
+        let mut ids: Vec<String> = std::fs::read_dir(&dir)
+            .map_err(DriverError::io(format!("reading {}", dir.display())))?
+            .flatten()
+            .filter(|e| e.path().join("spec.json").exists())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+}
