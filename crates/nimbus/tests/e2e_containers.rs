@@ -588,3 +588,90 @@ fn corrupt_or_foreign_data_dir_is_a_clear_startup_error() {
     );
     assert!(!err.contains("panicked"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_import_oci_and_docker_save_then_launch() {
+    use nimbus_image::testutil::{self, DockerSaveFormat, FixtureConfig, LayerEntry};
+    if !deps() {
+        return;
+    }
+    let cloud = Cloud::start(bin()).expect("nimbus up");
+    let c = cloud.client();
+    let tmp = tempfile::tempdir().unwrap();
+    // A two-layer image: busybox below, a file and a default command on top.
+    let store = nimbus_image::ImageStore::open(&tmp.path().join("store")).unwrap();
+    let bb = store.build_busybox(Path::new("/bin/busybox")).unwrap();
+    let base = testutil::layer_from_dir(&store.unpacked_layer(&bb.layers[0]).unwrap()).unwrap();
+    let top = testutil::layer_tar(&[LayerEntry::file(
+        "hello.txt",
+        b"hello from an imported image\n",
+    )])
+    .unwrap();
+    let cfg = FixtureConfig {
+        name: Some("registry.example/team/greeter:1.0".into()),
+        cmd: vec![
+            "sh".into(),
+            "-c".into(),
+            "cat /hello.txt; echo \"greeting=$GREETING\"; sleep 3600".into(),
+        ],
+        env: vec!["PATH=/bin".into(), "GREETING=hi".into()],
+        gzip_layers: true,
+        ..FixtureConfig::default()
+    };
+    let oci = tmp.path().join("greeter-oci.tar");
+    testutil::write_oci_layout_tarball_layers(&[base.clone(), top.clone()], &oci, &cfg).unwrap();
+    let docker = tmp.path().join("greeter-docker.tar");
+    let dcfg = FixtureConfig {
+        name: Some("docker-greeter:latest".into()),
+        docker_format: DockerSaveFormat::Legacy,
+        gzip_layers: false,
+        ..cfg.clone()
+    };
+    testutil::write_docker_save_tarball_layers(&[base, top], &docker, &dcfg).unwrap();
+
+    let out = ok(&cloud, &["image", "import", oci.to_str().unwrap()]);
+    assert!(out.contains("imported team-greeter sha256:"), "{out}");
+    let out = ok(&cloud, &["image", "import", docker.to_str().unwrap()]);
+    assert!(out.contains("imported docker-greeter"), "{out}");
+    let images: serde_json::Value =
+        serde_json::from_str(&ok(&cloud, &["image", "list", "-o", "json"])).unwrap();
+    let names: Vec<&str> = images
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|i| i["name"].as_str())
+        .collect();
+    for n in ["busybox", "team-greeter", "docker-greeter"] {
+        assert!(names.contains(&n), "{names:?}");
+    }
+    for (image, inst) in [("team-greeter", "g1"), ("docker-greeter", "g2")] {
+        ok(
+            &cloud,
+            &["launch", image, inst, "--env", "GREETING=overridden"],
+        );
+        let logs = eventually(Duration::from_secs(10), || async {
+            c.logs(inst, None)
+                .await
+                .ok()
+                .filter(|l| l.contains("greeting="))
+        })
+        .await
+        .expect("logs");
+        assert!(logs.contains("hello from an imported image"), "{logs}");
+        assert!(
+            logs.contains("greeting=overridden"),
+            "user env overrides the image's: {logs}"
+        );
+    }
+    // A file that is not an image is refused with one line.
+    let junk = tmp.path().join("junk.tar");
+    std::fs::write(&junk, b"this is not a tarball").unwrap();
+    let o = run(&cloud, &["image", "import", junk.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.starts_with("error: ") && err.contains("image tarball"),
+        "{err}"
+    );
+    cloud.shutdown();
+}
