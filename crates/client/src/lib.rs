@@ -274,6 +274,12 @@ impl Client {
         .await
     }
 
+    /// Drains a node: cordons it and moves its instances elsewhere.
+    pub async fn drain_node(&self, name: &str) -> Result<Node> {
+        self.call::<(), _>(Method::POST, &format!("/v1/nodes/{name}/drain"), None)
+            .await
+    }
+
     /// Images.
     pub async fn list_images(&self) -> Result<Vec<Image>> {
         self.call::<(), _>(Method::GET, "/v1/images", None).await

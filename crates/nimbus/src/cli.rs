@@ -289,6 +289,11 @@ pub enum NodeCmd {
         /// Node.
         name: String,
     },
+    /// Cordon a node and move its instances to other nodes.
+    Drain {
+        /// Node.
+        name: String,
+    },
 }
 
 /// `nimbus project`.

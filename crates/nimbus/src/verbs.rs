@@ -417,6 +417,36 @@ pub async fn node(c: &Client, cmd: NodeCmd) -> Result<()> {
             c.cordon_node(&name, true).await?;
             println!("{name} cordoned");
         }
+        NodeCmd::Drain { name } => {
+            c.drain_node(&name).await?;
+            let pb = spinner(format!("draining {name}"));
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+            let mut left;
+            loop {
+                let mut all = Vec::new();
+                for p in c.list_projects().await? {
+                    all.extend(c.with_project(&p.meta.name).list_instances().await?);
+                }
+                left = all
+                    .iter()
+                    .filter(|i| i.status.node.as_deref() == Some(name.as_str()))
+                    .count();
+                let settling = all
+                    .iter()
+                    .any(|i| i.status.state == InstanceState::Scheduled);
+                if (left == 0 && !settling) || tokio::time::Instant::now() > deadline {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            pb.finish_and_clear();
+            if left > 0 {
+                bail!(
+                    "{left} instance(s) could not be moved off {name}; see `nimbus events --all`"
+                );
+            }
+            println!("{name} drained");
+        }
         NodeCmd::Uncordon { name } => {
             c.cordon_node(&name, false).await?;
             println!("{name} uncordoned");

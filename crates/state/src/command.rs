@@ -60,6 +60,11 @@ pub enum Command {
         /// Why.
         reason: String,
     },
+    /// Cordon a node and move its instances elsewhere through the scheduler.
+    DrainNode {
+        /// Node.
+        name: String,
+    },
     /// Cordon or uncordon.
     SetNodeCordon {
         /// Node.

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use nimbus_api::agent::InstanceReport;
 use nimbus_api::{
     ApiError, DesiredState, ErrorCode, Event, Image, Instance, InstanceState, InstanceType, Meta,
-    Node, NodeState, Project,
+    Node, NodeState, Project, RestartPolicy,
 };
 
 use crate::command::{
@@ -153,6 +153,7 @@ impl StateMachine {
             Command::RegisterNode(req) => self.register_node(env, req),
             Command::NodeHeartbeat { name } => self.heartbeat(env, name),
             Command::MarkNodeDown { name, reason } => self.mark_node_down(env, name, reason),
+            Command::DrainNode { name } => self.drain(env, name),
             Command::SetNodeCordon {
                 name,
                 cordoned,
@@ -412,6 +413,16 @@ impl StateMachine {
         self.event(env, "", "node", name, "Down", reason.to_string());
         let ids: Vec<String> = self.instances_on(name).map(|i| i.meta.id.clone()).collect();
         for id in ids {
+            let i = &self.instances[&id];
+            if i.spec.restart == RestartPolicy::Always && i.spec.desired == DesiredState::Running {
+                let (p, n) = (i.meta.project.clone(), i.meta.name.clone());
+                // Fail over: place it on a healthy node; the down node loses the assignment
+                // and its agent removes the instance if it ever comes back (fencing by generation).
+                match self.reschedule(env, &id, &format!("node {name} is down")) {
+                    Ok(_) => continue,
+                    Err(e) => self.event(env, &p, "instance", &n, "FailoverFailed", e.message),
+                }
+            }
             let i = self.instances.get_mut(&id).expect("listed above");
             if matches!(
                 i.status.state,
@@ -560,6 +571,74 @@ impl StateMachine {
         inst.status.pid = None;
         inst.meta.updated_at.clone_from(&env.time);
         Ok(())
+    }
+
+    fn drain(&mut self, env: &CommandEnvelope, name: &str) -> CommandResult {
+        let node = self
+            .nodes
+            .get_mut(name)
+            .ok_or_else(|| ApiError::not_found("node", name))?;
+        if !node.cordoned {
+            node.cordoned = true;
+            touch(&mut node.meta, env);
+            self.event(env, "", "node", name, "Cordoned", "draining".into());
+        }
+        let ids: Vec<String> = self
+            .instances_on(name)
+            .filter(|i| i.spec.desired != DesiredState::Deleted)
+            .map(|i| i.meta.id.clone())
+            .collect();
+        let mut failed = 0;
+        for id in &ids {
+            if let Err(e) = self.reschedule(env, id, &format!("node {name} is draining")) {
+                failed += 1;
+                let i = &self.instances[id];
+                let (p, n) = (i.meta.project.clone(), i.meta.name.clone());
+                self.event(env, &p, "instance", &n, "DrainFailed", e.message);
+            }
+        }
+        self.event(
+            env,
+            "",
+            "node",
+            name,
+            "Drained",
+            format!("{} moved, {failed} could not be placed", ids.len() - failed),
+        );
+        Ok(CommandOutput::Node(self.nodes[name].clone()))
+    }
+
+    /// Moves an instance to another node chosen by the scheduler. The old node loses the
+    /// assignment (its agent removes the instance); the new placement gets a new generation.
+    fn reschedule(
+        &mut self,
+        env: &CommandEnvelope,
+        id: &str,
+        why: &str,
+    ) -> Result<String, ApiError> {
+        let mut inst = self
+            .instances
+            .get(id)
+            .ok_or_else(|| ApiError::not_found("instance", id))?
+            .clone();
+        let old = inst.status.node.clone().unwrap_or_default();
+        let node = self.place(&inst)?;
+        self.assign(env, &mut inst, &node)?;
+        inst.status.exit_code = None;
+        touch(&mut inst.meta, env);
+        let (p, n) = (inst.meta.project.clone(), inst.meta.name.clone());
+        self.instances.insert(id.to_string(), inst);
+        self.bump_assignments(&old);
+        self.bump_assignments(&node);
+        self.event(
+            env,
+            &p,
+            "instance",
+            &n,
+            "Rescheduled",
+            format!("moved from {old} to {node}: {why}"),
+        );
+        Ok(node)
     }
 
     fn schedule_pending(&mut self, env: &CommandEnvelope, id: &str) -> CommandResult {

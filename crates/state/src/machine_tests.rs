@@ -415,3 +415,77 @@ fn refuses_unknown_format() {
     let e = sm.apply(1, &env).unwrap_err();
     assert!(e.message.contains("upgrade"), "{}", e.message);
 }
+
+#[test]
+fn drain_moves_instances_and_fences_the_old_node() {
+    let mut h = H::new();
+    h.node("n1", false);
+    let a = inst(h.create("a", 1 << 20, None).unwrap());
+    assert_eq!(a.status.node.as_deref(), Some("n1"));
+    // Nowhere to go: the drain cordons and records the failure, the instance stays.
+    h.ok(Command::DrainNode { name: "n1".into() });
+    assert!(h.sm.nodes["n1"].cordoned);
+    assert_eq!(
+        h.sm.instances[&a.meta.id].status.node.as_deref(),
+        Some("n1")
+    );
+    assert!(h.sm.events.iter().any(|e| e.reason == "DrainFailed"));
+    h.node("n2", false);
+    h.ok(Command::DrainNode { name: "n1".into() });
+    let moved = &h.sm.instances[&a.meta.id];
+    assert_eq!(moved.status.node.as_deref(), Some("n2"));
+    assert_eq!(moved.status.generation, 2);
+    assert_eq!(moved.status.state, InstanceState::Scheduled);
+    assert_eq!(moved.status.ip.as_deref(), Some("10.213.2.2"));
+    // The old node's late report is fenced off.
+    let stale = InstanceReport {
+        id: a.meta.id.clone(),
+        generation: 1,
+        state: InstanceState::Running,
+        pid: Some(1),
+        exit_code: None,
+        message: String::new(),
+        restart_count: 0,
+        accelerator: None,
+        deleted: false,
+    };
+    h.ok(Command::ReportStatus {
+        node: "n1".into(),
+        reports: vec![stale],
+    });
+    assert_eq!(
+        h.sm.instances[&a.meta.id].status.state,
+        InstanceState::Scheduled
+    );
+    assert!(h.sm.instances_on("n1").next().is_none());
+}
+
+#[test]
+fn node_down_fails_over_restart_always_instances() {
+    let mut h = H::new();
+    h.node("n1", false);
+    let mut keep = instance("keep", 1 << 20);
+    keep.spec.restart = RestartPolicy::Always;
+    let keep = inst(h.ok(Command::CreateInstance {
+        instance: Box::new(keep),
+        idempotency_key: None,
+    }));
+    let once = inst(h.create("once", 1 << 20, None).unwrap());
+    h.node("n2", false);
+    h.ok(Command::MarkNodeDown {
+        name: "n1".into(),
+        reason: "missed heartbeats".into(),
+    });
+    assert_eq!(
+        h.sm.instances[&keep.meta.id].status.node.as_deref(),
+        Some("n2")
+    );
+    assert_eq!(
+        h.sm.instances[&once.meta.id].status.node.as_deref(),
+        Some("n1")
+    );
+    assert_eq!(
+        h.sm.instances[&once.meta.id].status.state,
+        InstanceState::Failed
+    );
+}

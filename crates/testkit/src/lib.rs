@@ -69,6 +69,38 @@ fn take_slot() -> Slot {
     }
 }
 
+/// An extra `nimbus agent` process joined to a cloud (another node on this machine).
+struct AgentProc {
+    name: String,
+    data_dir: PathBuf,
+    child: Option<Child>,
+}
+
+fn wait_ready(child: &mut Child, log: &Path, what: &str) -> Result<(), KitError> {
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| KitError::NotReady("no stdout".into()))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if line.contains("ready") {
+                let _ = tx.send(line);
+            }
+        }
+    });
+    if rx.recv_timeout(Duration::from_secs(60)).is_ok() {
+        return Ok(());
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = std::fs::read_to_string(log).unwrap_or_default();
+    Err(KitError::NotReady(format!(
+        "{what}: {}",
+        log.lines().rev().take(20).collect::<Vec<_>>().join("\n")
+    )))
+}
+
 /// A running all-in-one cloud.
 pub struct Cloud {
     /// The data directory.
@@ -83,6 +115,7 @@ pub struct Cloud {
     pub pool: String,
     port: u16,
     child: Option<Child>,
+    agents: Vec<AgentProc>,
     slot: Slot,
     _tmp: Option<tempfile::TempDir>,
     bin: PathBuf,
@@ -108,6 +141,7 @@ impl Cloud {
             pool: format!("10.{}.0.0/16", 170 + u32::from(slot.index)),
             port: free_port(),
             child: None,
+            agents: Vec::new(),
             slot,
             _tmp: Some(tmp),
             bin: bin.to_path_buf(),
@@ -172,6 +206,62 @@ impl Cloud {
             .to_string();
         self.child = Some(child);
         Ok(())
+    }
+
+    /// Starts another node: a `nimbus agent` process named `name` joined to this cloud.
+    pub fn add_agent(&mut self, name: &str) -> Result<(), KitError> {
+        let data_dir = self.data_dir.with_file_name(format!("agent-{name}"));
+        self.agents.push(AgentProc {
+            name: name.to_string(),
+            data_dir,
+            child: None,
+        });
+        self.start_agent(name)
+    }
+
+    fn start_agent(&mut self, name: &str) -> Result<(), KitError> {
+        let url = self.url.clone();
+        let token_file = self.data_dir.join("node.token");
+        let bin = self.bin.clone();
+        let a = self
+            .agents
+            .iter_mut()
+            .find(|a| a.name == name)
+            .ok_or_else(|| KitError::NotReady(format!("no agent {name}")))?;
+        let log_path = a.data_dir.with_extension("log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)?;
+        let mut child = Command::new(bin)
+            .args(["agent", "--server", &url, "--token-file"])
+            .arg(&token_file)
+            .args(["--name", name, "--data-dir"])
+            .arg(&a.data_dir)
+            .args(["--listen", "127.0.0.1:0"])
+            .env("NIMBUS_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()?;
+        wait_ready(&mut child, &log_path, &format!("agent {name}"))?;
+        a.child = Some(child);
+        Ok(())
+    }
+
+    /// SIGKILLs the agent process of node `name` (its instances keep running).
+    pub fn kill_agent(&mut self, name: &str) {
+        if let Some(a) = self.agents.iter_mut().find(|a| a.name == name) {
+            if let Some(mut c) = a.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+
+    /// Starts the agent of node `name` again on its data directory.
+    pub fn restart_agent(&mut self, name: &str) -> Result<(), KitError> {
+        self.kill_agent(name);
+        self.start_agent(name)
     }
 
     /// PID of the nimbus process.
@@ -256,6 +346,12 @@ impl Cloud {
                 }
             });
             let _ = worker.join();
+        }
+        for a in &mut self.agents {
+            if let Some(mut c) = a.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
         }
         if let Some(mut c) = self.child.take() {
             let _ = nix::sys::signal::kill(

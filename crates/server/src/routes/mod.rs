@@ -117,6 +117,7 @@ pub fn router(app: AppState) -> Router {
         .route("/v1/nodes", post(nodes::register).get(nodes::list))
         .route("/v1/nodes/{name}", get(nodes::get).patch(nodes::update))
         .route("/v1/nodes/{name}/heartbeat", post(nodes::heartbeat))
+        .route("/v1/nodes/{name}/drain", post(nodes::drain))
         .route("/v1/nodes/{name}/status", post(nodes::status))
         .route("/v1/nodes/{name}/assignments", get(nodes::assignments))
         .route("/v1/images", get(images::list))

@@ -69,6 +69,18 @@ pub async fn update(
     }
 }
 
+/// Cordon the node and move its instances to other nodes through the scheduler.
+#[utoipa::path(post, path = "/v1/nodes/{name}/drain", params(("name" = String, Path)), responses((status = 200, body = Node)))]
+pub async fn drain(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+) -> HttpResult<Json<Node>> {
+    match app.propose(Command::DrainNode { name }).await? {
+        CommandOutput::Node(n) => Ok(Json(n)),
+        other => Err(ApiError::internal(format!("unexpected output {other:?}")).into()),
+    }
+}
+
 /// Heartbeat.
 #[utoipa::path(post, path = "/v1/nodes/{name}/heartbeat", request_body = HeartbeatRequest, params(("name" = String, Path)), responses((status = 204)))]
 pub async fn heartbeat(
