@@ -1,0 +1,44 @@
+//! `nimbus-bench`: developer benchmark tool for nimbus (not part of the product).
+//!
+//! Subcommands measure launch latency against bare runc (and podman), control-plane write
+//! throughput against etcd, and resident memory with many containers. The `scripts/bench-*`
+//! drivers build everything and call it; each run prints one summary line per configuration and
+//! can rewrite its section of `docs/benchmarks.md`.
+
+mod doc;
+mod harness;
+mod launch;
+mod memory;
+mod stats;
+mod writes;
+
+use clap::{Parser, Subcommand};
+
+/// Command line.
+#[derive(Debug, Parser)]
+#[command(name = "nimbus-bench", about = "nimbus developer benchmarks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+/// Benchmarks.
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// API create -> running, vs bare `runc run -d` and `podman run -d`.
+    Launch(launch::LaunchArgs),
+    /// Committed creates through Raft via REST, vs etcd's v3 gateway.
+    Writes(writes::WritesArgs),
+    /// VmRSS of `nimbus up` and its shims with many running containers.
+    Memory(memory::MemoryArgs),
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Launch(a) => launch::run(&a).await,
+        Cmd::Writes(a) => writes::run(&a).await,
+        Cmd::Memory(a) => memory::run(&a).await,
+    }
+}
