@@ -218,6 +218,7 @@ async fn bootstrap_defaults(app: &AppState) -> Result<(), StartError> {
         app.propose(Command::CreateProject {
             name: "default".into(),
             description: "the default project".into(),
+            idempotency_key: None,
         })
         .await
         .or_else(|e| {

@@ -40,6 +40,9 @@ pub enum Command {
         name: String,
         /// Description.
         description: String,
+        /// Idempotency key.
+        #[serde(default)]
+        idempotency_key: Option<String>,
     },
     /// Delete an empty project.
     DeleteProject {

@@ -146,9 +146,11 @@ impl StateMachine {
                 self.network = want;
                 Ok(CommandOutput::None)
             }
-            Command::CreateProject { name, description } => {
-                self.create_project(env, name, description)
-            }
+            Command::CreateProject {
+                name,
+                description,
+                idempotency_key,
+            } => self.create_project(env, name, description, idempotency_key.as_deref()),
             Command::DeleteProject { name } => self.delete_project(env, name),
             Command::RegisterNode(req) => self.register_node(env, req),
             Command::NodeHeartbeat { name } => self.heartbeat(env, name),
@@ -293,8 +295,21 @@ impl StateMachine {
         env: &CommandEnvelope,
         name: &str,
         description: &str,
+        key: Option<&str>,
     ) -> CommandResult {
         nimbus_api::validate::name("name", name)?;
+        if let Some(key) = key {
+            if let Some(existing) = self.idempotency.get(&format!("project:{key}")) {
+                if existing == name {
+                    if let Some(p) = self.projects.get(name) {
+                        return Ok(CommandOutput::Project(p.clone()));
+                    }
+                }
+                return Err(ApiError::conflict(format!(
+                    "idempotency key {key:?} was already used to create project {existing:?}"
+                )));
+            }
+        }
         if self.projects.contains_key(name) {
             return Err(ApiError::already_exists("project", name));
         }
@@ -302,6 +317,10 @@ impl StateMachine {
             meta: meta(env, name, name),
             description: description.to_string(),
         };
+        if let Some(key) = key {
+            self.idempotency
+                .insert(format!("project:{key}"), name.to_string());
+        }
         self.projects.insert(name.to_string(), p.clone());
         self.event(env, name, "project", name, "Created", String::new());
         Ok(CommandOutput::Project(p))

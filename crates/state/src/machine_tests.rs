@@ -26,6 +26,7 @@ impl H {
         h.ok(Command::CreateProject {
             name: "default".into(),
             description: String::new(),
+            idempotency_key: None,
         });
         h.ok(Command::PutImage(image("busybox", "sha256:aa")));
         h
@@ -345,11 +346,13 @@ fn projects_and_images() {
     h.ok(Command::CreateProject {
         name: "team".into(),
         description: String::new(),
+        idempotency_key: None,
     });
     assert_eq!(
         h.err(Command::CreateProject {
             name: "team".into(),
-            description: String::new()
+            description: String::new(),
+            idempotency_key: None
         })
         .code,
         ErrorCode::AlreadyExists
@@ -357,7 +360,8 @@ fn projects_and_images() {
     assert_eq!(
         h.err(Command::CreateProject {
             name: "Bad_Name".into(),
-            description: String::new()
+            description: String::new(),
+            idempotency_key: None
         })
         .field
         .as_deref(),
@@ -487,5 +491,28 @@ fn node_down_fails_over_restart_always_instances() {
     assert_eq!(
         h.sm.instances[&once.meta.id].status.state,
         InstanceState::Failed
+    );
+}
+
+#[test]
+fn project_idempotency_key() {
+    let mut h = H::new();
+    let create = |key: &str, name: &str| Command::CreateProject {
+        name: name.into(),
+        description: String::new(),
+        idempotency_key: Some(key.into()),
+    };
+    let a = h.ok(create("k", "team"));
+    let b = h.ok(create("k", "team"));
+    assert_eq!(a, b);
+    assert_eq!(h.err(create("k", "other")).code, ErrorCode::Conflict);
+    assert_eq!(
+        h.err(Command::CreateProject {
+            name: "team".into(),
+            description: String::new(),
+            idempotency_key: None
+        })
+        .code,
+        ErrorCode::AlreadyExists
     );
 }

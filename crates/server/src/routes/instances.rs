@@ -32,6 +32,25 @@ fn check_project(app: &AppState, project: &str) -> Result<(), ApiError> {
     }
 }
 
+/// The `Idempotency-Key` header, validated (1-255 printable ASCII characters).
+pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(v) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let bad = || {
+        ApiError::new(
+            ErrorCode::BadRequest,
+            "Idempotency-Key must be 1-255 printable ASCII characters",
+        )
+        .with_field("Idempotency-Key")
+    };
+    let k = v.to_str().map_err(|_| bad())?;
+    if k.is_empty() || k.len() > 255 {
+        return Err(bad());
+    }
+    Ok(Some(k.to_string()))
+}
+
 /// Read options.
 #[derive(Debug, Deserialize)]
 pub struct ReadOpts {
@@ -52,25 +71,7 @@ pub async fn create(
 ) -> HttpResult<(StatusCode, Json<Instance>)> {
     check_project(&app, &project)?;
     let v = validate::create_instance(&req)?;
-    let key = headers
-        .get("idempotency-key")
-        .map(|h| h.to_str().map(str::to_string))
-        .transpose()
-        .map_err(|_| {
-            ApiError::new(
-                ErrorCode::BadRequest,
-                "Idempotency-Key must be printable ASCII",
-            )
-            .with_field("Idempotency-Key")
-        })?;
-    if key.as_ref().is_some_and(|k| k.is_empty() || k.len() > 255) {
-        return Err(ApiError::new(
-            ErrorCode::BadRequest,
-            "Idempotency-Key must be 1-255 characters",
-        )
-        .with_field("Idempotency-Key")
-        .into());
-    }
+    let key = idempotency_key(&headers)?;
     let image = app
         .read(|s| {
             s.images

@@ -13,6 +13,7 @@ use crate::error::{ApiJson, HttpResult};
 #[utoipa::path(post, path = "/v1/projects", request_body = CreateProjectRequest, responses((status = 201, body = Project), (status = 409, body = nimbus_api::ErrorBody)))]
 pub async fn create(
     State(app): State<AppState>,
+    headers: axum::http::HeaderMap,
     ApiJson(req): ApiJson<CreateProjectRequest>,
 ) -> HttpResult<(StatusCode, Json<Project>)> {
     nimbus_api::validate::name("name", &req.name)?;
@@ -20,6 +21,7 @@ pub async fn create(
         .propose(Command::CreateProject {
             name: req.name,
             description: req.description,
+            idempotency_key: crate::routes::instances::idempotency_key(&headers)?,
         })
         .await?
     {
