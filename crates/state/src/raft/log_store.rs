@@ -1,25 +1,33 @@
 //! The Raft log on redb: entries, vote, committed and last purged log id.
 //!
-//! Every append is one redb write transaction committed with immediate durability (fsync)
-//! before openraft is told the entries are flushed. openraft hands over all entries that
-//! accumulated while the previous append was in flight, so concurrent client writes share one
-//! fsync (group commit).
+//! All mutations go through the writer thread of [`super::log_writer`], which group-commits
+//! them: one redb write transaction with immediate durability (fsync) per batch, after which
+//! openraft is told the entries are flushed. Entries handed to `append` are readable from
+//! memory right away, as openraft requires.
 
+use std::collections::BTreeMap;
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{ErrorSubject, ErrorVerb, OptionalSend, RaftLogReader, StorageIOError};
-use redb::{Durability, ReadableTable};
+use redb::ReadableTable;
+use serde::Serialize;
+use tokio::sync::oneshot;
 
 use super::db::{self, DbError, LOGS, META, META_COMMITTED, META_LAST_PURGED, META_VOTE};
+use super::log_writer::{self, CommittedSlot, Op, Pending};
 use super::{Entry, LogId, StorageError, TypeConfig, Vote};
 
-/// The Raft log store. Cheap to clone: clones share the database.
+/// The Raft log store. Cheap to clone: clones share the database, the writer and the entries
+/// not yet written.
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<db::Db>,
+    pending: Pending,
+    committed: CommittedSlot,
+    writer: mpsc::Sender<Op>,
 }
 
 impl Debug for LogStore {
@@ -28,14 +36,31 @@ impl Debug for LogStore {
     }
 }
 
-fn io_err(subject: ErrorSubject<u64>, verb: ErrorVerb, e: &DbError) -> StorageError {
+fn io_err(
+    subject: ErrorSubject<u64>,
+    verb: ErrorVerb,
+    e: &(impl std::error::Error + 'static),
+) -> StorageError {
     StorageIOError::new(subject, verb, e).into()
 }
 
+fn writer_gone() -> std::io::Error {
+    std::io::Error::other("raft log writer thread stopped")
+}
+
 impl LogStore {
-    /// A log store over an open database (tables must exist: see `db::open`).
-    pub(crate) fn new(db: Arc<db::Db>) -> Self {
-        Self { db }
+    /// A log store over an open database (tables must exist: see `db::open`); starts its
+    /// writer thread.
+    pub(crate) fn new(db: Arc<db::Db>) -> std::io::Result<Self> {
+        let pending = Pending::default();
+        let committed = CommittedSlot::default();
+        let writer = log_writer::spawn(db.clone(), pending.clone(), committed.clone())?;
+        Ok(Self {
+            db,
+            pending,
+            committed,
+            writer,
+        })
     }
 
     /// A receiver whose `changed()` fails once the database file is closed.
@@ -43,33 +68,64 @@ impl LogStore {
         self.db.closed_signal()
     }
 
+    /// Queues `op` and waits for the writer to complete it.
+    async fn submit(&self, op: impl FnOnce(log_writer::Done) -> Op) -> Result<(), std::io::Error> {
+        let (tx, rx) = oneshot::channel();
+        self.writer.send(op(tx)).map_err(|_| writer_gone())?;
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(msg)) => Err(std::io::Error::other(msg)),
+            Err(_) => Err(writer_gone()),
+        }
+    }
+
     fn read_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<Vec<Entry>, DbError> {
+        // Pending first: an entry leaves `pending` only after it is committed to redb, so
+        // reading in this order cannot miss it.
+        let pending: Vec<Entry> = log_writer::lock(&self.pending)
+            .range((start, end))
+            .map(|(_, e)| e.clone())
+            .collect();
         let tx = self.db.begin_read()?;
         let t = tx.open_table(LOGS)?;
-        let mut out = Vec::new();
+        let mut out = BTreeMap::new();
         for row in t.range::<u64>((start, end))? {
             let (k, v) = row?;
             let e: Entry = serde_json::from_slice(v.value()).map_err(|source| DbError::Decode {
                 key: format!("log {}", k.value()),
                 source,
             })?;
-            out.push(e);
+            out.insert(k.value(), e);
         }
-        Ok(out)
+        for e in pending {
+            out.insert(e.log_id.index, e);
+        }
+        Ok(out.into_values().collect())
     }
 
-    fn last_entry(&self) -> Result<Option<Entry>, DbError> {
+    fn last_log_id(&self) -> Result<Option<LogId>, DbError> {
+        let pending = log_writer::lock(&self.pending)
+            .last_key_value()
+            .map(|(_, e)| e.log_id);
+        if pending.is_some() {
+            return Ok(pending);
+        }
         let tx = self.db.begin_read()?;
         let t = tx.open_table(LOGS)?;
         let Some((k, v)) = t.last()? else {
             return Ok(None);
         };
-        serde_json::from_slice(v.value())
-            .map(Some)
-            .map_err(|source| DbError::Decode {
-                key: format!("log {}", k.value()),
-                source,
-            })
+        let e: Entry = serde_json::from_slice(v.value()).map_err(|source| DbError::Decode {
+            key: format!("log {}", k.value()),
+            source,
+        })?;
+        Ok(Some(e.log_id))
+    }
+
+    #[allow(clippy::result_large_err)] // openraft's error type
+    fn encode(value: &impl Serialize) -> Result<Vec<u8>, StorageError> {
+        serde_json::to_vec(value)
+            .map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Write, &DbError::Encode(e)))
     }
 }
 
@@ -89,7 +145,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let read = || -> Result<_, DbError> {
             let last_purged: Option<LogId> = db::get_json(&self.db, META, META_LAST_PURGED)?;
-            let last = self.last_entry()?.map(|e| e.log_id);
+            let last = self.last_log_id()?;
             Ok((last_purged, last))
         };
         let (last_purged_log_id, last) =
@@ -106,11 +162,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
-        let db = self.db.clone();
-        let vote = *vote;
-        db::blocking(move || db::put_meta(&db, META_VOTE, &vote, Durability::Immediate))
-            .await
-            .map_err(|e| io_err(ErrorSubject::Vote, ErrorVerb::Write, &e))
+        let value = Self::encode(vote)?;
+        self.submit(|done| Op::Meta {
+            key: META_VOTE,
+            value,
+            done,
+        })
+        .await
+        .map_err(|e| io_err(ErrorSubject::Vote, ErrorVerb::Write, &e))
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
@@ -119,13 +178,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        // Losing the committed id is harmless (openraft then just re-applies less at startup),
-        // so it rides along with the next durable commit instead of costing its own fsync.
-        // Off the async worker: a concurrent snapshot write would make `begin_write` block.
-        let db = self.db.clone();
-        db::blocking(move || db::put_meta(&db, META_COMMITTED, &committed, Durability::None))
-            .await
-            .map_err(|e| io_err(ErrorSubject::Store, ErrorVerb::Write, &e))
+        // Losing the committed id is harmless (openraft then re-applies less at startup and
+        // catches up once a leader commits), so it costs no transaction of its own: the
+        // writer stores the latest value with its next batch, or when it stops.
+        let value = Self::encode(&committed)?;
+        *self
+            .committed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(value);
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
@@ -143,54 +204,28 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let mut rows = Vec::new();
-        for e in entries {
-            let bytes = serde_json::to_vec(&e).map_err(|err| {
-                io_err(ErrorSubject::Logs, ErrorVerb::Write, &DbError::Encode(err))
-            })?;
-            rows.push((e.log_id.index, bytes));
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        let mut rows = Vec::with_capacity(entries.len());
+        for e in &entries {
+            rows.push((e.log_id, Self::encode(e)?));
         }
-        let n = rows.len();
-        let db = self.db.clone();
-        let res = db::blocking(move || {
-            let mut tx = db.begin_write()?;
-            tx.set_durability(Durability::Immediate);
-            {
-                let mut t = tx.open_table(LOGS)?;
-                for (index, bytes) in &rows {
-                    t.insert(*index, bytes.as_slice())?;
-                }
-            }
-            tx.commit()?;
-            Ok(())
-        })
-        .await;
-        match res {
-            Ok(()) => {
-                tracing::trace!(entries = n, "raft log appended");
-                callback.log_io_completed(Ok(()));
-                Ok(())
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "raft log append failed");
-                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
-                Err(io_err(ErrorSubject::Logs, ErrorVerb::Write, &e))
+        {
+            let mut p = log_writer::lock(&self.pending);
+            for e in entries {
+                p.insert(e.log_id.index, e);
             }
         }
+        self.writer
+            .send(Op::Append { rows, callback })
+            .map_err(|_| io_err(ErrorSubject::Logs, ErrorVerb::Write, &writer_gone()))
     }
 
     async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
         tracing::debug!(%log_id, "truncating raft log");
-        let db = self.db.clone();
-        db::blocking(move || {
-            let mut tx = db.begin_write()?;
-            tx.set_durability(Durability::Immediate);
-            {
-                let mut t = tx.open_table(LOGS)?;
-                t.retain_in(log_id.index.., |_, _| false)?;
-            }
-            tx.commit()?;
-            Ok(())
+        log_writer::lock(&self.pending).retain(|&i, _| i < log_id.index);
+        self.submit(|done| Op::Truncate {
+            index: log_id.index,
+            done,
         })
         .await
         .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, &e))
@@ -198,21 +233,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
         tracing::debug!(%log_id, "purging raft log");
-        let db = self.db.clone();
-        db::blocking(move || {
-            let bytes = serde_json::to_vec(&log_id).map_err(DbError::Encode)?;
-            let mut tx = db.begin_write()?;
-            tx.set_durability(Durability::Immediate);
-            {
-                let mut m = tx.open_table(META)?;
-                m.insert(META_LAST_PURGED, bytes.as_slice())?;
-                let mut t = tx.open_table(LOGS)?;
-                t.retain_in(..=log_id.index, |_, _| false)?;
-            }
-            tx.commit()?;
-            Ok(())
-        })
-        .await
-        .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, &e))
+        self.submit(|done| Op::Purge { log_id, done })
+            .await
+            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, &e))?;
+        log_writer::lock(&self.pending).retain(|&i, _| i > log_id.index);
+        Ok(())
     }
 }

@@ -18,6 +18,7 @@ pub mod node;
 pub mod sm_store;
 
 mod db;
+mod log_writer;
 
 pub use http::raft_router;
 pub use node::{InitError, OpenError, RaftConfig, RaftNode, WriteError};

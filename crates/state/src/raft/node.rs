@@ -34,9 +34,9 @@ pub const BOOTSTRAP_TIMEOUT: Duration = Duration::from_secs(5);
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Heartbeat interval (ms). Also the timeout of one append-entries RPC.
-pub const HEARTBEAT_MS: u64 = 150;
+pub const HEARTBEAT_MS: u64 = 200;
 /// Election timeout range (ms).
-pub const ELECTION_TIMEOUT_MS: (u64, u64) = (500, 1000);
+pub const ELECTION_TIMEOUT_MS: (u64, u64) = (600, 1200);
 
 /// How to open a Raft node.
 #[derive(Debug, Clone)]
@@ -129,6 +129,9 @@ pub enum OpenError {
         /// The configured id.
         expected: u64,
     },
+    /// The log writer thread could not be started.
+    #[error("cannot start the Raft log writer thread")]
+    Writer(#[source] std::io::Error),
     /// The openraft configuration is invalid.
     #[error("invalid Raft configuration")]
     Config(#[source] Box<openraft::ConfigError>),
@@ -239,10 +242,8 @@ pub fn open_storage(
             applied
         }
     };
-    Ok((
-        LogStore::new(db.clone()),
-        StateMachineStore::new(db, applied),
-    ))
+    let log = LogStore::new(db.clone()).map_err(OpenError::Writer)?;
+    Ok((log, StateMachineStore::new(db, applied)))
 }
 
 struct Inner {
