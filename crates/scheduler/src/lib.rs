@@ -1,12 +1,51 @@
 //! Pure placement engine: given a snapshot of the cluster and a request, choose a node or say
-//! exactly why none fits. No I/O; deterministic for the same input.
+//! exactly why none fits. No I/O, no clock, no hidden randomness: the same input always gives the
+//! same output (the simulator takes an explicit seed).
+//!
+//! Layers:
+//! - [`place`], [`filter`], [`score`]: the original one-shot API over [`NodeView`] / [`Request`]
+//!   (kept source-compatible for the state machine).
+//! - [`Cluster`]: the indexed engine. Built once from a snapshot of [`Node`]s, it places
+//!   [`InstanceRequest`]s in a tight scan over precomputed per-node free vectors, returns node
+//!   indices (no allocation, no `String` clones on success), and commits allocations
+//!   incrementally ([`Cluster::commit`], [`Cluster::place_batch`]).
+//! - [`constraint`]: label/zone constraints (`disk=ssd`, `tier!=batch`, `zone in (a,b)`).
+//! - [`adaptive`]: weights that follow cluster-wide pressure with hysteresis.
+//! - [`preempt`]: priority classes and the minimal-victim preemption planner.
+//! - [`validate`]: typed validation errors naming the offending field.
+//! - [`sim`]: a seeded cluster/workload simulator and baseline algorithms for benchmarks.
+
+// Index loops over the three resource dimensions read better than zipped iterators, short math
+// names mirror the documented formulas, and exact float comparison is intended where ties are
+// broken deterministically.
+#![allow(
+    clippy::needless_range_loop,
+    clippy::many_single_char_names,
+    clippy::float_cmp
+)]
+
+pub mod adaptive;
+mod batch;
+mod cluster;
+pub mod constraint;
+pub mod preempt;
+pub mod rng;
+pub mod sim;
+pub mod validate;
 
 use std::collections::BTreeMap;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-/// A node as the scheduler sees it.
+pub use adaptive::{AdaptiveConfig, AdaptiveWeights, Pressure};
+pub use batch::BatchError;
+pub use cluster::Cluster;
+pub use constraint::{Constraint, ConstraintOp};
+pub use preempt::{plan_preemption, PreemptionPlan, PriorityClasses, RunningInstance};
+pub use validate::PolicyError;
+
+/// A node as the scheduler sees it (the original, minimal view; see [`Node`] for the full one).
 #[derive(Debug, Clone, PartialEq)]
 pub struct NodeView {
     /// Node name.
@@ -27,6 +66,95 @@ pub struct NodeView {
     pub instance_count: u32,
 }
 
+impl Default for NodeView {
+    /// A ready, uncordoned, container-capable node with no capacity.
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            ready: true,
+            cordoned: false,
+            vm_capable: false,
+            container_capable: true,
+            capacity: Resources::default(),
+            allocated: Resources::default(),
+            instance_count: 0,
+        }
+    }
+}
+
+/// A node in a cluster snapshot: everything in [`NodeView`] plus zone, labels, measured
+/// utilisation, network capacity and the spread groups already on it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Node {
+    /// Node name.
+    pub name: String,
+    /// Heartbeating and healthy.
+    pub ready: bool,
+    /// Excluded from new placements (cordoned or draining).
+    pub cordoned: bool,
+    /// Can run VMs.
+    pub vm_capable: bool,
+    /// Can run containers.
+    pub container_capable: bool,
+    /// Capacity: milli-CPUs, memory bytes, disk bytes.
+    pub capacity: Resources,
+    /// Sum of the requests of instances placed on it.
+    pub allocated: Resources,
+    /// Instances placed on it.
+    pub instance_count: u32,
+    /// Failure domain (empty: none).
+    pub zone: String,
+    /// Node labels, matched by [`Constraint`]s.
+    pub labels: BTreeMap<String, String>,
+    /// Measured utilisation (fractions of physical capacity, 0..1).
+    pub measured: Utilization,
+    /// Network capacity in Mbit/s (0: unknown; the network term then uses `measured.network`).
+    pub network_mbps: u64,
+    /// Network bandwidth reserved by instances on it, Mbit/s.
+    pub network_allocated_mbps: u64,
+    /// Spread-group members already on the node: group name -> count.
+    pub groups: BTreeMap<String, u32>,
+}
+
+impl Default for Node {
+    /// A ready, uncordoned, container-capable node with no capacity.
+    fn default() -> Self {
+        Self::from(&NodeView::default())
+    }
+}
+
+impl From<&NodeView> for Node {
+    fn from(v: &NodeView) -> Self {
+        Self {
+            name: v.name.clone(),
+            ready: v.ready,
+            cordoned: v.cordoned,
+            vm_capable: v.vm_capable,
+            container_capable: v.container_capable,
+            capacity: v.capacity,
+            allocated: v.allocated,
+            instance_count: v.instance_count,
+            zone: String::new(),
+            labels: BTreeMap::new(),
+            measured: Utilization::default(),
+            network_mbps: 0,
+            network_allocated_mbps: 0,
+            groups: BTreeMap::new(),
+        }
+    }
+}
+
+/// Measured utilisation per dimension, as fractions of physical capacity (0..1).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Utilization {
+    /// CPU busy fraction.
+    pub cpu: f64,
+    /// Memory used fraction.
+    pub memory: f64,
+    /// Network bandwidth used fraction.
+    pub network: f64,
+}
+
 /// A resource vector.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Resources {
@@ -38,8 +166,25 @@ pub struct Resources {
     pub disk_bytes: u64,
 }
 
-/// What is being placed.
-#[derive(Debug, Clone, PartialEq)]
+impl Resources {
+    /// The vector as `[cpu, memory, disk]`.
+    pub fn to_array(self) -> [u64; 3] {
+        [self.cpu_millis, self.memory_bytes, self.disk_bytes]
+    }
+
+    /// Component-wise saturating sum.
+    #[must_use]
+    pub fn saturating_add(self, o: Self) -> Self {
+        Self {
+            cpu_millis: self.cpu_millis.saturating_add(o.cpu_millis),
+            memory_bytes: self.memory_bytes.saturating_add(o.memory_bytes),
+            disk_bytes: self.disk_bytes.saturating_add(o.disk_bytes),
+        }
+    }
+}
+
+/// What is being placed (the original, minimal request; see [`InstanceRequest`]).
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Request {
     /// Resources requested.
     pub resources: Resources,
@@ -47,10 +192,88 @@ pub struct Request {
     pub vm: bool,
 }
 
-/// Overcommit ratios and limits.
+/// A full placement request: resources, instance type, constraints, spread group, priority.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct InstanceRequest {
+    /// Resources requested.
+    pub resources: Resources,
+    /// Instance type: `true` for a VM (needs VM support), `false` for a container.
+    pub vm: bool,
+    /// Expected network bandwidth, Mbit/s (scored, not filtered).
+    pub network_mbps: u64,
+    /// Label and zone constraints; all must hold.
+    pub constraints: Vec<Constraint>,
+    /// Spread group. Members of a group are spread softly: a new member goes to the zone with the
+    /// fewest members of the group, then to the node with the fewest, and only then by score.
+    pub spread_group: Option<String>,
+    /// Hard anti-affinity: never share a node with another member of `spread_group`.
+    pub anti_affinity: bool,
+    /// Priority value (resolve a class name with [`PriorityClasses::resolve`]); higher may preempt
+    /// lower through [`plan_preemption`].
+    pub priority: i32,
+}
+
+impl From<&Request> for InstanceRequest {
+    fn from(r: &Request) -> Self {
+        Self {
+            resources: r.resources,
+            vm: r.vm,
+            ..Self::default()
+        }
+    }
+}
+
+/// Score weights of the objective `cpu·u_cpu + memory·u_mem + network·u_net`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Weights {
+    /// CPU weight. Default 0.4.
+    pub cpu: f64,
+    /// Memory weight. Default 0.4.
+    pub memory: f64,
+    /// Network weight. Default 0.2.
+    pub network: f64,
+}
+
+impl Default for Weights {
+    fn default() -> Self {
+        Self {
+            cpu: 0.4,
+            memory: 0.4,
+            network: 0.2,
+        }
+    }
+}
+
+impl Weights {
+    /// The weights as `[cpu, memory, network]`.
+    pub fn to_array(self) -> [f64; 3] {
+        [self.cpu, self.memory, self.network]
+    }
+
+    /// The weights scaled to sum to 1 (unchanged if they sum to 0).
+    #[must_use]
+    pub fn normalized(self) -> Self {
+        let s = self.cpu + self.memory + self.network;
+        if s > 0.0 {
+            Self {
+                cpu: self.cpu / s,
+                memory: self.memory / s,
+                network: self.network / s,
+            }
+        } else {
+            self
+        }
+    }
+}
+
+/// Overcommit ratios, limits, host reserve and scoring weights.
+///
+/// Defaults: CPU overcommit 4.0, memory 1.0 (none), disk 2.0 (thin overlay and qcow2 disks),
+/// 250 instances per node, spread, no host reserve, weights cpu 0.4 / memory 0.4 / network 0.2.
+/// Check a policy with [`Policy::validate`].
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Policy {
-    /// CPU overcommit (requests may sum to `ratio × capacity`). Default 4.0.
+    /// CPU overcommit (requests may sum to `ratio × (capacity − reserve)`). Default 4.0.
     pub cpu_overcommit: f64,
     /// Memory overcommit. Default 1.0 (none).
     pub memory_overcommit: f64,
@@ -60,6 +283,16 @@ pub struct Policy {
     pub max_instances_per_node: u32,
     /// Strategy.
     pub strategy: Strategy,
+    /// Capacity held back on every node for the host (agent, kernel, page cache). Default none;
+    /// a typical production value is 500 milli-CPUs and 1 GiB.
+    #[serde(default)]
+    pub host_reserve: Resources,
+    /// Score weights. Default cpu 0.4, memory 0.4, network 0.2.
+    #[serde(default)]
+    pub weights: Weights,
+    /// The adaptive-weight control law (used by [`AdaptiveWeights`]).
+    #[serde(default)]
+    pub adaptive: AdaptiveConfig,
 }
 
 impl Default for Policy {
@@ -70,6 +303,9 @@ impl Default for Policy {
             disk_overcommit: 2.0,
             max_instances_per_node: 250,
             strategy: Strategy::Spread,
+            host_reserve: Resources::default(),
+            weights: Weights::default(),
+            adaptive: AdaptiveConfig::default(),
         }
     }
 }
@@ -81,11 +317,13 @@ pub enum Strategy {
     /// Minimise the post-placement utilisation.
     #[default]
     Spread,
-    /// Maximise it among the nodes that fit.
+    /// Maximise it among the nodes that fit; never open an empty node while a used one fits, and
+    /// open the largest empty node first.
     Binpack,
 }
 
-/// Why a node was filtered out.
+/// Why a node was filtered out. Filters run in this order; a node is counted under the first that
+/// fails.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Reason {
     /// Not ready.
@@ -96,6 +334,12 @@ pub enum Reason {
     NoVmSupport,
     /// No container support.
     NoContainerSupport,
+    /// Zone not allowed by a `zone` constraint.
+    ZoneMismatch,
+    /// A label constraint does not hold.
+    ConstraintMismatch,
+    /// Already hosts a member of the request's hard anti-affinity group.
+    AntiAffinity,
     /// Too many instances.
     TooManyInstances,
     /// Not enough CPU.
@@ -113,6 +357,9 @@ impl fmt::Display for Reason {
             Self::Cordoned => "cordoned",
             Self::NoVmSupport => "no VM support",
             Self::NoContainerSupport => "no container support",
+            Self::ZoneMismatch => "zone mismatch",
+            Self::ConstraintMismatch => "constraint mismatch",
+            Self::AntiAffinity => "anti-affinity",
             Self::TooManyInstances => "too many instances",
             Self::InsufficientCpu => "insufficient cpu",
             Self::InsufficientMemory => "insufficient memory",
@@ -153,50 +400,17 @@ impl fmt::Display for Unschedulable {
     }
 }
 
-fn fits(have: u64, used: u64, want: u64, ratio: f64) -> bool {
-    (used + want) as f64 <= have as f64 * ratio
-}
+impl std::error::Error for Unschedulable {}
 
 /// The first reason `node` cannot take `req`, if any.
 pub fn filter(node: &NodeView, req: &Request, policy: &Policy) -> Option<Reason> {
-    let r = &req.resources;
-    if !node.ready {
-        Some(Reason::NotReady)
-    } else if node.cordoned {
-        Some(Reason::Cordoned)
-    } else if req.vm && !node.vm_capable {
-        Some(Reason::NoVmSupport)
-    } else if !req.vm && !node.container_capable {
-        Some(Reason::NoContainerSupport)
-    } else if node.instance_count >= policy.max_instances_per_node {
-        Some(Reason::TooManyInstances)
-    } else if !fits(
-        node.capacity.cpu_millis,
-        node.allocated.cpu_millis,
-        r.cpu_millis,
-        policy.cpu_overcommit,
-    ) {
-        Some(Reason::InsufficientCpu)
-    } else if !fits(
-        node.capacity.memory_bytes,
-        node.allocated.memory_bytes,
-        r.memory_bytes,
-        policy.memory_overcommit,
-    ) {
-        Some(Reason::InsufficientMemory)
-    } else if !fits(
-        node.capacity.disk_bytes,
-        node.allocated.disk_bytes,
-        r.disk_bytes,
-        policy.disk_overcommit,
-    ) {
-        Some(Reason::InsufficientDisk)
-    } else {
-        None
-    }
+    let c = Cluster::new(&[Node::from(node)], *policy);
+    c.reason(0, &InstanceRequest::from(req))
 }
 
-/// Utilisation after placement: the mean of the CPU and memory fractions (0..1+).
+/// Utilisation after placement under the policy's default weights (cpu 0.4, memory 0.4,
+/// network 0.2) with overcommit and reserve ignored: the weighted mean of the CPU and memory
+/// fractions of capacity (0..1+).
 pub fn score(node: &NodeView, req: &Request) -> f64 {
     let frac = |used: u64, want: u64, cap: u64| {
         if cap == 0 {
@@ -218,118 +432,17 @@ pub fn score(node: &NodeView, req: &Request) -> f64 {
     0.5 * cpu + 0.5 * mem
 }
 
-/// Chooses a node for `req`. Ties break by node name, so the result is deterministic.
+/// Chooses a node for `req` with the full filter and scoring of [`Cluster::place`]. Ties break
+/// by node name, so the result is deterministic.
 pub fn place<'a>(
     nodes: &'a [NodeView],
     req: &Request,
     policy: &Policy,
 ) -> Result<&'a NodeView, Unschedulable> {
-    let mut best: Option<(&NodeView, f64)> = None;
-    let mut reasons = BTreeMap::new();
-    let mut per_node = Vec::new();
-    for n in nodes {
-        if let Some(r) = filter(n, req, policy) {
-            *reasons.entry(r).or_insert(0) += 1;
-            per_node.push((n.name.clone(), r));
-            continue;
-        }
-        let s = score(n, req);
-        let better = match best {
-            None => true,
-            Some((b, bs)) => match policy.strategy {
-                Strategy::Spread => s.total_cmp(&bs).then_with(|| n.name.cmp(&b.name)).is_lt(),
-                Strategy::Binpack => bs.total_cmp(&s).then_with(|| n.name.cmp(&b.name)).is_lt(),
-            },
-        };
-        if better {
-            best = Some((n, s));
-        }
-    }
-    best.map(|(n, _)| n).ok_or(Unschedulable {
-        total: nodes.len(),
-        reasons,
-        per_node,
-    })
+    let full: Vec<Node> = nodes.iter().map(Node::from).collect();
+    let mut c = Cluster::new(&full, *policy);
+    c.place(&InstanceRequest::from(req)).map(|i| &nodes[i])
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn node(name: &str, cpu: u64, mem: u64) -> NodeView {
-        NodeView {
-            name: name.into(),
-            ready: true,
-            cordoned: false,
-            vm_capable: false,
-            container_capable: true,
-            capacity: Resources {
-                cpu_millis: cpu,
-                memory_bytes: mem,
-                disk_bytes: 1 << 40,
-            },
-            allocated: Resources::default(),
-            instance_count: 0,
-        }
-    }
-
-    fn req(cpu: u64, mem: u64) -> Request {
-        Request {
-            resources: Resources {
-                cpu_millis: cpu,
-                memory_bytes: mem,
-                disk_bytes: 1,
-            },
-            vm: false,
-        }
-    }
-
-    #[test]
-    fn spread_prefers_least_loaded_and_binpack_the_most() {
-        let mut a = node("a", 4000, 8 << 30);
-        a.allocated.memory_bytes = 4 << 30;
-        let b = node("b", 4000, 8 << 30);
-        let nodes = vec![a, b];
-        assert_eq!(
-            place(&nodes, &req(1000, 1 << 30), &Policy::default())
-                .unwrap()
-                .name,
-            "b"
-        );
-        let bp = Policy {
-            strategy: Strategy::Binpack,
-            ..Policy::default()
-        };
-        assert_eq!(place(&nodes, &req(1000, 1 << 30), &bp).unwrap().name, "a");
-    }
-
-    #[test]
-    fn unschedulable_counts_reasons() {
-        let mut c = node("c", 4000, 1 << 30);
-        c.cordoned = true;
-        let mut d = node("d", 4000, 1 << 30);
-        d.ready = false;
-        let nodes = vec![node("a", 4000, 1 << 30), node("b", 4000, 1 << 30), c, d];
-        let e = place(&nodes, &req(1000, 2 << 30), &Policy::default()).unwrap_err();
-        assert_eq!(e.reasons[&Reason::InsufficientMemory], 2);
-        assert_eq!(e.reasons[&Reason::Cordoned], 1);
-        let msg = e.to_string();
-        assert!(
-            msg.starts_with("0 of 4 nodes fit: 2 insufficient memory, 1 not ready, 1 cordoned"),
-            "{msg}"
-        );
-        let vm = Request {
-            vm: true,
-            ..req(1, 1)
-        };
-        let e = place(&nodes[..2], &vm, &Policy::default()).unwrap_err();
-        assert_eq!(e.reasons[&Reason::NoVmSupport], 2);
-    }
-
-    #[test]
-    fn cpu_overcommit() {
-        let n = vec![node("a", 1000, 8 << 30)];
-        assert!(place(&n, &req(4000, 1), &Policy::default()).is_ok());
-        assert!(place(&n, &req(4001, 1), &Policy::default()).is_err());
-    }
-}
+mod tests;
