@@ -78,7 +78,7 @@ async fn single_voter_write_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_writes_group_commit() {
+async fn concurrent_writes_get_distinct_indexes() {
     let dir = tempfile::tempdir().unwrap();
     let node = RaftNode::open(config(dir.path(), 1, "http://127.0.0.1:1", 5000))
         .await
@@ -207,14 +207,27 @@ async fn data_dir_of_another_node_is_an_error() {
 
 /// A node served over HTTP on a free local port.
 async fn serve(dir: &Path, id: u64, snapshot_every: u64) -> (RaftNode, String) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (node, url, _server) = serve_at(dir, id, snapshot_every, "127.0.0.1:0").await;
+    (node, url)
+}
+
+/// Like [`serve`] on a given address; also returns the server task.
+async fn serve_at(
+    dir: &Path,
+    id: u64,
+    snapshot_every: u64,
+    addr: &str,
+) -> (RaftNode, String, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let node = RaftNode::open(config(dir, id, &url, snapshot_every))
         .await
         .unwrap();
     let router = raft_router(node.clone());
-    tokio::spawn(async move { axum::serve(listener, router).await });
-    (node, url)
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(listener, router).await;
+    });
+    (node, url, server)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -336,4 +349,54 @@ async fn wrong_secret_is_refused() {
         .await
         .unwrap();
     node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_failover_and_rejoin() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (n1, u1, s1) = serve_at(dirs[0].path(), 1, 1000, "127.0.0.1:0").await;
+    let (n2, u2, _s2) = serve_at(dirs[1].path(), 2, 1000, "127.0.0.1:0").await;
+    let (n3, u3, _s3) = serve_at(dirs[2].path(), 3, 1000, "127.0.0.1:0").await;
+    n1.bootstrap_single().await.unwrap();
+    n1.add_learner(2, u2).await.unwrap();
+    n1.add_learner(3, u3).await.unwrap();
+    n1.change_voters([1, 2, 3].into()).await.unwrap();
+    let before = write_noops(&n1, 5).await;
+
+    // Kill the leader: one of the others takes over.
+    n1.shutdown().await;
+    s1.abort();
+    drop(n1);
+    let m = n2
+        .raft()
+        .wait(Some(Duration::from_secs(10)))
+        .metrics(
+            |m| m.current_leader.is_some_and(|l| l != 1),
+            "new leader elected",
+        )
+        .await
+        .unwrap();
+    let leader = if m.current_leader == Some(2) {
+        &n2
+    } else {
+        &n3
+    };
+    let after = write_noops(leader, 5).await;
+    assert!(after > before);
+
+    // The old leader restarts from its data dir on its old address and catches up.
+    let addr = u1.trim_start_matches("http://").to_owned();
+    let (n1, _, _s1) = serve_at(dirs[0].path(), 1, 1000, &addr).await;
+    assert!(n1.read(|s| s.revision) >= before, "restored its own state");
+    n1.raft()
+        .wait(Some(Duration::from_secs(10)))
+        .applied_index_at_least(Some(after), "caught up")
+        .await
+        .unwrap();
+    assert_eq!(n1.read(|s| s.revision), after);
+    assert!(!n1.is_leader());
+
+    for n in [&n1, &n2, &n3] {
+        n.shutdown().await;
+    }
 }

@@ -1,6 +1,6 @@
 //! The Raft log on redb: entries, vote, committed and last purged log id.
 //!
-//! All mutations go through the writer thread of [`super::log_writer`], which group-commits
+//! All mutations go through the writer thread of the `log_writer` module, which group-commits
 //! them: one redb write transaction with immediate durability (fsync) per batch, after which
 //! openraft is told the entries are flushed. Entries handed to `append` are readable from
 //! memory right away, as openraft requires.

@@ -6,6 +6,32 @@
 //! - [`network`]: the client side of the Raft RPCs (reqwest, JSON, bearer token).
 //! - [`http`]: the server side of the same RPCs, as an axum router.
 //! - [`node`]: [`RaftNode`], the facade the server uses.
+//!
+//! # Durability and recovery
+//!
+//! Log entries are fsynced (redb, immediate durability) before openraft counts them; the
+//! state machine lives in memory and is persisted only as snapshots (every
+//! `RaftConfig::snapshot_every` entries, after which the log is purged). On restart the state
+//! is restored from the last snapshot and openraft re-applies the committed log after it.
+//! openraft 0.9 waits for each leader-side append to be flushed before it takes the next
+//! client write, so a leader pays one fsync per write (followers get batches per RPC).
+//!
+//! # Use from the server
+//!
+//! ```ignore
+//! let raft = RaftNode::open(RaftConfig { node_id: 1, data_dir, advertise_url, cluster_secret,
+//!     snapshot_every: 5000 }).await?;
+//! let app = api_router.merge(nimbus_state::raft::raft_router(raft.clone())); // /raft/*
+//! raft.bootstrap_single().await?;                 // single server: idempotent across restarts
+//! match raft.write(envelope).await {              // Ok(CommandResult) once applied
+//!     Err(WriteError::ForwardToLeader { leader_url, .. }) => { /* redirect or proxy */ }
+//!     other => { /* ... */ }
+//! }
+//! raft.linearizable_barrier().await?;            // then:
+//! let n = raft.read(|s| s.instances.len());      // reads see the applied state
+//! let mut applied = raft.applied_watch();        // wakes long-polls after each apply
+//! raft.shutdown().await;                          // the data dir can be reopened afterwards
+//! ```
 
 use std::io::Cursor;
 
