@@ -400,3 +400,27 @@ async fn leader_failover_and_rejoin() {
         n.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_command_result_comes_back_and_is_replayed() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 1, "http://127.0.0.1:1", 5000);
+    let node = RaftNode::open(cfg.clone()).await.unwrap();
+    node.bootstrap_single().await.unwrap();
+    let mut env = noop();
+    env.format = COMMAND_FORMAT_VERSION + 1;
+    let (index, res) = node.write_indexed(env).await.unwrap();
+    assert!(
+        res.is_err(),
+        "a command from a newer format is refused: {res:?}"
+    );
+    assert_eq!(node.read(|s| s.revision), index);
+    let last = write_noops(&node, 2).await;
+    node.shutdown().await;
+    drop(node);
+
+    // Replaying the log (including the refused entry) at startup is deterministic.
+    let node = RaftNode::open(cfg).await.unwrap();
+    assert_eq!(node.read(|s| s.revision), last);
+    node.shutdown().await;
+}
