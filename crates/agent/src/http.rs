@@ -19,7 +19,8 @@ use crate::driver::DriverError;
 use crate::runtime::Agent;
 
 fn err(e: ApiError) -> Response {
-    let status = StatusCode::from_u16(e.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let status =
+        StatusCode::from_u16(e.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     (status, Json(ErrorBody { error: e })).into_response()
 }
 
@@ -42,7 +43,10 @@ async fn auth(State(agent): State<Arc<Agent>>, req: Request, next: Next) -> Resp
     if ok {
         next.run(req).await
     } else {
-        err(ApiError::new(ErrorCode::Unauthorized, "missing or invalid node token"))
+        err(ApiError::new(
+            ErrorCode::Unauthorized,
+            "missing or invalid node token",
+        ))
     }
 }
 
@@ -56,14 +60,21 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .with_state(agent)
 }
 
-async fn exec(State(agent): State<Arc<Agent>>, Path(id): Path<String>, Json(req): Json<ExecRequest>) -> Response {
+async fn exec(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+    Json(req): Json<ExecRequest>,
+) -> Response {
     let Some((driver, a)) = agent.lookup(&id) else {
         return err(ApiError::not_found("instance", &id));
     };
     let timeout = Duration::from_secs(req.timeout_secs.unwrap_or(60).clamp(1, 3600));
     match driver.exec(&id, &req.command, timeout).await {
         Ok(r) => Json(r).into_response(),
-        Err(DriverError::NotRunning(_)) => err(ApiError::conflict(format!("instance {} is not running", a.name))),
+        Err(DriverError::NotRunning(_)) => err(ApiError::conflict(format!(
+            "instance {} is not running",
+            a.name
+        ))),
         Err(e) => err(driver_err(&e)),
     }
 }
@@ -84,7 +95,11 @@ fn tail_offset(data: &[u8], lines: u64) -> usize {
         return data.len();
     }
     let mut seen = 0;
-    let end = if data.last() == Some(&b'\n') { data.len() - 1 } else { data.len() };
+    let end = if data.last() == Some(&b'\n') {
+        data.len() - 1
+    } else {
+        data.len()
+    };
     for i in (0..end).rev() {
         if data[i] == b'\n' {
             seen += 1;
@@ -96,7 +111,11 @@ fn tail_offset(data: &[u8], lines: u64) -> usize {
     0
 }
 
-async fn logs(State(agent): State<Arc<Agent>>, Path(id): Path<String>, Query(q): Query<LogQuery>) -> Response {
+async fn logs(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+    Query(q): Query<LogQuery>,
+) -> Response {
     let Some((driver, _)) = agent.lookup(&id) else {
         return err(ApiError::not_found("instance", &id));
     };
@@ -105,34 +124,49 @@ async fn logs(State(agent): State<Arc<Agent>>, Path(id): Path<String>, Query(q):
     let start = q.tail.map_or(0, |n| tail_offset(&data, n));
     let initial = data[start..].to_vec();
     if !q.follow {
-        return ([(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")], initial).into_response();
+        return (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; charset=utf-8",
+            )],
+            initial,
+        )
+            .into_response();
     }
     let offset = data.len() as u64;
-    let stream = futures::stream::unfold((Some(initial), offset, agent, id, path), |(first, mut offset, agent, id, path)| async move {
-        if let Some(b) = first {
-            return Some((Ok::<_, Infallible>(b), (None, offset, agent, id, path)));
-        }
-        loop {
-            if agent.lookup(&id).is_none() {
-                return None;
+    let stream = futures::stream::unfold(
+        (Some(initial), offset, agent, id, path),
+        |(first, mut offset, agent, id, path)| async move {
+            if let Some(b) = first {
+                return Some((Ok::<_, Infallible>(b), (None, offset, agent, id, path)));
             }
-            if let Ok(mut f) = tokio::fs::File::open(&path).await {
-                let len = f.metadata().await.map(|m| m.len()).unwrap_or(0);
-                if len < offset {
-                    offset = 0; // truncated
-                }
-                if len > offset && f.seek(std::io::SeekFrom::Start(offset)).await.is_ok() {
-                    let mut buf = Vec::new();
-                    if f.take(1 << 20).read_to_end(&mut buf).await.is_ok() && !buf.is_empty() {
-                        offset += buf.len() as u64;
-                        return Some((Ok(buf), (None, offset, agent, id, path)));
+            loop {
+                agent.lookup(&id)?;
+                if let Ok(mut f) = tokio::fs::File::open(&path).await {
+                    let len = f.metadata().await.map_or(0, |m| m.len());
+                    if len < offset {
+                        offset = 0; // truncated
+                    }
+                    if len > offset && f.seek(std::io::SeekFrom::Start(offset)).await.is_ok() {
+                        let mut buf = Vec::new();
+                        if f.take(1 << 20).read_to_end(&mut buf).await.is_ok() && !buf.is_empty() {
+                            offset += buf.len() as u64;
+                            return Some((Ok(buf), (None, offset, agent, id, path)));
+                        }
                     }
                 }
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    });
-    ([(axum::http::header::CONTENT_TYPE, "text/plain; charset=utf-8")], Body::from_stream(stream)).into_response()
+        },
+    );
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; charset=utf-8",
+        )],
+        Body::from_stream(stream),
+    )
+        .into_response()
 }
 
 #[cfg(test)]

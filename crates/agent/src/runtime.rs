@@ -5,8 +5,12 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use nimbus_api::agent::{Assignment, HeartbeatRequest, InstanceReport, RegisterNodeRequest, StatusReport};
-use nimbus_api::{Capacity, DesiredState, InstanceState, InstanceType, NodeCapabilities, RestartPolicy};
+use nimbus_api::agent::{
+    Assignment, HeartbeatRequest, InstanceReport, RegisterNodeRequest, StatusReport,
+};
+use nimbus_api::{
+    Capacity, DesiredState, InstanceState, InstanceType, NodeCapabilities, RestartPolicy,
+};
 use nimbus_image::ImageStore;
 use tokio::sync::watch;
 
@@ -74,24 +78,50 @@ fn node_capacity(data_dir: &std::path::Path) -> Capacity {
     let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get) as u64;
     let mem = std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("MemTotal:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
         .unwrap_or(0)
         * 1024;
     let disk = nix::sys::statvfs::statvfs(data_dir).map_or(0, |s| s.blocks() * s.fragment_size());
-    Capacity { cpu_millis: cpus * 1000, memory_bytes: mem, disk_bytes: disk }
+    Capacity {
+        cpu_millis: cpus * 1000,
+        memory_bytes: mem,
+        disk_bytes: disk,
+    }
 }
 
 impl Agent {
     /// Starts the agent: local state, API, registration, and the loops.
-    pub async fn start(cfg: AgentConfig, drivers: Vec<Arc<dyn Driver>>, capabilities: NodeCapabilities) -> Result<AgentHandle, AgentError> {
-        std::fs::create_dir_all(&cfg.data_dir).map_err(|source| AgentError::Listen { addr: cfg.data_dir.display().to_string(), source })?;
+    pub async fn start(
+        cfg: AgentConfig,
+        drivers: Vec<Arc<dyn Driver>>,
+        capabilities: NodeCapabilities,
+    ) -> Result<AgentHandle, AgentError> {
+        std::fs::create_dir_all(&cfg.data_dir).map_err(|source| AgentError::Listen {
+            addr: cfg.data_dir.display().to_string(),
+            source,
+        })?;
         let local = LocalState::load(&cfg.data_dir.join("instances.json"))?;
         let images = ImageStore::open(&cfg.image_dir)?;
-        let listener = tokio::net::TcpListener::bind(cfg.listen).await.map_err(|source| AgentError::Listen { addr: cfg.listen.to_string(), source })?;
-        let local_addr = listener.local_addr().map_err(|source| AgentError::Listen { addr: cfg.listen.to_string(), source })?;
+        let listener = tokio::net::TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|source| AgentError::Listen {
+                addr: cfg.listen.to_string(),
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(|source| AgentError::Listen {
+            addr: cfg.listen.to_string(),
+            source,
+        })?;
         let agent = Arc::new(Self {
             link: ServerLink::new(cfg.servers.clone(), cfg.token.clone()),
-            drivers: drivers.into_iter().map(|d| (d.instance_type(), d)).collect(),
+            drivers: drivers
+                .into_iter()
+                .map(|d| (d.instance_type(), d))
+                .collect(),
             images: Arc::new(images),
             local: Mutex::new(local),
             reported: Mutex::new(HashMap::new()),
@@ -105,7 +135,11 @@ impl Agent {
                 tracing::error!("agent API stopped: {e}");
             }
         })];
-        let advertise = agent.cfg.advertise_url.clone().unwrap_or_else(|| format!("http://{local_addr}"));
+        let advertise = agent
+            .cfg
+            .advertise_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{local_addr}"));
         let reg = RegisterNodeRequest {
             name: agent.cfg.name.clone(),
             agent_url: advertise,
@@ -120,7 +154,11 @@ impl Agent {
         tasks.push(tokio::spawn(agent.clone().heartbeat_loop(reg)));
         tasks.push(tokio::spawn(agent.clone().watch_loop(tx)));
         tasks.push(tokio::spawn(agent.clone().reconcile_loop(rx)));
-        Ok(AgentHandle { agent, local_addr, tasks })
+        Ok(AgentHandle {
+            agent,
+            local_addr,
+            tasks,
+        })
     }
 
     async fn register(&self, reg: &RegisterNodeRequest) -> Result<(), LinkError> {
@@ -147,7 +185,11 @@ impl Agent {
         let mut tick = tokio::time::interval(self.cfg.heartbeat_every);
         loop {
             tick.tick().await;
-            match self.link.heartbeat(&self.cfg.name, &HeartbeatRequest::default()).await {
+            match self
+                .link
+                .heartbeat(&self.cfg.name, &HeartbeatRequest::default())
+                .await
+            {
                 Ok(()) => {}
                 Err(LinkError::Refused(e)) if e.code == nimbus_api::ErrorCode::NotFound => {
                     tracing::warn!("the control plane forgot this node; registering again");
@@ -163,7 +205,11 @@ impl Agent {
         loop {
             match self.link.assignments(&self.cfg.name, after, 30).await {
                 Ok(resp) => {
-                    let map: BTreeMap<String, Assignment> = resp.assignments.into_iter().map(|a| (a.id.clone(), a)).collect();
+                    let map: BTreeMap<String, Assignment> = resp
+                        .assignments
+                        .into_iter()
+                        .map(|a| (a.id.clone(), a))
+                        .collect();
                     *self.assignments.lock().expect("assignments lock") = map;
                     after = resp.revision;
                     let _ = tx.send(Some(after));
@@ -195,11 +241,18 @@ impl Agent {
     /// One convergence pass over every assignment, plus garbage collection of instances this
     /// node no longer holds.
     pub async fn reconcile_once(self: &Arc<Self>) {
-        let assignments: Vec<Assignment> = self.assignments.lock().expect("assignments lock").values().cloned().collect();
+        let assignments: Vec<Assignment> = self
+            .assignments
+            .lock()
+            .expect("assignments lock")
+            .values()
+            .cloned()
+            .collect();
         let futs = assignments.iter().map(|a| self.converge(a));
         let reports: Vec<Option<InstanceReport>> = futures::future::join_all(futs).await;
         // Instances held locally but no longer assigned here: remove them.
-        let assigned: std::collections::HashSet<&str> = assignments.iter().map(|a| a.id.as_str()).collect();
+        let assigned: std::collections::HashSet<&str> =
+            assignments.iter().map(|a| a.id.as_str()).collect();
         for (ty, d) in &self.drivers {
             if let Ok(ids) = d.list().await {
                 for id in ids.into_iter().filter(|id| !assigned.contains(id.as_str())) {
@@ -215,12 +268,25 @@ impl Agent {
         self.save_local();
         let changed: Vec<InstanceReport> = {
             let reported = self.reported.lock().expect("reported lock");
-            reports.into_iter().flatten().filter(|r| reported.get(&r.id) != Some(r)).collect()
+            reports
+                .into_iter()
+                .flatten()
+                .filter(|r| reported.get(&r.id) != Some(r))
+                .collect()
         };
         if changed.is_empty() {
             return;
         }
-        match self.link.report(&self.cfg.name, &StatusReport { instances: changed.clone() }).await {
+        match self
+            .link
+            .report(
+                &self.cfg.name,
+                &StatusReport {
+                    instances: changed.clone(),
+                },
+            )
+            .await
+        {
             Ok(()) => {
                 let mut reported = self.reported.lock().expect("reported lock");
                 for r in changed {
@@ -241,7 +307,14 @@ impl Agent {
         }
     }
 
-    fn report(a: &Assignment, state: InstanceState, l: &LocalInstance, pid: Option<u32>, exit_code: Option<i32>, message: String) -> InstanceReport {
+    fn report(
+        a: &Assignment,
+        state: InstanceState,
+        l: &LocalInstance,
+        pid: Option<u32>,
+        exit_code: Option<i32>,
+        message: String,
+    ) -> InstanceReport {
         InstanceReport {
             id: a.id.clone(),
             generation: a.generation,
@@ -260,18 +333,33 @@ impl Agent {
         let ty = a.spec.instance_type;
         let Some(driver) = self.drivers.get(&ty).cloned() else {
             let l = LocalInstance::default();
-            return Some(Self::report(a, InstanceState::Failed, &l, None, None, format!("this node has no {} driver", ty.as_str())));
+            return Some(Self::report(
+                a,
+                InstanceState::Failed,
+                &l,
+                None,
+                None,
+                format!("this node has no {} driver", ty.as_str()),
+            ));
         };
         let mut l = {
             let mut local = self.local.lock().expect("local lock");
-            let e = local.instances.entry(a.id.clone()).or_insert_with(|| LocalInstance {
-                instance_type: ty,
-                generation: a.generation,
-                restart_nonce: a.restart_nonce,
-                ..LocalInstance::default()
-            });
+            let e = local
+                .instances
+                .entry(a.id.clone())
+                .or_insert_with(|| LocalInstance {
+                    instance_type: ty,
+                    generation: a.generation,
+                    restart_nonce: a.restart_nonce,
+                    ..LocalInstance::default()
+                });
             if e.generation != a.generation {
-                *e = LocalInstance { instance_type: ty, generation: a.generation, restart_nonce: a.restart_nonce, ..LocalInstance::default() };
+                *e = LocalInstance {
+                    instance_type: ty,
+                    generation: a.generation,
+                    restart_nonce: a.restart_nonce,
+                    ..LocalInstance::default()
+                };
             }
             e.clone()
         };
@@ -292,12 +380,19 @@ impl Agent {
         }
         let mut report = report;
         if ty == InstanceType::Vm {
-            report.accelerator = self.capabilities.accelerator.clone();
+            report
+                .accelerator
+                .clone_from(&self.capabilities.accelerator);
         }
         Some(report)
     }
 
-    async fn converge_with(&self, d: &dyn Driver, a: &Assignment, l: &mut LocalInstance) -> Result<InstanceReport, DriverError> {
+    async fn converge_with(
+        &self,
+        d: &dyn Driver,
+        a: &Assignment,
+        l: &mut LocalInstance,
+    ) -> Result<InstanceReport, DriverError> {
         let state = d.state(&a.id).await?;
         match a.desired {
             DesiredState::Deleted => {
@@ -313,14 +408,42 @@ impl Agent {
                         RuntimeState::Exited { code } => code,
                         _ => None,
                     };
-                    Ok(Self::report(a, InstanceState::Stopped, l, None, code, String::new()))
+                    Ok(Self::report(
+                        a,
+                        InstanceState::Stopped,
+                        l,
+                        None,
+                        code,
+                        String::new(),
+                    ))
                 }
                 RuntimeState::Absent => {
                     d.create(&self.runtime_spec(a).await?).await?;
-                    Ok(Self::report(a, InstanceState::Stopped, l, None, None, String::new()))
+                    Ok(Self::report(
+                        a,
+                        InstanceState::Stopped,
+                        l,
+                        None,
+                        None,
+                        String::new(),
+                    ))
                 }
-                RuntimeState::Exited { code } => Ok(Self::report(a, InstanceState::Stopped, l, None, code, String::new())),
-                RuntimeState::Created => Ok(Self::report(a, InstanceState::Stopped, l, None, None, String::new())),
+                RuntimeState::Exited { code } => Ok(Self::report(
+                    a,
+                    InstanceState::Stopped,
+                    l,
+                    None,
+                    code,
+                    String::new(),
+                )),
+                RuntimeState::Created => Ok(Self::report(
+                    a,
+                    InstanceState::Stopped,
+                    l,
+                    None,
+                    None,
+                    String::new(),
+                )),
             },
             DesiredState::Running => {
                 let restart_requested = l.restart_nonce != a.restart_nonce;
@@ -337,26 +460,53 @@ impl Agent {
                     }
                     RuntimeState::Running { pid } => {
                         l.pid = Some(pid);
-                        Ok(Self::report(a, InstanceState::Running, l, Some(pid), None, String::new()))
+                        Ok(Self::report(
+                            a,
+                            InstanceState::Running,
+                            l,
+                            Some(pid),
+                            None,
+                            String::new(),
+                        ))
                     }
-                    RuntimeState::Exited { .. } if restart_requested => self.start_instance(d, a, l).await,
+                    RuntimeState::Exited { .. } if restart_requested => {
+                        self.start_instance(d, a, l).await
+                    }
                     RuntimeState::Exited { code } => self.on_exit(d, a, l, code).await,
                 }
             }
         }
     }
 
-    async fn start_instance(&self, d: &dyn Driver, a: &Assignment, l: &mut LocalInstance) -> Result<InstanceReport, DriverError> {
+    async fn start_instance(
+        &self,
+        d: &dyn Driver,
+        a: &Assignment,
+        l: &mut LocalInstance,
+    ) -> Result<InstanceReport, DriverError> {
         l.restart_nonce = a.restart_nonce;
         let pid = d.start(&a.id).await?;
         l.pid = Some(pid);
         l.handled_exit_pid = None;
         tracing::info!(instance = %a.name, project = %a.project, pid, "instance running");
-        Ok(Self::report(a, InstanceState::Running, l, Some(pid), None, String::new()))
+        Ok(Self::report(
+            a,
+            InstanceState::Running,
+            l,
+            Some(pid),
+            None,
+            String::new(),
+        ))
     }
 
     /// Applies the restart policy to an exited instance.
-    async fn on_exit(&self, d: &dyn Driver, a: &Assignment, l: &mut LocalInstance, code: Option<i32>) -> Result<InstanceReport, DriverError> {
+    async fn on_exit(
+        &self,
+        d: &dyn Driver,
+        a: &Assignment,
+        l: &mut LocalInstance,
+        code: Option<i32>,
+    ) -> Result<InstanceReport, DriverError> {
         let failed = code != Some(0);
         let restart = match a.spec.restart {
             RestartPolicy::Always => true,
@@ -366,7 +516,9 @@ impl Agent {
         let first_sight = l.handled_exit_pid != l.pid || l.pid.is_none();
         if restart && first_sight {
             // Exponential backoff: 0, 0.2, 0.4, ... up to 10 s between restarts.
-            let backoff = Duration::from_millis(100u64.saturating_mul(1u64 << l.restart_count.min(7))).min(Duration::from_secs(10));
+            let backoff =
+                Duration::from_millis(100u64.saturating_mul(1u64 << l.restart_count.min(7)))
+                    .min(Duration::from_secs(10));
             if l.restart_count > 0 {
                 tokio::time::sleep(backoff).await;
             }
@@ -377,7 +529,11 @@ impl Agent {
             return Ok(r);
         }
         l.handled_exit_pid = l.pid;
-        let state = if failed { InstanceState::Failed } else { InstanceState::Stopped };
+        let state = if failed {
+            InstanceState::Failed
+        } else {
+            InstanceState::Stopped
+        };
         let msg = match code {
             Some(c) => format!("exited with code {c}"),
             None => "exited (code unknown)".into(),
@@ -390,7 +546,10 @@ impl Agent {
         let mut layer_dirs = Vec::new();
         for layer in &a.image.layers {
             if !self.images.has_blob(layer) {
-                let bytes = self.link.blob(layer).await.map_err(|e| DriverError::Unavailable(format!("pulling layer {layer}: {e}")))?;
+                let bytes =
+                    self.link.blob(layer).await.map_err(|e| {
+                        DriverError::Unavailable(format!("pulling layer {layer}: {e}"))
+                    })?;
                 let store = self.images.clone();
                 let digest = layer.clone();
                 tokio::task::spawn_blocking(move || store.put_blob(&bytes[..], &digest))
@@ -406,15 +565,25 @@ impl Agent {
                 .map_err(|e| DriverError::Unavailable(format!("unpacking layer {layer}: {e}")))?;
             layer_dirs.push(dir);
         }
-        let command = if a.spec.command.is_empty() { a.image.default_command.clone() } else { a.spec.command.clone() };
+        let command = if a.spec.command.is_empty() {
+            a.image.default_command.clone()
+        } else {
+            a.spec.command.clone()
+        };
         let mut env: BTreeMap<String, String> = a
             .image
             .default_env
             .iter()
-            .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string())))
+            .filter_map(|kv| {
+                kv.split_once('=')
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+            })
             .collect();
         if !env.contains_key("PATH") {
-            env.insert("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+            env.insert(
+                "PATH".into(),
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+            );
         }
         env.insert("HOSTNAME".into(), a.name.clone());
         for (k, v) in &a.spec.env {
@@ -427,7 +596,11 @@ impl Agent {
             layer_dirs,
             command,
             env: env.into_iter().map(|(k, v)| format!("{k}={v}")).collect(),
-            working_dir: if a.image.working_dir.is_empty() { "/".into() } else { a.image.working_dir.clone() },
+            working_dir: if a.image.working_dir.is_empty() {
+                "/".into()
+            } else {
+                a.image.working_dir.clone()
+            },
             cpus: a.spec.cpus,
             memory_bytes: a.spec.memory_bytes,
             disk_bytes: a.spec.disk_bytes,
@@ -440,7 +613,12 @@ impl Agent {
 
     /// The driver and assignment of an instance held by this node.
     pub(crate) fn lookup(&self, id: &str) -> Option<(Arc<dyn Driver>, Assignment)> {
-        let a = self.assignments.lock().expect("assignments lock").get(id).cloned()?;
+        let a = self
+            .assignments
+            .lock()
+            .expect("assignments lock")
+            .get(id)
+            .cloned()?;
         let d = self.drivers.get(&a.spec.instance_type)?.clone();
         Some((d, a))
     }

@@ -354,15 +354,13 @@ impl StateMachine {
         req: &nimbus_api::agent::RegisterNodeRequest,
     ) -> CommandResult {
         nimbus_api::validate::name("name", &req.name)?;
-        let subnet = match self.nodes.get(&req.name) {
-            Some(n) => n.subnet.clone(),
-            None => {
-                let used: BTreeSet<String> =
-                    self.nodes.values().map(|n| n.subnet.clone()).collect();
-                network::free_node_subnet(&self.network.pool, &used).ok_or_else(|| {
-                    ApiError::conflict("the node subnet pool is exhausted (250 nodes)")
-                })?
-            }
+        let subnet = if let Some(n) = self.nodes.get(&req.name) {
+            n.subnet.clone()
+        } else {
+            let used: BTreeSet<String> = self.nodes.values().map(|n| n.subnet.clone()).collect();
+            network::free_node_subnet(&self.network.pool, &used).ok_or_else(|| {
+                ApiError::conflict("the node subnet pool is exhausted (240 nodes)")
+            })?
         };
         let existed = self.nodes.get(&req.name).cloned();
         let mut node = Node {

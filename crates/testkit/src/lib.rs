@@ -27,7 +27,7 @@ pub fn require(what: &str, present: bool) -> bool {
         return true;
     }
     assert!(
-        std::env::var("CI").map(|v| v != "true").unwrap_or(true),
+        std::env::var("CI").map_or(true, |v| v != "true"),
         "missing dependency in CI: {what}"
     );
     eprintln!("SKIPPED: missing dependency {what} (install with scripts/setup)");
@@ -124,8 +124,7 @@ pub struct Cloud {
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(17443)
+        .map_or(17443, |a| a.port())
 }
 
 impl Cloud {
@@ -176,30 +175,11 @@ impl Cloud {
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()?;
-        let stdout = child
-            .stdout
-            .take()
-            .ok_or_else(|| KitError::NotReady("no stdout".into()))?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if line.contains("ready") {
-                    let _ = tx.send(line);
-                }
-            }
-        });
-        match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(_) => {}
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                let log = std::fs::read_to_string(self.data_dir.with_extension("log"))
-                    .unwrap_or_default();
-                return Err(KitError::NotReady(
-                    log.lines().rev().take(20).collect::<Vec<_>>().join("\n"),
-                ));
-            }
-        }
+        wait_ready(
+            &mut child,
+            &self.data_dir.with_extension("log"),
+            "nimbus up",
+        )?;
         self.url = format!("http://127.0.0.1:{}", self.port);
         self.token = std::fs::read_to_string(self.data_dir.join("admin.token"))?
             .trim()
@@ -334,8 +314,7 @@ impl Cloud {
                                     .with_project(&p.meta.name)
                                     .list_instances()
                                     .await
-                                    .map(|v| v.len())
-                                    .unwrap_or(0);
+                                    .map_or(0, |v| v.len());
                             }
                             if left == 0 {
                                 break;
