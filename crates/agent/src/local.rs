@@ -61,15 +61,24 @@ pub enum LocalStateError {
 impl LocalState {
     /// Loads `path` (empty state if missing).
     pub fn load(path: &Path) -> Result<Self, LocalStateError> {
-        let io = |source| LocalStateError::Io { path: path.display().to_string(), source };
+        let io = |source| LocalStateError::Io {
+            path: path.display().to_string(),
+            source,
+        };
         match std::fs::read(path) {
             Ok(b) => {
-                let mut s: Self = serde_json::from_slice(&b)
-                    .map_err(|e| LocalStateError::Corrupt { path: path.display().to_string(), message: e.to_string() })?;
+                let mut s: Self =
+                    serde_json::from_slice(&b).map_err(|e| LocalStateError::Corrupt {
+                        path: path.display().to_string(),
+                        message: e.to_string(),
+                    })?;
                 s.path = path.to_path_buf();
                 Ok(s)
             }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self { instances: BTreeMap::new(), path: path.to_path_buf() }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self {
+                instances: BTreeMap::new(),
+                path: path.to_path_buf(),
+            }),
             Err(e) => Err(io(e)),
         }
     }
@@ -77,10 +86,14 @@ impl LocalState {
     /// Saves atomically (write, fsync, rename).
     pub fn save(&self) -> Result<(), LocalStateError> {
         use std::io::Write as _;
-        let io = |source| LocalStateError::Io { path: self.path.display().to_string(), source };
+        let io = |source| LocalStateError::Io {
+            path: self.path.display().to_string(),
+            source,
+        };
         let tmp = self.path.with_extension("tmp");
         let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        f.write_all(&serde_json::to_vec_pretty(self).unwrap_or_default()).map_err(io)?;
+        f.write_all(&serde_json::to_vec_pretty(self).unwrap_or_default())
+            .map_err(io)?;
         f.sync_all().map_err(io)?;
         std::fs::rename(&tmp, &self.path).map_err(io)
     }

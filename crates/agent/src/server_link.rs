@@ -38,8 +38,16 @@ pub struct ServerLink {
 impl ServerLink {
     /// A link to `servers` with the node token.
     pub fn new(servers: Vec<String>, token: String) -> Self {
-        let http = reqwest::Client::builder().connect_timeout(Duration::from_secs(3)).build().unwrap_or_default();
-        Self { servers, current: AtomicUsize::new(0), token, http }
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(3))
+            .build()
+            .unwrap_or_default();
+        Self {
+            servers,
+            current: AtomicUsize::new(0),
+            token,
+            http,
+        }
     }
 
     async fn call<B: Serialize + Sync, R: DeserializeOwned>(
@@ -54,8 +62,14 @@ impl ServerLink {
         let mut last = String::from("no servers configured");
         for k in 0..n {
             let idx = (start + k) % n;
-            let Some(base) = self.servers.get(idx) else { break };
-            let mut req = self.http.request(method.clone(), format!("{base}{path}")).bearer_auth(&self.token).timeout(timeout);
+            let Some(base) = self.servers.get(idx) else {
+                break;
+            };
+            let mut req = self
+                .http
+                .request(method.clone(), format!("{base}{path}"))
+                .bearer_auth(&self.token)
+                .timeout(timeout);
             if let Some(b) = body {
                 req = req.json(b);
             }
@@ -67,37 +81,74 @@ impl ServerLink {
                         if status == reqwest::StatusCode::NO_CONTENT {
                             return Ok(None);
                         }
-                        return resp.json::<R>().await.map(Some).map_err(|e| LinkError::NotNimbus(base.clone(), e.to_string()));
+                        return resp
+                            .json::<R>()
+                            .await
+                            .map(Some)
+                            .map_err(|e| LinkError::NotNimbus(base.clone(), e.to_string()));
                     }
                     let text = resp.text().await.unwrap_or_default();
                     match serde_json::from_str::<ErrorBody>(&text) {
-                        Ok(b) if b.error.code == nimbus_api::ErrorCode::Unavailable => last = b.error.message,
+                        Ok(b) if b.error.code == nimbus_api::ErrorCode::Unavailable => {
+                            last = b.error.message
+                        }
                         Ok(b) => return Err(LinkError::Refused(b.error)),
-                        Err(_) => return Err(LinkError::NotNimbus(base.clone(), format!("HTTP {status}: {}", text.chars().take(200).collect::<String>()))),
+                        Err(_) => {
+                            return Err(LinkError::NotNimbus(
+                                base.clone(),
+                                format!(
+                                    "HTTP {status}: {}",
+                                    text.chars().take(200).collect::<String>()
+                                ),
+                            ))
+                        }
                     }
                 }
                 Err(e) => last = format!("{base}: {e}"),
             }
         }
-        Err(LinkError::Unreachable { tried: self.servers.join(", "), last })
+        Err(LinkError::Unreachable {
+            tried: self.servers.join(", "),
+            last,
+        })
     }
 
     /// Registers the node.
     pub async fn register(&self, req: &RegisterNodeRequest) -> Result<Node, LinkError> {
-        self.call(reqwest::Method::POST, "/v1/nodes", Some(req), Duration::from_secs(10))
-            .await?
-            .ok_or_else(|| LinkError::NotNimbus(self.servers.join(","), "empty answer to registration".into()))
+        self.call(
+            reqwest::Method::POST,
+            "/v1/nodes",
+            Some(req),
+            Duration::from_secs(10),
+        )
+        .await?
+        .ok_or_else(|| {
+            LinkError::NotNimbus(
+                self.servers.join(","),
+                "empty answer to registration".into(),
+            )
+        })
     }
 
     /// Heartbeat.
     pub async fn heartbeat(&self, node: &str, req: &HeartbeatRequest) -> Result<(), LinkError> {
-        self.call::<_, serde_json::Value>(reqwest::Method::POST, &format!("/v1/nodes/{node}/heartbeat"), Some(req), Duration::from_secs(5))
-            .await
-            .map(|_| ())
+        self.call::<_, serde_json::Value>(
+            reqwest::Method::POST,
+            &format!("/v1/nodes/{node}/heartbeat"),
+            Some(req),
+            Duration::from_secs(5),
+        )
+        .await
+        .map(|_| ())
     }
 
     /// Long-polls assignments.
-    pub async fn assignments(&self, node: &str, after: u64, wait: u64) -> Result<AssignmentsResponse, LinkError> {
+    pub async fn assignments(
+        &self,
+        node: &str,
+        after: u64,
+        wait: u64,
+    ) -> Result<AssignmentsResponse, LinkError> {
         self.call::<(), AssignmentsResponse>(
             reqwest::Method::GET,
             &format!("/v1/nodes/{node}/assignments?after={after}&wait={wait}"),
@@ -110,16 +161,27 @@ impl ServerLink {
 
     /// Sends status reports.
     pub async fn report(&self, node: &str, report: &StatusReport) -> Result<(), LinkError> {
-        self.call::<_, serde_json::Value>(reqwest::Method::POST, &format!("/v1/nodes/{node}/status"), Some(report), Duration::from_secs(10))
-            .await
-            .map(|_| ())
+        self.call::<_, serde_json::Value>(
+            reqwest::Method::POST,
+            &format!("/v1/nodes/{node}/status"),
+            Some(report),
+            Duration::from_secs(10),
+        )
+        .await
+        .map(|_| ())
     }
 
     /// Downloads a blob into `dest` (a writer).
     pub async fn blob(&self, digest: &str) -> Result<bytes::Bytes, LinkError> {
         let mut last = String::new();
         for base in &self.servers {
-            match self.http.get(format!("{base}/v1/images/blobs/{digest}")).bearer_auth(&self.token).send().await {
+            match self
+                .http
+                .get(format!("{base}/v1/images/blobs/{digest}"))
+                .bearer_auth(&self.token)
+                .send()
+                .await
+            {
                 Ok(r) if r.status().is_success() => match r.bytes().await {
                     Ok(b) => return Ok(b),
                     Err(e) => last = e.to_string(),
@@ -128,6 +190,9 @@ impl ServerLink {
                 Err(e) => last = e.to_string(),
             }
         }
-        Err(LinkError::Unreachable { tried: self.servers.join(", "), last })
+        Err(LinkError::Unreachable {
+            tried: self.servers.join(", "),
+            last,
+        })
     }
 }
