@@ -74,7 +74,8 @@ fn next_subnet() -> u32 {
 
 /// A test environment: state dir, busybox layer, a bridge of its own.
 struct Env {
-    _tmp: tempfile::TempDir,
+    /// `None` in a helper child process (which must not clean up).
+    tmp: Option<tempfile::TempDir>,
     state_dir: PathBuf,
     layer: PathBuf,
     bridge: String,
@@ -98,7 +99,7 @@ impl Env {
             cgroup_parent: CGROUP_PARENT.into(),
         };
         Some(Self {
-            _tmp: tmp,
+            tmp: Some(tmp),
             state_dir,
             layer,
             bridge: format!("nbt{suffix}"),
@@ -106,6 +107,36 @@ impl Env {
             next_ip: AtomicU32::new(10),
             cfg,
         })
+    }
+
+    /// The environment of the parent test, in the helper child (see `HELPER_ENV`).
+    fn from_helper_env(v: &str) -> Self {
+        let parts: Vec<&str> = v.split('|').collect();
+        let state_dir = PathBuf::from(parts[0]);
+        Self {
+            tmp: None,
+            cfg: ContainerConfig {
+                state_dir: state_dir.clone(),
+                runc: find_in_path("runc").unwrap(),
+                shim: vec![env!("CARGO_BIN_EXE_nimbus").into(), "shim".into()],
+                cgroup_parent: CGROUP_PARENT.into(),
+            },
+            state_dir,
+            layer: PathBuf::from(parts[1]),
+            bridge: parts[2].into(),
+            subnet: parts[3].parse().unwrap(),
+            next_ip: AtomicU32::new(100),
+        }
+    }
+
+    fn helper_env(&self) -> String {
+        format!(
+            "{}|{}|{}|{}",
+            self.state_dir.display(),
+            self.layer.display(),
+            self.bridge,
+            self.subnet
+        )
     }
 
     fn driver(&self) -> ContainerDriver {
@@ -162,6 +193,9 @@ impl Env {
 
 impl Drop for Env {
     fn drop(&mut self) {
+        if self.tmp.is_none() {
+            return;
+        }
         // Best effort when a test panicked before its own cleanup (own runtime, own thread).
         let cfg = self.cfg.clone();
         let bridge = self.bridge.clone();
@@ -438,6 +472,84 @@ async fn delete_leaves_nothing_behind() {
         !Path::new(nimbus_agent::driver::container::DEFAULT_RUNC_ROOT)
             .join(&id)
             .exists()
+    );
+    env.cleanup().await;
+}
+
+/// Set in the helper child of `agent_sigkill_keeps_containers`: the parent's `Env`.
+const HELPER_ENV: &str = "NIMBUS_CONTAINER_TEST_HELPER";
+
+/// Not a test of its own: when `HELPER_ENV` is set, acts as an agent that starts a container,
+/// prints `STARTED <id> <pid>` and waits to be SIGKILLed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn helper_agent_process() {
+    let Ok(v) = std::env::var(HELPER_ENV) else {
+        return;
+    };
+    let env = Env::from_helper_env(&v);
+    let d = env.driver();
+    let id = conformance::new_id();
+    d.create(&env.spec(&id, conformance::long_running("orphan")))
+        .await
+        .unwrap();
+    let pid = d.start(&id).await.unwrap();
+    println!("STARTED {id} {pid}");
+    std::io::stdout().flush().unwrap();
+    tokio::time::sleep(Duration::from_secs(600)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_sigkill_keeps_containers() {
+    let Some(env) = Env::new() else { return };
+    if std::env::var(HELPER_ENV).is_ok() {
+        return;
+    }
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "helper_agent_process",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(HELPER_ENV, env.helper_env())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let line = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .find_map(|l| l.split_once("STARTED ").map(|(_, rest)| rest.to_string()))
+    });
+    let line = tokio::time::timeout(Duration::from_mins(1), line).await;
+    // SIGKILL the "agent" (also when it failed, so nothing hangs).
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let line = line
+        .expect("helper did not start a container in time")
+        .unwrap()
+        .expect("helper exited without starting a container");
+    // libtest prints "test helper_agent_process ... " before it on the same line.
+    let mut parts = line.split_whitespace();
+    let id = parts.next().unwrap().to_string();
+    let pid: u32 = parts.next().unwrap().parse().unwrap();
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let d = env.driver();
+    assert_eq!(d.state(&id).await.unwrap(), RuntimeState::Running { pid });
+    assert!(conformance::wait_log(&d, &id, "orphan", Duration::from_secs(10)).await);
+    let r = d
+        .exec(&id, &sh("echo alive"), Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(r.stdout, "alive\n");
+    d.stop(&id, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(
+        d.state(&id).await.unwrap(),
+        RuntimeState::Exited { code: Some(0) }
     );
     env.cleanup().await;
 }
