@@ -53,7 +53,9 @@ pub struct Agent {
     reported: Mutex<HashMap<String, InstanceReport>>,
     /// Current assignments by id.
     pub(crate) assignments: Mutex<BTreeMap<String, Assignment>>,
-    capabilities: NodeCapabilities,
+    capabilities: Mutex<NodeCapabilities>,
+    /// The registration as last sent (re-sent when capabilities change or the server forgets us).
+    registration: Mutex<Option<RegisterNodeRequest>>,
 }
 
 /// A handle to a running agent.
@@ -126,7 +128,8 @@ impl Agent {
             local: Mutex::new(local),
             reported: Mutex::new(HashMap::new()),
             assignments: Mutex::new(BTreeMap::new()),
-            capabilities,
+            capabilities: Mutex::new(capabilities),
+            registration: Mutex::new(None),
             cfg,
         });
         let api = crate::http::router(agent.clone());
@@ -144,14 +147,15 @@ impl Agent {
             name: agent.cfg.name.clone(),
             agent_url: advertise,
             capacity: node_capacity(&agent.cfg.data_dir),
-            capabilities: agent.capabilities.clone(),
+            capabilities: agent.capabilities.lock().expect("caps lock").clone(),
             zone: agent.cfg.zone.clone(),
             labels: agent.cfg.labels.clone(),
             agent_version: env!("CARGO_PKG_VERSION").into(),
         };
         agent.register(&reg).await?;
+        *agent.registration.lock().expect("registration lock") = Some(reg);
         let (tx, rx) = watch::channel(None);
-        tasks.push(tokio::spawn(agent.clone().heartbeat_loop(reg)));
+        tasks.push(tokio::spawn(agent.clone().heartbeat_loop()));
         tasks.push(tokio::spawn(agent.clone().watch_loop(tx)));
         tasks.push(tokio::spawn(agent.clone().reconcile_loop(rx)));
         Ok(AgentHandle {
@@ -181,7 +185,20 @@ impl Agent {
         }
     }
 
-    async fn heartbeat_loop(self: Arc<Self>, reg: RegisterNodeRequest) {
+    /// Changes what the node reports it can run (for example once the VM accelerator probe has
+    /// finished) and re-registers.
+    pub async fn set_capabilities(&self, caps: NodeCapabilities) -> Result<(), LinkError> {
+        *self.capabilities.lock().expect("caps lock") = caps.clone();
+        let reg = {
+            let mut r = self.registration.lock().expect("registration lock");
+            let Some(reg) = r.as_mut() else { return Ok(()) };
+            reg.capabilities = caps;
+            reg.clone()
+        };
+        self.link.register(&reg).await.map(|_| ())
+    }
+
+    async fn heartbeat_loop(self: Arc<Self>) {
         let mut tick = tokio::time::interval(self.cfg.heartbeat_every);
         loop {
             tick.tick().await;
@@ -193,7 +210,10 @@ impl Agent {
                 Ok(()) => {}
                 Err(LinkError::Refused(e)) if e.code == nimbus_api::ErrorCode::NotFound => {
                     tracing::warn!("the control plane forgot this node; registering again");
-                    let _ = self.link.register(&reg).await;
+                    let reg = self.registration.lock().expect("registration lock").clone();
+                    if let Some(reg) = reg {
+                        let _ = self.link.register(&reg).await;
+                    }
                 }
                 Err(e) => tracing::warn!("heartbeat failed: {e}"),
             }
@@ -382,7 +402,7 @@ impl Agent {
         if ty == InstanceType::Vm {
             report
                 .accelerator
-                .clone_from(&self.capabilities.accelerator);
+                .clone_from(&self.capabilities.lock().expect("caps lock").accelerator);
         }
         Some(report)
     }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use nimbus_agent::driver::container::{ContainerConfig, ContainerDriver};
+use nimbus_agent::driver::vm::{VmConfig, VmDriver};
 use nimbus_agent::driver::Driver;
 use nimbus_agent::{Agent, AgentConfig};
 use nimbus_api::NodeCapabilities;
@@ -61,7 +62,15 @@ fn hostname() -> String {
     s
 }
 
-fn drivers(agent_dir: &Path) -> Result<(Vec<Arc<dyn Driver>>, NodeCapabilities)> {
+/// The node's drivers, its capabilities now, and the VM driver if it may be usable (its
+/// accelerator probe runs after registration; see [`probe_vms`]).
+fn drivers(
+    agent_dir: &Path,
+) -> (
+    Vec<Arc<dyn Driver>>,
+    NodeCapabilities,
+    Option<Arc<VmDriver>>,
+) {
     let mut drivers: Vec<Arc<dyn Driver>> = Vec::new();
     let mut caps = NodeCapabilities::default();
     match ContainerConfig::new(agent_dir.join("containers")).and_then(ContainerDriver::new) {
@@ -71,8 +80,50 @@ fn drivers(agent_dir: &Path) -> Result<(Vec<Arc<dyn Driver>>, NodeCapabilities)>
         }
         Err(e) => tracing::warn!("container driver unavailable: {e}"),
     }
-    caps.vm_unavailable_reason = Some("the VM driver is not enabled in this build".into());
-    Ok((drivers, caps))
+    let vm = match VmDriver::new(VmConfig::from_env(agent_dir.join("vms"))) {
+        Ok(d) => match d.capability() {
+            Ok(()) => {
+                caps.vm_unavailable_reason = Some("probing the VM accelerator".into());
+                let d = Arc::new(d);
+                drivers.push(d.clone());
+                Some(d)
+            }
+            Err(reason) => {
+                tracing::warn!("VMs unavailable on this node: {reason}");
+                caps.vm_unavailable_reason = Some(reason);
+                None
+            }
+        },
+        Err(e) => {
+            tracing::warn!("VM driver unavailable: {e}");
+            caps.vm_unavailable_reason = Some(e.to_string());
+            None
+        }
+    };
+    (drivers, caps, vm)
+}
+
+/// Runs the VM accelerator probe (KVM only if a guest really boots under it, else TCG) and then
+/// tells the control plane the node can run VMs.
+fn probe_vms(agent: Arc<Agent>, vm: Arc<VmDriver>, mut caps: NodeCapabilities) {
+    tokio::spawn(async move {
+        match vm.accelerator().await {
+            Ok(accel) => {
+                let why = vm.accelerator_reason().await.unwrap_or_default();
+                tracing::info!(accelerator = accel, "VMs available: {why}");
+                caps.vms = true;
+                caps.accelerator = Some(accel.to_string());
+                caps.vm_unavailable_reason = None;
+            }
+            Err(e) => {
+                tracing::warn!("VMs unavailable: {e}");
+                caps.vm_unavailable_reason = Some(e.to_string());
+            }
+        }
+        if let Err(e) = agent.set_capabilities(caps).await {
+            tracing::warn!("reporting VM capability failed: {e}");
+        }
+    });
 }
 
 async fn wait_for_signal() {
@@ -101,7 +152,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
     .with_context(|| format!("starting the control plane in {}", data_dir.display()))?;
     let url = format!("http://{}", server.local_addr);
     let agent_dir = data_dir.join("agent");
-    let (drivers, caps) = drivers(&agent_dir)?;
+    let (drivers, caps, vm) = drivers(&agent_dir);
     let agent = Agent::start(
         AgentConfig {
             name: args.node_name.unwrap_or_else(hostname),
@@ -117,10 +168,13 @@ pub async fn up(args: UpArgs) -> Result<()> {
             stop_grace: Duration::from_secs(10),
         },
         drivers,
-        caps,
+        caps.clone(),
     )
     .await
     .context("starting the node agent")?;
+    if let Some(vm) = vm {
+        probe_vms(agent.agent.clone(), vm, caps);
+    }
     println!(
         "nimbus is ready at {url} (data {}, token {})",
         data_dir.display(),
@@ -166,7 +220,7 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
         .with_context(|| format!("reading the node token from {}", args.token_file.display()))?
         .trim()
         .to_string();
-    let (drivers, caps) = drivers(&args.data_dir)?;
+    let (drivers, caps, vm) = drivers(&args.data_dir);
     let agent = Agent::start(
         AgentConfig {
             name: args.name.unwrap_or_else(hostname),
@@ -182,10 +236,13 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
             stop_grace: Duration::from_secs(10),
         },
         drivers,
-        caps,
+        caps.clone(),
     )
     .await
     .context("starting the node agent")?;
+    if let Some(vm) = vm {
+        probe_vms(agent.agent.clone(), vm, caps);
+    }
     println!("nimbus agent ready (API at {})", agent.local_addr);
     wait_for_signal().await;
     agent.stop();
