@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use nimbus_api::{ApiError, ErrorCode};
 use nimbus_image::ImageStore;
-use nimbus_state::raft::{RaftNode, WriteError};
-use nimbus_state::{Command, CommandEnvelope, CommandOutput, StateMachine, COMMAND_FORMAT_VERSION};
+use nimbus_state::raft::RaftNode;
+use nimbus_state::{Command, CommandOutput, StateMachine};
 
 /// Server settings.
 #[derive(Debug, Clone)]
@@ -45,36 +45,16 @@ pub struct AppState {
     pub node_token: Arc<String>,
     /// HTTP client for calls to agents.
     pub http: reqwest::Client,
+    /// Group-committing write path.
+    pub proposer: crate::proposer::Proposer,
 }
 
-/// RFC 3339 now.
-pub fn now() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-}
+pub use crate::proposer::now;
 
 impl AppState {
     /// Proposes a command through Raft and returns its output or the error that refused it.
     pub async fn propose(&self, command: Command) -> Result<CommandOutput, ApiError> {
-        let env = CommandEnvelope {
-            format: COMMAND_FORMAT_VERSION,
-            time: now(),
-            new_id: uuid::Uuid::new_v4().to_string(),
-            command,
-        };
-        match self.raft.write(env).await {
-            Ok(result) => result,
-            Err(WriteError::ForwardToLeader { leader_url, .. }) => Err(ApiError::new(
-                ErrorCode::Unavailable,
-                match leader_url {
-                    Some(u) => format!("this server is not the leader; the leader is at {u}"),
-                    None => "no leader is elected yet; retry shortly".to_string(),
-                },
-            )),
-            Err(e) => Err(ApiError::new(
-                ErrorCode::Unavailable,
-                format!("the write could not be committed: {e}"),
-            )),
-        }
+        self.proposer.propose(command).await
     }
 
     /// Reads the applied state.

@@ -5,6 +5,7 @@ pub mod app;
 pub mod auth;
 pub mod controllers;
 pub mod error;
+pub mod proposer;
 pub mod routes;
 
 use std::path::Path;
@@ -150,6 +151,7 @@ impl Server {
             images: Arc::new(images),
             admin_token: Arc::new(admin_token),
             node_token: Arc::new(node_token),
+            proposer: proposer::Proposer::spawn(raft.clone()),
             http: reqwest::Client::builder()
                 .build()
                 .map_err(|e| StartError::NotReady(e.to_string()))?,

@@ -27,6 +27,9 @@ pub struct CommandEnvelope {
 pub enum Command {
     /// No-op (used to probe the write path).
     Noop,
+    /// Several commands proposed together as one log entry (group commit): applied in order,
+    /// each with its own envelope; each succeeds or fails on its own.
+    Batch(Vec<CommandEnvelope>),
     /// Set the cluster's node address pool and bridge name (only before any node registers).
     ConfigureNetwork {
         /// Pool node subnets are carved from (a /16).
@@ -148,6 +151,8 @@ pub enum CommandOutput {
     Image(Image),
     /// An instance.
     Instance(Box<Instance>),
+    /// The results of a [`Command::Batch`], in order.
+    Batch(Vec<CommandResult>),
 }
 
 /// The result of applying a command: the output, or the API error that refused it (the state

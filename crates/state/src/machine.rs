@@ -128,6 +128,17 @@ impl StateMachine {
         }
         match &env.command {
             Command::Noop => Ok(CommandOutput::None),
+            Command::Batch(envs) => Ok(CommandOutput::Batch(
+                envs.iter()
+                    .map(|e| {
+                        if matches!(e.command, Command::Batch(_)) {
+                            Err(ApiError::internal("nested command batches are not allowed"))
+                        } else {
+                            self.apply(index, e)
+                        }
+                    })
+                    .collect(),
+            )),
             Command::ConfigureNetwork { pool, bridge } => {
                 let want = NetworkSettings {
                     pool: pool.clone(),

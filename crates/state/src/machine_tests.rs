@@ -516,3 +516,39 @@ fn project_idempotency_key() {
         ErrorCode::AlreadyExists
     );
 }
+
+#[test]
+fn batch_applies_each_command_on_its_own() {
+    let mut h = H::new();
+    let env = |name: &str, id: &str| CommandEnvelope {
+        format: COMMAND_FORMAT_VERSION,
+        time: "2026-01-01T00:00:00Z".into(),
+        new_id: id.into(),
+        command: Command::CreateProject {
+            name: name.into(),
+            description: String::new(),
+            idempotency_key: None,
+        },
+    };
+    let out = h.ok(Command::Batch(vec![
+        env("p1", "a"),
+        env("Bad", "b"),
+        env("p2", "c"),
+        env("p1", "d"),
+    ]));
+    let CommandOutput::Batch(results) = out else {
+        panic!("expected a batch")
+    };
+    assert!(results[0].is_ok());
+    assert_eq!(
+        results[1].as_ref().unwrap_err().code,
+        ErrorCode::InvalidArgument
+    );
+    assert!(results[2].is_ok());
+    assert_eq!(
+        results[3].as_ref().unwrap_err().code,
+        ErrorCode::AlreadyExists
+    );
+    assert!(h.sm.projects.contains_key("p1") && h.sm.projects.contains_key("p2"));
+    assert_eq!(h.sm.projects["p1"].meta.id, "a");
+}
