@@ -65,7 +65,8 @@ fn busybox_layer(dir: &Path, busybox: &Path) {
     std::fs::set_permissions(dir.join("tmp"), std::fs::Permissions::from_mode(0o1777)).unwrap();
 }
 
-/// A per-test subnet 10.213.N.0/24 (distinct across the tests of this process).
+/// A per-test subnet 10.215.N.0/24: outside the product pool (10.213.0.0/16), the VM tests'
+/// and the nimbus-net tests' (10.214.N.0/24), distinct across the tests of this process.
 fn next_subnet() -> u32 {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let base = std::process::id() % 50 * 4;
@@ -167,10 +168,10 @@ impl Env {
             pids_limit: 256,
             network: NetworkAttachment {
                 bridge: self.bridge.clone(),
-                ip: format!("10.213.{subnet}.{host}"),
+                ip: format!("10.215.{subnet}.{host}"),
                 prefix_len: 24,
-                gateway: format!("10.213.{subnet}.1"),
-                mac: format!("02:00:0a:d5:{subnet:02x}:{host:02x}"),
+                gateway: format!("10.215.{subnet}.1"),
+                mac: format!("02:00:0a:d7:{subnet:02x}:{host:02x}"),
             },
             user_data: None,
             ssh_keys: vec![],
