@@ -90,7 +90,7 @@ impl ServerLink {
                     let text = resp.text().await.unwrap_or_default();
                     match serde_json::from_str::<ErrorBody>(&text) {
                         Ok(b) if b.error.code == nimbus_api::ErrorCode::Unavailable => {
-                            last = b.error.message
+                            last = b.error.message;
                         }
                         Ok(b) => return Err(LinkError::Refused(b.error)),
                         Err(_) => {
