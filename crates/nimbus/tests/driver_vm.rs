@@ -142,6 +142,45 @@ async fn vm_lifecycle_network_user_data_reattach_and_delete() {
     d.resume(id).await.unwrap();
     assert_eq!(d.run_state(id).await.unwrap(), "running");
 
+    // The interactive serial console: a shell answers on the console socket.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut con = tokio::net::UnixStream::connect(d.console_socket(id))
+            .await
+            .unwrap();
+        con.write_all(b"\necho CONSOLE-$((6*7))\n").await.unwrap();
+        let mut seen = Vec::new();
+        let found = tokio::time::timeout(Duration::from_secs(30), async {
+            let mut buf = [0u8; 1024];
+            loop {
+                let n = con.read(&mut buf).await.unwrap();
+                assert!(n > 0, "console closed");
+                seen.extend_from_slice(&buf[..n]);
+                if String::from_utf8_lossy(&seen).contains("CONSOLE-42") {
+                    break;
+                }
+            }
+        })
+        .await;
+        assert!(
+            found.is_ok(),
+            "no shell answer on the console: {}\nlog:\n{}",
+            String::from_utf8_lossy(&seen),
+            console(&log)
+        );
+    }
+
+    // The QEMU process runs in its cgroup.
+    let procs = std::fs::read_to_string(format!(
+        "/sys/fs/cgroup/memory/nimbus-test/{id}/cgroup.procs"
+    ));
+    if let Ok(procs) = procs {
+        assert!(
+            procs.lines().any(|l| l.trim() == pid.to_string()),
+            "pid {pid} not in its cgroup: {procs}"
+        );
+    }
+
     // A file written now survives stop/start.
     exec_ok(
         &d,
@@ -303,4 +342,32 @@ async fn auto_accel_picks_a_working_accelerator() {
     let t = std::time::Instant::now();
     assert_eq!(d2.accelerator().await.unwrap(), accel);
     assert!(t.elapsed() < Duration::from_secs(2));
+}
+
+/// The shared driver conformance suite, with VM-sized timeouts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_suite() {
+    use nimbus_agent::driver::conformance::{run_all, SuiteOptions};
+    use std::sync::atomic::{AtomicU8, Ordering};
+    if !require_vm_support() {
+        return;
+    }
+    let _serial = vm_support::SERIAL.lock().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let layer = busybox_layer(tmp.path());
+    let state = tmp.path().join("state");
+    let bridge = bridge_name();
+    let _cleanup = vm_support::Cleanup::new(&state, &bridge);
+    let d = driver(&state, Accel::Tcg);
+    let next = AtomicU8::new(20);
+    let make = |id: &str, command: Vec<String>| {
+        let mut s = spec(id, &layer, &bridge, next.fetch_add(1, Ordering::Relaxed));
+        s.command = command;
+        s
+    };
+    let o = SuiteOptions {
+        timeout: BOOT,
+        grace: Duration::from_secs(30),
+    };
+    run_all(&d, &make, &o).await;
 }

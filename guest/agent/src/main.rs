@@ -50,6 +50,9 @@ fn main() {
         boot::grow_root();
     }
     std::thread::spawn(watch_power_button);
+    if pid1 {
+        std::thread::spawn(console_shell);
+    }
     let main_pid: Arc<Mutex<Option<i32>>> = Arc::new(Mutex::new(None));
     {
         let cfg = cfg.clone();
@@ -242,6 +245,62 @@ fn run_main_service(cfg: &Value, main_pid: &Arc<Mutex<Option<i32>>>) {
         }
     }
     shutdown(main_pid);
+}
+
+/// Keeps a root shell on the serial console (`nimbus console` attaches to it), using the
+/// busybox the initramfs put in `/.nimbus` so it works whatever the image contains.
+fn console_shell() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    const BUSYBOX: &str = "/.nimbus/busybox";
+    if fs::metadata(BUSYBOX).is_err() {
+        log("no /.nimbus/busybox: no console shell");
+        return;
+    }
+    while !SHUTTING_DOWN.load(std::sync::atomic::Ordering::SeqCst) {
+        // O_NONBLOCK: a serial open must not wait for carrier; the shell gets a blocking fd.
+        let tty = match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits() | nix::fcntl::OFlag::O_NOCTTY.bits())
+            .open("/dev/ttyS0")
+        {
+            Ok(t) => t,
+            Err(e) => {
+                log(&format!("console shell: open /dev/ttyS0: {e}"));
+                return;
+            }
+        };
+        let _ = nix::fcntl::fcntl(
+            tty.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_RDWR),
+        );
+        let (Ok(out), Ok(err)) = (tty.try_clone(), tty.try_clone()) else {
+            return;
+        };
+        let mut cmd = Command::new(BUSYBOX);
+        cmd.args(["setsid", "-c", BUSYBOX, "sh"])
+            .stdin(tty)
+            .stdout(out)
+            .stderr(err)
+            .current_dir("/")
+            .env("HOME", "/root")
+            .env("TERM", "vt100")
+            .env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            );
+        match reaper::spawn(&mut cmd) {
+            Ok(p) => {
+                reaper::wait(p.pid, None);
+            }
+            Err(e) => {
+                log(&format!("console shell: {e}"));
+                return;
+            }
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
 }
 
 /// Waits for the ACPI power button (evdev KEY_POWER) and shuts down.

@@ -87,12 +87,23 @@ pub fn setup(parent: &str, id: &str, limits: Limits) -> Result<Vec<PathBuf>, VmE
     Ok(procs)
 }
 
-/// Removes the cgroup (the process must be gone).
+/// Removes the cgroup (the process must be gone). Retries for a moment: a QEMU that just
+/// exited may still be a zombie (its parent is init), which keeps the cgroup busy.
 pub fn remove(parent: &str, id: &str) {
     for dir in dirs(parent, id) {
-        if dir.exists() {
-            if let Err(e) = std::fs::remove_dir(&dir) {
-                tracing::warn!(cgroup = %dir.display(), error = %e, "removing cgroup");
+        let mut tries = 0;
+        while dir.exists() {
+            match std::fs::remove_dir(&dir) {
+                Ok(()) => break,
+                Err(e) if tries < 60 => {
+                    tracing::debug!(cgroup = %dir.display(), error = %e, "cgroup busy, retrying");
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(e) => {
+                    tracing::warn!(cgroup = %dir.display(), error = %e, "removing cgroup");
+                    break;
+                }
             }
         }
     }

@@ -62,6 +62,7 @@ if ! mount -t ext4 /dev/vda /newroot; then
 fi
 mkdir -p /newroot/.nimbus /newroot/proc /newroot/sys /newroot/dev /newroot/run /newroot/tmp /newroot/etc
 cp /nimbus/guest-agent /newroot/.nimbus/guest-agent
+cp /bin/busybox /newroot/.nimbus/busybox
 [ -f /nimbus/config.json ] && cp /nimbus/config.json /newroot/.nimbus/config.json
 umount /proc /sys /dev
 echo "nimbus-init: switching to the root disk"
@@ -276,6 +277,30 @@ fn read_module(path: &Path) -> Result<Vec<u8>, VmError> {
     }
 }
 
+/// Reads a binary for the initramfs without its debug info when `strip` is available (the
+/// release guest agent carries ~6 MB of it; every byte is unpacked by the guest at boot).
+fn read_stripped(path: &Path) -> Result<Vec<u8>, VmError> {
+    let raw = std::fs::read(path)
+        .map_err(|e| VmError::Kernel(format!("guest agent {}: {e}", path.display())))?;
+    let Ok(tmp) = tempfile::NamedTempFile::new() else {
+        return Ok(raw);
+    };
+    let stripped = std::process::Command::new("strip")
+        .arg("-o")
+        .arg(tmp.path())
+        .arg(path)
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if stripped {
+        if let Ok(bytes) = std::fs::read(tmp.path()) {
+            if !bytes.is_empty() {
+                return Ok(bytes);
+            }
+        }
+    }
+    Ok(raw)
+}
+
 /// Inputs of the base initramfs.
 pub struct InitramfsInputs<'a> {
     /// Directory with `vmlinuz` and `lib/modules/<version>`.
@@ -291,9 +316,7 @@ pub fn base_initramfs(cache_dir: &Path, inputs: &InitramfsInputs<'_>) -> Result<
     let version = kernel_version(inputs.kernel_dir)?;
     let busybox = std::fs::read(inputs.busybox)
         .map_err(|e| VmError::Kernel(format!("{}: {e}", inputs.busybox.display())))?;
-    let agent = std::fs::read(inputs.guest_agent).map_err(|e| {
-        VmError::Kernel(format!("guest agent {}: {e}", inputs.guest_agent.display()))
-    })?;
+    let agent = read_stripped(inputs.guest_agent)?;
     let mut h = Sha256::new();
     h.update(version.as_bytes());
     h.update(&busybox);

@@ -894,7 +894,8 @@ impl Driver for VmDriver {
             }
         }
         net::delete_link(&Self::tap_name(id)).await?;
-        cgroup::remove(&self.config.cgroup_parent, id);
+        let (parent, cg_id) = (self.config.cgroup_parent.clone(), id.to_owned());
+        let _ = tokio::task::spawn_blocking(move || cgroup::remove(&parent, &cg_id)).await;
         if paths.dir.exists() {
             std::fs::remove_dir_all(&paths.dir)
                 .map_err(DriverError::io(format!("removing {}", paths.dir.display())))?;
