@@ -19,7 +19,9 @@
 
 mod accel;
 mod cgroup;
+mod config;
 mod disk;
+mod error;
 mod guest;
 mod initramfs;
 mod net;
@@ -39,6 +41,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 pub use accel::{Accel, ProbeResult, PROBE_DEADLINE};
+pub use config::{default_guest_agent, default_kernel_dir, VmConfig};
+use config::{find_in_path, is_static_elf};
+pub use error::VmError;
 pub use initramfs::{Cpio, PROBE_MARKER};
 
 use super::{Driver, DriverError, RuntimeSpec, RuntimeState, RuntimeStats};
@@ -54,199 +59,6 @@ pub const MAX_USER_DATA: usize = 64 * 1024;
 pub const QEMU_OVERHEAD_BYTES: u64 = 320 << 20;
 /// How long QEMU may take to bring its QMP socket up.
 const LAUNCH_TIMEOUT: Duration = Duration::from_secs(20);
-
-/// VM driver failures; converted into [`DriverError`] at the trait boundary.
-#[derive(Debug, thiserror::Error)]
-pub enum VmError {
-    /// Kernel, modules or initramfs inputs are missing or broken.
-    #[error("guest kernel: {0}")]
-    Kernel(String),
-    /// QEMU failed; carries its own stderr.
-    #[error("{0}")]
-    Qemu(String),
-    /// A QMP command failed; carries QEMU's error description.
-    #[error("QMP: {0}")]
-    Qmp(String),
-    /// The guest agent answered with an error or the connection failed.
-    #[error("guest agent: {0}")]
-    Guest(String),
-    /// The guest agent did not answer in time.
-    #[error("guest agent did not answer within {0:?}")]
-    GuestTimeout(Duration),
-    /// An external tool failed (`mkfs.ext4`, `qemu-img`, `ip`, `cp`): its own words.
-    #[error("{tool}: {message}")]
-    Tool {
-        /// The tool.
-        tool: &'static str,
-        /// What it said.
-        message: String,
-    },
-    /// The requested disk cannot hold the image.
-    #[error("disk of {requested} bytes is smaller than the image's base disk ({base} bytes)")]
-    DiskTooSmall {
-        /// Requested size.
-        requested: u64,
-        /// Size of the image's base disk.
-        base: u64,
-    },
-    /// Invalid instance spec (user-data too large).
-    #[error("{0}")]
-    Invalid(String),
-    /// Local I/O.
-    #[error("{context}: {source}")]
-    Io {
-        /// What was being done.
-        context: String,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-}
-
-impl VmError {
-    /// Wraps an I/O error with what was being done.
-    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        Self::Io {
-            context: context.into(),
-            source,
-        }
-    }
-}
-
-impl From<VmError> for DriverError {
-    fn from(e: VmError) -> Self {
-        match e {
-            VmError::Kernel(m) => DriverError::Unavailable(format!("guest kernel: {m}")),
-            VmError::Qemu(m) => DriverError::Runtime {
-                tool: "qemu",
-                message: m,
-            },
-            VmError::Qmp(m) => DriverError::Runtime {
-                tool: "qemu",
-                message: format!("QMP: {m}"),
-            },
-            VmError::Guest(m) => DriverError::Runtime {
-                tool: "guest-agent",
-                message: m,
-            },
-            VmError::GuestTimeout(d) => DriverError::Timeout(d),
-            VmError::Tool { tool, message } => DriverError::Runtime { tool, message },
-            e @ VmError::DiskTooSmall { .. } => DriverError::Runtime {
-                tool: "vm-disk",
-                message: e.to_string(),
-            },
-            VmError::Invalid(m) => DriverError::Runtime {
-                tool: "vm",
-                message: m,
-            },
-            VmError::Io { context, source } => DriverError::Io { context, source },
-        }
-    }
-}
-
-/// Configuration of [`VmDriver`].
-#[derive(Debug, Clone)]
-pub struct VmConfig {
-    /// Where the driver keeps its state (see the module docs).
-    pub state_dir: PathBuf,
-    /// `qemu-system-x86_64`.
-    pub qemu: PathBuf,
-    /// Directory with `vmlinuz` and `lib/modules/<version>/` (see `scripts/setup-vm`).
-    pub kernel_dir: PathBuf,
-    /// Accelerator policy.
-    pub accel: Accel,
-    /// The static `nimbus-guest-agent` binary.
-    pub guest_agent: PathBuf,
-    /// Cgroup parent: each QEMU runs in `/<cgroup_parent>/<id>`.
-    pub cgroup_parent: String,
-}
-
-impl VmConfig {
-    /// Defaults for a node: `qemu-system-x86_64` from `PATH`, the kernel dir from
-    /// `NIMBUS_KERNEL_DIR` (default `/var/lib/nimbus/kernel`), accelerator from `NIMBUS_VM_ACCEL`
-    /// (`auto`|`kvm`|`tcg`), the guest agent from [`default_guest_agent`], cgroup parent `nimbus`.
-    pub fn from_env(state_dir: PathBuf) -> Self {
-        let accel = match std::env::var("NIMBUS_VM_ACCEL").as_deref() {
-            Ok("kvm") => Accel::Kvm,
-            Ok("tcg") => Accel::Tcg,
-            _ => Accel::Auto,
-        };
-        Self {
-            state_dir,
-            qemu: find_in_path("qemu-system-x86_64")
-                .unwrap_or_else(|| PathBuf::from("/usr/bin/qemu-system-x86_64")),
-            kernel_dir: default_kernel_dir(),
-            accel,
-            guest_agent: default_guest_agent(),
-            cgroup_parent: "nimbus".into(),
-        }
-    }
-}
-
-/// `NIMBUS_KERNEL_DIR`, else `/var/lib/nimbus/kernel`.
-pub fn default_kernel_dir() -> PathBuf {
-    std::env::var_os("NIMBUS_KERNEL_DIR")
-        .map_or_else(|| PathBuf::from(DEFAULT_KERNEL_DIR), PathBuf::from)
-}
-
-/// Where the static guest agent is: `NIMBUS_GUEST_AGENT`, else `nimbus-guest-agent` next to the
-/// running executable, else the workspace's static build
-/// (`target/x86_64-unknown-linux-gnu/release/nimbus-guest-agent`, searched upwards from the
-/// executable).
-pub fn default_guest_agent() -> PathBuf {
-    if let Some(p) = std::env::var_os("NIMBUS_GUEST_AGENT") {
-        return PathBuf::from(p);
-    }
-    let exe = std::env::current_exe().unwrap_or_default();
-    let mut dir = exe.parent();
-    if let Some(d) = dir {
-        let beside = d.join("nimbus-guest-agent");
-        if beside.exists() {
-            return beside;
-        }
-    }
-    while let Some(d) = dir {
-        let built = d.join("x86_64-unknown-linux-gnu/release/nimbus-guest-agent");
-        if built.exists() {
-            return built;
-        }
-        dir = d.parent();
-    }
-    PathBuf::from("/usr/local/lib/nimbus/nimbus-guest-agent")
-}
-
-fn find_in_path(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p)
-            .map(|d| d.join(name))
-            .find(|p| p.is_file())
-    })
-}
-
-/// Whether an ELF file is statically linked (no `PT_INTERP` program header).
-fn is_static_elf(path: &Path) -> Result<bool, String> {
-    let data = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
-    if data.len() < 64 || &data[..4] != b"\x7fELF" || data[4] != 2 {
-        return Err(format!("{} is not a 64-bit ELF file", path.display()));
-    }
-    let u64_at = |o: usize| u64::from_le_bytes(data[o..o + 8].try_into().unwrap_or_default());
-    let u16_at = |o: usize| u16::from_le_bytes(data[o..o + 2].try_into().unwrap_or_default());
-    let (phoff, phentsize, phnum) = (
-        u64_at(32) as usize,
-        usize::from(u16_at(54)),
-        usize::from(u16_at(56)),
-    );
-    for i in 0..phnum {
-        let o = phoff + i * phentsize;
-        if o + 4 > data.len() {
-            break;
-        }
-        if u32::from_le_bytes(data[o..o + 4].try_into().unwrap_or_default()) == 3 {
-            return Ok(false);
-        }
-    }
-    Ok(true)
-}
 
 /// The instance as persisted in `spec.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
