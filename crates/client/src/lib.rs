@@ -49,6 +49,38 @@ impl ClientError {
 /// Result alias.
 pub type Result<T> = std::result::Result<T, ClientError>;
 
+/// One server of the control-plane cluster (`GET /v1/cluster`).
+#[derive(Debug, Clone, serde::Deserialize, Serialize)]
+pub struct ClusterMember {
+    /// Raft node id.
+    pub id: u64,
+    /// Base URL.
+    pub url: String,
+    /// Whether it votes (false: learner).
+    pub voter: bool,
+    /// Whether it is the leader.
+    pub leader: bool,
+}
+
+/// A server's view of the control-plane cluster (`GET /v1/cluster`).
+#[derive(Debug, Clone, serde::Deserialize, Serialize)]
+pub struct ClusterInfo {
+    /// The answering server's node id.
+    pub node_id: u64,
+    /// Its URL.
+    pub url: String,
+    /// The cluster id, once known.
+    pub cluster_id: Option<String>,
+    /// Whether it has a Raft membership.
+    pub initialized: bool,
+    /// Its bootstrap-expect count.
+    pub bootstrap_expect: Option<usize>,
+    /// The leader's node id, if known.
+    pub leader_id: Option<u64>,
+    /// The servers.
+    pub members: Vec<ClusterMember>,
+}
+
 /// A client bound to a server URL, a token and a project.
 #[derive(Clone, Debug)]
 pub struct Client {
@@ -334,6 +366,27 @@ impl Client {
             rb = rb.query(&[("project", p)]);
         }
         Ok(self.send(rb).await?.bytes_stream())
+    }
+
+    /// The control-plane cluster as the server answering sees it.
+    pub async fn cluster_info(&self) -> Result<ClusterInfo> {
+        self.call::<(), _>(Method::GET, "/v1/cluster", None).await
+    }
+
+    /// Adds the running server at `url` to the cluster.
+    pub async fn cluster_add_server(&self, url: &str) -> Result<ClusterInfo> {
+        self.call(
+            Method::POST,
+            "/v1/cluster/members",
+            Some(&serde_json::json!({ "url": url })),
+        )
+        .await
+    }
+
+    /// Removes server `id` from the cluster.
+    pub async fn cluster_remove_server(&self, id: u64) -> Result<ClusterInfo> {
+        self.call::<(), _>(Method::DELETE, &format!("/v1/cluster/members/{id}"), None)
+            .await
     }
 
     /// Raw request for tests: returns status and body text.

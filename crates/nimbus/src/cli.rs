@@ -162,9 +162,14 @@ pub struct UpArgs {
     pub log_json: bool,
 }
 
-/// `nimbus server`.
+/// `nimbus server`: run a control-plane server, or manage the server cluster
+/// (`nimbus server list|join|remove`).
 #[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct ServerArgs {
+    /// Cluster membership verbs (without one, run a server).
+    #[command(subcommand)]
+    pub cmd: Option<ServerCmd>,
     /// Data directory.
     #[arg(long, env = "NIMBUS_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -180,9 +185,47 @@ pub struct ServerArgs {
     /// Node-local bridge name (set when the cluster is created).
     #[arg(long, default_value = "nimbus0")]
     pub bridge: String,
+    /// Form a new cluster once this many servers (this one included) see each other; give
+    /// the others with --peers or --join.
+    #[arg(long, value_name = "N")]
+    pub bootstrap_expect: Option<usize>,
+    /// Other servers' URLs (comma-separated or repeated), for --bootstrap-expect.
+    #[arg(long, value_delimiter = ',', value_name = "URL")]
+    pub peers: Vec<String>,
+    /// Join an existing cluster through this member (repeatable; any member works).
+    #[arg(long, value_name = "URL")]
+    pub join: Vec<String>,
+    /// The cluster's node token (agents and server-to-server); every server needs the same
+    /// one. Copied into the data dir.
+    #[arg(long, value_name = "FILE")]
+    pub node_token_file: Option<PathBuf>,
+    /// The cluster's admin token, so clients can use any server. Copied into the data dir.
+    #[arg(long, value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// Seconds without a heartbeat before a node is marked down.
+    #[arg(long, default_value_t = 10, value_name = "SECONDS")]
+    pub heartbeat_grace: u64,
     /// Log as JSON.
     #[arg(long)]
     pub log_json: bool,
+}
+
+/// `nimbus server list|join|remove` (via the API of any server).
+#[derive(Debug, Subcommand)]
+pub enum ServerCmd {
+    /// List the servers of the cluster, their role and the leader.
+    #[command(alias = "ls")]
+    List(OutputArg),
+    /// Add the running server at URL to the cluster (learner, then voter).
+    Join {
+        /// The new server's URL.
+        url: String,
+    },
+    /// Remove a server (by id or URL); the last voter cannot be removed.
+    Remove {
+        /// Node id or URL.
+        server: String,
+    },
 }
 
 /// `nimbus agent`.

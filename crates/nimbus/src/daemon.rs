@@ -187,25 +187,73 @@ pub async fn up(args: UpArgs) -> Result<()> {
     Ok(())
 }
 
+/// Copies a shared token into the data dir (refusing to replace a different one).
+fn install_token(src: &Path, dest: &Path) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let token = std::fs::read_to_string(src)
+        .with_context(|| format!("reading {}", src.display()))?
+        .trim()
+        .to_string();
+    anyhow::ensure!(!token.is_empty(), "{} is empty", src.display());
+    match std::fs::read_to_string(dest) {
+        Ok(cur) if cur.trim() == token => return Ok(()),
+        Ok(_) => anyhow::bail!(
+            "{} already holds a different token than {}",
+            dest.display(),
+            src.display()
+        ),
+        Err(_) => {}
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(dest)
+        .with_context(|| format!("writing {}", dest.display()))?;
+    std::io::Write::write_all(&mut f, format!("{token}\n").as_bytes())
+        .with_context(|| format!("writing {}", dest.display()))?;
+    Ok(())
+}
+
 /// `nimbus server`.
 pub async fn server(args: ServerArgs) -> Result<()> {
     init_logging(args.log_json);
     let data_dir = args.data_dir.unwrap_or_else(default_data_dir);
-    let server = Server::start(ServerConfig {
-        data_dir: data_dir.clone(),
-        listen: args.listen,
-        advertise_url: args.advertise.unwrap_or_default(),
-        node_id: 1,
-        heartbeat_grace: Duration::from_secs(10),
-        body_limit: 1 << 20,
-        node_pool: args.node_pool,
-        bridge: args.bridge,
-    })
+    nimbus_server::check_data_dir(&data_dir)
+        .with_context(|| format!("starting the control plane in {}", data_dir.display()))?;
+    if let Some(f) = &args.node_token_file {
+        install_token(f, &data_dir.join("node.token"))?;
+    }
+    if let Some(f) = &args.admin_token_file {
+        install_token(f, &data_dir.join("admin.token"))?;
+    }
+    let node_id = nimbus_server::cluster::load_or_create_node_id(&data_dir)?;
+    let opts = nimbus_server::ClusterOptions {
+        bootstrap_expect: args.bootstrap_expect,
+        peers: args.peers,
+        join: args.join,
+    };
+    let waiting = opts.bootstrap_expect.is_some_and(|n| n > 1);
+    let server = Server::start_with(
+        ServerConfig {
+            data_dir: data_dir.clone(),
+            listen: args.listen,
+            advertise_url: args.advertise.unwrap_or_default(),
+            node_id,
+            heartbeat_grace: Duration::from_secs(args.heartbeat_grace),
+            body_limit: 1 << 20,
+            node_pool: args.node_pool,
+            bridge: args.bridge,
+        },
+        opts,
+    )
     .await
     .with_context(|| format!("starting the control plane in {}", data_dir.display()))?;
     println!(
-        "nimbus server ready at http://{} (node token in {})",
+        "nimbus server {node_id} ready at http://{}{} (node token in {})",
         server.local_addr,
+        if waiting { ", forming the cluster" } else { "" },
         data_dir.join("node.token").display()
     );
     wait_for_signal().await;

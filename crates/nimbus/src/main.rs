@@ -1,6 +1,7 @@
 //! The `nimbus` binary: wires subcommands to the crates.
 
 mod cli;
+mod cluster_cmd;
 mod daemon;
 mod verbs;
 
@@ -38,6 +39,9 @@ fn client(cli: &Cli) -> Result<Client> {
 }
 
 async fn run(cli: Cli) -> Result<i32> {
+    if let Command::Server(cli::ServerArgs { cmd: Some(cmd), .. }) = &cli.command {
+        return cluster_cmd::run(&client(&cli)?, cmd).await.map(|()| 0);
+    }
     let code = match cli.command {
         Command::Up(a) => daemon::up(a).await.map(|()| 0)?,
         Command::Server(a) => daemon::server(a).await.map(|()| 0)?,

@@ -47,6 +47,10 @@ pub struct AppState {
     pub http: reqwest::Client,
     /// Group-committing write path.
     pub proposer: crate::proposer::Proposer,
+    /// Forwards writes and read barriers from a follower to the leader.
+    pub forwarder: crate::forward::Forwarder,
+    /// Cluster identity and membership settings of this server.
+    pub cluster: Arc<crate::cluster::ClusterState>,
 }
 
 pub use crate::proposer::now;
@@ -62,9 +66,10 @@ impl AppState {
         self.raft.read(f)
     }
 
-    /// Waits until a linearizable read is possible (the leader confirmed its leadership).
+    /// Waits until a linearizable read is possible: the leader confirmed its leadership with
+    /// a quorum and this server (leader or follower) has applied everything committed before.
     pub async fn barrier(&self) -> Result<(), ApiError> {
-        self.raft.linearizable_barrier().await.map_err(|e| {
+        self.forwarder.barrier().await.map_err(|e| {
             ApiError::new(
                 ErrorCode::Unavailable,
                 format!("cannot serve a linearizable read: {e}"),

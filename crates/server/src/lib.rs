@@ -3,8 +3,10 @@
 
 pub mod app;
 pub mod auth;
+pub mod cluster;
 pub mod controllers;
 pub mod error;
+pub mod forward;
 pub mod proposer;
 pub mod routes;
 
@@ -16,6 +18,7 @@ use nimbus_state::raft::{RaftConfig, RaftNode};
 use nimbus_state::Command;
 
 pub use app::{AppState, ServerConfig};
+pub use cluster::ClusterOptions;
 
 /// Startup failures.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +46,9 @@ pub enum StartError {
     /// The store did not become writable.
     #[error("the control plane did not become ready: {0}")]
     NotReady(String),
+    /// Forming or joining the server cluster failed.
+    #[error("{0}")]
+    Cluster(String),
 }
 
 /// A running server.
@@ -114,6 +120,19 @@ pub fn check_data_dir(dir: &Path) -> Result<(), StartError> {
 impl Server {
     /// Opens the store, bootstraps a single-voter cluster if new, and starts serving.
     pub async fn start(cfg: ServerConfig) -> Result<Self, StartError> {
+        Self::start_with(cfg, ClusterOptions::single()).await
+    }
+
+    /// Opens the store and starts serving as a member of a server cluster.
+    ///
+    /// - single (no options): bootstraps a one-voter cluster if new and returns once it is
+    ///   writable (`nimbus up`);
+    /// - `join`: returns once a member has added this server (learner, then voter);
+    /// - `bootstrap_expect`: returns at once while the servers find each other in the
+    ///   background (printing "waiting for N more servers").
+    ///
+    /// A server whose store is already initialized just rejoins its cluster.
+    pub async fn start_with(cfg: ServerConfig, opts: ClusterOptions) -> Result<Self, StartError> {
         check_data_dir(&cfg.data_dir)?;
         let admin_token = load_or_create_token(&cfg.data_dir.join("admin.token"))?;
         let node_token = load_or_create_token(&cfg.data_dir.join("node.token"))?;
@@ -145,19 +164,26 @@ impl Server {
         })
         .await
         .map_err(|e| StartError::Raft(Box::new(e)))?;
+        let forwarder = forward::Forwarder::new(raft.clone(), node_token.clone());
         let app = AppState {
+            cluster: Arc::new(cluster::ClusterState::load(
+                &cfg.data_dir,
+                opts.bootstrap_expect,
+            )),
             cfg: Arc::new(cfg),
             raft: raft.clone(),
             images: Arc::new(images),
             admin_token: Arc::new(admin_token),
             node_token: Arc::new(node_token),
-            proposer: proposer::Proposer::spawn(raft.clone()),
+            proposer: proposer::Proposer::spawn(forwarder.clone()),
+            forwarder,
             http: reqwest::Client::builder()
                 .build()
                 .map_err(|e| StartError::NotReady(e.to_string()))?,
         };
-        let router =
-            routes::router(app.clone()).merge(nimbus_state::raft::raft_router(raft.clone()));
+        let router = routes::router(app.clone())
+            .merge(cluster::router(app.clone()))
+            .merge(nimbus_state::raft::raft_router(raft.clone()));
         let serve = tokio::spawn(async move {
             if let Err(e) = axum::serve(
                 listener,
@@ -168,22 +194,85 @@ impl Server {
                 tracing::error!("API server stopped: {e}");
             }
         });
-        raft.bootstrap_single()
-            .await
-            .map_err(|e| StartError::NotReady(e.to_string()))?;
-        bootstrap_defaults(&app).await?;
-        controllers::spawn(app.clone());
-        Ok(Self {
-            app,
+        let server = Self {
+            app: app.clone(),
             local_addr,
             serve,
-        })
+        };
+        let started = if opts.is_single() {
+            Self::start_single(&app).await
+        } else {
+            Self::start_member(&app, opts).await
+        };
+        if let Err(e) = started {
+            server.shutdown().await;
+            return Err(e);
+        }
+        controllers::spawn(app);
+        Ok(server)
+    }
+
+    async fn start_single(app: &AppState) -> Result<(), StartError> {
+        app.raft
+            .bootstrap_single()
+            .await
+            .map_err(|e| StartError::NotReady(e.to_string()))?;
+        if app.cluster.cluster_id().is_none() && app.raft.members().len() <= 1 {
+            app.cluster
+                .set_cluster_id(&cluster::new_cluster_id())
+                .map_err(StartError::Cluster)?;
+        }
+        bootstrap_defaults(app).await
+    }
+
+    async fn start_member(app: &AppState, opts: ClusterOptions) -> Result<(), StartError> {
+        let mut peers = opts.peers.clone();
+        peers.extend(opts.join.iter().cloned());
+        peers.retain(|p| p.trim_end_matches('/') != app.raft.advertise_url().trim_end_matches('/'));
+        if app.raft.is_initialized().await {
+            cluster::check_peers(app, &peers).await?;
+        } else if let Some(expect) = opts.bootstrap_expect {
+            if expect <= 1 {
+                return Self::start_single(app).await;
+            }
+            tokio::spawn(cluster::bootstrap_expect(app.clone(), expect, peers));
+        } else {
+            cluster::join_cluster(app, &peers).await?;
+        }
+        tokio::spawn(cluster::adopt_cluster_id(app.clone()));
+        tokio::spawn(member_defaults(app.clone()));
+        Ok(())
     }
 
     /// Stops serving.
     pub async fn shutdown(self) {
         self.serve.abort();
         self.app.raft.shutdown().await;
+    }
+}
+
+/// In a server cluster: once a leader is known, the leader writes the defaults (retrying, as
+/// leadership may move); every server builds the built-in image's blobs locally so agents
+/// can pull them from whichever server they talk to.
+async fn member_defaults(app: AppState) {
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        if app.raft.leader().is_none() {
+            continue;
+        }
+        if app.raft.is_leader() {
+            match bootstrap_defaults(&app).await {
+                Ok(()) => break,
+                Err(e) => tracing::warn!("writing cluster defaults: {e}"),
+            }
+        } else if app.read(|s| s.projects.contains_key("default")) {
+            break;
+        }
+    }
+    let busybox = Path::new("/bin/busybox");
+    if busybox.exists() {
+        let store = app.images.clone();
+        let _ = tokio::task::spawn_blocking(move || store.build_busybox(busybox)).await;
     }
 }
 

@@ -3,9 +3,14 @@
 //! one Raft write in flight; requests that arrive meanwhile are packed into one
 //! `Command::Batch` log entry (up to [`MAX_BATCH`]), so concurrent writers share an fsync and a
 //! lone writer pays no extra latency.
+//!
+//! On a follower the proposer forwards each (batched) entry to the leader through
+//! [`Forwarder`](crate::forward::Forwarder) instead of failing with "not the leader".
 
 use nimbus_api::{ApiError, ErrorCode};
-use nimbus_state::raft::{RaftNode, WriteError};
+use nimbus_state::raft::WriteError;
+
+use crate::forward::Forwarder;
 use nimbus_state::{Command, CommandEnvelope, CommandOutput, COMMAND_FORMAT_VERSION};
 use tokio::sync::{mpsc, oneshot};
 
@@ -51,8 +56,8 @@ fn write_error(e: WriteError) -> ApiError {
 }
 
 impl Proposer {
-    /// Starts the proposer task for `raft`.
-    pub fn spawn(raft: RaftNode) -> Self {
+    /// Starts the proposer task writing through `raft` (which forwards to the leader).
+    pub fn spawn(raft: Forwarder) -> Self {
         let (tx, rx) = mpsc::channel(4 * MAX_BATCH);
         tokio::spawn(run(raft, rx));
         Self { tx }
@@ -70,7 +75,7 @@ impl Proposer {
     }
 }
 
-async fn run(raft: RaftNode, mut rx: mpsc::Receiver<(CommandEnvelope, Reply)>) {
+async fn run(raft: Forwarder, mut rx: mpsc::Receiver<(CommandEnvelope, Reply)>) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {

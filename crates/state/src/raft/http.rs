@@ -16,16 +16,20 @@ use openraft::raft::{
 use openraft::Snapshot;
 
 use super::network::{
-    FullSnapshotRequest, PATH_APPEND, PATH_SNAPSHOT, PATH_SNAPSHOT_CHUNK, PATH_VOTE,
+    FullSnapshotRequest, PATH_APPEND, PATH_CLIENT_WRITE, PATH_READ_INDEX, PATH_SNAPSHOT,
+    PATH_SNAPSHOT_CHUNK, PATH_VOTE,
 };
 use super::node::RaftNode;
+use super::node::WriteError;
 use super::TypeConfig;
+use crate::command::{CommandEnvelope, CommandResult};
 
 /// Largest accepted RPC body (snapshots travel in one request).
 const MAX_BODY: usize = 1 << 30;
 
-/// The router serving `/raft/append`, `/raft/vote`, `/raft/snapshot` and
-/// `/raft/snapshot-chunk` for `node`. Every request must carry
+/// The router serving `/raft/append`, `/raft/vote`, `/raft/snapshot`,
+/// `/raft/snapshot-chunk`, and the forwarding endpoints `/raft/client-write` and
+/// `/raft/read-index` for `node`. Every request must carry
 /// `Authorization: Bearer <cluster secret>`; others get 401.
 pub fn raft_router(node: RaftNode) -> Router {
     Router::new()
@@ -33,6 +37,8 @@ pub fn raft_router(node: RaftNode) -> Router {
         .route(PATH_VOTE, post(vote))
         .route(PATH_SNAPSHOT, post(snapshot))
         .route(PATH_SNAPSHOT_CHUNK, post(snapshot_chunk))
+        .route(PATH_CLIENT_WRITE, post(client_write))
+        .route(PATH_READ_INDEX, post(read_index))
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .layer(middleware::from_fn_with_state(node.clone(), require_secret))
         .with_state(node)
@@ -99,5 +105,19 @@ async fn snapshot_chunk(
 ) -> Response {
     let res: Result<InstallSnapshotResponse<u64>, RaftError<u64, InstallSnapshotError>> =
         node.raft().install_snapshot(req).await;
+    Json(res).into_response()
+}
+
+/// A write forwarded by a follower: the leader proposes the envelope as is (it may be a
+/// group-committed batch) and answers `Result<CommandResult, WriteError>`.
+async fn client_write(State(node): State<RaftNode>, Json(env): Json<CommandEnvelope>) -> Response {
+    let res: Result<CommandResult, WriteError> = node.write(env).await;
+    Json(res).into_response()
+}
+
+/// A follower's read-index request: answers `Result<u64, WriteError>`, the commit index
+/// confirmed by a quorum.
+async fn read_index(State(node): State<RaftNode>) -> Response {
+    let res: Result<u64, WriteError> = node.read_index().await;
     Json(res).into_response()
 }

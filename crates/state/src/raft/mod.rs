@@ -39,6 +39,7 @@ use crate::command::{CommandEnvelope, CommandResult};
 
 pub mod http;
 pub mod log_store;
+pub mod membership;
 pub mod network;
 pub mod node;
 pub mod sm_store;
@@ -47,6 +48,7 @@ mod db;
 mod log_writer;
 
 pub use http::raft_router;
+pub use membership::Member;
 pub use node::{InitError, OpenError, RaftConfig, RaftNode, WriteError};
 
 openraft::declare_raft_types!(

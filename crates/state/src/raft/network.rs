@@ -36,6 +36,11 @@ pub const PATH_APPEND: &str = "/raft/append";
 pub const PATH_VOTE: &str = "/raft/vote";
 /// Path of the full-snapshot RPC.
 pub const PATH_SNAPSHOT: &str = "/raft/snapshot";
+/// Path of a write forwarded to the leader (body: `CommandEnvelope`; answer:
+/// `Result<CommandResult, WriteError>`).
+pub const PATH_CLIENT_WRITE: &str = "/raft/client-write";
+/// Path of the read-index request a follower sends the leader (answer: `Result<u64, WriteError>`).
+pub const PATH_READ_INDEX: &str = "/raft/read-index";
 /// Path of the chunked install-snapshot RPC.
 pub const PATH_SNAPSHOT_CHUNK: &str = "/raft/snapshot-chunk";
 

@@ -140,8 +140,9 @@ pub enum OpenError {
     Start(#[source] Box<Fatal<u64>>),
 }
 
-/// Why a write (or barrier) did not go through.
-#[derive(Debug, thiserror::Error)]
+/// Why a write (or barrier) did not go through. Serializable: a server forwarding a write to
+/// the leader gets it back over `/raft/client-write`.
+#[derive(Debug, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum WriteError {
     /// This node is not the leader; send the request to the leader (if known).
     #[error("not the Raft leader (leader: {})", leader_url.as_deref().unwrap_or("unknown"))]
@@ -160,6 +161,9 @@ pub enum WriteError {
     /// Raft hit an unrecoverable error (storage failure, panic).
     #[error("Raft failed: {0}")]
     Fatal(String),
+    /// The request is refused (e.g. removing the last voter).
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// Why initialization failed.
@@ -380,13 +384,15 @@ impl RaftNode {
         self.membership_result(res)
     }
 
-    fn membership_result<T>(
+    pub(crate) fn membership_result<T>(
         &self,
         res: Result<T, RaftError<u64, ClientWriteError<u64, BasicNode>>>,
     ) -> Result<(), WriteError> {
         match res {
             Ok(_) => Ok(()),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(self.forward(&f)),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(self.forward_error(&f))
+            }
             Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
                 Err(WriteError::Unavailable(e.to_string()))
             }
@@ -426,7 +432,9 @@ impl RaftNode {
             .map_err(|_| WriteError::Timeout(REQUEST_TIMEOUT))?;
         match res {
             Ok(resp) => Ok((resp.log_id.index, resp.data)),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(self.forward(&f)),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(self.forward_error(&f))
+            }
             Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e))) => {
                 Err(WriteError::Fatal(e.to_string()))
             }
@@ -443,7 +451,7 @@ impl RaftNode {
         match res {
             Ok(_) => Ok(()),
             Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
-                Err(self.forward(&f))
+                Err(self.forward_error(&f))
             }
             Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e))) => {
                 Err(WriteError::Unavailable(e.to_string()))
@@ -452,7 +460,7 @@ impl RaftNode {
         }
     }
 
-    fn forward(&self, f: &ForwardToLeader<u64, BasicNode>) -> WriteError {
+    pub(crate) fn forward_error(&self, f: &ForwardToLeader<u64, BasicNode>) -> WriteError {
         let leader_url = f
             .leader_node
             .as_ref()

@@ -1,0 +1,62 @@
+//! `nimbus server list|join|remove`: control-plane cluster membership through the API.
+
+use anyhow::{Context, Result};
+use nimbus_client::{Client, ClusterInfo};
+
+use crate::cli::{Output, ServerCmd};
+
+fn print(info: &ClusterInfo, output: Output) -> Result<()> {
+    if output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(info)?);
+        return Ok(());
+    }
+    println!(
+        "cluster {}",
+        info.cluster_id.as_deref().unwrap_or("(not formed yet)")
+    );
+    println!("{:<18} {:<8} {:<7} URL", "ID", "ROLE", "LEADER");
+    for m in &info.members {
+        println!(
+            "{:<18} {:<8} {:<7} {}",
+            m.id,
+            if m.voter { "voter" } else { "learner" },
+            if m.leader { "*" } else { "" },
+            m.url
+        );
+    }
+    if info.members.is_empty() {
+        println!(
+            "(no members: the server at {} has not joined a cluster yet)",
+            info.url
+        );
+    }
+    Ok(())
+}
+
+/// Runs one membership verb.
+pub async fn run(c: &Client, cmd: &ServerCmd) -> Result<()> {
+    match cmd {
+        ServerCmd::List(o) => print(&c.cluster_info().await?, o.output),
+        ServerCmd::Join { url } => {
+            let info = c.cluster_add_server(url).await?;
+            println!("server at {url} added");
+            print(&info, Output::Table)
+        }
+        ServerCmd::Remove { server } => {
+            let id = if let Ok(id) = server.parse::<u64>() {
+                id
+            } else {
+                let info = c.cluster_info().await?;
+                let want = server.trim_end_matches('/');
+                info.members
+                    .iter()
+                    .find(|m| m.url.trim_end_matches('/') == want)
+                    .map(|m| m.id)
+                    .with_context(|| format!("no server {server} in the cluster"))?
+            };
+            let info = c.cluster_remove_server(id).await?;
+            println!("server {id} removed");
+            print(&info, Output::Table)
+        }
+    }
+}
