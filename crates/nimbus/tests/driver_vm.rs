@@ -262,7 +262,10 @@ async fn main_command_exit_code_and_start_failures() {
     let _serial = vm_support::SERIAL.lock().await;
     let tmp = tempfile::tempdir().unwrap();
     let layer = busybox_layer(tmp.path());
-    let state = tmp.path().join("state");
+    // A long state dir: sockets must fall back to short paths under /run/nimbus.
+    let state = tmp
+        .path()
+        .join("a-rather-long-state-directory-name-to-exceed-unix-socket-path-limits");
     let bridge = bridge_name();
     let _cleanup = vm_support::Cleanup::new(&state, &bridge);
     let d = driver(&state, Accel::Tcg);

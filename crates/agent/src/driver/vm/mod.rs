@@ -709,6 +709,9 @@ impl Driver for VmDriver {
         let (parent, cg_id) = (self.config.cgroup_parent.clone(), id.to_owned());
         let _ = tokio::task::spawn_blocking(move || cgroup::remove(&parent, &cg_id)).await;
         if paths.dir.exists() {
+            if paths.sock_dir() != paths.dir {
+                let _ = std::fs::remove_dir_all(paths.sock_dir());
+            }
             std::fs::remove_dir_all(&paths.dir)
                 .map_err(DriverError::io(format!("removing {}", paths.dir.display())))?;
         }

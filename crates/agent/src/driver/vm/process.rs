@@ -20,6 +20,17 @@ impl VmPaths {
     pub fn new(dir: PathBuf) -> Self {
         Self { dir }
     }
+    /// Where the unix sockets live: the VM's directory, or, when that path is too long for a
+    /// socket address (108 bytes), `/run/nimbus/vm-<hash of the directory>` (deterministic, so
+    /// a new driver finds them again).
+    pub fn sock_dir(&self) -> PathBuf {
+        const MAX_SOCK_PATH: usize = 100;
+        if self.dir.as_os_str().len() + "/console.sock".len() < MAX_SOCK_PATH {
+            return self.dir.clone();
+        }
+        let h = <sha2::Sha256 as sha2::Digest>::digest(self.dir.as_os_str().as_encoded_bytes());
+        PathBuf::from("/run/nimbus").join(format!("vm-{}", &hex::encode(h)[..16]))
+    }
     /// Persisted spec (its presence means "created").
     pub fn spec(&self) -> PathBuf {
         self.dir.join("spec.json")
@@ -34,15 +45,15 @@ impl VmPaths {
     }
     /// QMP socket.
     pub fn qmp(&self) -> PathBuf {
-        self.dir.join("qmp.sock")
+        self.sock_dir().join("qmp.sock")
     }
     /// Guest agent socket.
     pub fn guest_agent(&self) -> PathBuf {
-        self.dir.join("ga.sock")
+        self.sock_dir().join("ga.sock")
     }
     /// Interactive serial console socket.
     pub fn console_sock(&self) -> PathBuf {
-        self.dir.join("console.sock")
+        self.sock_dir().join("console.sock")
     }
     /// Serial console log.
     pub fn console_log(&self) -> PathBuf {
@@ -130,6 +141,9 @@ pub async fn launch(
     paths: &VmPaths,
     timeout: Duration,
 ) -> Result<u32, VmError> {
+    let sock_dir = paths.sock_dir();
+    std::fs::create_dir_all(&sock_dir)
+        .map_err(|e| VmError::io(format!("creating {}", sock_dir.display()), e))?;
     for p in [
         paths.pidfile(),
         paths.stderr(),
@@ -240,4 +254,32 @@ pub fn usage(pid: u32) -> (u64, u64) {
         .unwrap_or(0)
         * 1024;
     (cpu, rss)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_dirs_get_short_socket_paths() {
+        let short = VmPaths::new(PathBuf::from("/var/lib/nimbus/vms/abc"));
+        assert_eq!(
+            short.qmp(),
+            PathBuf::from("/var/lib/nimbus/vms/abc/qmp.sock")
+        );
+        let long = VmPaths::new(PathBuf::from(format!(
+            "/tmp/{}/vms/0f3c9e2a-1b2c-4d5e-8f90-123456789abc",
+            "x".repeat(80)
+        )));
+        assert!(long
+            .console_sock()
+            .to_string_lossy()
+            .starts_with("/run/nimbus/vm-"));
+        assert!(long.console_sock().as_os_str().len() < 108);
+        assert_eq!(
+            long.qmp(),
+            VmPaths::new(long.dir.clone()).qmp(),
+            "deterministic"
+        );
+    }
 }
