@@ -66,6 +66,37 @@ pub fn machine_note() -> String {
     )
 }
 
+/// The commit the binaries were built from, noting uncommitted work in the shared checkout.
+pub fn build_note(bin: &std::path::Path) -> String {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default()
+    };
+    let head = git(&["rev-parse", "--short", "HEAD"]);
+    let dirty = !git(&["status", "--porcelain", "--untracked-files=no"]).is_empty();
+    let built = std::fs::metadata(bin)
+        .and_then(|m| m.modified())
+        .map(|t| {
+            chrono::DateTime::<chrono::Utc>::from(t)
+                .format("%Y-%m-%d %H:%M UTC")
+                .to_string()
+        })
+        .unwrap_or_default();
+    format!(
+        "product binary `{}` (release, built {built}); checkout at `{head}`{}",
+        bin.display(),
+        if dirty {
+            " with other engineers' uncommitted work in progress"
+        } else {
+            ""
+        }
+    )
+}
+
 /// Today's date and time in UTC.
 pub fn now() -> String {
     chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string()

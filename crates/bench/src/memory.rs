@@ -225,6 +225,7 @@ pub async fn run(opts: &MemoryArgs) -> anyhow::Result<()> {
         let _ = writeln!(b, "- Command: `{}`", opts.command);
         let _ = writeln!(b, "- Date: {}", crate::doc::now());
         let _ = writeln!(b, "- Machine: {}.", crate::doc::machine_note());
+        let _ = writeln!(b, "- Build: {}.", crate::doc::build_note(&opts.nimbus_bin));
         let _ = writeln!(
             b,
             "- What is measured: `VmRSS` from `/proc/PID/status` of the `nimbus up` process (server, \
