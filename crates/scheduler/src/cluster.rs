@@ -19,6 +19,8 @@ use std::collections::{BTreeMap, HashMap};
 use crate::constraint::ZONE_KEY;
 use crate::{Constraint, InstanceRequest, Node, Policy, Reason, Strategy, Unschedulable, Weights};
 
+mod index;
+
 const OK: u8 = 1;
 const VM: u8 = 2;
 const CONTAINER: u8 = 4;
@@ -65,6 +67,10 @@ pub struct Cluster {
     pub(crate) groups: Vec<Group>,
     masks: HashMap<Vec<Constraint>, Vec<u64>>,
     scratch: Vec<u32>,
+    trees: Vec<index::ZoneTree>,
+    zone_trees: Vec<Vec<u32>>,
+    leaf_pos: Vec<(u32, u32)>,
+    zone_order: Vec<(u32, u32)>,
 }
 
 /// Index of a request's spread group, resolved once per decision.
@@ -125,6 +131,10 @@ impl Cluster {
             groups: Vec::new(),
             masks: HashMap::new(),
             scratch: vec![0; n],
+            trees: Vec::new(),
+            zone_trees: Vec::new(),
+            leaf_pos: vec![(0, 0); n],
+            zone_order: Vec::new(),
         };
         for node in nodes {
             let z = *zone_idx.entry(node.zone.as_str()).or_insert_with(|| {
@@ -178,6 +188,7 @@ impl Cluster {
         for i in 0..n {
             c.refresh(i);
         }
+        c.build_index();
         c
     }
 
@@ -315,6 +326,7 @@ impl Cluster {
             w[2] * inv(self.net_cap[i]),
         ];
         h.empty = h.count == 0 && a == [0, 0, 0];
+        self.update_index(i);
     }
 
     pub(crate) fn group_id(&mut self, name: &str) -> u32 {
@@ -471,6 +483,13 @@ impl Cluster {
     /// Like [`Cluster::place`] but without building the failure detail (the hot path).
     pub fn try_place(&mut self, req: &InstanceRequest) -> Option<usize> {
         let p = self.prepare(req);
+        self.search(&p, req)
+    }
+
+    /// The reference implementation of [`Cluster::try_place`]: a linear scan that filters and
+    /// scores every node. Same answer, `O(nodes)` per decision (kept for tests and benchmarks).
+    pub fn try_place_linear(&mut self, req: &InstanceRequest) -> Option<usize> {
+        let p = self.prepare(req);
         if p.group.is_none() && req.constraints.is_empty() {
             self.scan_plain(&p)
         } else {
@@ -485,13 +504,18 @@ impl Cluster {
         Ok(i)
     }
 
-    /// Key to minimise; for binpack, used nodes (by fullest) come before empty ones (by largest).
+    /// Key to minimise. Spread: the score. Binpack: minus the score for used nodes; empty nodes
+    /// come after every used node, ordered by the request's share of their capacity alone (the
+    /// largest node first, whatever its measured background load).
     #[inline]
-    fn key(&self, s: f64, empty: bool) -> f64 {
+    fn node_key(&self, h: &Hot, p: &Prepared) -> f64 {
+        let w = p.wantf;
         match self.policy.strategy {
-            Strategy::Spread => s,
-            Strategy::Binpack if empty => 1e12 + s,
-            Strategy::Binpack => -s,
+            Strategy::Spread => h.base + w[0] * h.winv[0] + w[1] * h.winv[1] + w[2] * h.winv[2],
+            Strategy::Binpack if h.empty => {
+                index::EMPTY_KEY + (w[0] * h.winv[0] + w[1] * h.winv[1] + w[2] * h.winv[2])
+            }
+            Strategy::Binpack => -(h.base + w[0] * h.winv[0] + w[1] * h.winv[1] + w[2] * h.winv[2]),
         }
     }
 
@@ -508,9 +532,7 @@ impl Cluster {
             {
                 continue;
             }
-            let s =
-                h.base + p.wantf[0] * h.winv[0] + p.wantf[1] * h.winv[1] + p.wantf[2] * h.winv[2];
-            let k = self.key(s, h.empty);
+            let k = self.node_key(h, p);
             if k < best_k || (k == best_k && self.rank[i] < self.rank[best]) {
                 best = i;
                 best_k = k;
@@ -552,9 +574,7 @@ impl Cluster {
             if nc > 0 && req.anti_affinity {
                 continue;
             }
-            let s =
-                h.base + p.wantf[0] * h.winv[0] + p.wantf[1] * h.winv[1] + p.wantf[2] * h.winv[2];
-            let k = (zc, nc, self.key(s, h.empty));
+            let k = (zc, nc, self.node_key(h, p));
             let ord =
                 k.0.cmp(&best_k.0)
                     .then(k.1.cmp(&best_k.1))
@@ -647,6 +667,7 @@ impl Cluster {
         } else {
             self.hot[i].flags &= !OK;
         }
+        self.update_index(i);
     }
 
     /// Members of spread group `group` per zone, as `(zone, count)`.

@@ -182,17 +182,22 @@ pub enum Algorithm {
     Random,
     /// The better-scored of two random feasible nodes.
     PowerOfTwo,
-    /// The full engine: every node filtered and scored ([`Cluster::try_place`]).
+    /// The full engine: exact best node under the full filter and score, through the
+    /// branch-and-bound index ([`Cluster::try_place`]).
     FullScore,
+    /// The same decision by a linear scan that scores every node
+    /// ([`Cluster::try_place_linear`]); the reference for `FullScore`.
+    FullScan,
 }
 
 impl Algorithm {
     /// All algorithms, in report order.
-    pub const ALL: [Self; 4] = [
+    pub const ALL: [Self; 5] = [
         Self::FirstFit,
         Self::Random,
         Self::PowerOfTwo,
         Self::FullScore,
+        Self::FullScan,
     ];
 
     /// Short name used in reports.
@@ -202,6 +207,7 @@ impl Algorithm {
             Self::Random => "random",
             Self::PowerOfTwo => "power-of-two",
             Self::FullScore => "full-score",
+            Self::FullScan => "full-scan",
         }
     }
 }
@@ -300,6 +306,7 @@ impl Simulation {
         let req = &self.workload.get(r)?.request;
         let choice = match self.algorithm {
             Algorithm::FullScore => self.cluster.try_place(req),
+            Algorithm::FullScan => self.cluster.try_place_linear(req),
             Algorithm::FirstFit => first_fit(&mut self.cluster, req),
             Algorithm::Random => random_fit(&mut self.cluster, req, &mut self.rng, 1),
             Algorithm::PowerOfTwo => random_fit(&mut self.cluster, req, &mut self.rng, 2),

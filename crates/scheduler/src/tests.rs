@@ -646,3 +646,50 @@ fn simulation_is_deterministic_and_sane() {
         assert!(a.nodes_used >= a.lower_bound);
     }
 }
+
+#[test]
+fn index_agrees_with_linear_scan() {
+    for (strategy, seed) in [(Strategy::Spread, 5), (Strategy::Binpack, 6)] {
+        let nodes = sim::generate_nodes(seed, 500, 3);
+        let work = sim::generate_workload(seed, 20_000, &nodes, 3, 0.8);
+        let policy = Policy {
+            strategy,
+            ..Policy::default()
+        };
+        let mut a =
+            sim::Simulation::new(&nodes, policy, work.clone(), sim::Algorithm::FullScore, 1);
+        let mut b = sim::Simulation::new(&nodes, policy, work, sim::Algorithm::FullScan, 1);
+        let mut n = 0;
+        loop {
+            a.depart();
+            b.depart();
+            let (x, y) = (a.decide(), b.decide());
+            assert_eq!(x, y, "{strategy:?} decision {n}");
+            if x.is_none() {
+                break;
+            }
+            n += 1;
+        }
+        assert_eq!(a.report(), b.report());
+    }
+}
+
+#[test]
+fn index_handles_identical_nodes_and_ties_by_name() {
+    let nodes: Vec<Node> = (0..64)
+        .rev()
+        .map(|i| full(&format!("n{i:02}"), "z", &[]))
+        .collect();
+    for strategy in [Strategy::Spread, Strategy::Binpack] {
+        let mut c = Cluster::new(
+            &nodes,
+            Policy {
+                strategy,
+                ..Policy::default()
+            },
+        );
+        let i = c.try_place(&ireq(100, 1)).unwrap();
+        assert_eq!(c.name(i), "n00");
+        assert_eq!(c.try_place_linear(&ireq(100, 1)), Some(i));
+    }
+}
