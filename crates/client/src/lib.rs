@@ -119,6 +119,20 @@ impl Client {
         }
     }
 
+    /// The same client with a timeout on every whole request (connect and answer).
+    #[must_use]
+    pub fn with_timeout(&self, timeout: Duration) -> Self {
+        let http = reqwest::Client::builder()
+            .connect_timeout(timeout.min(Duration::from_secs(5)))
+            .timeout(timeout)
+            .build()
+            .unwrap_or_default();
+        Self {
+            http,
+            ..self.clone()
+        }
+    }
+
     /// Base URL.
     pub fn base_url(&self) -> &str {
         &self.base
@@ -261,6 +275,35 @@ impl Client {
             rb = rb.query(&[("tail", t)]);
         }
         Ok(self.send(rb).await?.bytes_stream())
+    }
+
+    /// Attaches to an instance's interactive console: a raw bidirectional byte stream.
+    pub async fn console(&self, name: &str) -> Result<reqwest::Upgraded> {
+        let resp = self
+            .req(Method::GET, &self.ipath(&format!("/{name}/console")))
+            .header("connection", "upgrade")
+            .header("upgrade", "nimbus-console")
+            .send()
+            .await
+            .map_err(|source| ClientError::Connect {
+                url: self.base.clone(),
+                source,
+            })?;
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            return resp.upgrade().await.map_err(|e| ClientError::Protocol {
+                url: self.base.clone(),
+                message: format!("console upgrade: {e}"),
+            });
+        }
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        Err(match serde_json::from_str::<ErrorBody>(&text) {
+            Ok(b) => ClientError::Api(b.error),
+            Err(_) => ClientError::Protocol {
+                url: self.base.clone(),
+                message: format!("expected 101 Switching Protocols, got {status}"),
+            },
+        })
     }
 
     /// Projects.

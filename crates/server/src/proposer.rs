@@ -4,6 +4,15 @@
 //! `Command::Batch` log entry (up to [`MAX_BATCH`]), so concurrent writers share an fsync and a
 //! lone writer pays no extra latency.
 //!
+//! **Batching is only used when `Command::Batch` can be encoded.** `Command` is internally
+//! tagged (`#[serde(tag = "op")]`) and serde cannot encode a newtype variant holding a
+//! sequence that way, so today a `Batch` entry fails in the log store ("cannot serialize
+//! tagged newtype variant Command::Batch containing a sequence") and stops Raft on that node.
+//! The proposer probes this at start; while it fails, every command becomes its own log entry
+//! and up to [`MAX_IN_FLIGHT`] writes are in flight at once (openraft pipelines them). Making
+//! `Batch` a struct variant in `nimbus_state::command` re-enables group commit with no change
+//! here.
+//!
 //! On a follower the proposer forwards each (batched) entry to the leader through
 //! [`Forwarder`](crate::forward::Forwarder) instead of failing with "not the leader".
 
@@ -16,6 +25,14 @@ use tokio::sync::{mpsc, oneshot};
 
 /// Most commands packed into one log entry.
 pub const MAX_BATCH: usize = 512;
+
+/// Most single-command writes in flight when batching is unavailable.
+pub const MAX_IN_FLIGHT: usize = 256;
+
+/// Whether a `Command::Batch` entry can be encoded (see the module docs).
+pub fn batching_supported() -> bool {
+    serde_json::to_vec(&envelope(Command::Batch(vec![envelope(Command::Noop)]))).is_ok()
+}
 
 type Reply = oneshot::Sender<Result<CommandOutput, ApiError>>;
 
@@ -75,7 +92,31 @@ impl Proposer {
     }
 }
 
+async fn run_singles(raft: Forwarder, mut rx: mpsc::Receiver<(CommandEnvelope, Reply)>) {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
+    while let Some((env, reply)) = rx.recv().await {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            let result = match raft.write(env).await {
+                Ok(r) => r,
+                Err(e) => Err(write_error(e)),
+            };
+            let _ = reply.send(result);
+            drop(permit);
+        });
+    }
+}
+
 async fn run(raft: Forwarder, mut rx: mpsc::Receiver<(CommandEnvelope, Reply)>) {
+    if !batching_supported() {
+        tracing::warn!(
+            "Command::Batch cannot be encoded: group commit disabled, one log entry per write"
+        );
+        return run_singles(raft, rx).await;
+    }
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {

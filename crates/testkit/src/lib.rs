@@ -9,6 +9,9 @@ use std::time::{Duration, Instant};
 
 use nimbus_client::Client;
 
+pub mod history;
+pub mod netns;
+
 /// Harness failures.
 #[derive(Debug, thiserror::Error)]
 pub enum KitError {

@@ -1,0 +1,350 @@
+//! High availability of the control plane: three `nimbus server`s, each in its own network
+//! namespace (`testkit::netns`), under faults, while a client writes and reads through any
+//! server; afterwards the history checker (`testkit::history`) verifies that no acknowledged
+//! write was lost and no read was stale or saw a value that was later lost.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nimbus_testkit::history::{self, History};
+use nimbus_testkit::netns::{self, Net};
+use nimbus_testkit::{require, Cloud};
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_nimbus"))
+}
+
+/// Three servers formed with `--bootstrap-expect 3`, or `None` (local run without root).
+async fn cluster() -> Option<Net> {
+    if !require("root, ip, tc and nft (netns harness)", netns::available()) {
+        return None;
+    }
+    let mut net = Net::new(bin(), 3).expect("netns hosts");
+    net.start_servers(&[]).expect("start servers");
+    net.wait_cluster(&[0, 1, 2], 3, Duration::from_secs(60))
+        .await
+        .expect("cluster formed");
+    Some(net)
+}
+
+struct Workload {
+    prefix: String,
+    history: Arc<History>,
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn start_workload(net: &Net, prefix: &str) -> Workload {
+    let history = History::new();
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients = (0..net.hosts.len()).map(|i| net.client(i)).collect();
+    let task = tokio::spawn(history::run_workload(
+        clients,
+        history.clone(),
+        prefix.to_owned(),
+        2,
+        stop.clone(),
+    ));
+    Workload {
+        prefix: prefix.to_owned(),
+        history,
+        stop,
+        task,
+    }
+}
+
+/// Stops the workload, waits until the cluster is whole again and checks the history.
+async fn finish(net: &Net, w: Workload) -> history::Summary {
+    w.stop.store(true, Ordering::Relaxed);
+    w.task.await.expect("workload task");
+    net.wait_cluster(&[0, 1, 2], 3, Duration::from_secs(60))
+        .await
+        .expect("cluster whole again");
+    let clients: Vec<_> = (0..net.hosts.len()).map(|i| net.client(i)).collect();
+    let keys = history::final_keys(&clients, &w.prefix)
+        .await
+        .unwrap_or_else(|| panic!("no server answers a final read\n{}", net.logs_tail(20)));
+    // Every server must hold every acknowledged write (each read is linearizable).
+    for c in &clients {
+        let per_server = history::final_keys(std::slice::from_ref(c), &w.prefix)
+            .await
+            .unwrap_or_else(|| {
+                panic!(
+                    "{} answers no final read\n{}",
+                    c.base_url(),
+                    net.logs_tail(30)
+                )
+            });
+        assert_eq!(per_server, keys, "{} disagrees", c.base_url());
+    }
+    match w.history.check(&keys) {
+        Ok(s) => {
+            eprintln!("history ok: {s:?}");
+            assert!(s.acked > 0, "no write was acknowledged");
+            s
+        }
+        Err(errors) => panic!(
+            "history check failed:\n{}\n{}",
+            errors.join("\n"),
+            net.logs_tail(20)
+        ),
+    }
+}
+
+async fn leader(net: &Net) -> usize {
+    net.wait_cluster(&[0, 1, 2], 3, Duration::from_secs(30))
+        .await
+        .expect("leader")
+}
+
+/// Waits until a write through any server but `not` succeeds; returns how long it took.
+async fn first_write(net: &Net, not: usize, key: &str, since: Instant) -> Duration {
+    loop {
+        for i in (0..net.hosts.len()).filter(|&i| i != not) {
+            let c = net.client(i).with_timeout(Duration::from_secs(2));
+            if c.create_project(key).await.is_ok() {
+                return since.elapsed();
+            }
+        }
+        assert!(
+            since.elapsed() < Duration::from_secs(30),
+            "no write succeeded within 30 s\n{}",
+            net.logs_tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ha_kill9_leader() {
+    let Some(mut net) = cluster().await else {
+        return;
+    };
+    let w = start_workload(&net, "kl");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let l = leader(&net).await;
+    let t = Instant::now();
+    net.kill9(l);
+    let took = first_write(&net, l, "after-kill", t).await;
+    eprintln!("first write after kill -9 of the leader: {took:?}");
+    assert!(took < Duration::from_secs(10), "failover took {took:?}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    net.start_server(l).expect("restart");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    finish(&net, w).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ha_partition_leader() {
+    let Some(net) = cluster().await else {
+        return;
+    };
+    let w = start_workload(&net, "pl");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let l = leader(&net).await;
+    net.partition(l).expect("partition");
+    let others: Vec<usize> = (0..3).filter(|&i| i != l).collect();
+    let new = net
+        .wait_cluster(&others, 3, Duration::from_secs(30))
+        .await
+        .expect("new leader among the majority");
+    assert_ne!(new, l);
+    // The isolated old leader must not acknowledge writes nor serve linearizable reads.
+    let old = net.client(l).with_timeout(Duration::from_secs(15));
+    assert!(
+        old.create_project("on-isolated-leader").await.is_err(),
+        "the isolated old leader acknowledged a write"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    net.heal(l).expect("heal");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    finish(&net, w).await;
+    let c = net.client(l);
+    let all = c.list_projects().await.expect("list");
+    assert!(
+        !all.iter().any(|p| p.meta.name == "on-isolated-leader"),
+        "a write refused by the isolated leader appeared later"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ha_restart_all_servers_at_once() {
+    let Some(mut net) = cluster().await else {
+        return;
+    };
+    let w = start_workload(&net, "ra");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for i in 0..3 {
+        net.kill9(i);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for i in 0..3 {
+        net.start_server(i).expect("restart");
+    }
+    leader(&net).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    finish(&net, w).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ha_netem_loss_and_delay_on_leader_link() {
+    let Some(net) = cluster().await else {
+        return;
+    };
+    let w = start_workload(&net, "ne");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let l = leader(&net).await;
+    let how = net.impair(l, 10, 40, "2mbit").expect("impair");
+    eprintln!("leader link impaired with {how}");
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    net.clear_impair(l);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    finish(&net, w).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ha_rolling_restart_under_load() {
+    let Some(mut net) = cluster().await else {
+        return;
+    };
+    let w = start_workload(&net, "rr");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for i in 0..3 {
+        net.restart(i).expect("restart");
+        net.wait_cluster(&[0, 1, 2], 3, Duration::from_secs(30))
+            .await
+            .expect("cluster back");
+        // Let the restarted server catch up before the next one goes.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let s = finish(&net, w).await;
+    assert_eq!(s.unknown, 0, "a write was never acknowledged: {s:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ha_membership_join_remove_and_cluster_id() {
+    if !require("root, ip, tc and nft (netns harness)", netns::available()) {
+        return;
+    }
+    let mut net = Net::new(bin(), 5).expect("netns hosts");
+    // Three servers expecting each other; only one up at first: it says what it waits for.
+    let peers: Vec<String> = net.urls().into_iter().take(3).collect();
+    let peers = peers.join(",");
+    net.start_servers_with(0, &["--bootstrap-expect", "3", "--peers", &peers])
+        .expect("start 0");
+    let waited = nimbus_testkit::eventually(Duration::from_secs(20), || async {
+        net.log(0)
+            .contains("waiting for 2 more servers (bootstrap-expect 3)")
+            .then_some(())
+    })
+    .await;
+    assert!(waited.is_some(), "no waiting message:\n{}", net.log(0));
+    for i in 1..3 {
+        net.start_servers_with(i, &["--bootstrap-expect", "3", "--peers", &peers])
+            .expect("start");
+    }
+    net.wait_cluster(&[0, 1, 2], 3, Duration::from_secs(60))
+        .await
+        .expect("cluster");
+    let ids: Vec<Option<String>> = futures_ids(&net, &[0, 1, 2]).await;
+    assert!(ids.iter().all(|i| i.is_some() && *i == ids[0]), "{ids:?}");
+
+    // A fourth server joins through a follower; the CLI lists it.
+    let join = net.hosts[1].url();
+    net.start_servers_with(3, &["--join", &join])
+        .expect("start 3");
+    net.wait_cluster(&[0, 1, 2, 3], 4, Duration::from_secs(60))
+        .await
+        .expect("4 voters");
+    assert_eq!(
+        futures_ids(&net, &[3]).await[0],
+        ids[0],
+        "joined server's cluster id"
+    );
+    let out = std::process::Command::new(bin())
+        .args(["server", "list"])
+        .env("NIMBUS_URL", net.hosts[3].url())
+        .env("NIMBUS_TOKEN", &net.admin_token)
+        .output()
+        .expect("cli");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert_eq!(text.matches("voter").count(), 4, "{text}");
+    assert!(
+        text.contains(ids[0].as_deref().unwrap_or_default()),
+        "{text}"
+    );
+
+    // Removing it through the CLI (by URL) leaves three.
+    let out = std::process::Command::new(bin())
+        .args(["server", "remove", &net.hosts[3].url()])
+        .env("NIMBUS_URL", net.hosts[0].url())
+        .env("NIMBUS_TOKEN", &net.admin_token)
+        .output()
+        .expect("cli");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    net.wait_cluster(&[0, 1, 2], 3, Duration::from_secs(30))
+        .await
+        .expect("3 voters");
+
+    // A server of another cluster (its own single-server cluster) is refused.
+    net.start_servers_with(4, &["--bootstrap-expect", "1"])
+        .expect("start 4");
+    let other = nimbus_testkit::eventually(Duration::from_secs(30), || async {
+        net.client(4)
+            .cluster_info()
+            .await
+            .ok()
+            .and_then(|i| i.cluster_id)
+    })
+    .await
+    .expect("other cluster id");
+    assert_ne!(Some(other), ids[0]);
+    let err = net
+        .client(0)
+        .cluster_add_server(&net.hosts[4].url())
+        .await
+        .expect_err("joining a server of another cluster must fail");
+    assert!(err.to_string().contains("belongs to cluster"), "{err}");
+    let info = net.client(0).cluster_info().await.expect("info");
+    assert_eq!(info.members.len(), 3, "{info:?}");
+}
+
+async fn futures_ids(net: &Net, hosts: &[usize]) -> Vec<Option<String>> {
+    let mut out = Vec::new();
+    for &i in hosts {
+        let id = nimbus_testkit::eventually(Duration::from_secs(20), || async {
+            net.client(i)
+                .cluster_info()
+                .await
+                .ok()
+                .and_then(|c| c.cluster_id)
+        })
+        .await;
+        out.push(id);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ha_removing_the_last_voter_is_refused() {
+    if !require("root", nix::unistd::geteuid().is_root()) {
+        return;
+    }
+    let cloud = Cloud::start(bin()).expect("nimbus up");
+    let c = cloud.client();
+    let info = c.cluster_info().await.expect("info");
+    assert_eq!(info.members.len(), 1);
+    assert!(info.cluster_id.is_some(), "{info:?}");
+    let err = c
+        .cluster_remove_server(info.node_id)
+        .await
+        .expect_err("removing the last voter must fail");
+    assert!(err.to_string().contains("last voter"), "{err}");
+}
