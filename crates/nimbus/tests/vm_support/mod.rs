@@ -14,8 +14,8 @@ use nimbus_api::agent::{ImageRef, NetworkAttachment};
 /// VM tests run one at a time (each boot wants both cores under TCG).
 pub static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// The test subnet (not the product's nimbus0).
-pub const SUBNET_PREFIX: &str = "10.213.251";
+/// The test subnet: outside the product pool 10.213.0.0/16 (and the container tests 10.215.x).
+pub const SUBNET_PREFIX: &str = "10.216.251";
 
 /// Whether VMs can run here; with `CI=true` a missing prerequisite fails the test instead.
 pub fn require_vm_support() -> bool {

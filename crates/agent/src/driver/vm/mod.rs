@@ -448,7 +448,8 @@ impl VmDriver {
             net::ensure_bridge(&net.bridge, &net.gateway, net.prefix_len).await?;
         }
         let limits = cgroup::Limits {
-            cpus: spec.cpus.max(0.1),
+            // The vCPUs plus half a CPU for QEMU's own threads (main loop, I/O).
+            cpus: spec.cpus.max(0.1) + 0.5,
             memory_bytes: ((spec.memory_bytes >> 20).max(128) << 20) + QEMU_OVERHEAD_BYTES,
             pids: spec.pids_limit.max(256),
         };
@@ -675,6 +676,10 @@ impl Driver for VmDriver {
 
     fn log_path(&self, id: &str) -> PathBuf {
         self.paths(id).console_log()
+    }
+
+    fn console_socket(&self, id: &str) -> Option<PathBuf> {
+        Some(self.paths(id).console_sock())
     }
 
     async fn stats(&self, id: &str) -> Result<RuntimeStats, DriverError> {
