@@ -678,10 +678,6 @@ impl Driver for VmDriver {
         self.paths(id).console_log()
     }
 
-    fn console_socket(&self, id: &str) -> Option<PathBuf> {
-        Some(self.paths(id).console_sock())
-    }
-
     async fn stats(&self, id: &str) -> Result<RuntimeStats, DriverError> {
         let paths = self.paths(id);
         if !paths.spec().exists() {
