@@ -313,6 +313,36 @@ impl Net {
         Ok(())
     }
 
+    /// Runs any program in host `i`'s namespace (e.g. a baseline like etcd), output appended
+    /// to `<data dir>.<name>.log`. The caller owns (and must kill) the child.
+    pub fn spawn_in(
+        &self,
+        i: usize,
+        name: &str,
+        program: &str,
+        args: &[String],
+    ) -> Result<Child, KitError> {
+        let h = &self.hosts[i];
+        let log = h.data_dir.with_extension(format!("{name}.log"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
+        let log2 = log.try_clone()?;
+        Ok(Command::new("ip")
+            .args(["netns", "exec", &h.ns, program])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()?)
+    }
+
+    /// A scratch directory that lives as long as the net.
+    pub fn scratch(&self) -> &Path {
+        self.tmp.path()
+    }
+
     /// SIGKILLs host `i`'s server.
     pub fn kill9(&mut self, i: usize) {
         kill(&mut self.hosts[i].server);
