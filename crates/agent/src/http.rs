@@ -55,6 +55,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
     Router::new()
         .route("/agent/v1/instances/{id}/exec", post(exec))
         .route("/agent/v1/instances/{id}/logs", get(logs))
+        .route("/agent/v1/instances/{id}/console", get(console))
         .layer(axum::middleware::from_fn_with_state(agent.clone(), auth))
         .route("/agent/healthz", get(|| async { "ok" }))
         .with_state(agent)
@@ -167,6 +168,49 @@ async fn logs(
         Body::from_stream(stream),
     )
         .into_response()
+}
+
+/// Attaches to the instance's interactive console: answers `101 Switching Protocols` and then
+/// splices the upgraded connection to the console socket.
+async fn console(
+    State(agent): State<Arc<Agent>>,
+    Path(id): Path<String>,
+    mut req: Request,
+) -> Response {
+    let Some((driver, a)) = agent.lookup(&id) else {
+        return err(ApiError::not_found("instance", &id));
+    };
+    let Some(sock) = driver.console_socket(&id) else {
+        return err(ApiError::conflict(format!(
+            "instance {} has no interactive console; use exec",
+            a.name
+        )));
+    };
+    let mut stream = match tokio::net::UnixStream::connect(&sock).await {
+        Ok(s) => s,
+        Err(e) => {
+            return err(ApiError::conflict(format!(
+                "the console of {} is not available: {e}",
+                a.name
+            )))
+        }
+    };
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let mut io = hyper_util::rt::TokioIo::new(upgraded);
+                let _ = tokio::io::copy_bidirectional(&mut io, &mut stream).await;
+            }
+            Err(e) => tracing::warn!("console upgrade failed: {e}"),
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(axum::http::header::CONNECTION, "upgrade")
+        .header(axum::http::header::UPGRADE, "nimbus-console")
+        .body(Body::empty())
+        .unwrap_or_else(|_| err(ApiError::internal("building the upgrade response")))
 }
 
 #[cfg(test)]

@@ -82,6 +82,11 @@ pub enum Command {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Attach to a VM's serial console (Ctrl-] detaches).
+    Console {
+        /// Instance name.
+        name: String,
+    },
     /// Stop an instance.
     Stop {
         /// Instance name.

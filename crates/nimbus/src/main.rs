@@ -18,22 +18,21 @@ fn client(cli: &Cli) -> Result<Client> {
         .url
         .clone()
         .unwrap_or_else(|| "http://127.0.0.1:7443".into());
-    let token = match &cli.token {
-        Some(t) => t.clone(),
-        None => {
-            let dir = std::env::var_os("NIMBUS_DATA_DIR")
-                .map_or_else(daemon::default_data_dir, std::path::PathBuf::from);
-            let path = dir.join("admin.token");
-            std::fs::read_to_string(&path)
-                .with_context(|| {
-                    format!(
-                        "no token: set NIMBUS_TOKEN or run `nimbus up` (reading {})",
-                        path.display()
-                    )
-                })?
-                .trim()
-                .to_string()
-        }
+    let token = if let Some(t) = &cli.token {
+        t.clone()
+    } else {
+        let dir = std::env::var_os("NIMBUS_DATA_DIR")
+            .map_or_else(daemon::default_data_dir, std::path::PathBuf::from);
+        let path = dir.join("admin.token");
+        std::fs::read_to_string(&path)
+            .with_context(|| {
+                format!(
+                    "no token: set NIMBUS_TOKEN or run `nimbus up` (reading {})",
+                    path.display()
+                )
+            })?
+            .trim()
+            .to_string()
     };
     Ok(Client::new(url, token, cli.project.clone()))
 }
@@ -59,11 +58,12 @@ async fn run(cli: Cli) -> Result<i32> {
                 Command::List(o) => verbs::list(&c, o.output).await?,
                 Command::Show { name, o } => verbs::show(&c, name, o.output).await?,
                 Command::Logs { name, follow, tail } => {
-                    verbs::logs(&c, name, *follow, *tail).await?
+                    verbs::logs(&c, name, *follow, *tail).await?;
                 }
                 Command::Exec { name, command } => {
                     return verbs::exec(&c, name, command.clone()).await
                 }
+                Command::Console { name } => verbs::console(&c, name).await?,
                 Command::Stop { name } => verbs::action(&c, name, "stop").await?,
                 Command::Start { name } => verbs::action(&c, name, "start").await?,
                 Command::Restart { name } => verbs::action(&c, name, "restart").await?,
@@ -87,7 +87,7 @@ async fn run(cli: Cli) -> Result<i32> {
                     verbs::project(&c, cmd).await?;
                 }
                 Command::Events { follow, all, o } => {
-                    verbs::events(&c, *follow, *all, o.output).await?
+                    verbs::events(&c, *follow, *all, o.output).await?;
                 }
                 Command::Up(_) | Command::Server(_) | Command::Agent(_) | Command::Shim { .. } => {
                     unreachable!()
@@ -101,14 +101,10 @@ async fn run(cli: Cli) -> Result<i32> {
 
 fn describe(e: &anyhow::Error) -> String {
     if let Some(ClientError::Api(api)) = e.downcast_ref::<ClientError>() {
-        let mut s = api.message.clone();
-        if let Some(f) = &api.field {
-            s.push_str(&format!(" (field {f}"));
-            s.push_str(&format!(", {})", api.code.as_str()));
-        } else {
-            s.push_str(&format!(" ({})", api.code.as_str()));
-        }
-        return s;
+        return match &api.field {
+            Some(f) => format!("{} (field {f}, {})", api.message, api.code.as_str()),
+            None => format!("{} ({})", api.message, api.code.as_str()),
+        };
     }
     // The chain, printed once.
     let mut parts: Vec<String> = Vec::new();

@@ -271,21 +271,18 @@ pub async fn exec(c: &Client, name: &str, command: Vec<String>) -> Result<i32> {
 pub async fn action(c: &Client, name: &str, action: &str) -> Result<()> {
     let before = c.instance_action(name, action).await?;
     let pb = spinner(format!("{action} {name}"));
-    let res = match action {
-        "stop" => {
-            wait_for(c, name, Duration::from_secs(60), |i| {
-                matches!(i.status.state, InstanceState::Stopped)
-            })
-            .await
-        }
-        _ => {
-            let old_pid = before.status.pid;
-            wait_for(c, name, Duration::from_secs(300), move |i| {
-                i.status.state == InstanceState::Running
-                    && (action != "restart" || i.status.pid != old_pid)
-            })
-            .await
-        }
+    let res = if action == "stop" {
+        wait_for(c, name, Duration::from_secs(60), |i| {
+            matches!(i.status.state, InstanceState::Stopped)
+        })
+        .await
+    } else {
+        let old_pid = before.status.pid;
+        wait_for(c, name, Duration::from_secs(300), move |i| {
+            i.status.state == InstanceState::Running
+                && (action != "restart" || i.status.pid != old_pid)
+        })
+        .await
     };
     pb.finish_and_clear();
     let i = res?;
@@ -522,5 +519,84 @@ pub async fn events(c: &Client, follow: bool, all: bool, o: Output) -> Result<()
             e.time, e.kind, e.name, e.reason, e.message
         );
     }
+    Ok(())
+}
+
+/// Restores the terminal mode when dropped.
+struct RawMode {
+    saved: Option<nix::sys::termios::Termios>,
+}
+
+impl RawMode {
+    fn enter() -> Self {
+        use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
+        let stdin = std::io::stdin();
+        let Ok(saved) = tcgetattr(&stdin) else {
+            return Self { saved: None };
+        };
+        let mut raw = saved.clone();
+        cfmakeraw(&mut raw);
+        if tcsetattr(&stdin, SetArg::TCSANOW, &raw).is_err() {
+            return Self { saved: None };
+        }
+        Self { saved: Some(saved) }
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        if let Some(t) = &self.saved {
+            let _ = nix::sys::termios::tcsetattr(
+                std::io::stdin(),
+                nix::sys::termios::SetArg::TCSANOW,
+                t,
+            );
+        }
+    }
+}
+
+/// The byte Ctrl-] sends.
+const DETACH: u8 = 0x1d;
+
+/// `nimbus console`: raw terminal to the VM's serial console until Ctrl-] or the stream ends.
+pub async fn console(c: &Client, name: &str) -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stream = c.console(name).await?;
+    eprintln!("Connected to the console of {name}; press Ctrl-] to detach.");
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let raw = RawMode::enter();
+    let to_vm = async {
+        let mut stdin = tokio::io::stdin();
+        let mut buf = [0u8; 1024];
+        loop {
+            let n = stdin.read(&mut buf).await?;
+            if n == 0 {
+                return Ok::<_, std::io::Error>(());
+            }
+            if let Some(pos) = buf[..n].iter().position(|&b| b == DETACH) {
+                wr.write_all(&buf[..pos]).await?;
+                return Ok(());
+            }
+            wr.write_all(&buf[..n]).await?;
+        }
+    };
+    let from_vm = async {
+        let mut out = tokio::io::stdout();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = rd.read(&mut buf).await?;
+            if n == 0 {
+                return Ok::<_, std::io::Error>(());
+            }
+            out.write_all(&buf[..n]).await?;
+            out.flush().await?;
+        }
+    };
+    tokio::select! {
+        r = to_vm => r?,
+        r = from_vm => r?,
+    }
+    drop(raw);
+    eprintln!("\r\nDetached from {name}.");
     Ok(())
 }

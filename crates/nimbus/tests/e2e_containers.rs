@@ -72,8 +72,15 @@ fn mounts_mentioning(id: &str) -> usize {
         .count()
 }
 
+/// Whether a process exists and is not a zombie.
 fn pid_alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(") ")
+                .map(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X'))
+        })
+        .unwrap_or(false)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -340,6 +347,7 @@ async fn sigkill_and_restart_loses_nothing_and_keeps_containers_running() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::many_single_char_names)]
 async fn bad_input_gets_clear_errors_and_changes_nothing() {
     if !deps() {
         return;
@@ -437,7 +445,7 @@ async fn bad_input_gets_clear_errors_and_changes_nothing() {
             "unschedulable",
             None,
         ),
-        (r#"not json"#, 400, "bad_request", None),
+        (r"not json", 400, "bad_request", None),
     ];
     for (body, status, code, field) in cases {
         let (st, text) = post(body).await.unwrap();

@@ -19,8 +19,15 @@ fn deps() -> bool {
         && require("/bin/busybox", Path::new("/bin/busybox").exists())
 }
 
+/// Whether a process exists and is not a zombie.
 fn pid_alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(") ")
+                .map(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X'))
+        })
+        .unwrap_or(false)
 }
 
 async fn running_on(c: &Client, name: &str, node: &str) -> nimbus_api::Instance {

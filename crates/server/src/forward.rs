@@ -69,7 +69,10 @@ impl Forwarder {
         match self.raft.leader() {
             None => Leader::Unknown,
             Some(id) if id == self.raft.node_id() => Leader::Local,
-            Some(id) => self.raft.node_url(id).map_or(Leader::Unknown, Leader::Remote),
+            Some(id) => self
+                .raft
+                .node_url(id)
+                .map_or(Leader::Unknown, Leader::Remote),
         }
     }
 

@@ -153,6 +153,12 @@ pub trait Driver: Send + Sync + 'static {
     /// Deleting an absent instance is a no-op.
     async fn delete(&self, id: &str) -> Result<(), DriverError>;
 
+    /// The unix socket of the instance's interactive console (VM serial console), if it has one.
+    fn console_socket(&self, id: &str) -> Option<PathBuf> {
+        let _ = id;
+        None
+    }
+
     /// Ids of all instances this driver has state for on this node (for re-attach and GC).
     async fn list(&self) -> Result<Vec<String>, DriverError>;
 }

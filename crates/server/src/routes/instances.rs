@@ -366,3 +366,53 @@ pub async fn logs(
     )
         .into_response())
 }
+
+/// Attach to the instance's interactive console (VM serial console) over an HTTP upgrade
+/// (`Connection: upgrade`, `Upgrade: nimbus-console`); the connection then carries raw bytes.
+#[utoipa::path(get, path = "/v1/projects/{project}/instances/{name}/console", params(("project" = String, Path), ("name" = String, Path)), responses((status = 101, description = "raw console stream follows")))]
+pub async fn console(
+    State(app): State<AppState>,
+    Path((p, n)): Path<(String, String)>,
+    mut req: axum::extract::Request,
+) -> HttpResult<Response> {
+    let inst = find(&app, &p, &n)?;
+    let url = agent_of(&app, &inst)?;
+    let resp = app
+        .http
+        .get(format!("{url}/agent/v1/instances/{}/console", inst.meta.id))
+        .bearer_auth(app.node_token.as_str())
+        .header(axum::http::header::CONNECTION, "upgrade")
+        .header(axum::http::header::UPGRADE, "nimbus-console")
+        .send()
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                ErrorCode::Unavailable,
+                format!("node agent unreachable: {e}"),
+            )
+        })?;
+    if resp.status() != reqwest::StatusCode::SWITCHING_PROTOCOLS {
+        return Err(forward_json::<serde_json::Value>(resp)
+            .await
+            .err()
+            .unwrap_or_else(|| ApiError::internal("the agent did not switch protocols"))
+            .into());
+    }
+    let mut agent_io = resp
+        .upgrade()
+        .await
+        .map_err(|e| ApiError::new(ErrorCode::Unavailable, format!("console upgrade: {e}")))?;
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        if let Ok(client) = on_upgrade.await {
+            let mut client = hyper_util::rt::TokioIo::new(client);
+            let _ = tokio::io::copy_bidirectional(&mut client, &mut agent_io).await;
+        }
+    });
+    Ok(Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(axum::http::header::CONNECTION, "upgrade")
+        .header(axum::http::header::UPGRADE, "nimbus-console")
+        .body(Body::empty())
+        .map_err(|e| ApiError::internal(e.to_string()))?)
+}

@@ -36,10 +36,12 @@ pub mod projects;
         instances::delete,
         instances::exec,
         instances::logs,
+        instances::console,
         nodes::register,
         nodes::list,
         nodes::get,
         nodes::update,
+        nodes::drain,
         nodes::heartbeat,
         nodes::status,
         nodes::assignments,
@@ -113,6 +115,10 @@ pub fn router(app: AppState) -> Router {
         .route(
             "/v1/projects/{project}/instances/{name}/logs",
             get(instances::logs),
+        )
+        .route(
+            "/v1/projects/{project}/instances/{name}/console",
+            get(instances::console),
         )
         .route("/v1/nodes", post(nodes::register).get(nodes::list))
         .route("/v1/nodes/{name}", get(nodes::get).patch(nodes::update))

@@ -280,6 +280,15 @@ impl VmDriver {
         Ok(())
     }
 
+    /// Presses the ACPI power button (QMP `system_powerdown`); the guest agent powers off.
+    pub async fn acpi_powerdown(&self, id: &str) -> Result<(), DriverError> {
+        self.qmp(id)
+            .await?
+            .execute("system_powerdown", None)
+            .await?;
+        Ok(())
+    }
+
     /// QEMU's run state (`running`, `paused`, ...; QMP `query-status`).
     pub async fn run_state(&self, id: &str) -> Result<String, DriverError> {
         Ok(self.qmp(id).await?.status().await?)
@@ -676,6 +685,10 @@ impl Driver for VmDriver {
 
     fn log_path(&self, id: &str) -> PathBuf {
         self.paths(id).console_log()
+    }
+
+    fn console_socket(&self, id: &str) -> Option<PathBuf> {
+        Some(self.paths(id).console_sock())
     }
 
     async fn stats(&self, id: &str) -> Result<RuntimeStats, DriverError> {
