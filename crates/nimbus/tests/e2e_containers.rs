@@ -688,3 +688,39 @@ async fn image_import_oci_and_docker_save_then_launch() {
     );
     cloud.shutdown();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_are_group_committed_and_all_acknowledged() {
+    if !deps() {
+        return;
+    }
+    let mut cloud = Cloud::start(bin()).expect("nimbus up");
+    let c = cloud.client();
+    let mut tasks = Vec::new();
+    for i in 0..64 {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            c.create_project(&format!("p{i}")).await
+        }));
+    }
+    for t in tasks {
+        t.await
+            .unwrap()
+            .expect("every concurrent create is acknowledged");
+    }
+    // Acknowledged means durable: SIGKILL and restart, all 64 are still there.
+    cloud.kill9();
+    cloud.restart().unwrap();
+    let names: Vec<String> = cloud
+        .client()
+        .list_projects()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|p| p.meta.name)
+        .collect();
+    for i in 0..64 {
+        assert!(names.contains(&format!("p{i}")), "p{i} lost: {names:?}");
+    }
+    cloud.shutdown();
+}

@@ -31,7 +31,10 @@ pub const MAX_IN_FLIGHT: usize = 256;
 
 /// Whether a `Command::Batch` entry can be encoded (see the module docs).
 pub fn batching_supported() -> bool {
-    serde_json::to_vec(&envelope(Command::Batch(vec![envelope(Command::Noop)]))).is_ok()
+    serde_json::to_vec(&envelope(Command::Batch {
+        commands: vec![envelope(Command::Noop)],
+    }))
+    .is_ok()
 }
 
 type Reply = oneshot::Sender<Result<CommandOutput, ApiError>>;
@@ -135,7 +138,10 @@ async fn run(raft: Forwarder, mut rx: mpsc::Receiver<(CommandEnvelope, Reply)>) 
             continue;
         }
         let (envs, replies): (Vec<CommandEnvelope>, Vec<Reply>) = batch.into_iter().unzip();
-        match raft.write(envelope(Command::Batch(envs))).await {
+        match raft
+            .write(envelope(Command::Batch { commands: envs }))
+            .await
+        {
             Ok(Ok(CommandOutput::Batch(results))) if results.len() == replies.len() => {
                 for (reply, result) in replies.into_iter().zip(results) {
                     let _ = reply.send(result);

@@ -29,7 +29,10 @@ pub enum Command {
     Noop,
     /// Several commands proposed together as one log entry (group commit): applied in order,
     /// each with its own envelope; each succeeds or fails on its own.
-    Batch(Vec<CommandEnvelope>),
+    Batch {
+        /// The commands, in order.
+        commands: Vec<CommandEnvelope>,
+    },
     /// Set the cluster's node address pool and bridge name (only before any node registers).
     ConfigureNetwork {
         /// Pool node subnets are carved from (a /16).

@@ -128,10 +128,10 @@ impl StateMachine {
         }
         match &env.command {
             Command::Noop => Ok(CommandOutput::None),
-            Command::Batch(envs) => Ok(CommandOutput::Batch(
+            Command::Batch { commands: envs } => Ok(CommandOutput::Batch(
                 envs.iter()
                     .map(|e| {
-                        if matches!(e.command, Command::Batch(_)) {
+                        if matches!(e.command, Command::Batch { .. }) {
                             Err(ApiError::internal("nested command batches are not allowed"))
                         } else {
                             self.apply(index, e)

@@ -530,12 +530,14 @@ fn batch_applies_each_command_on_its_own() {
             idempotency_key: None,
         },
     };
-    let out = h.ok(Command::Batch(vec![
-        env("p1", "a"),
-        env("Bad", "b"),
-        env("p2", "c"),
-        env("p1", "d"),
-    ]));
+    let out = h.ok(Command::Batch {
+        commands: vec![
+            env("p1", "a"),
+            env("Bad", "b"),
+            env("p2", "c"),
+            env("p1", "d"),
+        ],
+    });
     let CommandOutput::Batch(results) = out else {
         panic!("expected a batch")
     };
@@ -551,4 +553,61 @@ fn batch_applies_each_command_on_its_own() {
     );
     assert!(h.sm.projects.contains_key("p1") && h.sm.projects.contains_key("p2"));
     assert_eq!(h.sm.projects["p1"].meta.id, "a");
+}
+
+#[test]
+fn every_command_round_trips_through_the_log_encoding() {
+    let env = |command: Command| CommandEnvelope {
+        format: COMMAND_FORMAT_VERSION,
+        time: "2026-01-01T00:00:00Z".into(),
+        new_id: "id".into(),
+        command,
+    };
+    let commands = vec![
+        Command::Noop,
+        Command::Batch {
+            commands: vec![
+                env(Command::Noop),
+                env(Command::DrainNode { name: "n".into() }),
+            ],
+        },
+        Command::CreateProject {
+            name: "p".into(),
+            description: String::new(),
+            idempotency_key: Some("k".into()),
+        },
+        Command::CreateInstance {
+            instance: Box::new(instance("a", 1 << 20)),
+            idempotency_key: None,
+        },
+        Command::SetInstanceDesired {
+            project: "p".into(),
+            name: "a".into(),
+            action: InstanceAction::Restart,
+            version: Some(3),
+        },
+        Command::ReportStatus {
+            node: "n".into(),
+            reports: vec![],
+        },
+        Command::MarkNodeDown {
+            name: "n".into(),
+            reason: "r".into(),
+        },
+        Command::PutImage(image("busybox", "sha256:aa")),
+    ];
+    for c in commands {
+        let e = env(c);
+        let bytes = serde_json::to_vec(&e).unwrap_or_else(|err| panic!("{e:?} must encode: {err}"));
+        let back: CommandEnvelope = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(back, e);
+    }
+    // A batch's output (results) must encode too: it is the Raft response.
+    let out: crate::CommandResult = Ok(CommandOutput::Batch(vec![
+        Ok(CommandOutput::None),
+        Err(nimbus_api::ApiError::conflict("x")),
+    ]));
+    let bytes = serde_json::to_vec(&out).unwrap();
+    let back: crate::CommandResult = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(back, out);
 }
