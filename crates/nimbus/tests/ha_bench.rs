@@ -209,6 +209,15 @@ async fn bench_node_failure() {
     })
     .await
     .expect("two nodes registered");
+    eventually(Duration::from_secs(60), || async {
+        let images = c.list_images().await.ok()?;
+        let projects = c.list_projects().await.ok()?;
+        (images.iter().any(|i| i.meta.name == "busybox")
+            && projects.iter().any(|p| p.meta.name == "default"))
+        .then_some(())
+    })
+    .await
+    .expect("cluster defaults written");
     c.cordon_node(names[1], true).await.expect("cordon");
     for k in 0..count {
         c.create_instance(&instance(&format!("ha{k}")), None)
@@ -268,7 +277,10 @@ async fn bench_node_failure() {
     })
     .await;
     drop(agents);
-    let _ = Command::new("ip").args(["link", "del", &bridge]).status();
+    let _ = Command::new("ip")
+        .args(["link", "del", &bridge])
+        .stderr(Stdio::null())
+        .status();
     took.sort();
     report(&format!(
         "| node failure (kill -9 agent -> its {count} restart=always containers running on the other node), heartbeat grace {grace} s, {trials} trials | median {} ms | max {} ms | min {} ms |",
