@@ -32,7 +32,7 @@ pub(crate) const SNAP_DATA: &str = "data";
 pub(crate) enum DbError {
     #[error(transparent)]
     Redb(Box<redb::Error>),
-    #[error("cannot decode stored value under {key}")]
+    #[error("cannot decode stored value under {key} (corrupt, or written by a newer nimbus whose log format this server does not understand: upgrade this server)")]
     Decode {
         key: String,
         #[source]

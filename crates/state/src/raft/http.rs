@@ -75,10 +75,22 @@ async fn require_secret(State(node): State<RaftNode>, req: Request, next: Next) 
     }
 }
 
-async fn append(
-    State(node): State<RaftNode>,
-    Json(req): Json<AppendEntriesRequest<TypeConfig>>,
-) -> Response {
+/// Refuses an append-entries request whose entries this server cannot decode (e.g. a leader
+/// running a newer nimbus with commands this build does not know) with a clear 422 and an
+/// error log, instead of accepting part of it; the leader keeps retrying (and logs the
+/// answer) until this server is upgraded.
+async fn append(State(node): State<RaftNode>, body: axum::body::Bytes) -> Response {
+    let req: AppendEntriesRequest<TypeConfig> = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            let msg = format!(
+                "cannot decode log entries from the leader ({e}); the leader probably runs a newer nimbus with a log format this server does not understand (this server understands command format {}): upgrade this server",
+                crate::command::COMMAND_FORMAT_VERSION
+            );
+            tracing::error!(node_id = node.node_id(), "{msg}");
+            return (StatusCode::UNPROCESSABLE_ENTITY, msg).into_response();
+        }
+    };
     let res: Result<AppendEntriesResponse<u64>, RaftError<u64>> =
         node.raft().append_entries(req).await;
     Json(res).into_response()
