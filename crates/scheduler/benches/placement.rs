@@ -35,13 +35,13 @@ fn placement(c: &mut Criterion) {
                         "binpack"
                     }
                 );
-                // Warm the cluster up to steady state once, then measure single decisions.
-                let mut s = Simulation::new(&nodes, policy, work.clone(), algo, 7);
-                for _ in 0..50_000 {
-                    s.depart();
-                    s.decide();
-                }
                 g.bench_with_input(BenchmarkId::new(name, n), &n, |b, _| {
+                    // Warm the cluster up to steady state, then measure single decisions.
+                    let mut s = Simulation::new(&nodes, policy, work.clone(), algo, 7);
+                    for _ in 0..50_000 {
+                        s.depart();
+                        s.decide();
+                    }
                     b.iter(|| {
                         if s.remaining() == 0 {
                             s = Simulation::new(&nodes, policy, work.clone(), algo, 7);
