@@ -392,17 +392,45 @@ impl Agent {
                 Self::report(a, InstanceState::Failed, &l, None, None, msg)
             }
         };
-        let mut local = self.local.lock().expect("local lock");
-        if report.deleted {
-            local.instances.remove(&a.id);
-        } else {
-            local.instances.insert(a.id.clone(), l);
+        {
+            let mut local = self.local.lock().expect("local lock");
+            if report.deleted {
+                local.instances.remove(&a.id);
+            } else {
+                local.instances.insert(a.id.clone(), l);
+            }
         }
         let mut report = report;
         if ty == InstanceType::Vm {
             report
                 .accelerator
                 .clone_from(&self.capabilities.lock().expect("caps lock").accelerator);
+        }
+        // A state transition is reported at once, without waiting for the rest of the pass.
+        let transition = {
+            let reported = self.reported.lock().expect("reported lock");
+            reported
+                .get(&report.id)
+                .is_none_or(|r| r.state != report.state || r.pid != report.pid)
+        };
+        if transition
+            && self
+                .link
+                .report(
+                    &self.cfg.name,
+                    &StatusReport {
+                        instances: vec![report.clone()],
+                    },
+                )
+                .await
+                .is_ok()
+        {
+            let mut reported = self.reported.lock().expect("reported lock");
+            if report.deleted {
+                reported.remove(&report.id);
+            } else {
+                reported.insert(report.id.clone(), report.clone());
+            }
         }
         Some(report)
     }

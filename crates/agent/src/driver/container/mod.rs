@@ -228,6 +228,15 @@ impl ContainerDriver {
         if !bundle.dir.is_dir() {
             return Ok(RuntimeState::Absent);
         }
+        // Fast path without spawning runc: the shim recorded the init PID and no exit yet, and
+        // that PID is alive inside this container's cgroup (so a reused PID cannot fool it).
+        if !bundle.exit_json().exists() {
+            if let Some(pid) = read_pid(&bundle.started()) {
+                if init_alive_in_cgroup(pid, id) {
+                    return Ok(RuntimeState::Running { pid });
+                }
+            }
+        }
         match self.runc.state(id).await? {
             Some(RuncState { status, pid }) if status == "running" || status == "paused" => {
                 Ok(RuntimeState::Running { pid: pid as u32 })
@@ -589,4 +598,18 @@ impl Driver for ContainerDriver {
         ids.sort();
         Ok(ids)
     }
+}
+
+/// Whether `pid` is a live (non-zombie) process whose cgroup path names container `id`.
+fn init_alive_in_cgroup(pid: u32, id: &str) -> bool {
+    let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(") ")
+                .map(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X'))
+        })
+        .unwrap_or(false);
+    alive
+        && std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .is_ok_and(|c| c.lines().any(|l| l.ends_with(&format!("/{id}"))))
 }
