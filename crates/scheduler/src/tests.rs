@@ -693,3 +693,61 @@ fn index_handles_identical_nodes_and_ties_by_name() {
         assert_eq!(c.try_place_linear(&ireq(100, 1)), Some(i));
     }
 }
+
+#[test]
+fn preemption_frees_an_instance_slot_and_skips_filtered_nodes() {
+    let mut a = full("a", "z", &[]);
+    a.instance_count = 2;
+    let mut b = full("b", "z", &[]);
+    b.instance_count = 2;
+    b.cordoned = true;
+    let policy = Policy {
+        max_instances_per_node: 2,
+        ..Policy::default()
+    };
+    let small = |id: &str, prio| RunningInstance {
+        id: id.into(),
+        priority: prio,
+        resources: Resources {
+            cpu_millis: 100,
+            memory_bytes: GIB,
+            disk_bytes: 0,
+        },
+    };
+    let instances = vec![
+        vec![small("a0", 0), small("a1", -5)],
+        vec![small("b0", -100)],
+    ];
+    let r = InstanceRequest {
+        priority: 10,
+        ..ireq(100, 1)
+    };
+    let plan = plan_preemption(&[a, b], &instances, &r, &policy).unwrap();
+    assert_eq!(
+        plan,
+        PreemptionPlan {
+            node: 0,
+            victims: vec![1]
+        },
+        "b is cordoned"
+    );
+}
+
+#[test]
+fn pressure_is_mean_load_of_schedulable_nodes() {
+    let mut a = full("a", "z", &[]);
+    a.allocated.memory_bytes = 8 * GIB; // half of 16 GiB
+    a.network_mbps = 1000;
+    a.measured = Utilization {
+        cpu: 0.2,
+        memory: 0.1,
+        network: 0.6,
+    };
+    let mut b = full("b", "z", &[]);
+    b.cordoned = true;
+    b.measured.cpu = 1.0;
+    let c = Cluster::new(&[a, b], Policy::default());
+    let p = c.pressure();
+    assert!((p.cpu - 0.2).abs() < 1e-9 && (p.memory - 0.5).abs() < 1e-9);
+    assert!((p.network - 0.6).abs() < 1e-9);
+}
