@@ -225,6 +225,7 @@ impl From<&Request> for InstanceRequest {
 
 /// Score weights of the objective `cpu·u_cpu + memory·u_mem + network·u_net`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Weights {
     /// CPU weight. Default 0.4.
     pub cpu: f64,
@@ -408,9 +409,9 @@ pub fn filter(node: &NodeView, req: &Request, policy: &Policy) -> Option<Reason>
     c.reason(0, &InstanceRequest::from(req))
 }
 
-/// Utilisation after placement under the policy's default weights (cpu 0.4, memory 0.4,
-/// network 0.2) with overcommit and reserve ignored: the weighted mean of the CPU and memory
-/// fractions of capacity (0..1+).
+/// The legacy, unweighted score: the mean of the CPU and memory fractions of raw capacity after
+/// placement (0..1+), ignoring overcommit, reserve and measured load. [`place`] and the engine use
+/// the weighted objective of [`Cluster::score`] instead.
 pub fn score(node: &NodeView, req: &Request) -> f64 {
     let frac = |used: u64, want: u64, cap: u64| {
         if cap == 0 {
