@@ -62,6 +62,18 @@ pub struct CreateInstanceRequest {
     /// Create it stopped.
     #[serde(default)]
     pub start: Option<bool>,
+    /// Placement constraints on node labels or zone: `disk=ssd`, `tier!=batch`, `zone in (a,b)`.
+    #[serde(default)]
+    pub constraints: Vec<String>,
+    /// Spread group: members go to the zone, then the node, with the fewest members.
+    #[serde(default)]
+    pub spread_group: Option<String>,
+    /// With a spread group: never two members on one node.
+    #[serde(default)]
+    pub anti_affinity: bool,
+    /// Priority class (`critical`, `high`, `normal`, `low`); default `normal`.
+    #[serde(default)]
+    pub priority_class: Option<String>,
 }
 
 /// `POST /v1/projects/{project}/instances/{name}/{action}` body (optional).

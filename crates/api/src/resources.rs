@@ -250,6 +250,21 @@ pub struct InstanceSpec {
     /// Bumped by each restart request; agents restart the instance when it changes.
     #[serde(default)]
     pub restart_nonce: u64,
+    /// Placement constraints (`key=value`, `key!=value`, `key in (a,b)`; `zone` is the zone).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub constraints: Vec<String>,
+    /// Spread group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spread_group: Option<String>,
+    /// Hard anti-affinity within the spread group.
+    #[serde(default)]
+    pub anti_affinity: bool,
+    /// Priority class name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class: Option<String>,
+    /// Resolved priority value.
+    #[serde(default)]
+    pub priority: i32,
 }
 
 /// What the platform observed.

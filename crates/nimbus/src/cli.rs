@@ -257,6 +257,9 @@ pub struct AgentArgs {
     /// Zone.
     #[arg(long, default_value = "")]
     pub zone: String,
+    /// Node label K=V (placement constraints match on these).
+    #[arg(long = "label")]
+    pub labels: Vec<String>,
     /// Log as JSON.
     #[arg(long)]
     pub log_json: bool,
@@ -302,6 +305,18 @@ pub struct LaunchArgs {
     /// Return as soon as the instance is accepted.
     #[arg(long)]
     pub no_wait: bool,
+    /// Placement constraint on node labels or zone (`disk=ssd`, `tier!=batch`, `zone in (a,b)`).
+    #[arg(long = "constraint")]
+    pub constraints: Vec<String>,
+    /// Spread group: members spread across zones and nodes.
+    #[arg(long)]
+    pub spread_group: Option<String>,
+    /// With --spread-group: never two members on one node.
+    #[arg(long)]
+    pub anti_affinity: bool,
+    /// Priority class: critical, high, normal (default), low.
+    #[arg(long)]
+    pub priority: Option<String>,
     /// Command and arguments (after `--`).
     #[arg(last = true)]
     pub command: Vec<String>,

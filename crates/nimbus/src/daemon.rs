@@ -268,6 +268,13 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
         .with_context(|| format!("reading the node token from {}", args.token_file.display()))?
         .trim()
         .to_string();
+    let mut labels = std::collections::BTreeMap::new();
+    for kv in &args.labels {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("invalid --label {kv:?}: use KEY=VALUE"))?;
+        labels.insert(k.to_string(), v.to_string());
+    }
     let (drivers, caps, vm) = drivers(&args.data_dir);
     let agent = Agent::start(
         AgentConfig {
@@ -279,7 +286,7 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
             listen: args.listen,
             advertise_url: args.advertise,
             zone: args.zone,
-            labels: std::collections::BTreeMap::new(),
+            labels,
             heartbeat_every: Duration::from_secs(2),
             stop_grace: Duration::from_secs(10),
         },

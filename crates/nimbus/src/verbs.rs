@@ -120,6 +120,10 @@ pub async fn launch(c: &Client, a: LaunchArgs) -> Result<()> {
         user_data,
         ssh_keys,
         start: None,
+        constraints: a.constraints.clone(),
+        spread_group: a.spread_group.clone(),
+        anti_affinity: a.anti_affinity,
+        priority_class: a.priority.clone(),
     };
     let inst = c
         .create_instance(&req, a.idempotency_key.as_deref())

@@ -445,6 +445,30 @@ async fn bad_input_gets_clear_errors_and_changes_nothing() {
             "unschedulable",
             None,
         ),
+        (
+            r#"{"name":"ok","image":"busybox","constraints":["gpu=yes"]}"#,
+            422,
+            "invalid_argument",
+            Some("constraints[0]"),
+        ),
+        (
+            r#"{"name":"ok","image":"busybox","constraints":["disk=="]}"#,
+            422,
+            "invalid_argument",
+            Some("constraints[0]"),
+        ),
+        (
+            r#"{"name":"ok","image":"busybox","priority_class":"urgent"}"#,
+            422,
+            "invalid_argument",
+            Some("priority_class"),
+        ),
+        (
+            r#"{"name":"ok","image":"busybox","anti_affinity":true}"#,
+            422,
+            "invalid_argument",
+            Some("anti_affinity"),
+        ),
         (r"not json", 400, "bad_request", None),
     ];
     for (body, status, code, field) in cases {

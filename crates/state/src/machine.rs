@@ -551,11 +551,18 @@ impl StateMachine {
 
     /// Runs the scheduler for `inst` against the current nodes.
     fn place(&self, inst: &Instance) -> Result<String, ApiError> {
-        let views = crate::placement::node_views(self, Some(&inst.meta.id));
-        let req = crate::placement::request(inst);
+        let nodes = crate::placement::nodes(self, Some(&inst.meta.id));
+        let req = crate::placement::instance_request(inst)?;
         let policy = self.policy.scheduler.unwrap_or_default();
-        nimbus_scheduler::place(&views, &req, &policy)
-            .map(|n| n.name.clone())
+        let mut cluster = nimbus_scheduler::Cluster::new(&nodes, policy);
+        if !nodes.is_empty() {
+            cluster
+                .validate_request(&req)
+                .map_err(|e| ApiError::invalid(e.field, e.message))?;
+        }
+        cluster
+            .place(&req)
+            .map(|idx| nodes[idx].name.clone())
             .map_err(|u| {
                 let mut msg = u.to_string();
                 if inst.spec.instance_type == InstanceType::Vm

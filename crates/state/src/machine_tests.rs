@@ -125,6 +125,11 @@ fn instance(name: &str, mem: u64) -> Instance {
             ssh_keys: vec![],
             desired: DesiredState::Running,
             restart_nonce: 0,
+            constraints: vec![],
+            spread_group: None,
+            anti_affinity: false,
+            priority_class: None,
+            priority: 0,
         },
         status: InstanceStatus::default(),
     }
@@ -610,4 +615,61 @@ fn every_command_round_trips_through_the_log_encoding() {
     let bytes = serde_json::to_vec(&out).unwrap();
     let back: crate::CommandResult = serde_json::from_slice(&bytes).unwrap();
     assert_eq!(back, out);
+}
+
+#[test]
+fn constraints_spread_groups_and_validation() {
+    let mut h = H::new();
+    h.node("n1", false);
+    let mut reg = RegisterNodeRequest {
+        name: "n2".into(),
+        agent_url: "http://127.0.0.1:2".into(),
+        capacity: Capacity {
+            cpu_millis: 2000,
+            memory_bytes: 4 << 30,
+            disk_bytes: 100 << 30,
+        },
+        capabilities: NodeCapabilities {
+            containers: true,
+            ..Default::default()
+        },
+        zone: "b".into(),
+        labels: BTreeMap::from([("disk".to_string(), "ssd".to_string())]),
+        agent_version: "test".into(),
+    };
+    h.ok(Command::RegisterNode(reg.clone()));
+    let with = |name: &str, constraints: &[&str], group: Option<&str>, anti: bool| {
+        let mut i = instance(name, 1 << 20);
+        i.spec.constraints = constraints.iter().map(ToString::to_string).collect();
+        i.spec.spread_group = group.map(String::from);
+        i.spec.anti_affinity = anti;
+        Command::CreateInstance {
+            instance: Box::new(i),
+            idempotency_key: None,
+        }
+    };
+    // Label constraint picks the labelled node.
+    let a = inst(h.ok(with("a", &["disk=ssd"], None, false)));
+    assert_eq!(a.status.node.as_deref(), Some("n2"));
+    let b = inst(h.ok(with("b", &["disk!=ssd"], None, false)));
+    assert_eq!(b.status.node.as_deref(), Some("n1"));
+    // Unknown label key or zone: 422 naming the constraint.
+    let e = h.err(with("c", &["gpu=yes"], None, false));
+    assert_eq!(
+        (e.code, e.field.as_deref()),
+        (ErrorCode::InvalidArgument, Some("constraints[0]"))
+    );
+    let e = h.err(with("c", &["zone in (mars)"], None, false));
+    assert_eq!(e.code, ErrorCode::InvalidArgument);
+    // Anti-affinity: two members never share a node; a third has nowhere to go.
+    let g1 = inst(h.ok(with("g1", &[], Some("web"), true)));
+    let g2 = inst(h.ok(with("g2", &[], Some("web"), true)));
+    assert_ne!(g1.status.node, g2.status.node);
+    let e = h.err(with("g3", &[], Some("web"), true));
+    assert_eq!(e.code, ErrorCode::Unschedulable);
+    // A new node makes room for the third member.
+    reg.name = "n3".into();
+    h.ok(Command::RegisterNode(reg));
+    let g3 = inst(h.ok(with("g3", &[], Some("web"), true)));
+    assert_eq!(g3.status.node.as_deref(), Some("n3"));
 }

@@ -64,3 +64,53 @@ pub fn node_views(sm: &StateMachine, exclude: Option<&str>) -> Vec<NodeView> {
         })
         .collect()
 }
+
+/// Full scheduler nodes (zone, labels, spread-group counts) for the placement engine.
+pub fn nodes(sm: &StateMachine, exclude: Option<&str>) -> Vec<nimbus_scheduler::Node> {
+    let mut groups: BTreeMap<&str, BTreeMap<String, u32>> = BTreeMap::new();
+    for i in sm.instances.values() {
+        if Some(i.meta.id.as_str()) == exclude || i.spec.desired == DesiredState::Deleted {
+            continue;
+        }
+        if let (Some(n), Some(g)) = (&i.status.node, &i.spec.spread_group) {
+            *groups
+                .entry(n.as_str())
+                .or_default()
+                .entry(format!("{}/{g}", i.meta.project))
+                .or_default() += 1;
+        }
+    }
+    node_views(sm, exclude)
+        .iter()
+        .map(|v| {
+            let mut n = nimbus_scheduler::Node::from(v);
+            if let Some(node) = sm.nodes.get(&v.name) {
+                n.zone.clone_from(&node.zone);
+                n.labels.clone_from(&node.meta.labels);
+            }
+            n.groups = groups.get(v.name.as_str()).cloned().unwrap_or_default();
+            n
+        })
+        .collect()
+}
+
+/// The full scheduler request of an instance; constraints were validated at the API.
+pub fn instance_request(
+    i: &Instance,
+) -> Result<nimbus_scheduler::InstanceRequest, nimbus_api::ApiError> {
+    let constraints = nimbus_scheduler::Constraint::parse_all(&i.spec.constraints)
+        .map_err(|e| nimbus_api::ApiError::invalid(e.field, e.message))?;
+    Ok(nimbus_scheduler::InstanceRequest {
+        resources: resources(i),
+        vm: i.spec.instance_type == InstanceType::Vm,
+        network_mbps: 0,
+        constraints,
+        spread_group: i
+            .spec
+            .spread_group
+            .as_ref()
+            .map(|g| format!("{}/{g}", i.meta.project)),
+        anti_affinity: i.spec.anti_affinity,
+        priority: i.spec.priority,
+    })
+}

@@ -71,6 +71,22 @@ pub async fn create(
 ) -> HttpResult<(StatusCode, Json<Instance>)> {
     check_project(&app, &project)?;
     let v = validate::create_instance(&req)?;
+    nimbus_scheduler::Constraint::parse_all(&req.constraints)
+        .map_err(|e| ApiError::invalid(e.field, e.message))?;
+    if let Some(g) = &req.spread_group {
+        validate::name("spread_group", g)?;
+    }
+    if req.anti_affinity && req.spread_group.is_none() {
+        return Err(
+            ApiError::invalid("anti_affinity", "anti_affinity needs a spread_group").into(),
+        );
+    }
+    let priority = match &req.priority_class {
+        Some(c) => nimbus_scheduler::PriorityClasses::default()
+            .resolve(c)
+            .map_err(|e| ApiError::invalid("priority_class", e.message))?,
+        None => 0,
+    };
     let key = idempotency_key(&headers)?;
     let image = app
         .read(|s| {
@@ -126,6 +142,11 @@ pub async fn create(
                 DesiredState::Stopped
             },
             restart_nonce: 0,
+            constraints: req.constraints.clone(),
+            spread_group: req.spread_group.clone(),
+            anti_affinity: req.anti_affinity,
+            priority_class: req.priority_class.clone(),
+            priority,
         },
         status: InstanceStatus::default(),
     };
