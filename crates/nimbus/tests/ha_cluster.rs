@@ -348,3 +348,86 @@ async fn ha_removing_the_last_voter_is_refused() {
         .expect_err("removing the last voter must fail");
     assert!(err.to_string().contains("last voter"), "{err}");
 }
+
+/// An agent knows every server and keeps heartbeating through the survivors when the server
+/// it talks to (the leader here) is killed: its node never goes down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ha_agent_fails_over_between_servers() {
+    if !require("root, ip, tc and nft (netns harness)", netns::available()) {
+        return;
+    }
+    let mut net = Net::new(bin(), 3).expect("netns hosts");
+    let s = net.slot();
+    let (bridge, pool) = (
+        format!("nhb{s}"),
+        format!("10.{}.0.0/16", 230 + u32::from(s % 20)),
+    );
+    net.start_servers(&[
+        "--heartbeat-grace",
+        "4",
+        "--bridge",
+        &bridge,
+        "--node-pool",
+        &pool,
+    ])
+    .expect("servers");
+    let l = net
+        .wait_cluster(&[0, 1, 2], 3, Duration::from_secs(60))
+        .await
+        .expect("cluster");
+    // The agent (in the root namespace) lists the leader first.
+    let mut urls = net.urls();
+    urls.swap(0, l);
+    let dir = net.scratch().join("agent");
+    let log = std::fs::File::create(dir.with_extension("log")).expect("log");
+    let mut cmd = std::process::Command::new(bin());
+    cmd.arg("agent");
+    for u in &urls {
+        cmd.args(["--server", u]);
+    }
+    let mut agent = cmd
+        .arg("--token-file")
+        .arg(&net.node_token_file)
+        .args(["--name", "ha-node", "--data-dir"])
+        .arg(&dir)
+        .args(["--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("agent");
+    let survivor = net.client((l + 1) % 3);
+    let registered = nimbus_testkit::eventually(Duration::from_secs(60), || async {
+        let nodes = survivor.list_nodes().await.ok()?;
+        nodes
+            .iter()
+            .any(|n| n.meta.name == "ha-node" && n.state == nimbus_api::NodeState::Ready)
+            .then_some(())
+    })
+    .await;
+    assert!(registered.is_some(), "agent never registered");
+    net.kill9(l);
+    // Well past the 4 s grace: the node must still be ready (heartbeats via a survivor).
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let nodes = survivor
+            .with_timeout(Duration::from_secs(5))
+            .list_nodes()
+            .await
+            .unwrap_or_default();
+        let n = nodes
+            .iter()
+            .find(|n| n.meta.name == "ha-node")
+            .expect("node listed");
+        assert_eq!(
+            n.state,
+            nimbus_api::NodeState::Ready,
+            "the node went down when one server died"
+        );
+    }
+    let _ = agent.kill();
+    let _ = agent.wait();
+    let _ = std::process::Command::new("ip")
+        .args(["link", "del", &bridge])
+        .stderr(std::process::Stdio::null())
+        .status();
+}
