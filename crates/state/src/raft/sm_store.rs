@@ -36,9 +36,18 @@ pub struct Applied {
 /// The applied state shared between openraft and readers.
 pub type SharedState = Arc<RwLock<Applied>>;
 
+/// Version of the snapshot encoding this build writes and reads. Snapshots written before it
+/// existed carry no `format` and are version 1.
+pub const SNAPSHOT_FORMAT: u32 = 1;
+
+fn format_v1() -> u32 {
+    1
+}
+
 /// Snapshot payload as written (borrowing the state).
 #[derive(Serialize)]
 struct SnapshotOut<'a> {
+    format: u32,
     last_applied: &'a Option<LogId>,
     membership: &'a StoredMembership,
     state: &'a StateMachine,
@@ -47,6 +56,8 @@ struct SnapshotOut<'a> {
 /// Snapshot payload as read.
 #[derive(Deserialize)]
 struct SnapshotIn {
+    #[serde(default = "format_v1")]
+    format: u32,
     last_applied: Option<LogId>,
     membership: StoredMembership,
     state: StateMachine,
@@ -55,6 +66,12 @@ struct SnapshotIn {
 /// Decodes snapshot data (JSON of the state machine, last applied log id and membership).
 pub(crate) fn decode_snapshot(data: &[u8]) -> Result<Applied, serde_json::Error> {
     let s: SnapshotIn = serde_json::from_slice(data)?;
+    if s.format > SNAPSHOT_FORMAT {
+        return Err(serde::de::Error::custom(format!(
+            "snapshot format {} is newer than this server understands ({SNAPSHOT_FORMAT}); upgrade this server",
+            s.format
+        )));
+    }
     Ok(Applied {
         state: s.state,
         last_applied: s.last_applied,
@@ -184,6 +201,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         let m = meta.clone();
         let data = db::blocking(move || {
             let out = SnapshotOut {
+                format: SNAPSHOT_FORMAT,
                 last_applied: &m.last_log_id,
                 membership: &m.last_membership,
                 state: &state,
@@ -303,5 +321,41 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             meta,
             snapshot: Box::new(Cursor::new(data)),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encoded(format: Option<u32>) -> Vec<u8> {
+        let state = StateMachine::default();
+        let membership = StoredMembership::default();
+        let mut v = serde_json::to_value(SnapshotOut {
+            format: SNAPSHOT_FORMAT,
+            last_applied: &None,
+            membership: &membership,
+            state: &state,
+        })
+        .unwrap();
+        match format {
+            Some(f) => v["format"] = f.into(),
+            None => {
+                v.as_object_mut().unwrap().remove("format");
+            }
+        }
+        serde_json::to_vec(&v).unwrap()
+    }
+
+    #[test]
+    fn snapshots_carry_a_format_and_newer_ones_are_refused() {
+        assert!(decode_snapshot(&encoded(Some(SNAPSHOT_FORMAT))).is_ok());
+        // Written before the format field existed.
+        assert!(decode_snapshot(&encoded(None)).is_ok());
+        let err = decode_snapshot(&encoded(Some(SNAPSHOT_FORMAT + 1)))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("upgrade this server"), "{err}");
     }
 }
