@@ -37,6 +37,8 @@ const START_TIMEOUT: Duration = Duration::from_mins(1);
 const KILL_TIMEOUT: Duration = Duration::from_secs(15);
 /// Poll interval while waiting on the shim / runc.
 const POLL: Duration = Duration::from_millis(25);
+/// Poll period while waiting for a container to start (a cheap file read).
+const START_POLL: Duration = Duration::from_millis(3);
 
 /// Configuration of the container driver.
 #[derive(Debug, Clone)]
@@ -333,15 +335,28 @@ impl ContainerDriver {
             return Err(DriverError::NotFound(id.to_string()));
         }
         let meta = self.read_meta(id)?;
-        match self.state_inner(id).await? {
-            RuntimeState::Running { pid } => return Ok(pid),
-            RuntimeState::Absent => return Err(DriverError::NotFound(id.to_string())),
-            RuntimeState::Created | RuntimeState::Exited { .. } => {}
+        // A container just made by `create` (no run recorded by the shim, no runc record) needs
+        // no cleanup: skip the runc calls on the launch path.
+        let fresh = !bundle.started().exists()
+            && !bundle.exit_json().exists()
+            && !bundle.shim_pid().exists()
+            && self.runc.state(id).await?.is_none();
+        if !fresh {
+            match self.state_inner(id).await? {
+                RuntimeState::Running { pid } => return Ok(pid),
+                RuntimeState::Absent => return Err(DriverError::NotFound(id.to_string())),
+                RuntimeState::Created | RuntimeState::Exited { .. } => {}
+            }
+            // Starting again after an exit: drop runc's record of the old run first.
+            self.runc.delete_force(id).await?;
+            self.wait_shim_gone(id, Duration::from_secs(5)).await;
+            self.ensure_resources(id, &meta).await?;
+        } else if !nimbus_net::netns_path(id).exists() {
+            // Created before a reboot: the namespace (on tmpfs) and the mounts are gone.
+            self.ensure_resources(id, &meta).await?;
+        } else {
+            rootfs::mount_overlay(&bundle, &meta.layer_dirs)?;
         }
-        // Starting again after an exit: drop runc's record of the old run first.
-        self.runc.delete_force(id).await?;
-        self.wait_shim_gone(id, Duration::from_secs(5)).await;
-        self.ensure_resources(id, &meta).await?;
         for f in [
             bundle.exit_json(),
             bundle.init_pid(),
@@ -375,7 +390,7 @@ impl ContainerDriver {
             if Instant::now() >= deadline {
                 return Err(DriverError::Timeout(START_TIMEOUT));
             }
-            tokio::time::sleep(POLL).await;
+            tokio::time::sleep(START_POLL).await;
         }
     }
 
