@@ -120,8 +120,16 @@ fn probe_vms(agent: Arc<Agent>, vm: Arc<VmDriver>, mut caps: NodeCapabilities) {
                 caps.vm_unavailable_reason = Some(e.to_string());
             }
         }
-        if let Err(e) = agent.set_capabilities(caps).await {
-            tracing::warn!("reporting VM capability failed: {e}");
+        let mut delay = std::time::Duration::from_millis(200);
+        loop {
+            match agent.set_capabilities(caps.clone()).await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!("reporting VM capability failed, retrying: {e}");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(std::time::Duration::from_secs(5));
+                }
+            }
         }
     });
 }
