@@ -468,17 +468,7 @@ impl VmDriver {
         }
         let args = self.qemu_args(&spec, &paths, accel);
         let started = Instant::now();
-        // A QEMU that dies at start without a word (seen once under heavy load, cause not
-        // found) gets one more try; one that explains itself fails at once with its stderr.
-        let pid = match process::launch(&self.config.qemu, &args, &procs, &paths, LAUNCH_TIMEOUT)
-            .await
-        {
-            Err(VmError::Qemu(m)) if m.ends_with("exited at start") => {
-                tracing::warn!(id, "{m} without an error message; retrying once");
-                process::launch(&self.config.qemu, &args, &procs, &paths, LAUNCH_TIMEOUT).await?
-            }
-            r => r?,
-        };
+        let pid = process::launch(&self.config.qemu, &args, &procs, &paths, LAUNCH_TIMEOUT).await?;
         if !net.bridge.is_empty() {
             if let Err(e) = net::set_master_and_up(&Self::tap_name(id), &net.bridge).await {
                 process::kill_hard(pid);

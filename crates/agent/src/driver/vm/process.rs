@@ -100,7 +100,14 @@ fn alive(pid: u32, paths: &VmPaths) -> bool {
     if state == "Z" || state == "X" {
         return false;
     }
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    // While the wrapper shell execs QEMU, the command line can read as empty for a moment:
+    // that is not a dead process. Only a different, readable command line (a reused PID) is.
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return true;
+    };
+    if cmdline.is_empty() {
+        return true;
+    }
     let qmp = paths.qmp();
     let needle = qmp.to_string_lossy();
     String::from_utf8_lossy(&cmdline).contains(needle.as_ref())
