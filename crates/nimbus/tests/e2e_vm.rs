@@ -67,7 +67,14 @@ async fn vm_lifecycle_end_to_end() {
             .find(|n| n.capabilities.vms)
     })
     .await
-    .expect("the node must report VM support");
+    .unwrap_or_else(|| {
+        let log = cloud.log();
+        let tail: Vec<&str> = log.lines().rev().take(30).collect();
+        panic!(
+            "the node must report VM support; nimbus log (last lines, newest first):\n{}",
+            tail.join("\n")
+        )
+    });
     if Path::new("/dev/kvm").exists() && std::env::var("NIMBUS_EXPECT_KVM").is_err() {
         assert_eq!(
             node.capabilities.accelerator.as_deref(),
