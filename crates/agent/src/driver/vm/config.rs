@@ -59,9 +59,11 @@ pub fn default_guest_agent() -> PathBuf {
     }
     let exe = std::env::current_exe().unwrap_or_default();
     let mut dir = exe.parent();
+    // Beside the binary (an installed pair), but only a static build: in a cargo target dir
+    // `target/debug/nimbus-guest-agent` is the ordinary dynamic build of the workspace.
     if let Some(d) = dir {
         let beside = d.join("nimbus-guest-agent");
-        if beside.exists() {
+        if beside.exists() && is_static_elf(&beside).unwrap_or(false) {
             return beside;
         }
     }
