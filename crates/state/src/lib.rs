@@ -6,6 +6,7 @@ pub mod machine;
 pub mod network;
 pub mod placement;
 pub mod raft;
+mod scheduling;
 
 pub use command::{
     Command, CommandEnvelope, CommandOutput, CommandResult, InstanceAction, COMMAND_FORMAT_VERSION,

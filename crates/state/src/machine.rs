@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use nimbus_api::agent::InstanceReport;
 use nimbus_api::{
-    ApiError, DesiredState, ErrorCode, Event, Image, Instance, InstanceState, InstanceType, Meta,
-    Node, NodeState, Project, RestartPolicy,
+    ApiError, DesiredState, ErrorCode, Event, Image, Instance, InstanceState, Meta, Node,
+    NodeState, Project, RestartPolicy,
 };
 
 use crate::command::{
@@ -93,7 +93,7 @@ fn meta(env: &CommandEnvelope, name: &str, project: &str) -> Meta {
     }
 }
 
-fn touch(m: &mut Meta, env: &CommandEnvelope) {
+pub(crate) fn touch(m: &mut Meta, env: &CommandEnvelope) {
     m.version += 1;
     m.updated_at.clone_from(&env.time);
 }
@@ -267,7 +267,7 @@ impl StateMachine {
     }
 
     /// Records that the assignments of `node` changed at this revision.
-    fn bump_assignments(&mut self, node: &str) {
+    pub(crate) fn bump_assignments(&mut self, node: &str) {
         self.assignment_revisions
             .insert(node.to_string(), self.revision);
     }
@@ -277,7 +277,7 @@ impl StateMachine {
         self.assignment_revisions.get(node).copied().unwrap_or(0)
     }
 
-    fn event(
+    pub(crate) fn event(
         &mut self,
         env: &CommandEnvelope,
         project: &str,
@@ -543,160 +543,6 @@ impl StateMachine {
             &project,
             "instance",
             &name,
-            "Scheduled",
-            format!("placed on node {node}"),
-        );
-        Ok(CommandOutput::Instance(Box::new(inst)))
-    }
-
-    /// Runs the scheduler for `inst` against the current nodes.
-    fn place(&self, inst: &Instance) -> Result<String, ApiError> {
-        let nodes = crate::placement::nodes(self, Some(&inst.meta.id));
-        let req = crate::placement::instance_request(inst)?;
-        let policy = self.policy.scheduler.unwrap_or_default();
-        let mut cluster = nimbus_scheduler::Cluster::new(&nodes, policy);
-        if !nodes.is_empty() {
-            cluster
-                .validate_request(&req)
-                .map_err(|e| ApiError::invalid(e.field, e.message))?;
-        }
-        cluster
-            .place(&req)
-            .map(|idx| nodes[idx].name.clone())
-            .map_err(|u| {
-                let mut msg = u.to_string();
-                if inst.spec.instance_type == InstanceType::Vm
-                    && u.reasons.len() == 1
-                    && u.reasons
-                        .contains_key(&nimbus_scheduler::Reason::NoVmSupport)
-                {
-                    msg = format!("no node can run VMs: {msg}");
-                }
-                ApiError {
-                    code: ErrorCode::Unschedulable,
-                    message: msg,
-                    field: None,
-                }
-            })
-    }
-
-    fn assign(
-        &self,
-        env: &CommandEnvelope,
-        inst: &mut Instance,
-        node: &str,
-    ) -> Result<(), ApiError> {
-        let n = &self.nodes[node];
-        let used: BTreeSet<String> = self
-            .instances_on(node)
-            .filter(|i| i.meta.id != inst.meta.id)
-            .filter_map(|i| i.status.ip.clone())
-            .collect();
-        let ip = network::free_ip(&n.subnet, &used).ok_or_else(|| {
-            ApiError::new(
-                ErrorCode::Unschedulable,
-                format!("node {node} has no free address in {}", n.subnet),
-            )
-        })?;
-        inst.status.node = Some(node.to_string());
-        inst.status.ip = Some(ip);
-        inst.status.generation += 1;
-        inst.status.state = InstanceState::Scheduled;
-        inst.status.message.clear();
-        inst.status.pid = None;
-        inst.meta.updated_at.clone_from(&env.time);
-        Ok(())
-    }
-
-    fn drain(&mut self, env: &CommandEnvelope, name: &str) -> CommandResult {
-        let node = self
-            .nodes
-            .get_mut(name)
-            .ok_or_else(|| ApiError::not_found("node", name))?;
-        if !node.cordoned {
-            node.cordoned = true;
-            touch(&mut node.meta, env);
-            self.event(env, "", "node", name, "Cordoned", "draining".into());
-        }
-        let ids: Vec<String> = self
-            .instances_on(name)
-            .filter(|i| i.spec.desired != DesiredState::Deleted)
-            .map(|i| i.meta.id.clone())
-            .collect();
-        let mut failed = 0;
-        for id in &ids {
-            if let Err(e) = self.reschedule(env, id, &format!("node {name} is draining")) {
-                failed += 1;
-                let i = &self.instances[id];
-                let (p, n) = (i.meta.project.clone(), i.meta.name.clone());
-                self.event(env, &p, "instance", &n, "DrainFailed", e.message);
-            }
-        }
-        self.event(
-            env,
-            "",
-            "node",
-            name,
-            "Drained",
-            format!("{} moved, {failed} could not be placed", ids.len() - failed),
-        );
-        Ok(CommandOutput::Node(self.nodes[name].clone()))
-    }
-
-    /// Moves an instance to another node chosen by the scheduler. The old node loses the
-    /// assignment (its agent removes the instance); the new placement gets a new generation.
-    fn reschedule(
-        &mut self,
-        env: &CommandEnvelope,
-        id: &str,
-        why: &str,
-    ) -> Result<String, ApiError> {
-        let mut inst = self
-            .instances
-            .get(id)
-            .ok_or_else(|| ApiError::not_found("instance", id))?
-            .clone();
-        let old = inst.status.node.clone().unwrap_or_default();
-        let node = self.place(&inst)?;
-        self.assign(env, &mut inst, &node)?;
-        inst.status.exit_code = None;
-        touch(&mut inst.meta, env);
-        let (p, n) = (inst.meta.project.clone(), inst.meta.name.clone());
-        self.instances.insert(id.to_string(), inst);
-        self.bump_assignments(&old);
-        self.bump_assignments(&node);
-        self.event(
-            env,
-            &p,
-            "instance",
-            &n,
-            "Rescheduled",
-            format!("moved from {old} to {node}: {why}"),
-        );
-        Ok(node)
-    }
-
-    fn schedule_pending(&mut self, env: &CommandEnvelope, id: &str) -> CommandResult {
-        let inst = self
-            .instances
-            .get(id)
-            .ok_or_else(|| ApiError::not_found("instance", id))?
-            .clone();
-        if inst.spec.desired == DesiredState::Deleted {
-            return Ok(CommandOutput::Instance(Box::new(inst)));
-        }
-        let node = self.place(&inst)?;
-        let mut inst = inst;
-        self.assign(env, &mut inst, &node)?;
-        touch(&mut inst.meta, env);
-        let (p, n) = (inst.meta.project.clone(), inst.meta.name.clone());
-        self.instances.insert(id.to_string(), inst.clone());
-        self.bump_assignments(&node);
-        self.event(
-            env,
-            &p,
-            "instance",
-            &n,
             "Scheduled",
             format!("placed on node {node}"),
         );
