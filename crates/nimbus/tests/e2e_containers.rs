@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use nimbus_api::{CreateInstanceRequest, ErrorCode, InstanceState, RestartPolicy};
 use nimbus_client::Client;
-use nimbus_testkit::{eventually, have, require, Cloud};
+use nimbus_testkit::{eventually, have, http_get, pid_alive, require, Cloud};
 
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_nimbus"))
@@ -52,35 +52,12 @@ async fn wait_state(c: &Client, name: &str, state: InstanceState) -> nimbus_api:
     }
 }
 
-fn http_get(ip: &str, port: u16) -> Option<String> {
-    use std::io::{Read, Write};
-    let addr = format!("{ip}:{port}").parse().ok()?;
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
-    s.write_all(format!("GET / HTTP/1.0\r\nHost: {ip}\r\n\r\n").as_bytes())
-        .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    Some(out)
-}
-
 fn mounts_mentioning(id: &str) -> usize {
     std::fs::read_to_string("/proc/self/mountinfo")
         .unwrap_or_default()
         .lines()
         .filter(|l| l.contains(id))
         .count()
-}
-
-/// Whether a process exists and is not a zombie.
-fn pid_alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(") ")
-                .map(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X'))
-        })
-        .unwrap_or(false)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

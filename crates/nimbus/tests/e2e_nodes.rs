@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use nimbus_api::{CreateInstanceRequest, InstanceState, RestartPolicy};
 use nimbus_client::Client;
-use nimbus_testkit::{eventually, have, require, Cloud};
+use nimbus_testkit::{eventually, have, pid_alive, require, Cloud};
 
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_nimbus"))
@@ -17,17 +17,6 @@ fn deps() -> bool {
     require("root", nix::unistd::geteuid().is_root())
         && require("runc", have("runc"))
         && require("/bin/busybox", Path::new("/bin/busybox").exists())
-}
-
-/// Whether a process exists and is not a zombie.
-fn pid_alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(") ")
-                .map(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X'))
-        })
-        .unwrap_or(false)
 }
 
 async fn running_on(c: &Client, name: &str, node: &str) -> nimbus_api::Instance {
