@@ -497,8 +497,20 @@ impl Agent {
                 let restart_requested = l.restart_nonce != a.restart_nonce;
                 match state {
                     RuntimeState::Absent => {
-                        d.create(&self.runtime_spec(a).await?).await?;
-                        self.start_instance(d, a, l).await
+                        let began = std::time::Instant::now();
+                        let spec = self.runtime_spec(a).await?;
+                        let spec_done = began.elapsed();
+                        d.create(&spec).await?;
+                        let created = began.elapsed();
+                        let r = self.start_instance(d, a, l).await;
+                        tracing::debug!(
+                            instance = %a.name,
+                            spec_ms = spec_done.as_secs_f64() * 1e3,
+                            create_ms = created.saturating_sub(spec_done).as_secs_f64() * 1e3,
+                            start_ms = began.elapsed().saturating_sub(created).as_secs_f64() * 1e3,
+                            "launched"
+                        );
+                        r
                     }
                     RuntimeState::Created => self.start_instance(d, a, l).await,
                     RuntimeState::Running { pid } if restart_requested => {

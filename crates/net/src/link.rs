@@ -264,41 +264,41 @@ impl Netlink {
             .map_err(NetError::netlink(format!("create veth {name}/{peer}")))
     }
 
-    /// Moves link `name` into the network namespace open at `ns_fd`.
-    pub(crate) async fn move_to_netns(
+    /// Creates a veth pair in one request: `host` here, enslaved to the bridge with index
+    /// `master` and up; its peer named `peer` with MAC `mac` directly inside the network
+    /// namespace open at `ns_fd` (down). Creating the peer in place avoids moving a device
+    /// between namespaces, which waits for an RCU grace period.
+    pub(crate) async fn add_veth_into_netns(
         &self,
-        name: &str,
+        host: &str,
+        master: u32,
+        peer: &str,
+        mac: [u8; 6],
         ns_fd: std::os::fd::RawFd,
     ) -> Result<(), NetError> {
-        let index = self.require_index(name).await?;
-        self.handle
+        use netlink_packet_route::link::{InfoData, InfoVeth, LinkInfo};
+        check_ifname(host)?;
+        check_ifname(peer)?;
+        // rtnetlink's `veth(a, b)` puts `a` in the peer message and `b` in the main one.
+        let mut req = self
+            .handle
             .link()
-            .set(index)
-            .setns_by_fd(ns_fd)
-            .execute()
+            .add()
+            .veth(peer.to_string(), host.to_string());
+        let msg = req.message_mut();
+        msg.attributes.push(LinkAttribute::Controller(master));
+        for attr in &mut msg.attributes {
+            if let LinkAttribute::LinkInfo(infos) = attr {
+                for info in infos {
+                    if let LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(p))) = info {
+                        p.attributes.push(LinkAttribute::Address(mac.to_vec()));
+                        p.attributes.push(LinkAttribute::NetNsFd(ns_fd));
+                    }
+                }
+            }
+        }
+        req.execute()
             .await
-            .map_err(NetError::netlink(format!("move {name} into a netns")))
-    }
-
-    /// Renames link `name` to `new_name`, sets its MAC address and brings it up (the link must
-    /// be down for the rename, as a freshly created one is).
-    pub(crate) async fn rename_mac_up(
-        &self,
-        name: &str,
-        new_name: &str,
-        mac: [u8; 6],
-    ) -> Result<u32, NetError> {
-        check_ifname(new_name)?;
-        let index = self.require_index(name).await?;
-        self.handle
-            .link()
-            .set(index)
-            .name(new_name.to_string())
-            .address(mac.to_vec())
-            .execute()
-            .await
-            .map_err(NetError::netlink(format!("rename {name} to {new_name}")))?;
-        self.set_up_index(index, new_name).await?;
-        Ok(index)
+            .map_err(NetError::netlink(format!("create veth {host}/{peer}")))
     }
 }

@@ -56,10 +56,11 @@ where
     })?
 }
 
-/// Creates the named network namespace at `path` unless it is already mounted there.
-async fn ensure_named_netns(path: PathBuf) -> Result<(), NetError> {
+/// Creates the named network namespace at `path` unless it is already mounted there; returns
+/// whether it was created.
+async fn ensure_named_netns(path: PathBuf) -> Result<bool, NetError> {
     if is_netns_mount(&path) {
-        return Ok(());
+        return Ok(false);
     }
     on_dedicated_thread("nimbus-netns-new", move || {
         std::fs::create_dir_all(NETNS_DIR)
@@ -84,8 +85,8 @@ async fn ensure_named_netns(path: PathBuf) -> Result<(), NetError> {
             "bind-mounting {own} on {}",
             path.display()
         )))?;
-        info!(netns = %path.display(), "created network namespace");
-        Ok(())
+        debug!(netns = %path.display(), "created network namespace");
+        Ok(true)
     })
     .await
 }
@@ -130,36 +131,38 @@ pub async fn create_container_netns(
     let ip = parse_ipv4("ip", &att.ip)?;
     let mac = parse_mac(&att.mac)?;
     let prefix_len = att.prefix_len;
-    nl.ensure_bridge(&att.bridge, gateway, prefix_len).await?;
+    let bridge = nl.ensure_bridge(&att.bridge, gateway, prefix_len).await?;
 
     let path = netns_path(instance_id);
-    ensure_named_netns(path.clone()).await?;
+    let created = ensure_named_netns(path.clone()).await?;
 
     let host = host_ifname("nv", instance_id);
-    let peer = host_ifname("np", instance_id);
-    let has_eth0 = in_netns(&path, |nl| async move {
-        Ok(nl.link_index(CONTAINER_IFNAME).await?.is_some())
-    })
-    .await?;
+    let has_eth0 = !created
+        && in_netns(&path, |nl| async move {
+            Ok(nl.link_index(CONTAINER_IFNAME).await?.is_some())
+        })
+        .await?;
     if !has_eth0 || nl.link_index(&host).await?.is_none() {
-        // Start over: a half-built pair from an interrupted attempt is removed first.
-        nl.delete_link(&host).await?;
-        nl.delete_link(&peer).await?;
-        nl.add_veth(&host, &peer).await?;
+        // Start over: a half-built pair from an interrupted attempt is removed first (an
+        // older agent created the peer as `np<id>` here and moved it).
+        if !created {
+            nl.delete_link(&host).await?;
+            nl.delete_link(&host_ifname("np", instance_id)).await?;
+        }
         let ns = File::open(&path).map_err(NetError::io(format!("opening {}", path.display())))?;
-        nl.move_to_netns(&peer, ns.as_raw_fd()).await?;
+        nl.add_veth_into_netns(&host, bridge, CONTAINER_IFNAME, mac, ns.as_raw_fd())
+            .await?;
         debug!(host, netns = %path.display(), "created veth pair");
+    } else {
+        nl.set_master_and_up(&host, &att.bridge).await?;
     }
-    nl.set_master_and_up(&host, &att.bridge).await?;
 
     in_netns(&path, move |nl| async move {
-        let index = match nl.link_index(CONTAINER_IFNAME).await? {
-            Some(index) => {
-                nl.set_up(CONTAINER_IFNAME).await?;
-                index
-            }
-            None => nl.rename_mac_up(&peer, CONTAINER_IFNAME, mac).await?,
-        };
+        let index = nl
+            .link_index(CONTAINER_IFNAME)
+            .await?
+            .ok_or_else(|| NetError::NoSuchLink(CONTAINER_IFNAME.to_string()))?;
+        nl.set_up_index(index, CONTAINER_IFNAME).await?;
         nl.add_address(index, std::net::IpAddr::V4(ip), prefix_len)
             .await?;
         nl.set_up("lo").await?;

@@ -23,7 +23,8 @@ use async_trait::async_trait;
 use nimbus_api::agent::NetworkAttachment;
 use nimbus_api::{ExecResponse, InstanceType};
 use serde::{Deserialize, Serialize};
-use tracing::{info, warn};
+use tokio::io::AsyncReadExt as _;
+use tracing::{debug, info, warn};
 
 use self::rootfs::Bundle;
 use self::runc::{Runc, RuncState};
@@ -39,6 +40,8 @@ const KILL_TIMEOUT: Duration = Duration::from_secs(15);
 const POLL: Duration = Duration::from_millis(25);
 /// Poll period while waiting for a container to start (a cheap file read).
 const START_POLL: Duration = Duration::from_millis(3);
+/// Longest wait on the shim's notification pipe before the start files are checked again.
+const NOTIFY_WAIT: Duration = Duration::from_millis(100);
 
 /// Configuration of the container driver.
 #[derive(Debug, Clone)]
@@ -247,6 +250,10 @@ impl ContainerDriver {
             Some(_) => Ok(RuntimeState::Exited {
                 code: self.exit_code(id).await,
             }),
+            None if !self.bundle_complete(id) => {
+                // Interrupted create, or files emptied by a power loss: create it again.
+                Ok(RuntimeState::Absent)
+            }
             None => {
                 if bundle.exit_json().exists() || bundle.started().exists() {
                     Ok(RuntimeState::Exited {
@@ -257,6 +264,14 @@ impl ContainerDriver {
                 }
             }
         }
+    }
+
+    /// Whether the bundle's metadata and OCI config are present and parse (they are written
+    /// without fsync; see [`rootfs::write_replace`]).
+    fn bundle_complete(&self, id: &str) -> bool {
+        let config = std::fs::read(self.bundle(id).config()).ok();
+        self.read_meta(id).is_ok()
+            && config.is_some_and(|c| serde_json::from_slice::<serde_json::Value>(&c).is_ok())
     }
 
     /// Makes sure the overlay is mounted and the network namespace is wired (after a reboot or
@@ -285,9 +300,11 @@ impl ContainerDriver {
             context: "serializing container metadata".into(),
             source: e.into(),
         })?;
-        rootfs::write_atomic(&bundle.meta(), &json)?;
+        rootfs::write_replace(&bundle.meta(), &json, false)?;
         rootfs::write_etc_files(&bundle, &spec.name, &spec.network.ip)?;
+        let t = Instant::now();
         let netns = self.ensure_resources(&spec.id, &meta).await?;
+        debug!(container = %spec.id, elapsed_ms = t.elapsed().as_secs_f64() * 1e3, "rootfs and network ready");
         let paths = spec::BundlePaths {
             rootfs: bundle.rootfs(),
             netns,
@@ -300,7 +317,19 @@ impl ContainerDriver {
         spec::save(&oci, &bundle.config())
     }
 
-    async fn spawn_shim(&self, id: &str) -> Result<(), DriverError> {
+    /// Starts the detached shim stage (`nimbus shim run ...`) directly: one exec on the launch
+    /// path. The shim makes itself a session leader and child subreaper; a task of ours reaps it
+    /// when it exits while we live, and init (or our subreaper) does if we die first.
+    fn spawn_shim(
+        &self,
+        id: &str,
+    ) -> Result<
+        (
+            tokio::sync::oneshot::Receiver<std::process::ExitStatus>,
+            Option<tokio::process::ChildStdout>,
+        ),
+        DriverError,
+    > {
         let bundle = self.bundle(id);
         let args = ShimArgs {
             runc: self.cfg.runc.clone(),
@@ -308,25 +337,34 @@ impl ContainerDriver {
             bundle: bundle.dir.clone(),
             id: id.to_string(),
         };
-        let out = tokio::process::Command::new(&self.cfg.shim[0])
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(bundle.shim_log())
+            .map_err(DriverError::io(format!(
+                "opening {}",
+                bundle.shim_log().display()
+            )))?;
+        let mut child = tokio::process::Command::new(&self.cfg.shim[0])
             .args(&self.cfg.shim[1..])
-            .arg("start")
+            .arg("run")
             .args(args.to_args())
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .output()
-            .await
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .current_dir("/")
+            .spawn()
             .map_err(|e| {
                 DriverError::Unavailable(format!("cannot start the shim {:?}: {e}", self.cfg.shim))
             })?;
-        if !out.status.success() {
-            return Err(DriverError::Runtime {
-                tool: "nimbus-shim",
-                message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-            });
-        }
-        Ok(())
+        let stdout = child.stdout.take();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            if let Ok(status) = child.wait().await {
+                let _ = tx.send(status);
+            }
+        });
+        Ok((rx, stdout))
     }
 
     async fn start_inner(&self, id: &str) -> Result<u32, DriverError> {
@@ -366,7 +404,9 @@ impl ContainerDriver {
         ] {
             let _ = std::fs::remove_file(f);
         }
-        self.spawn_shim(id).await?;
+        // The shim writes a line on its stdout (our pipe) once `started` or `start.err` is on
+        // disk: wait on the pipe instead of polling; poll the files after EOF.
+        let (mut shim_exit, mut notify) = self.spawn_shim(id)?;
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if let Some(pid) = read_pid(&bundle.started()) {
@@ -379,7 +419,8 @@ impl ContainerDriver {
                     message: msg.trim().to_string(),
                 });
             }
-            let shim_dead = read_pid(&bundle.shim_pid()).is_some_and(|pid| !process_alive(pid));
+            let shim_dead = shim_exit.try_recv().is_ok()
+                || read_pid(&bundle.shim_pid()).is_some_and(|pid| !process_alive(pid));
             if shim_dead && !bundle.started().exists() && !bundle.start_error().exists() {
                 let log = std::fs::read_to_string(bundle.shim_log()).unwrap_or_default();
                 return Err(DriverError::Runtime {
@@ -390,7 +431,16 @@ impl ContainerDriver {
             if Instant::now() >= deadline {
                 return Err(DriverError::Timeout(START_TIMEOUT));
             }
-            tokio::time::sleep(START_POLL).await;
+            if let Some(out) = notify.as_mut() {
+                let mut buf = [0u8; 64];
+                if let Ok(Ok(0) | Err(_)) =
+                    tokio::time::timeout(NOTIFY_WAIT, out.read(&mut buf)).await
+                {
+                    notify = None;
+                }
+            } else {
+                tokio::time::sleep(START_POLL).await;
+            }
         }
     }
 

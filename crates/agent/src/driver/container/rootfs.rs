@@ -10,11 +10,23 @@ use crate::driver::DriverError;
 
 /// Writes `data` to `path` atomically (temporary file in the same directory, fsync, rename).
 pub fn write_atomic(path: &Path, data: &[u8]) -> Result<(), DriverError> {
+    write_replace(path, data, true)
+}
+
+/// Replaces `path` with `data` atomically (temporary file + rename), optionally fsyncing the
+/// data first. Without fsync the file is still never seen half-written by another process; only
+/// a power loss can leave it empty. That is enough for the bundle's derived files (regenerated
+/// from the assignment: the driver treats a bundle whose config does not parse as absent) and
+/// for the shim's launch records (meaningless after a reboot), and it keeps fsyncs off the
+/// launch path.
+pub fn write_replace(path: &Path, data: &[u8], durable: bool) -> Result<(), DriverError> {
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     let ctx = || format!("writing {}", path.display());
     let mut f = std::fs::File::create(&tmp).map_err(DriverError::io(ctx()))?;
     f.write_all(data).map_err(DriverError::io(ctx()))?;
-    f.sync_all().map_err(DriverError::io(ctx()))?;
+    if durable {
+        f.sync_all().map_err(DriverError::io(ctx()))?;
+    }
     std::fs::rename(&tmp, path).map_err(DriverError::io(ctx()))
 }
 
@@ -106,10 +118,10 @@ impl Bundle {
 pub fn write_etc_files(bundle: &Bundle, name: &str, ip: &str) -> Result<(), DriverError> {
     let hosts =
         format!("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n{ip}\t{name}\n");
-    write_atomic(&bundle.hosts(), hosts.as_bytes())?;
-    write_atomic(&bundle.hostname(), format!("{name}\n").as_bytes())?;
+    write_replace(&bundle.hosts(), hosts.as_bytes(), false)?;
+    write_replace(&bundle.hostname(), format!("{name}\n").as_bytes(), false)?;
     let resolv = std::fs::read("/etc/resolv.conf").unwrap_or_default();
-    write_atomic(&bundle.resolv_conf(), &resolv)
+    write_replace(&bundle.resolv_conf(), &resolv, false)
 }
 
 /// Unescapes the octal escapes (`\040`) of `/proc/self/mountinfo` fields.

@@ -1,8 +1,9 @@
 //! The container shim: `nimbus shim ...` — started per container, outlives the agent.
 //!
-//! `nimbus shim start --runc P --root R --bundle B --id ID` re-executes itself as
-//! `nimbus shim run ...` detached (new session, stdio on `/dev/null` and `B/shim.log`) and exits
-//! at once, so the agent never has to reap it. The `run` stage makes itself a child subreaper,
+//! The agent spawns `nimbus shim run --runc P --root R --bundle B --id ID` directly (one exec on
+//! the launch path, stdio on `/dev/null` and `B/shim.log`) and reaps it if it exits while the
+//! agent lives. The shim makes itself a session leader (the agent's death or its terminal's does
+//! not reach it) and a child subreaper,
 //! runs `runc run --detach` with the container's stdout/stderr appended to `B/console.log`,
 //! records either `B/started` (init PID) or `B/start.err` (runc's own error), then waits for the
 //! container init (reparented to it) and writes its exit status to `B/exit.json`
@@ -17,7 +18,7 @@ use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
-use super::rootfs::{write_atomic, Bundle};
+use super::rootfs::{write_atomic, write_replace, Bundle};
 use super::runc::errors_from_log;
 
 /// What the shim records when the container init exits.
@@ -41,7 +42,7 @@ pub struct ShimArgs {
 }
 
 impl ShimArgs {
-    /// The arguments as passed after the stage word (`start` / `run`).
+    /// The arguments as passed after the stage word (`run`).
     pub fn to_args(&self) -> Vec<String> {
         vec![
             "--runc".into(),
@@ -85,7 +86,7 @@ impl ShimArgs {
 #[allow(clippy::needless_pass_by_value)] // the signature the binary dispatches to
 pub fn main(args: Vec<String>) -> i32 {
     let Some((stage, rest)) = args.split_first() else {
-        eprintln!("usage: nimbus shim start|run --runc P --root R --bundle B --id ID");
+        eprintln!("usage: nimbus shim run --runc P --root R --bundle B --id ID");
         return 2;
     };
     let parsed = match ShimArgs::parse(rest) {
@@ -96,7 +97,6 @@ pub fn main(args: Vec<String>) -> i32 {
         }
     };
     let result = match stage.as_str() {
-        "start" => start(&parsed),
         "run" => run(&parsed),
         other => Err(format!("unknown shim stage {other}")),
     };
@@ -107,31 +107,6 @@ pub fn main(args: Vec<String>) -> i32 {
             1
         }
     }
-}
-
-/// Re-executes this binary as the detached `run` stage and returns.
-fn start(args: &ShimArgs) -> Result<(), String> {
-    let bundle = Bundle {
-        dir: args.bundle.clone(),
-    };
-    let exe = std::env::current_exe().map_err(|e| format!("current_exe: {e}"))?;
-    let log = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(bundle.shim_log())
-        .map_err(|e| format!("opening {}: {e}", bundle.shim_log().display()))?;
-    Command::new(exe)
-        .arg("shim")
-        .arg("run")
-        .args(args.to_args())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log)
-        .current_dir("/")
-        .spawn()
-        .map_err(|e| format!("spawning the shim: {e}"))?;
-    // Not waited for: it reparents to init (or the nearest subreaper) when we exit.
-    Ok(())
 }
 
 fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), String> {
@@ -148,9 +123,11 @@ fn run(args: &ShimArgs) -> Result<(), String> {
     let bundle = Bundle {
         dir: args.bundle.clone(),
     };
-    write_atomic(
+    // Launch records are not fsynced: they mean nothing after a reboot.
+    write_replace(
         &bundle.shim_pid(),
         std::process::id().to_string().as_bytes(),
+        false,
     )
     .map_err(|e| e.to_string())?;
 
@@ -195,6 +172,7 @@ fn run(args: &ShimArgs) -> Result<(), String> {
     };
     if let Some(msg) = failure {
         write_atomic(&bundle.start_error(), msg.as_bytes()).map_err(|e| e.to_string())?;
+        notify_agent("failed\n");
         return Err(msg);
     }
     let pid: i32 = std::fs::read_to_string(bundle.init_pid())
@@ -202,11 +180,26 @@ fn run(args: &ShimArgs) -> Result<(), String> {
         .trim()
         .parse()
         .map_err(|e| format!("parsing the init pid: {e}"))?;
-    write_atomic(&bundle.started(), pid.to_string().as_bytes()).map_err(|e| e.to_string())?;
+    write_replace(&bundle.started(), pid.to_string().as_bytes(), false)
+        .map_err(|e| e.to_string())?;
+    notify_agent(&format!("started {pid}\n"));
 
     let code = wait_for(Pid::from_raw(pid));
     eprintln!("container {} init {pid} exited: {code:?}", args.id);
     write_json(&bundle.exit_json(), &ExitRecord { code })
+}
+
+/// Wakes the agent waiting on our stdout (a pipe) once the launch is decided (the record is
+/// already on disk), then points stdout at `/dev/null` so the pipe does not outlive the launch.
+fn notify_agent(line: &str) {
+    use std::io::Write as _;
+    use std::os::fd::AsRawFd as _;
+    let mut out = std::io::stdout();
+    let _ = out.write_all(line.as_bytes());
+    let _ = out.flush();
+    if let Ok(null) = std::fs::File::open("/dev/null") {
+        let _ = nix::unistd::dup2(null.as_raw_fd(), 1);
+    }
 }
 
 /// Reaps children until `init` exits; returns its exit code (128+signal for signals).

@@ -222,7 +222,7 @@ pub fn build(
 /// Writes `spec` to `path` (via a temporary file and rename).
 pub fn save(spec: &Spec, path: &Path) -> Result<(), DriverError> {
     let json = serde_json::to_vec_pretty(spec).map_err(oci_err)?;
-    super::rootfs::write_atomic(path, &json)
+    super::rootfs::write_replace(path, &json, false)
 }
 
 #[cfg(test)]
