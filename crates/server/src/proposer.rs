@@ -4,14 +4,9 @@
 //! `Command::Batch` log entry (up to [`MAX_BATCH`]), so concurrent writers share an fsync and a
 //! lone writer pays no extra latency.
 //!
-//! **Batching is only used when `Command::Batch` can be encoded.** `Command` is internally
-//! tagged (`#[serde(tag = "op")]`) and serde cannot encode a newtype variant holding a
-//! sequence that way, so today a `Batch` entry fails in the log store ("cannot serialize
-//! tagged newtype variant Command::Batch containing a sequence") and stops Raft on that node.
-//! The proposer probes this at start; while it fails, every command becomes its own log entry
-//! and up to [`MAX_IN_FLIGHT`] writes are in flight at once (openraft pipelines them). Making
-//! `Batch` a struct variant in `nimbus_state::command` re-enables group commit with no change
-//! here.
+//! If a `Command::Batch` entry could not be encoded (checked once at start by
+//! [`batching_supported`]), every command becomes its own log entry instead, with up to
+//! [`MAX_IN_FLIGHT`] writes in flight at once (openraft pipelines them).
 //!
 //! On a follower the proposer forwards each (batched) entry to the leader through
 //! [`Forwarder`](crate::forward::Forwarder) instead of failing with "not the leader".
