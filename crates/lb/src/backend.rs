@@ -1,0 +1,279 @@
+//! Runtime state of one backend: in-flight count, health, outlier ejection, draining, and the
+//! active health-check task.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use crate::config::{HealthCheckConfig, HealthProbe, OutlierConfig};
+use crate::health::{HealthTracker, OutlierEvent, OutlierTracker};
+use crate::metrics::BackendMetrics;
+
+static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+fn now_ms() -> u64 {
+    EPOCH.elapsed().as_millis() as u64
+}
+
+/// Observed state of a backend, as reported to the control plane.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackendStatus {
+    /// Backend name.
+    pub name: String,
+    /// Address.
+    pub addr: SocketAddr,
+    /// Passes active health checks.
+    pub healthy: bool,
+    /// Ejected by passive outlier detection right now.
+    pub ejected: bool,
+    /// Removed from the config; finishing its connections.
+    pub draining: bool,
+    /// In-flight requests or open connections.
+    pub active: u64,
+}
+
+/// One backend.
+#[derive(Debug)]
+pub struct Backend {
+    /// Name (instance name).
+    pub name: String,
+    /// Address.
+    pub addr: SocketAddr,
+    /// Metric handles.
+    pub metrics: BackendMetrics,
+    active: AtomicU64,
+    healthy: AtomicBool,
+    draining: AtomicBool,
+    ejected_until_ms: AtomicU64,
+    failing: AtomicBool,
+    health: Mutex<HealthTracker>,
+    outlier: Mutex<OutlierTracker>,
+    drain_tx: watch::Sender<bool>,
+    checker: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+/// Decrements the in-flight count when dropped.
+#[derive(Debug)]
+pub struct ActiveGuard(Arc<Backend>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+        self.0.metrics.active.dec();
+    }
+}
+
+impl Backend {
+    /// A new backend, healthy until probes say otherwise.
+    pub fn new(name: String, addr: SocketAddr, metrics: BackendMetrics) -> Arc<Self> {
+        metrics.healthy.set(1);
+        Arc::new(Self {
+            name,
+            addr,
+            metrics,
+            active: AtomicU64::new(0),
+            healthy: AtomicBool::new(true),
+            draining: AtomicBool::new(false),
+            ejected_until_ms: AtomicU64::new(0),
+            failing: AtomicBool::new(false),
+            health: Mutex::new(HealthTracker::new(1, 1)),
+            outlier: Mutex::new(OutlierTracker::default()),
+            drain_tx: watch::channel(false).0,
+            checker: Mutex::new(None),
+        })
+    }
+
+    /// Whether it may receive new traffic.
+    pub fn available(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+            && !self.draining.load(Ordering::Relaxed)
+            && self.ejected_until_ms.load(Ordering::Relaxed) <= now_ms()
+    }
+
+    /// In-flight requests or connections.
+    pub fn active(&self) -> u64 {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Count one in-flight request or connection until the guard drops.
+    pub fn begin(self: &Arc<Self>) -> ActiveGuard {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        self.metrics.active.inc();
+        ActiveGuard(Arc::clone(self))
+    }
+
+    /// Record a request outcome for passive outlier detection.
+    pub fn record(&self, success: bool, lb: &str, cfg: &OutlierConfig) {
+        if success && !self.failing.load(Ordering::Relaxed) {
+            return;
+        }
+        let now = Instant::now();
+        let mut o = self
+            .outlier
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let ev = o.record(
+            success,
+            now,
+            cfg.consecutive_errors,
+            Duration::from_millis(cfg.base_ejection_ms),
+        );
+        self.failing.store(!success, Ordering::Relaxed);
+        if let OutlierEvent::Ejected(until) = ev {
+            let ms = now_ms() + until.saturating_duration_since(now).as_millis() as u64;
+            self.ejected_until_ms.store(ms, Ordering::Relaxed);
+            tracing::warn!(lb, backend = %self.name, addr = %self.addr,
+                ejected_for_ms = ms - now_ms(), "backend ejected after consecutive errors");
+        }
+    }
+
+    /// Mark as removed from the configuration: no new traffic; L4 connections get the drain
+    /// signal.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+        self.drain_tx.send_replace(true);
+        self.stop_checker();
+    }
+
+    /// Resolves once the backend is draining.
+    pub async fn drained(&self) {
+        let mut rx = self.drain_tx.subscribe();
+        let _ = rx.wait_for(|d| *d).await;
+    }
+
+    /// Observed state.
+    pub fn status(&self) -> BackendStatus {
+        BackendStatus {
+            name: self.name.clone(),
+            addr: self.addr,
+            healthy: self.healthy.load(Ordering::Relaxed),
+            ejected: self.ejected_until_ms.load(Ordering::Relaxed) > now_ms(),
+            draining: self.draining.load(Ordering::Relaxed),
+            active: self.active(),
+        }
+    }
+
+    fn set_healthy(&self, healthy: bool) {
+        self.healthy.store(healthy, Ordering::Relaxed);
+        self.metrics.healthy.set(i64::from(healthy));
+    }
+
+    /// (Re)start active health checking with `cfg`; `None` stops it and marks the backend
+    /// healthy.
+    pub fn start_checker(self: &Arc<Self>, lb: &str, cfg: Option<HealthCheckConfig>) {
+        self.stop_checker();
+        let Some(cfg) = cfg else {
+            self.set_healthy(true);
+            return;
+        };
+        *self
+            .health
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = {
+            let mut t = HealthTracker::new(cfg.healthy_threshold, cfg.unhealthy_threshold);
+            if !self.healthy.load(Ordering::Relaxed) {
+                // Keep an unhealthy backend out until it passes `healthy_threshold` probes.
+                for _ in 0..cfg.unhealthy_threshold {
+                    t.observe(false);
+                }
+            }
+            t
+        };
+        let me = Arc::clone(self);
+        let lb = lb.to_string();
+        let handle = tokio::spawn(async move {
+            let interval = Duration::from_millis(cfg.interval_ms);
+            let timeout = Duration::from_millis(cfg.timeout_ms);
+            loop {
+                let ok = matches!(
+                    tokio::time::timeout(timeout, probe(me.addr, &cfg.probe)).await,
+                    Ok(Ok(()))
+                );
+                let change = me
+                    .health
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .observe(ok);
+                if ok {
+                    me.outlier
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .reset_backoff(Instant::now());
+                }
+                if let Some(h) = change {
+                    me.set_healthy(h);
+                    if h {
+                        tracing::info!(lb, backend = %me.name, addr = %me.addr, "backend healthy");
+                    } else {
+                        tracing::warn!(lb, backend = %me.name, addr = %me.addr, "backend unhealthy");
+                    }
+                }
+                tokio::time::sleep(interval).await;
+            }
+        });
+        *self
+            .checker
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(handle);
+    }
+
+    fn stop_checker(&self) {
+        if let Some(h) = self
+            .checker
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+        {
+            h.abort();
+        }
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.stop_checker();
+    }
+}
+
+/// One probe: TCP connect, or an HTTP/1.1 GET whose status must match.
+pub async fn probe(addr: SocketAddr, probe: &HealthProbe) -> std::io::Result<()> {
+    let mut s = TcpStream::connect(addr).await?;
+    let HealthProbe::Http {
+        path,
+        expect_status,
+    } = probe
+    else {
+        return Ok(());
+    };
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: nimbus-lb-health\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await?;
+    let mut buf = Vec::with_capacity(256);
+    let mut chunk = [0u8; 256];
+    while !buf.windows(2).any(|w| w == b"\r\n") && buf.len() < 4096 {
+        let n = s.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let line = String::from_utf8_lossy(&buf);
+    let status = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse::<u16>().ok());
+    if status == Some(*expect_status) {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "health check got {status:?}, want {expect_status}"
+        )))
+    }
+}

@@ -1,0 +1,54 @@
+//! `nimbus-lb-proxy CONFIG.json [--workers N]`: run the nimbus LB data plane from a static JSON
+//! [`nimbus_lb::LbConfig`] (used by `scripts/bench-lb`; the agent embeds the library instead).
+//! Prints one line `listening PROTO ADDR` per bound listener, then serves until killed.
+
+use std::sync::Arc;
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let mut path = None;
+    let mut workers = 2usize;
+    while let Some(a) = args.next() {
+        if a == "--workers" {
+            workers = args.next().and_then(|w| w.parse().ok()).unwrap_or_else(|| {
+                eprintln!("nimbus-lb-proxy: --workers needs a number");
+                std::process::exit(2)
+            });
+        } else {
+            path = Some(a);
+        }
+    }
+    let Some(path) = path else {
+        eprintln!("usage: nimbus-lb-proxy CONFIG.json [--workers N]");
+        std::process::exit(2)
+    };
+    let cfg: nimbus_lb::LbConfig = match std::fs::read_to_string(&path)
+        .map_err(|e| e.to_string())
+        .and_then(|s| serde_json::from_str(&s).map_err(|e| e.to_string()))
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("nimbus-lb-proxy: {path}: {e}");
+            std::process::exit(2)
+        }
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers.max(1))
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    rt.block_on(async move {
+        let metrics = Arc::new(nimbus_lb::Metrics::new());
+        let lb = match nimbus_lb::LoadBalancer::start(cfg, metrics).await {
+            Ok(lb) => lb,
+            Err(e) => {
+                eprintln!("nimbus-lb-proxy: {e}");
+                std::process::exit(1)
+            }
+        };
+        for (p, a) in lb.listen_addrs() {
+            println!("listening {p} {a}");
+        }
+        std::future::pending::<()>().await;
+    });
+}

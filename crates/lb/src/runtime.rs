@@ -1,0 +1,446 @@
+//! The running load balancer: listeners, the swappable snapshot, backend lifecycle.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use http::HeaderName;
+use hyper_util::rt::TokioExecutor;
+use hyper_util::server::conn::auto;
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::net::{TcpListener, UdpSocket};
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::{Backend, BackendStatus};
+use crate::balancer::{Balancer, Candidate, PickContext};
+use crate::cache::CacheStore;
+use crate::config::{CacheConfig, LbConfig, ListenerConfig, Protocol};
+use crate::http::{self as l7, BackendClient};
+use crate::metrics::{BackendMetrics, CacheMetrics, Metrics};
+use crate::{l4, LbError};
+
+/// A pool compiled for serving.
+pub(crate) struct Pool {
+    pub backends: Vec<Arc<Backend>>,
+    pub weights: Vec<u32>,
+    pub balancer: Balancer,
+    pub hash_header: Option<HeaderName>,
+    /// Sticky-cookie value of each backend (a hash of its address, not the address).
+    pub sticky_ids: Vec<String>,
+}
+
+impl Pool {
+    /// Pick an available backend not in `exclude`.
+    pub fn pick(&self, ctx: &PickContext<'_>, exclude: &[usize]) -> Option<usize> {
+        let cands: Vec<Candidate> = self
+            .backends
+            .iter()
+            .zip(&self.weights)
+            .enumerate()
+            .map(|(i, (b, w))| Candidate {
+                available: !exclude.contains(&i) && b.available(),
+                active: b.active(),
+                weight: *w,
+            })
+            .collect();
+        self.balancer.pick(&cands, ctx)
+    }
+}
+
+/// Everything a request needs, swapped atomically on update.
+pub(crate) struct Snapshot {
+    pub cfg: LbConfig,
+    pub pools: Vec<Pool>,
+    /// Pool index of each route.
+    pub route_pools: Vec<usize>,
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    pub cache: Option<Arc<Mutex<CacheStore>>>,
+    pub http: auto::Builder<TokioExecutor>,
+    pub client: BackendClient,
+}
+
+struct Listener {
+    cfg: ListenerConfig,
+    addrs: Vec<SocketAddr>,
+    cancel: CancellationToken,
+}
+
+pub(crate) struct Inner {
+    pub name: String,
+    pub metrics: Arc<Metrics>,
+    pub snap: ArcSwap<Snapshot>,
+    pub conns: Gauge,
+    pub cache_metrics: CacheMetrics,
+    /// Requests answered by the cache.
+    pub cache_backend: BackendMetrics,
+    /// Requests no backend answered (503/504/502 made here).
+    pub none_backend: BackendMetrics,
+    backends: Mutex<HashMap<SocketAddr, Arc<Backend>>>,
+    listeners: Mutex<Vec<Listener>>,
+    cache: Mutex<Option<(CacheConfig, Arc<Mutex<CacheStore>>)>>,
+    update_lock: tokio::sync::Mutex<()>,
+}
+
+/// A running load balancer. Dropping it does not stop it; call [`LoadBalancer::shutdown`].
+#[derive(Clone)]
+pub struct LoadBalancer {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for LoadBalancer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadBalancer")
+            .field("name", &self.inner.name)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl LoadBalancer {
+    /// Check `cfg`, bind its listeners and start serving.
+    pub async fn start(cfg: LbConfig, metrics: Arc<Metrics>) -> Result<Self, LbError> {
+        cfg.check()?;
+        let name = cfg.name.clone();
+        let empty = Snapshot {
+            cfg: LbConfig {
+                listeners: Vec::new(),
+                ..cfg.clone()
+            },
+            pools: Vec::new(),
+            route_pools: Vec::new(),
+            tls: None,
+            cache: None,
+            http: auto::Builder::new(TokioExecutor::new()),
+            client: l7::backend_client(&cfg.limits),
+        };
+        let inner = Arc::new(Inner {
+            conns: metrics.connections(&name),
+            cache_metrics: metrics.cache(&name),
+            cache_backend: metrics.backend(&name, "cache"),
+            none_backend: metrics.backend(&name, "none"),
+            name,
+            metrics,
+            snap: ArcSwap::from_pointee(empty),
+            backends: Mutex::new(HashMap::new()),
+            listeners: Mutex::new(Vec::new()),
+            cache: Mutex::new(None),
+            update_lock: tokio::sync::Mutex::new(()),
+        });
+        let lb = Self { inner };
+        lb.update(cfg).await?;
+        Ok(lb)
+    }
+
+    /// The LB's name.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Apply a new configuration without dropping established connections. Listeners that did
+    /// not change keep their sockets; removed backends stop getting new traffic and their L4
+    /// connections are closed after the drain timeout.
+    pub async fn update(&self, cfg: LbConfig) -> Result<(), LbError> {
+        cfg.check()?;
+        let _guard = self.inner.update_lock.lock().await;
+        let inner = &self.inner;
+        let old = inner.snap.load_full();
+        let tls = match &cfg.tls {
+            Some(t) => Some(tokio_rustls::TlsAcceptor::from(crate::tls::server_config(
+                t,
+            )?)),
+            None => None,
+        };
+        // Listeners: stop removed ones, bind new ones (before publishing anything).
+        let (keep, stop): (Vec<Listener>, Vec<Listener>) = {
+            let mut ls = lock(&inner.listeners);
+            std::mem::take(&mut *ls)
+                .into_iter()
+                .partition(|l| cfg.listeners.contains(&l.cfg))
+        };
+        for l in &stop {
+            l.cancel.cancel();
+        }
+        let mut bound = Vec::new();
+        for lc in &cfg.listeners {
+            if keep.iter().any(|l| &l.cfg == lc) {
+                continue;
+            }
+            match bind(lc).await {
+                Ok(socks) => bound.push((lc.clone(), socks)),
+                Err(e) => {
+                    *lock(&inner.listeners) = keep;
+                    return Err(e);
+                }
+            }
+        }
+        // Backends: reuse by address; new ones get a checker; missing ones drain.
+        let health_changed = old.cfg.health_check != cfg.health_check;
+        let mut pools = Vec::new();
+        let mut live: HashMap<SocketAddr, Arc<Backend>> = HashMap::new();
+        {
+            let mut all = lock(&inner.backends);
+            for p in &cfg.pools {
+                let mut backends = Vec::new();
+                for bc in &p.backends {
+                    let b = if let Some(b) = live.get(&bc.addr) {
+                        Arc::clone(b)
+                    } else {
+                        {
+                            let b = match all.get(&bc.addr) {
+                                Some(b) if b.name == bc.name && !b.status().draining => {
+                                    if health_changed {
+                                        b.start_checker(&inner.name, cfg.health_check.clone());
+                                    }
+                                    Arc::clone(b)
+                                }
+                                _ => {
+                                    let b = Backend::new(
+                                        bc.name.clone(),
+                                        bc.addr,
+                                        inner.metrics.backend(&inner.name, &bc.name),
+                                    );
+                                    b.start_checker(&inner.name, cfg.health_check.clone());
+                                    all.insert(bc.addr, Arc::clone(&b));
+                                    b
+                                }
+                            };
+                            live.insert(bc.addr, Arc::clone(&b));
+                            b
+                        }
+                    };
+                    backends.push(b);
+                }
+                let keys: Vec<String> = p.backends.iter().map(|b| b.addr.to_string()).collect();
+                let weights: Vec<u32> = p.backends.iter().map(|b| b.weight).collect();
+                pools.push(Pool {
+                    sticky_ids: keys
+                        .iter()
+                        .map(|k| format!("{:016x}", crate::balancer::hash64(k.as_bytes())))
+                        .collect(),
+                    balancer: Balancer::new(p.algorithm, &keys, &weights),
+                    weights,
+                    backends,
+                    hash_header: p
+                        .hash_header
+                        .as_deref()
+                        .and_then(|h| HeaderName::from_bytes(h.as_bytes()).ok()),
+                });
+            }
+            let drain = Duration::from_millis(cfg.limits.drain_timeout_ms);
+            let removed: Vec<Arc<Backend>> = all
+                .iter()
+                .filter(|(a, b)| {
+                    !b.status().draining && live.get(a).is_none_or(|l| !Arc::ptr_eq(l, b))
+                })
+                .map(|(_, b)| Arc::clone(b))
+                .collect();
+            for b in removed {
+                tracing::info!(lb = %inner.name, backend = %b.name, addr = %b.addr, "backend removed, draining");
+                b.start_draining();
+                let weak = Arc::downgrade(&self.inner);
+                tokio::spawn(async move {
+                    tokio::time::sleep(drain).await;
+                    if let Some(inner) = weak.upgrade() {
+                        let mut all = lock(&inner.backends);
+                        if all.get(&b.addr).is_some_and(|x| Arc::ptr_eq(x, &b)) {
+                            all.remove(&b.addr);
+                        }
+                        if !all.values().any(|x| x.name == b.name) {
+                            inner.metrics.remove_backend(&inner.name, &b.name);
+                        }
+                    }
+                });
+            }
+        }
+        let route_pools = cfg
+            .routes
+            .iter()
+            .map(|r| cfg.pools.iter().position(|p| p.name == r.pool).unwrap_or(0))
+            .collect();
+        let cache = cfg.cache.as_ref().map(|cc| {
+            let mut slot = lock(&inner.cache);
+            match &*slot {
+                Some((c, store)) if c == cc => Arc::clone(store),
+                _ => {
+                    let store = Arc::new(Mutex::new(CacheStore::new(
+                        cc.max_bytes,
+                        cc.max_object_bytes,
+                    )));
+                    *slot = Some((cc.clone(), Arc::clone(&store)));
+                    store
+                }
+            }
+        });
+        let client = if old.cfg.limits.connect_timeout_ms == cfg.limits.connect_timeout_ms {
+            old.client.clone()
+        } else {
+            l7::backend_client(&cfg.limits)
+        };
+        let snap = Snapshot {
+            http: l7::server_builder(&cfg.limits),
+            cfg,
+            pools,
+            route_pools,
+            tls,
+            cache,
+            client,
+        };
+        inner.snap.store(Arc::new(snap));
+        // Start accepting on the new listeners only now that the snapshot is published.
+        let mut ls = keep;
+        for (lc, socks) in bound {
+            let cancel = CancellationToken::new();
+            let mut addrs = Vec::new();
+            for s in socks {
+                match s {
+                    Sock::Tcp(t) => {
+                        addrs.extend(t.local_addr().ok());
+                        tokio::spawn(accept_loop(
+                            Arc::clone(&self.inner),
+                            t,
+                            lc.protocol,
+                            cancel.clone(),
+                        ));
+                    }
+                    Sock::Udp(u) => {
+                        addrs.extend(u.local_addr().ok());
+                        tokio::spawn(l4::udp_loop(Arc::clone(&self.inner), u, cancel.clone()));
+                    }
+                }
+            }
+            tracing::info!(lb = %self.inner.name, protocol = %lc.protocol, ?addrs, "listening");
+            ls.push(Listener {
+                cfg: lc,
+                addrs,
+                cancel,
+            });
+        }
+        *lock(&self.inner.listeners) = ls;
+        Ok(())
+    }
+
+    /// The bound addresses of each listener (port 0 resolved).
+    pub fn listen_addrs(&self) -> Vec<(Protocol, SocketAddr)> {
+        lock(&self.inner.listeners)
+            .iter()
+            .flat_map(|l| l.addrs.iter().map(|a| (l.cfg.protocol, *a)))
+            .collect()
+    }
+
+    /// The first bound address of a protocol.
+    pub fn addr(&self, protocol: Protocol) -> Option<SocketAddr> {
+        self.listen_addrs()
+            .into_iter()
+            .find(|(p, _)| *p == protocol)
+            .map(|(_, a)| a)
+    }
+
+    /// State of every backend, including draining ones.
+    pub fn backends(&self) -> Vec<BackendStatus> {
+        let mut v: Vec<BackendStatus> = lock(&self.inner.backends)
+            .values()
+            .map(|b| b.status())
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name).then(a.addr.cmp(&b.addr)));
+        v
+    }
+
+    /// Edge cache counters, when the cache is on.
+    pub fn cache_stats(&self) -> Option<crate::cache::CacheStats> {
+        self.inner
+            .snap
+            .load()
+            .cache
+            .as_ref()
+            .map(|c| lock(c).stats())
+    }
+
+    /// Stop listening; connections get the drain timeout to finish; checkers stop.
+    pub fn shutdown(&self) {
+        for l in lock(&self.inner.listeners).drain(..) {
+            l.cancel.cancel();
+        }
+        for b in lock(&self.inner.backends).drain() {
+            b.1.start_draining();
+            self.inner
+                .metrics
+                .remove_backend(&self.inner.name, &b.1.name);
+        }
+        tracing::info!(lb = %self.inner.name, "load balancer stopped");
+    }
+}
+
+enum Sock {
+    Tcp(TcpListener),
+    Udp(Arc<UdpSocket>),
+}
+
+async fn bind(lc: &ListenerConfig) -> Result<Vec<Sock>, LbError> {
+    let mut out = Vec::new();
+    for addr in lc.addrs() {
+        let err = |source| LbError::Bind { addr, source };
+        if lc.protocol == Protocol::Udp {
+            out.push(Sock::Udp(Arc::new(
+                UdpSocket::bind(addr).await.map_err(err)?,
+            )));
+        } else {
+            out.push(Sock::Tcp(TcpListener::bind(addr).await.map_err(err)?));
+        }
+    }
+    Ok(out)
+}
+
+async fn accept_loop(
+    inner: Arc<Inner>,
+    listener: TcpListener,
+    protocol: Protocol,
+    cancel: CancellationToken,
+) {
+    loop {
+        let (sock, peer) = tokio::select! {
+            () = cancel.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(lb = %inner.name, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = sock.set_nodelay(true);
+        let inner = Arc::clone(&inner);
+        let cancel = cancel.clone();
+        match protocol {
+            Protocol::Tcp => {
+                tokio::spawn(l4::tcp_conn(inner, sock, peer, cancel));
+            }
+            Protocol::Http => {
+                tokio::spawn(l7::serve(inner, sock, peer, false, cancel));
+            }
+            Protocol::Https => {
+                tokio::spawn(async move {
+                    let Some(acceptor) = inner.snap.load().tls.clone() else {
+                        return;
+                    };
+                    match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(sock)).await
+                    {
+                        Ok(Ok(tls)) => l7::serve(inner, tls, peer, true, cancel).await,
+                        Ok(Err(e)) => {
+                            tracing::debug!(lb = %inner.name, %peer, error = %e, "TLS handshake failed");
+                        }
+                        Err(_) => {
+                            tracing::debug!(lb = %inner.name, %peer, "TLS handshake timed out");
+                        }
+                    }
+                });
+            }
+            Protocol::Udp => {}
+        }
+    }
+}
