@@ -13,11 +13,6 @@ use nimbus_client::{Client, ClientError};
 
 use crate::cli::{Cli, Command};
 
-/// mimalloc instead of glibc malloc: the server allocates per request on many threads, where
-/// glibc's arenas cost measurably more CPU per write (see docs/benchmarks.md).
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn client(cli: &Cli) -> Result<Client> {
     let url = cli
         .url
