@@ -121,7 +121,9 @@ async fn logs(
         return err(ApiError::not_found("instance", &id));
     };
     let path = driver.log_path(&id);
-    let data = tokio::fs::read(&path).await.unwrap_or_default();
+    // The older generation (`<log>.1`) first; following continues in the current file.
+    let current_len = tokio::fs::metadata(&path).await.map_or(0, |m| m.len());
+    let data = crate::logs::read_all(&path).await;
     let start = q.tail.map_or(0, |n| tail_offset(&data, n));
     let initial = data[start..].to_vec();
     if !q.follow {
@@ -134,7 +136,7 @@ async fn logs(
         )
             .into_response();
     }
-    let offset = data.len() as u64;
+    let offset = current_len;
     let stream = futures::stream::unfold(
         (Some(initial), offset, agent, id, path),
         |(first, mut offset, agent, id, path)| async move {

@@ -5,6 +5,7 @@ pub mod config;
 pub mod driver;
 pub mod http;
 pub mod local;
+pub mod logs;
 pub mod runtime;
 pub mod server_link;
 

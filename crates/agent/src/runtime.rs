@@ -270,6 +270,7 @@ impl Agent {
             .collect();
         let futs = assignments.iter().map(|a| self.converge(a));
         let reports: Vec<Option<InstanceReport>> = futures::future::join_all(futs).await;
+        self.rotate_logs(&assignments).await;
         // Instances held locally but no longer assigned here: remove them.
         let assigned: std::collections::HashSet<&str> =
             assignments.iter().map(|a| a.id.as_str()).collect();
@@ -318,6 +319,30 @@ impl Agent {
                 }
             }
             Err(e) => tracing::warn!("status report failed: {e}"),
+        }
+    }
+
+    /// Rotates the console logs that outgrew [`crate::logs::MAX_LOG_BYTES`].
+    async fn rotate_logs(&self, assignments: &[Assignment]) {
+        for a in assignments {
+            let Some(d) = self.drivers.get(&a.spec.instance_type) else {
+                continue;
+            };
+            let log = d.log_path(&a.id);
+            if !crate::logs::needs_rotation(&log, crate::logs::MAX_LOG_BYTES) {
+                continue;
+            }
+            let name = a.name.clone();
+            let res = tokio::task::spawn_blocking(move || {
+                crate::logs::rotate(&log, crate::logs::MAX_LOG_BYTES)
+            })
+            .await;
+            match res {
+                Ok(Ok(true)) => tracing::info!(instance = %name, "console log rotated"),
+                Ok(Ok(false)) => {}
+                Ok(Err(e)) => tracing::warn!(instance = %name, "rotating the console log: {e}"),
+                Err(e) => tracing::warn!(instance = %name, "rotating the console log: {e}"),
+            }
         }
     }
 

@@ -141,6 +141,56 @@ async fn container_lifecycle_end_to_end() {
     let cli_logs = ok(&cloud, &["logs", "talker", "--tail", "1"]);
     assert_eq!(cli_logs.lines().count(), 1, "{cli_logs}");
 
+    // The seccomp filter is on: user namespaces (and the other denied calls) fail with EPERM.
+    let o = run(
+        &cloud,
+        &[
+            "exec",
+            "talker",
+            "--",
+            "sh",
+            "-c",
+            "grep Seccomp: /proc/self/status; unshare -U true; echo rc=$?",
+        ],
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("Seccomp:\t2"), "no seccomp filter: {out}");
+    assert!(out.contains("rc=1"), "unshare must be denied: {out}");
+
+    // A console log over 16 MiB is rotated: one older generation is kept, writing goes on in
+    // the truncated file, and `logs` shows both.
+    ok(
+        &cloud,
+        &[
+            "launch",
+            "busybox",
+            "chatty",
+            "--",
+            "sh",
+            "-c",
+            "head -c 17000000 /dev/zero | tr '\\0' x; echo; echo first-after; sleep 2; echo second-after; sleep 3600",
+        ],
+    );
+    let chatty = c.get_instance("chatty").await.unwrap().meta.id;
+    let log = cloud
+        .data_dir
+        .join(format!("agent/containers/{chatty}/console.log"));
+    let rotated = eventually(Duration::from_secs(30), || async {
+        let old = std::fs::metadata(log.with_extension("log.1")).ok()?;
+        let cur = std::fs::read_to_string(&log).ok()?;
+        (old.len() > 16 << 20 && cur.contains("second-after")).then_some(cur)
+    })
+    .await
+    .expect("console.log.1 over 16 MiB and console.log with the later output");
+    assert!(
+        rotated.len() < 1 << 20,
+        "current log after rotation: {} bytes",
+        rotated.len()
+    );
+    let tail = ok(&cloud, &["logs", "chatty", "--tail", "2"]);
+    assert!(tail.ends_with("second-after\n"), "{tail}");
+    ok(&cloud, &["delete", "chatty"]);
+
     // stop / start keep the rootfs.
     let out = ok(&cloud, &["stop", "web"]);
     assert!(out.contains("stopped"), "{out}");
