@@ -263,6 +263,18 @@ pub struct AgentArgs {
     /// Log as JSON.
     #[arg(long)]
     pub log_json: bool,
+    /// Only when several agents run on one machine (tests): keeps this agent's containers
+    /// (cgroups, runc state, network namespace names) apart from the others'.
+    #[arg(long, value_parser = parse_scope)]
+    pub runtime_scope: Option<String>,
+}
+
+fn parse_scope(s: &str) -> Result<String, String> {
+    if !s.is_empty() && s.len() <= 32 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        Ok(s.to_owned())
+    } else {
+        Err("use 1 to 32 letters, digits or '-'".into())
+    }
 }
 
 /// `nimbus launch`.

@@ -67,6 +67,7 @@ fn hostname() -> String {
 /// accelerator probe runs after registration; see [`probe_vms`]).
 fn drivers(
     agent_dir: &Path,
+    scope: Option<&str>,
 ) -> (
     Vec<Arc<dyn Driver>>,
     NodeCapabilities,
@@ -74,7 +75,13 @@ fn drivers(
 ) {
     let mut drivers: Vec<Arc<dyn Driver>> = Vec::new();
     let mut caps = NodeCapabilities::default();
-    match ContainerConfig::new(agent_dir.join("containers")).and_then(ContainerDriver::new) {
+    let containers = ContainerConfig::new(agent_dir.join("containers"))
+        .map(|c| match scope {
+            Some(s) => c.scoped(s),
+            None => c,
+        })
+        .and_then(ContainerDriver::new);
+    match containers {
         Ok(d) => {
             drivers.push(Arc::new(d));
             caps.containers = true;
@@ -161,7 +168,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
     .with_context(|| format!("starting the control plane in {}", data_dir.display()))?;
     let url = format!("http://{}", server.local_addr);
     let agent_dir = data_dir.join("agent");
-    let (drivers, caps, vm) = drivers(&agent_dir);
+    let (drivers, caps, vm) = drivers(&agent_dir, None);
     let agent = Agent::start(
         AgentConfig {
             name: args.node_name.unwrap_or_else(hostname),
@@ -284,7 +291,7 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
             .ok_or_else(|| anyhow::anyhow!("invalid --label {kv:?}: use KEY=VALUE"))?;
         labels.insert(k.to_string(), v.to_string());
     }
-    let (drivers, caps, vm) = drivers(&args.data_dir);
+    let (drivers, caps, vm) = drivers(&args.data_dir, args.runtime_scope.as_deref());
     let agent = Agent::start(
         AgentConfig {
             name: args.name.unwrap_or_else(hostname),

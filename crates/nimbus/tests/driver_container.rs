@@ -98,6 +98,8 @@ impl Env {
             runc,
             shim: vec![env!("CARGO_BIN_EXE_nimbus").into(), "shim".into()],
             cgroup_parent: CGROUP_PARENT.into(),
+            runc_root: nimbus_agent::driver::container::DEFAULT_RUNC_ROOT.into(),
+            net_scope: None,
         };
         Some(Self {
             tmp: Some(tmp),
@@ -121,6 +123,8 @@ impl Env {
                 runc: find_in_path("runc").unwrap(),
                 shim: vec![env!("CARGO_BIN_EXE_nimbus").into(), "shim".into()],
                 cgroup_parent: CGROUP_PARENT.into(),
+                runc_root: nimbus_agent::driver::container::DEFAULT_RUNC_ROOT.into(),
+                net_scope: None,
             },
             state_dir,
             layer: PathBuf::from(parts[1]),

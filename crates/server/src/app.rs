@@ -51,6 +51,10 @@ pub struct AppState {
     pub forwarder: crate::forward::Forwarder,
     /// Cluster identity and membership settings of this server.
     pub cluster: Arc<crate::cluster::ClusterState>,
+    /// HTTP client for image blob downloads from peer servers.
+    pub blob_http: reqwest::Client,
+    /// Blob downloads from peers in progress (one per digest).
+    pub blob_fetches: Arc<crate::blobs::BlobFetches>,
 }
 
 pub use crate::proposer::now;

@@ -113,6 +113,9 @@ pub struct AddServerRequest {
     pub url: String,
 }
 
+/// How long a membership request waits for a leader to be elected before it is refused.
+pub const LEADER_WAIT: Duration = Duration::from_secs(10);
+
 /// Cluster identity held by a server.
 #[derive(Debug)]
 pub struct ClusterState {
@@ -324,6 +327,14 @@ async fn proxy_to_leader(
 ) -> Option<Response> {
     if app.raft.is_leader() {
         return None;
+    }
+    // Right after a cluster is initialized (or while it elects a new leader) there is briefly
+    // no leader: wait for one instead of refusing at once.
+    if app.raft.leader().is_none() {
+        let _ = app.raft.wait_for_leader(LEADER_WAIT).await;
+        if app.raft.is_leader() {
+            return None;
+        }
     }
     let Some(url) = app.raft.leader().and_then(|l| app.raft.node_url(l)) else {
         return Some(
@@ -567,8 +578,45 @@ pub async fn check_peers(app: &AppState, peers: &[String]) -> Result<(), StartEr
     Ok(())
 }
 
-/// Waits until `expect` servers see each other, then the lowest id initializes the cluster.
+/// Waits until `expect` servers see each other, then the lowest id initializes the cluster
+/// with all of them as voters; then reports the cluster ready once this server sees a leader
+/// and `expect` voters (`nimbus server: cluster ready: ...`).
 pub async fn bootstrap_expect(app: AppState, expect: usize, peers: Vec<String>) {
+    form_cluster(&app, expect, &peers).await;
+    report_ready(&app, expect).await;
+}
+
+/// Waits until this server knows a leader and at least `expect` voters, printing what it
+/// still waits for every 5 s, then prints that the cluster is ready.
+async fn report_ready(app: &AppState, expect: usize) {
+    let since = tokio::time::Instant::now();
+    let mut last_msg = since;
+    loop {
+        let voters = app.raft.voter_ids().len();
+        if let Some(leader) = app.raft.leader() {
+            if voters >= expect {
+                let msg = format!(
+                    "nimbus server: cluster ready: {voters} voters, leader {leader} (after {:.1} s)",
+                    since.elapsed().as_secs_f64()
+                );
+                eprintln!("{msg}");
+                tracing::info!("{msg}");
+                return;
+            }
+        }
+        if last_msg.elapsed() >= Duration::from_secs(5) {
+            let leader = app
+                .raft
+                .leader()
+                .map_or_else(|| "no leader yet".to_owned(), |l| format!("leader {l}"));
+            eprintln!("cluster initialized, waiting for {expect} voters (have {voters}, {leader})");
+            last_msg = tokio::time::Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn form_cluster(app: &AppState, expect: usize, peers: &[String]) {
     let raft: &RaftNode = &app.raft;
     let me = (raft.node_id(), raft.advertise_url().to_owned());
     let mut last_msg = tokio::time::Instant::now() - Duration::from_secs(60);
@@ -579,8 +627,14 @@ pub async fn bootstrap_expect(app: AppState, expect: usize, peers: Vec<String>) 
         let mut found = vec![me.clone()];
         let mut problems = Vec::new();
         let mut initialized_peer = None;
-        for p in &peers {
+        let mut named_in_membership = false;
+        for p in peers {
             match fetch_info(&app.http, p, &app.node_token).await {
+                Ok(info) if info.initialized && info.members.iter().any(|m| m.id == me.0) => {
+                    // The cluster was initialized with this server as a voter: the membership
+                    // arrives through replication; joining would only race it.
+                    named_in_membership = true;
+                }
                 Ok(info) if info.initialized && info.cluster_id.is_some() => {
                     initialized_peer = Some(p.clone());
                 }
@@ -589,8 +643,10 @@ pub async fn bootstrap_expect(app: AppState, expect: usize, peers: Vec<String>) 
                 Err(e) => problems.push(e),
             }
         }
-        if let Some(p) = initialized_peer {
-            match join_via(&app, &p).await {
+        if named_in_membership {
+            // Wait for the leader's first append (the loop ends once it has arrived).
+        } else if let Some(p) = initialized_peer {
+            match join_via(app, &p).await {
                 Ok(()) => return,
                 Err(e) => tracing::warn!("joining the existing cluster via {p}: {e}"),
             }

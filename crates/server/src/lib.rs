@@ -3,6 +3,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod blobs;
 pub mod cluster;
 pub mod controllers;
 pub mod error;
@@ -180,6 +181,8 @@ impl Server {
             http: reqwest::Client::builder()
                 .build()
                 .map_err(|e| StartError::NotReady(e.to_string()))?,
+            blob_http: blobs::http_client(),
+            blob_fetches: Arc::default(),
         };
         let router = routes::router(app.clone())
             .merge(cluster::router(app.clone()))
@@ -241,6 +244,7 @@ impl Server {
         }
         tokio::spawn(cluster::adopt_cluster_id(app.clone()));
         tokio::spawn(member_defaults(app.clone()));
+        tokio::spawn(blobs::sync_loop(app.clone()));
         Ok(())
     }
 

@@ -122,3 +122,35 @@ async fn entry_of_an_unknown_command_is_refused_clearly_and_the_node_lives() {
     assert_eq!(res, Ok(CommandOutput::None));
     node.shutdown().await;
 }
+
+/// A server that joins behind a long log of large (group-committed) entries catches up:
+/// openraft cancels an append-entries RPC after the heartbeat interval (200 ms), so the
+/// transport sends a byte-bounded prefix of a large batch and reports partial success instead
+/// of resending one oversized request until it times out forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_catches_up_on_a_log_of_large_entries() {
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let (n1, _) = serve(dirs[0].path(), 1).await;
+    let (n2, u2) = serve(dirs[1].path(), 2).await;
+    n1.bootstrap_single().await.unwrap();
+    // 300 entries of 400 commands each: about 20 MB of log, far more than one append can
+    // carry within 200 ms.
+    for _ in 0..300 {
+        let batch = CommandEnvelope {
+            command: Command::Batch {
+                commands: (0..400).map(|_| noop()).collect(),
+            },
+            ..noop()
+        };
+        n1.write(batch).await.unwrap().unwrap();
+    }
+    let joined = tokio::time::timeout(Duration::from_secs(60), n1.add_server(2, &u2)).await;
+    assert!(
+        matches!(joined, Ok(Ok(()))),
+        "the new server did not catch up: {joined:?}"
+    );
+    let idx = n1.read_index().await.unwrap();
+    n2.wait_applied(idx, Duration::from_secs(10)).await.unwrap();
+    n1.shutdown().await;
+    n2.shutdown().await;
+}

@@ -276,3 +276,80 @@ pub async fn final_keys(servers: &[Client], prefix: &str) -> Option<BTreeSet<Str
     }
     None
 }
+
+/// A workload running against some servers of a [`crate::netns::Net`] while faults are
+/// injected; [`Workload::finish`] stops it and checks the history.
+pub struct Workload {
+    prefix: String,
+    servers: Vec<usize>,
+    history: Arc<History>,
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Workload {
+    /// Starts two writers and a reader through the servers on hosts `servers` of `net`,
+    /// writing keys `<prefix>-...`.
+    pub fn start(net: &crate::netns::Net, servers: &[usize], prefix: &str) -> Self {
+        let history = History::new();
+        let stop = Arc::new(AtomicBool::new(false));
+        let clients = servers.iter().map(|&i| net.client(i)).collect();
+        let task = tokio::spawn(run_workload(
+            clients,
+            history.clone(),
+            prefix.to_owned(),
+            2,
+            stop.clone(),
+        ));
+        Self {
+            prefix: prefix.to_owned(),
+            servers: servers.to_vec(),
+            history,
+            stop,
+            task,
+        }
+    }
+
+    /// Stops the workload, waits until the servers form a whole cluster again (a leader and
+    /// all of them voters), checks that every server holds exactly the same keys and that the
+    /// history is linearizable. Panics with the violations and the server logs otherwise.
+    pub async fn finish(self, net: &crate::netns::Net) -> Summary {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.task.await;
+        if let Err(e) = net
+            .wait_cluster(&self.servers, self.servers.len(), Duration::from_secs(60))
+            .await
+        {
+            panic!("cluster not whole again: {e}");
+        }
+        let clients: Vec<Client> = self.servers.iter().map(|&i| net.client(i)).collect();
+        let keys = final_keys(&clients, &self.prefix)
+            .await
+            .unwrap_or_else(|| panic!("no server answers a final read\n{}", net.logs_tail(20)));
+        // Every server must hold every acknowledged write (each read is linearizable).
+        for c in &clients {
+            let per_server = final_keys(std::slice::from_ref(c), &self.prefix)
+                .await
+                .unwrap_or_else(|| {
+                    panic!(
+                        "{} answers no final read\n{}",
+                        c.base_url(),
+                        net.logs_tail(30)
+                    )
+                });
+            assert_eq!(per_server, keys, "{} disagrees", c.base_url());
+        }
+        match self.history.check(&keys) {
+            Ok(s) => {
+                eprintln!("history ok: {s:?}");
+                assert!(s.acked > 0, "no write was acknowledged");
+                s
+            }
+            Err(errors) => panic!(
+                "history check failed:\n{}\n{}",
+                errors.join("\n"),
+                net.logs_tail(20)
+            ),
+        }
+    }
+}

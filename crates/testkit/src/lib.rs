@@ -122,6 +122,7 @@ pub struct Cloud {
     slot: Slot,
     _tmp: Option<tempfile::TempDir>,
     bin: PathBuf,
+    env: Vec<(String, String)>,
 }
 
 fn free_port() -> u16 {
@@ -133,6 +134,12 @@ fn free_port() -> u16 {
 impl Cloud {
     /// Starts `nimbus up` with the given binary in a new temporary data directory.
     pub fn start(bin: &Path) -> Result<Self, KitError> {
+        Self::start_with_env(bin, &[])
+    }
+
+    /// Like [`Cloud::start`], with extra environment variables for the `nimbus up` process
+    /// (also when it is restarted).
+    pub fn start_with_env(bin: &Path, env: &[(&str, &str)]) -> Result<Self, KitError> {
         let tmp = tempfile::Builder::new().prefix("nimbus-test-").tempdir()?;
         let slot = take_slot();
         let mut c = Self {
@@ -147,6 +154,10 @@ impl Cloud {
             slot,
             _tmp: Some(tmp),
             bin: bin.to_path_buf(),
+            env: env
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
         };
         c.spawn()?;
         Ok(c)
@@ -175,6 +186,7 @@ impl Cloud {
             ])
             .args(["--node-name", "node1"])
             .env("NIMBUS_LOG", "info,openraft=warn")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()?;
@@ -206,11 +218,17 @@ impl Cloud {
         let url = self.url.clone();
         let token_file = self.data_dir.join("node.token");
         let bin = self.bin.clone();
+        let slot = self.slot();
         let a = self
             .agents
             .iter_mut()
             .find(|a| a.name == name)
             .ok_or_else(|| KitError::NotReady(format!("no agent {name}")))?;
+        let scope: String = format!("c{slot}-{name}")
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .take(32)
+            .collect();
         let log_path = a.data_dir.with_extension("log");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -222,6 +240,8 @@ impl Cloud {
             .args(["--name", name, "--data-dir"])
             .arg(&a.data_dir)
             .args(["--listen", "127.0.0.1:0"])
+            // It shares this machine with the cloud's own agent: keep their containers apart.
+            .args(["--runtime-scope", &scope])
             .env("NIMBUS_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(log)

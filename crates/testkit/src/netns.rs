@@ -10,8 +10,9 @@
 //! reaches every host through the bridge. Everything is removed on drop (also on panic), and
 //! leftovers of a crashed run in the same slot are removed before use.
 //!
-//! Needs root and iproute2 (`ip`, `tc`) and `nft`; shelling out to them is fine in a test
-//! harness (the product uses netlink).
+//! Needs root, iproute2 (`ip`, `tc`), `nft` and util-linux's `nsenter` (processes enter only
+//! the host's network namespace, so runc still sees the cgroup mounts); shelling out to them
+//! is fine in a test harness (the product uses netlink).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -47,9 +48,13 @@ fn run_quiet(args: &[&str]) {
         .status();
 }
 
-/// Whether this process can build the harness (root, `ip`, `tc`, `nft`).
+/// Whether this process can build the harness (root, `ip`, `tc`, `nft`, `nsenter`).
 pub fn available() -> bool {
-    nix::unistd::geteuid().is_root() && crate::have("ip") && crate::have("tc") && crate::have("nft")
+    nix::unistd::geteuid().is_root()
+        && crate::have("ip")
+        && crate::have("tc")
+        && crate::have("nft")
+        && crate::have("nsenter")
 }
 
 struct SlotLock {
@@ -109,11 +114,16 @@ impl Host {
             .append(true)
             .open(log)?;
         let log2 = log.try_clone()?;
-        Ok(Command::new("ip")
-            .args(["netns", "exec", &self.ns])
+        // `nsenter --net` (not `ip netns exec`): only the network namespace changes. `ip netns
+        // exec` also remounts /sys, which hides the cgroup hierarchy runc needs.
+        Ok(Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.ns))
             .arg(bin)
             .args(args)
-            .env("NIMBUS_LOG", "info,openraft=warn")
+            .env(
+                "NIMBUS_LOG",
+                std::env::var("NIMBUS_TEST_LOG").unwrap_or_else(|_| "info,openraft=warn".into()),
+            )
             .env_remove("NIMBUS_DATA_DIR")
             .stdin(Stdio::null())
             .stdout(log)
@@ -258,6 +268,20 @@ impl Net {
         Ok(())
     }
 
+    /// Starts `nimbus server --bootstrap-expect N --peers <theirs>` on the N hosts `hosts`
+    /// only (the others can run agents), with `extra` arguments.
+    pub fn start_servers_on(&mut self, hosts: &[usize], extra: &[&str]) -> Result<(), KitError> {
+        let peers: Vec<String> = hosts.iter().map(|&i| self.hosts[i].url()).collect();
+        let peers = peers.join(",");
+        let n = hosts.len().to_string();
+        for &i in hosts {
+            let mut args = vec!["--bootstrap-expect", n.as_str(), "--peers", peers.as_str()];
+            args.extend_from_slice(extra);
+            self.start_servers_with(i, &args)?;
+        }
+        Ok(())
+    }
+
     /// Starts `nimbus server` on host `i` with its data dir, address, the shared tokens, and
     /// `extra` arguments (e.g. `--join URL`); restarts reuse them.
     pub fn start_servers_with(&mut self, i: usize, extra: &[&str]) -> Result<(), KitError> {
@@ -290,11 +314,23 @@ impl Net {
 
     /// Starts `nimbus agent` named `name` on host `i`, knowing every server.
     pub fn start_agent(&mut self, i: usize, name: &str, extra: &[&str]) -> Result<(), KitError> {
+        let servers = self.urls();
+        self.start_agent_with(i, name, &servers, extra)
+    }
+
+    /// Starts `nimbus agent` named `name` on host `i`, knowing only `servers`.
+    pub fn start_agent_with(
+        &mut self,
+        i: usize,
+        name: &str,
+        servers: &[String],
+        extra: &[&str],
+    ) -> Result<(), KitError> {
         let h = &self.hosts[i];
         let mut args: Vec<String> = vec!["agent".into()];
-        for u in self.urls() {
+        for u in servers {
             args.push("--server".into());
-            args.push(u);
+            args.push(u.clone());
         }
         args.extend([
             "--token-file".into(),
@@ -305,6 +341,9 @@ impl Net {
             h.data_dir.with_extension("agent").display().to_string(),
             "--listen".into(),
             format!("{}:{AGENT_PORT}", h.addr),
+            // Agents of the hosts share this machine's cgroups, runc state and /run/netns.
+            "--runtime-scope".into(),
+            format!("nha{}-{i}", self.slot.index),
         ]);
         args.extend(extra.iter().map(|s| (*s).to_owned()));
         let child = h.spawn(&args, &self.bin, &h.agent_log())?;

@@ -132,14 +132,41 @@ pub async fn delete(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Download a blob (agents on other machines pull layers this way).
-#[utoipa::path(get, path = "/v1/images/blobs/{digest}", params(("digest" = String, Path)), responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>)))]
-pub async fn blob(State(app): State<AppState>, Path(digest): Path<String>) -> HttpResult<Response> {
+/// Blob download options.
+#[derive(Debug, Default, Deserialize)]
+pub struct BlobOpts {
+    /// Serve only what this server holds: do not fetch a missing blob from the other servers
+    /// (what servers use among themselves).
+    #[serde(default)]
+    pub local: bool,
+}
+
+/// Download a blob (agents pull layers this way). A server of a cluster that does not hold
+/// the blob fetches it from the other servers first (digest verified), unless `local=true`.
+#[utoipa::path(get, path = "/v1/images/blobs/{digest}", params(("digest" = String, Path), ("local" = Option<bool>, Query)), responses((status = 200, content_type = "application/octet-stream", body = Vec<u8>)))]
+pub async fn blob(
+    State(app): State<AppState>,
+    Path(digest): Path<String>,
+    Query(o): Query<BlobOpts>,
+) -> HttpResult<Response> {
     let valid = digest
         .strip_prefix("sha256:")
         .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()));
-    if !valid || !app.images.has_blob(&digest) {
+    if !valid {
         return Err(ApiError::not_found("blob", &digest).into());
+    }
+    if !app.images.has_blob(&digest) {
+        if o.local || app.raft.members().len() <= 1 {
+            return Err(ApiError::not_found("blob", &digest).into());
+        }
+        if let Err(e) = crate::blobs::ensure_local(&app, &digest).await {
+            tracing::warn!(digest, "blob not held by any server: {e}");
+            return Err(ApiError::new(
+                ErrorCode::NotFound,
+                format!("blob {digest} is not held by this server nor by the other servers ({e})"),
+            )
+            .into());
+        }
     }
     let file = tokio::fs::File::open(app.images.blob_path(&digest))
         .await

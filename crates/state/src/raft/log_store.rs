@@ -103,6 +103,62 @@ impl LogStore {
         Ok(out.into_values().collect())
     }
 
+    /// Like `read_range(start..end)`, but stops once the entries read add up to about
+    /// `budget` bytes of JSON (always at least one entry if the range holds any). Returns a
+    /// contiguous prefix of the range.
+    fn read_range_limited(
+        &self,
+        start: u64,
+        end: u64,
+        budget: usize,
+    ) -> Result<Vec<Entry>, DbError> {
+        let pending: Vec<Entry> = log_writer::lock(&self.pending)
+            .range(start..end)
+            .map(|(_, e)| e.clone())
+            .collect();
+        let tx = self.db.begin_read()?;
+        let t = tx.open_table(LOGS)?;
+        let mut out = BTreeMap::new();
+        let mut used = 0usize;
+        let mut full = false;
+        for row in t.range::<u64>(start..end)? {
+            let (k, v) = row?;
+            let size = v.value().len();
+            if !out.is_empty() && used + size > budget {
+                full = true;
+                break;
+            }
+            used += size;
+            let e: Entry = serde_json::from_slice(v.value()).map_err(|source| DbError::Decode {
+                key: format!("log {}", k.value()),
+                source,
+            })?;
+            out.insert(k.value(), e);
+        }
+        let last_read = out.last_key_value().map(|(k, _)| *k);
+        for e in pending {
+            let i = e.log_id.index;
+            if full {
+                // Only entries also read from the database (being flushed right now).
+                if last_read.is_some_and(|l| i <= l) {
+                    out.insert(i, e);
+                }
+                continue;
+            }
+            if let Some(slot) = out.get_mut(&i) {
+                *slot = e;
+                continue;
+            }
+            let size = serde_json::to_vec(&e).map_or(0, |v| v.len());
+            if !out.is_empty() && used + size > budget {
+                break;
+            }
+            used += size;
+            out.insert(i, e);
+        }
+        Ok(out.into_values().collect())
+    }
+
     fn last_log_id(&self) -> Result<Option<LogId>, DbError> {
         let pending = log_writer::lock(&self.pending)
             .last_key_value()
@@ -137,7 +193,27 @@ impl RaftLogReader<TypeConfig> for LogStore {
         self.read_range(range.start_bound().cloned(), range.end_bound().cloned())
             .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, &e))
     }
+
+    /// What replication sends in one append-entries request: at most about
+    /// [`MAX_APPEND_BYTES`] of entries. openraft 0.9 cancels an append-entries RPC after the
+    /// heartbeat interval (200 ms) and would otherwise read and send up to
+    /// `max_payload_entries` (300) entries at once; with group commit one entry can hold
+    /// hundreds of commands, so a lagging follower would be sent megabytes it cannot take in
+    /// within 200 ms, time out, be sent the same request again and never catch up (and a new
+    /// leader that needs it for a quorum could not commit anything).
+    async fn limited_get_log_entries(
+        &mut self,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<Entry>, StorageError> {
+        self.read_range_limited(start, end, MAX_APPEND_BYTES)
+            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, &e))
+    }
 }
+
+/// Largest JSON size of the entries replication reads for one append-entries request (at
+/// least one entry is always sent). See `limited_get_log_entries`.
+pub const MAX_APPEND_BYTES: usize = 256 * 1024;
 
 impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = Self;

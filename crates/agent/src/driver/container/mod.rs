@@ -54,6 +54,13 @@ pub struct ContainerConfig {
     pub shim: Vec<String>,
     /// Parent cgroup of all containers (`/<cgroup_parent>/<id>`), e.g. `nimbus`.
     pub cgroup_parent: String,
+    /// runc's state root (default [`DEFAULT_RUNC_ROOT`]).
+    pub runc_root: PathBuf,
+    /// Keeps the machine-wide names of this driver's containers (network namespace name,
+    /// veth names) apart from another driver's on the same machine: `None` (one agent per
+    /// machine) names them after the instance id; `Some(scope)` after a hash of scope and id.
+    /// See [`ContainerConfig::scoped`].
+    pub net_scope: Option<String>,
 }
 
 impl ContainerConfig {
@@ -68,7 +75,34 @@ impl ContainerConfig {
             runc,
             shim: vec![exe.display().to_string(), "shim".into()],
             cgroup_parent: "nimbus".into(),
+            runc_root: PathBuf::from(DEFAULT_RUNC_ROOT),
+            net_scope: None,
         })
+    }
+
+    /// This configuration for one of several agents on the same machine (tests, hollow
+    /// clusters): containers get the cgroup parent `nimbus-<scope>`, the runc root
+    /// `/run/nimbus/<scope>/runc` and scoped network namespace names, so two agents holding
+    /// the same instance id (an instance that moved between them) never touch each other's
+    /// container. `scope` must be a short name (letters, digits, `-`).
+    #[must_use]
+    pub fn scoped(mut self, scope: &str) -> Self {
+        self.cgroup_parent = format!("nimbus-{scope}");
+        self.runc_root = PathBuf::from("/run/nimbus").join(scope).join("runc");
+        self.net_scope = Some(scope.to_owned());
+        self
+    }
+
+    /// The key naming instance `id`'s machine-wide network objects (see `net_scope`).
+    pub fn net_key(&self, id: &str) -> String {
+        match &self.net_scope {
+            None => id.to_owned(),
+            Some(scope) => {
+                use sha2::Digest as _;
+                let h = sha2::Sha256::digest(format!("{scope}/{id}").as_bytes());
+                hex::encode(&h[..16])
+            }
+        }
     }
 }
 
@@ -163,7 +197,7 @@ impl ContainerDriver {
         }
         let runc = Runc {
             bin: cfg.runc.clone(),
-            root: PathBuf::from(DEFAULT_RUNC_ROOT),
+            root: cfg.runc_root.clone(),
         };
         Ok(Self {
             cfg,
@@ -237,7 +271,7 @@ impl ContainerDriver {
         // that PID is alive inside this container's cgroup (so a reused PID cannot fool it).
         if !bundle.exit_json().exists() {
             if let Some(pid) = read_pid(&bundle.started()) {
-                if init_alive_in_cgroup(pid, id) {
+                if init_alive_in_cgroup(pid, &self.cfg.cgroup_parent, id) {
                     return Ok(RuntimeState::Running { pid });
                 }
             }
@@ -280,7 +314,7 @@ impl ContainerDriver {
         let bundle = self.bundle(id);
         rootfs::mount_overlay(&bundle, &meta.layer_dirs)?;
         let nl = nimbus_net::Netlink::connect().await.map_err(net_err)?;
-        nimbus_net::create_container_netns(&nl, id, &meta.network)
+        nimbus_net::create_container_netns(&nl, &self.cfg.net_key(id), &meta.network)
             .await
             .map_err(net_err)
     }
@@ -389,7 +423,7 @@ impl ContainerDriver {
             self.runc.delete_force(id).await?;
             self.wait_shim_gone(id, Duration::from_secs(5)).await;
             self.ensure_resources(id, &meta).await?;
-        } else if !nimbus_net::netns_path(id).exists() {
+        } else if !nimbus_net::netns_path(&self.cfg.net_key(id)).exists() {
             // Created before a reboot: the namespace (on tmpfs) and the mounts are gone.
             self.ensure_resources(id, &meta).await?;
         } else {
@@ -556,7 +590,7 @@ impl ContainerDriver {
             rootfs::unmount_all_under(&bundle.dir)?;
         }
         let nl = nimbus_net::Netlink::connect().await.map_err(net_err)?;
-        nimbus_net::delete_container_netns(&nl, id)
+        nimbus_net::delete_container_netns(&nl, &self.cfg.net_key(id))
             .await
             .map_err(net_err)?;
         cgroup::remove(&self.cfg.cgroup_parent, id)?;
@@ -665,8 +699,9 @@ impl Driver for ContainerDriver {
     }
 }
 
-/// Whether `pid` is a live (non-zombie) process whose cgroup path names container `id`.
-fn init_alive_in_cgroup(pid: u32, id: &str) -> bool {
+/// Whether `pid` is a live (non-zombie) process in container `id`'s cgroup
+/// (`/<parent>/<id>`).
+fn init_alive_in_cgroup(pid: u32, parent: &str, id: &str) -> bool {
     let alive = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
         .and_then(|s| {
@@ -676,5 +711,5 @@ fn init_alive_in_cgroup(pid: u32, id: &str) -> bool {
         .unwrap_or(false);
     alive
         && std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
-            .is_ok_and(|c| c.lines().any(|l| l.ends_with(&format!("/{id}"))))
+            .is_ok_and(|c| c.lines().any(|l| l.ends_with(&format!("/{parent}/{id}"))))
 }
