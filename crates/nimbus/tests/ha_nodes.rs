@@ -30,7 +30,7 @@ fn deps() -> bool {
 
 const SERVERS: [usize; 3] = [0, 1, 2];
 
-/// Three servers on hosts 0..2 (heartbeat grace 4 s, a per-slot bridge and node pool).
+/// Three servers on hosts 0..2 (heartbeat grace 6 s, a per-slot bridge and node pool).
 async fn servers(hosts: usize) -> Net {
     let mut net = Net::new(bin(), hosts).expect("netns hosts");
     let s = net.slot();
@@ -39,7 +39,7 @@ async fn servers(hosts: usize) -> Net {
         &SERVERS,
         &[
             "--heartbeat-grace",
-            "4",
+            "6",
             "--bridge",
             &format!("nhn{s}"),
             "--node-pool",
@@ -134,6 +134,16 @@ async fn status_of(c: &Client, names: &[&str]) -> Vec<String> {
     out
 }
 
+async fn node_events(c: &Client) -> Vec<String> {
+    c.events(None, 0)
+        .await
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|e| e.kind == "node")
+        .map(|e| format!("{} {} {} {}", e.time, e.name, e.reason, e.message))
+        .collect()
+}
+
 async fn node_state(c: &Client, name: &str) -> Option<NodeState> {
     c.list_nodes()
         .await
@@ -197,7 +207,12 @@ async fn ha_compute_node_kill9_and_partition_never_run_an_instance_twice() {
         (node_state(&c, "nb").await == Some(NodeState::Ready)).then_some(())
     })
     .await;
-    assert!(back.is_some(), "nb is ready again");
+    assert!(
+        back.is_some(),
+        "nb is ready again: {:?}\n{}",
+        node_state(&c, "nb").await,
+        net.agent_log(4)
+    );
     let events = c.events(None, 0).await.expect("events");
     assert!(
         names.iter().all(|n| events
@@ -227,7 +242,14 @@ async fn ha_compute_node_kill9_and_partition_never_run_an_instance_twice() {
         (node_state(&c, "na").await == Some(NodeState::Ready)).then_some(())
     })
     .await;
-    assert!(back.is_some(), "na is ready again");
+    assert!(
+        back.is_some(),
+        "na is ready again: {:?}\nnode events: {:?}\n{}\n{}",
+        node_state(&c, "na").await,
+        node_events(&c).await,
+        net.agent_log(3),
+        net.logs_tail(15)
+    );
     // A while after healing nothing flips back: the same placements, the same live processes.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let now = all_running_on(&net, &c, &names, "nb", Duration::from_secs(5)).await;
