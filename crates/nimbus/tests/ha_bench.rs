@@ -138,6 +138,8 @@ fn start_agent(net: &Net, name: &str, dir: &Path) -> Proc {
         .args(["--name", name, "--data-dir"])
         .arg(dir)
         .args(["--listen", "127.0.0.1:0"])
+        // Two agents on this machine: keep their containers (same instance ids) apart.
+        .args(["--runtime-scope", &format!("hab-{name}")])
         .env("NIMBUS_LOG", "info")
         .stdout(Stdio::piped())
         .stderr(log)
