@@ -50,6 +50,18 @@ async fn auth(State(agent): State<Arc<Agent>>, req: Request, next: Next) -> Resp
     }
 }
 
+/// Prometheus exposition of the node's load-balancer data plane.
+async fn metrics(State(agent): State<Arc<Agent>>) -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        agent.lbs.metrics().encode(),
+    )
+        .into_response()
+}
+
 /// The router.
 pub fn router(agent: Arc<Agent>) -> Router {
     Router::new()
@@ -58,6 +70,7 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .route("/agent/v1/instances/{id}/console", get(console))
         .layer(axum::middleware::from_fn_with_state(agent.clone(), auth))
         .route("/agent/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
         .with_state(agent)
 }
 

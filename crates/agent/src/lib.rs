@@ -4,6 +4,7 @@
 pub mod config;
 pub mod driver;
 pub mod http;
+pub mod lb_host;
 pub mod local;
 pub mod logs;
 pub mod runtime;

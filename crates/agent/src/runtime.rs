@@ -56,6 +56,8 @@ pub struct Agent {
     capabilities: Mutex<NodeCapabilities>,
     /// The registration as last sent (re-sent when capabilities change or the server forgets us).
     registration: Mutex<Option<RegisterNodeRequest>>,
+    /// The load-balancer data plane of this node.
+    pub(crate) lbs: Arc<crate::lb_host::LbHost>,
 }
 
 /// A handle to a running agent.
@@ -130,6 +132,10 @@ impl Agent {
             assignments: Mutex::new(BTreeMap::new()),
             capabilities: Mutex::new(capabilities),
             registration: Mutex::new(None),
+            lbs: Arc::new(crate::lb_host::LbHost::new(
+                Arc::new(nimbus_lb::Metrics::new()),
+                Vec::new(),
+            )),
             cfg,
         });
         let api = crate::http::router(agent.clone());
@@ -158,6 +164,7 @@ impl Agent {
         tasks.push(tokio::spawn(agent.clone().heartbeat_loop()));
         tasks.push(tokio::spawn(agent.clone().watch_loop(tx)));
         tasks.push(tokio::spawn(agent.clone().reconcile_loop(rx)));
+        tasks.push(tokio::spawn(agent.clone().lb_health_loop()));
         Ok(AgentHandle {
             agent,
             local_addr,
@@ -225,6 +232,7 @@ impl Agent {
         loop {
             match self.link.assignments(&self.cfg.name, after, 30).await {
                 Ok(resp) => {
+                    self.lbs.reconcile(&resp.loadbalancers).await;
                     let map: BTreeMap<String, Assignment> = resp
                         .assignments
                         .into_iter()
@@ -238,6 +246,33 @@ impl Agent {
                     tracing::warn!("watching assignments failed: {e}");
                     tokio::time::sleep(Duration::from_millis(500)).await;
                 }
+            }
+        }
+    }
+
+    /// Reports backend health of the LBs this node serves when it changes (checked every
+    /// 500 ms, re-sent every 30 s).
+    async fn lb_health_loop(self: Arc<Self>) {
+        let mut last = None;
+        let mut last_sent = tokio::time::Instant::now();
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let now = self.lbs.health().await;
+            if now.is_empty() && last.is_none() {
+                continue;
+            }
+            if last.as_ref() == Some(&now) && last_sent.elapsed() < Duration::from_secs(30) {
+                continue;
+            }
+            let report = nimbus_api::agent::LbHealthReport {
+                loadbalancers: now.clone(),
+            };
+            match self.link.lb_health(&self.cfg.name, &report).await {
+                Ok(()) => {
+                    last = Some(now);
+                    last_sent = tokio::time::Instant::now();
+                }
+                Err(e) => tracing::warn!("reporting load-balancer health failed: {e}"),
             }
         }
     }

@@ -171,6 +171,22 @@ impl ServerLink {
         .map(|_| ())
     }
 
+    /// Sends load-balancer backend health.
+    pub async fn lb_health(
+        &self,
+        node: &str,
+        report: &nimbus_api::agent::LbHealthReport,
+    ) -> Result<(), LinkError> {
+        self.call::<_, serde_json::Value>(
+            reqwest::Method::POST,
+            &format!("/v1/nodes/{node}/lb-health"),
+            Some(report),
+            Duration::from_secs(10),
+        )
+        .await
+        .map(|_| ())
+    }
+
     /// Downloads a blob into `dest` (a writer).
     pub async fn blob(&self, digest: &str) -> Result<bytes::Bytes, LinkError> {
         let mut last = String::new();

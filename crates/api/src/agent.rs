@@ -102,6 +102,47 @@ pub struct AssignmentsResponse {
     pub revision: u64,
     /// Every instance assigned to the node (including ones to stop or delete).
     pub assignments: Vec<Assignment>,
+    /// Load balancers the node serves, with backends resolved to instance IPs.
+    #[serde(default)]
+    pub loadbalancers: Vec<LbAssignment>,
+}
+
+/// A backend instance resolved to its address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct LbResolvedBackend {
+    /// Instance name.
+    pub instance: String,
+    /// Instance IPv4 address.
+    pub ip: String,
+    /// Weight.
+    pub weight: u32,
+}
+
+/// A load balancer a node serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct LbAssignment {
+    /// LB id.
+    pub id: String,
+    /// Project.
+    pub project: String,
+    /// Name.
+    pub name: String,
+    /// Resource version.
+    pub version: u64,
+    /// The spec.
+    pub spec: crate::lb::LoadBalancerSpec,
+    /// Default backends, running instances only.
+    pub backends: Vec<LbResolvedBackend>,
+    /// Backends of each route, in route order.
+    pub route_backends: Vec<Vec<LbResolvedBackend>>,
+}
+
+/// `POST /v1/nodes/{name}/lb-health`: backend health per LB id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct LbHealthReport {
+    /// LB id -> its backends' health on this node.
+    pub loadbalancers: std::collections::BTreeMap<String, Vec<crate::lb::LbBackendHealth>>,
 }
 
 /// The observed state of one instance on a node.

@@ -3,6 +3,8 @@
 
 pub mod agent;
 pub mod error;
+pub mod lb;
+mod lb_tls;
 pub mod requests;
 pub mod resources;
 pub mod validate;

@@ -1,5 +1,7 @@
 //! Typed Rust client of the nimbus REST API (used by the CLI and the tests).
 
+mod lb;
+
 use std::time::Duration;
 
 use futures::Stream;

@@ -324,6 +324,10 @@ async fn proxy(
     };
 
     let bodyless = body.is_end_stream();
+    let idempotent = matches!(
+        parts.method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    );
     let mut body = Some(body);
     let attempts = if bodyless {
         pool.backends.len().clamp(1, 3)
@@ -369,14 +373,24 @@ async fn proxy(
             std::mem::take(&mut parts.headers)
         };
         let started = Instant::now();
-        let result = tokio::time::timeout(timeout, snap.client.request(breq)).await;
+        let result = tokio::time::timeout(timeout, snap.client().request(breq)).await;
         let resp = match result {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
                 backend.record(false, &inner.name, &snap.cfg.outlier);
-                if e.is_connect() {
-                    tracing::debug!(lb = %inner.name, backend = %backend.name, error = %e, "backend connect failed");
-                    last_err = Some(format!("{}: connect failed", backend.name));
+                // A connect error never reached the backend; an idempotent request without a
+                // body (e.g. on a pooled connection the backend just closed) is safe to resend.
+                if e.is_connect() || (bodyless && idempotent) {
+                    tracing::debug!(lb = %inner.name, backend = %backend.name, error = %e, "backend request failed, trying another");
+                    last_err = Some(format!(
+                        "{}: {}",
+                        backend.name,
+                        if e.is_connect() {
+                            "connect failed"
+                        } else {
+                            "connection failed"
+                        }
+                    ));
                     continue;
                 }
                 inner.none_backend.count_status(502);

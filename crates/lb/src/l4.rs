@@ -16,7 +16,7 @@ use crate::runtime::Inner;
 /// Proxy one TCP connection to a backend of the default pool.
 pub(crate) async fn tcp_conn(
     inner: Arc<Inner>,
-    mut client: TcpStream,
+    client: TcpStream,
     peer: SocketAddr,
     cancel: CancellationToken,
 ) {
@@ -31,7 +31,7 @@ pub(crate) async fn tcp_conn(
     let connect_timeout = Duration::from_millis(snap.cfg.limits.connect_timeout_ms);
     let drain = Duration::from_millis(snap.cfg.limits.drain_timeout_ms);
     let mut tried = Vec::new();
-    let (backend, mut upstream) = loop {
+    let (backend, upstream) = loop {
         let Some(idx) = pool.pick(&ctx, &tried) else {
             tracing::debug!(lb = %inner.name, %peer, "no backend for TCP connection");
             inner.none_backend.count_status(503);
@@ -54,8 +54,12 @@ pub(crate) async fn tcp_conn(
     let _guard = backend.begin();
     inner.conns.inc();
     let started = Instant::now();
-    let copy =
-        tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, 64 << 10, 64 << 10);
+    let copy = crate::splice::relay(
+        &client,
+        &upstream,
+        &backend.metrics.bytes_to_backend,
+        &backend.metrics.bytes_from_backend,
+    );
     let drained = async {
         backend.drained().await;
         tokio::time::sleep(drain).await;
@@ -66,9 +70,8 @@ pub(crate) async fn tcp_conn(
     };
     tokio::select! {
         r = copy => {
-            if let Ok((to, from)) = r {
-                backend.metrics.bytes_to_backend.inc_by(to);
-                backend.metrics.bytes_from_backend.inc_by(from);
+            if let Err(e) = r {
+                tracing::debug!(lb = %inner.name, %peer, error = %e, "TCP relay ended with an error");
             }
         }
         () = drained => {

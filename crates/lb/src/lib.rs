@@ -19,7 +19,9 @@ mod l4;
 pub mod metrics;
 pub mod routing;
 mod runtime;
+mod splice;
 pub mod tls;
+pub mod workers;
 
 pub use backend::BackendStatus;
 pub use balancer::Algorithm;

@@ -58,7 +58,15 @@ pub(crate) struct Snapshot {
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub cache: Option<Arc<Mutex<CacheStore>>>,
     pub http: auto::Builder<TokioExecutor>,
-    pub client: BackendClient,
+    /// One backend client (connection pool) per worker thread.
+    pub clients: Arc<Vec<BackendClient>>,
+}
+
+impl Snapshot {
+    /// The backend client of the calling worker.
+    pub fn client(&self) -> &BackendClient {
+        &self.clients[crate::workers::index() % self.clients.len()]
+    }
 }
 
 struct Listener {
@@ -116,7 +124,7 @@ impl LoadBalancer {
             tls: None,
             cache: None,
             http: auto::Builder::new(TokioExecutor::new()),
-            client: l7::backend_client(&cfg.limits),
+            clients: Arc::new(clients(&cfg)),
         };
         let inner = Arc::new(Inner {
             conns: metrics.connections(&name),
@@ -276,10 +284,10 @@ impl LoadBalancer {
                 }
             }
         });
-        let client = if old.cfg.limits.connect_timeout_ms == cfg.limits.connect_timeout_ms {
-            old.client.clone()
+        let clients = if old.cfg.limits.connect_timeout_ms == cfg.limits.connect_timeout_ms {
+            Arc::clone(&old.clients)
         } else {
-            l7::backend_client(&cfg.limits)
+            Arc::new(clients(&cfg))
         };
         let snap = Snapshot {
             http: l7::server_builder(&cfg.limits),
@@ -288,7 +296,7 @@ impl LoadBalancer {
             route_pools,
             tls,
             cache,
-            client,
+            clients,
         };
         inner.snap.store(Arc::new(snap));
         // Start accepting on the new listeners only now that the snapshot is published.
@@ -298,14 +306,20 @@ impl LoadBalancer {
             let mut addrs = Vec::new();
             for s in socks {
                 match s {
-                    Sock::Tcp(t) => {
-                        addrs.extend(t.local_addr().ok());
-                        tokio::spawn(accept_loop(
-                            Arc::clone(&self.inner),
-                            t,
-                            lc.protocol,
-                            cancel.clone(),
-                        ));
+                    Sock::Tcp(per_worker) => {
+                        addrs.extend(per_worker.first().and_then(|t| t.local_addr().ok()));
+                        for (t, h) in per_worker.into_iter().zip(crate::workers::handles()) {
+                            let (inner, cancel, protocol) =
+                                (Arc::clone(&self.inner), cancel.clone(), lc.protocol);
+                            h.spawn(async move {
+                                match TcpListener::from_std(t) {
+                                    Ok(t) => accept_loop(inner, t, protocol, cancel).await,
+                                    Err(e) => {
+                                        tracing::error!(lb = %inner.name, error = %e, "listener setup failed");
+                                    }
+                                }
+                            });
+                        }
                     }
                     Sock::Udp(u) => {
                         addrs.extend(u.local_addr().ok());
@@ -376,8 +390,15 @@ impl LoadBalancer {
 }
 
 enum Sock {
-    Tcp(TcpListener),
+    /// One `SO_REUSEPORT` socket per worker thread.
+    Tcp(Vec<std::net::TcpListener>),
     Udp(Arc<UdpSocket>),
+}
+
+fn clients(cfg: &LbConfig) -> Vec<BackendClient> {
+    (0..crate::workers::handles().len())
+        .map(|_| l7::backend_client(&cfg.limits))
+        .collect()
 }
 
 async fn bind(lc: &ListenerConfig) -> Result<Vec<Sock>, LbError> {
@@ -389,7 +410,10 @@ async fn bind(lc: &ListenerConfig) -> Result<Vec<Sock>, LbError> {
                 UdpSocket::bind(addr).await.map_err(err)?,
             )));
         } else {
-            out.push(Sock::Tcp(TcpListener::bind(addr).await.map_err(err)?));
+            let n = crate::workers::handles().len();
+            out.push(Sock::Tcp(
+                crate::workers::bind_reuseport(addr, n).map_err(err)?,
+            ));
         }
     }
     Ok(out)

@@ -120,6 +120,9 @@ pub enum Command {
     /// Projects.
     #[command(subcommand)]
     Project(ProjectCmd),
+    /// Load balancers.
+    #[command(subcommand)]
+    Lb(crate::lb_cmd::LbCmd),
     /// Cluster events.
     Events {
         /// Keep following.

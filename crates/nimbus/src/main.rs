@@ -3,6 +3,7 @@
 mod cli;
 mod cluster_cmd;
 mod daemon;
+mod lb_cmd;
 mod verbs;
 
 use std::process::ExitCode;
@@ -85,6 +86,12 @@ async fn run(cli: Cli) -> Result<i32> {
                         unreachable!()
                     };
                     verbs::project(&c, cmd).await?;
+                }
+                Command::Lb(_) => {
+                    let Command::Lb(cmd) = cli.command else {
+                        unreachable!()
+                    };
+                    lb_cmd::run(&c, cmd).await?;
                 }
                 Command::Events { follow, all, o } => {
                     verbs::events(&c, *follow, *all, o.output).await?;

@@ -1,8 +1,11 @@
 //! Commands: every mutation of the cluster state, as written to the Raft log.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use nimbus_api::agent::{InstanceReport, RegisterNodeRequest};
+use nimbus_api::lb::{LbBackendHealth, LoadBalancer, LoadBalancerSpec};
 use nimbus_api::{ApiError, Image, Instance, Node, Project};
 
 /// The version of the command encoding this build writes and understands.
@@ -124,6 +127,43 @@ pub enum Command {
         /// Reports.
         reports: Vec<InstanceReport>,
     },
+    /// Create a load balancer (spec already validated).
+    CreateLoadBalancer {
+        /// Project.
+        project: String,
+        /// Name.
+        name: String,
+        /// Spec.
+        spec: Box<LoadBalancerSpec>,
+        /// Labels.
+        #[serde(default)]
+        labels: BTreeMap<String, String>,
+    },
+    /// Replace a load balancer's spec (already validated).
+    UpdateLoadBalancer {
+        /// Project.
+        project: String,
+        /// Name.
+        name: String,
+        /// New spec.
+        spec: Box<LoadBalancerSpec>,
+        /// Expected version.
+        version: Option<u64>,
+    },
+    /// Delete a load balancer.
+    DeleteLoadBalancer {
+        /// Project.
+        project: String,
+        /// Name.
+        name: String,
+    },
+    /// Backend health of the LBs a node serves, by LB id.
+    ReportLbHealth {
+        /// Node.
+        node: String,
+        /// LB id -> backends.
+        reports: BTreeMap<String, Vec<LbBackendHealth>>,
+    },
 }
 
 /// User actions on an instance.
@@ -154,6 +194,8 @@ pub enum CommandOutput {
     Image(Image),
     /// An instance.
     Instance(Box<Instance>),
+    /// A load balancer.
+    LoadBalancer(Box<LoadBalancer>),
     /// The results of a [`Command::Batch`], in order.
     Batch(Vec<CommandResult>),
 }

@@ -2,6 +2,7 @@
 //! openraft + redb runtime that orders them through a Raft log.
 
 pub mod command;
+mod loadbalancers;
 pub mod machine;
 pub mod network;
 pub mod placement;
@@ -13,5 +14,7 @@ pub use command::{
 };
 pub use machine::StateMachine;
 
+#[cfg(test)]
+mod lb_tests;
 #[cfg(test)]
 mod machine_tests;

@@ -51,6 +51,9 @@ pub struct StateMachine {
     /// Per node: the revision at which its assignments last changed (agents long-poll on it).
     #[serde(default)]
     pub assignment_revisions: BTreeMap<String, u64>,
+    /// Load balancers by `project/name`.
+    #[serde(default)]
+    pub loadbalancers: BTreeMap<String, nimbus_api::lb::LoadBalancer>,
 }
 
 /// The scheduling policy kept in the state (so every replica places identically).
@@ -126,6 +129,27 @@ impl StateMachine {
                 ),
             ));
         }
+        let result = self.apply_command(index, env);
+        // Backend sets follow instance placement and state: every node re-reads its LBs.
+        if result.is_ok()
+            && !self.loadbalancers.is_empty()
+            && matches!(
+                env.command,
+                Command::CreateInstance { .. }
+                    | Command::SetInstanceDesired { .. }
+                    | Command::ScheduleInstance { .. }
+                    | Command::ReportStatus { .. }
+                    | Command::DrainNode { .. }
+                    | Command::MarkNodeDown { .. }
+                    | Command::RegisterNode(_)
+            )
+        {
+            self.bump_all_nodes();
+        }
+        result
+    }
+
+    fn apply_command(&mut self, index: u64, env: &CommandEnvelope) -> CommandResult {
         match &env.command {
             Command::Noop => Ok(CommandOutput::None),
             Command::Batch { commands: envs } => Ok(CommandOutput::Batch(
@@ -248,6 +272,23 @@ impl StateMachine {
                 }
                 Ok(CommandOutput::None)
             }
+            Command::CreateLoadBalancer {
+                project,
+                name,
+                spec,
+                labels,
+            } => self.create_lb(env, project, name, spec, labels),
+            Command::UpdateLoadBalancer {
+                project,
+                name,
+                spec,
+                version,
+            } => self.update_lb(env, project, name, spec, *version),
+            Command::DeleteLoadBalancer { project, name } => self.delete_lb(env, project, name),
+            Command::ReportLbHealth { node, reports } => {
+                self.report_lb_health(node, reports);
+                Ok(CommandOutput::None)
+            }
         }
     }
 
@@ -352,6 +393,11 @@ impl StateMachine {
         if n > 0 {
             return Err(ApiError::conflict(format!(
                 "project {name:?} still has {n} instance(s); delete them first"
+            )));
+        }
+        if self.loadbalancers.values().any(|l| l.meta.project == name) {
+            return Err(ApiError::conflict(format!(
+                "project {name:?} still has load balancers; delete them first"
             )));
         }
         self.projects.remove(name);

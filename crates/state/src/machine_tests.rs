@@ -12,13 +12,13 @@ use crate::{
     Command, CommandEnvelope, CommandOutput, InstanceAction, StateMachine, COMMAND_FORMAT_VERSION,
 };
 
-struct H {
-    sm: StateMachine,
+pub(crate) struct H {
+    pub(crate) sm: StateMachine,
     index: u64,
 }
 
 impl H {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let mut h = Self {
             sm: StateMachine::default(),
             index: 0,
@@ -31,7 +31,7 @@ impl H {
         h.ok(Command::PutImage(image("busybox", "sha256:aa")));
         h
     }
-    fn run(&mut self, c: Command) -> crate::CommandResult {
+    pub(crate) fn run(&mut self, c: Command) -> crate::CommandResult {
         self.index += 1;
         let env = CommandEnvelope {
             format: COMMAND_FORMAT_VERSION,
@@ -41,10 +41,10 @@ impl H {
         };
         self.sm.apply(self.index, &env)
     }
-    fn ok(&mut self, c: Command) -> CommandOutput {
+    pub(crate) fn ok(&mut self, c: Command) -> CommandOutput {
         self.run(c).expect("command should succeed")
     }
-    fn err(&mut self, c: Command) -> nimbus_api::ApiError {
+    pub(crate) fn err(&mut self, c: Command) -> nimbus_api::ApiError {
         let before = self.sm.clone();
         let e = self.run(c).expect_err("command should fail");
         let mut after = self.sm.clone();
@@ -52,7 +52,7 @@ impl H {
         assert_eq!(before, after, "a failed command must not change the state");
         e
     }
-    fn node(&mut self, name: &str, vms: bool) {
+    pub(crate) fn node(&mut self, name: &str, vms: bool) {
         self.ok(Command::RegisterNode(RegisterNodeRequest {
             name: name.into(),
             agent_url: "http://127.0.0.1:1".into(),
@@ -99,7 +99,7 @@ fn image(name: &str, digest: &str) -> Image {
     }
 }
 
-fn instance(name: &str, mem: u64) -> Instance {
+pub(crate) fn instance(name: &str, mem: u64) -> Instance {
     Instance {
         meta: Meta {
             id: String::new(),
@@ -135,7 +135,7 @@ fn instance(name: &str, mem: u64) -> Instance {
     }
 }
 
-fn inst(o: CommandOutput) -> Instance {
+pub(crate) fn inst(o: CommandOutput) -> Instance {
     match o {
         CommandOutput::Instance(i) => *i,
         other => panic!("expected an instance, got {other:?}"),

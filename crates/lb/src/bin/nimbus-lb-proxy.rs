@@ -32,8 +32,9 @@ fn main() {
             std::process::exit(2)
         }
     };
+    nimbus_lb::workers::init(workers);
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers.max(1))
+        .worker_threads(1)
         .enable_all()
         .build()
         .expect("tokio runtime");

@@ -11,6 +11,7 @@ use crate::app::AppState;
 pub mod events;
 pub mod images;
 pub mod instances;
+pub mod loadbalancers;
 pub mod nodes;
 pub mod projects;
 
@@ -37,6 +38,13 @@ pub mod projects;
         instances::exec,
         instances::logs,
         instances::console,
+        loadbalancers::create,
+        loadbalancers::list,
+        loadbalancers::get,
+        loadbalancers::update,
+        loadbalancers::delete,
+        loadbalancers::backends,
+        nodes::lb_health,
         nodes::register,
         nodes::list,
         nodes::get,
@@ -120,6 +128,21 @@ pub fn router(app: AppState) -> Router {
             "/v1/projects/{project}/instances/{name}/console",
             get(instances::console),
         )
+        .route(
+            "/v1/projects/{project}/loadbalancers",
+            post(loadbalancers::create).get(loadbalancers::list),
+        )
+        .route(
+            "/v1/projects/{project}/loadbalancers/{name}",
+            get(loadbalancers::get)
+                .patch(loadbalancers::update)
+                .delete(loadbalancers::delete),
+        )
+        .route(
+            "/v1/projects/{project}/loadbalancers/{name}/backends",
+            get(loadbalancers::backends),
+        )
+        .route("/v1/nodes/{name}/lb-health", post(nodes::lb_health))
         .route("/v1/nodes", post(nodes::register).get(nodes::list))
         .route("/v1/nodes/{name}", get(nodes::get).patch(nodes::update))
         .route("/v1/nodes/{name}/heartbeat", post(nodes::heartbeat))

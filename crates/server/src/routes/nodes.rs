@@ -7,7 +7,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
 use nimbus_api::agent::{
-    Assignment, AssignmentsResponse, HeartbeatRequest, ImageRef, NetworkAttachment,
+    Assignment, AssignmentsResponse, HeartbeatRequest, ImageRef, LbHealthReport, NetworkAttachment,
     RegisterNodeRequest, StatusReport,
 };
 use nimbus_api::{ApiError, Node, UpdateNodeRequest};
@@ -112,6 +112,24 @@ pub async fn status(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Backend health of the load balancers a node serves.
+#[utoipa::path(post, path = "/v1/nodes/{name}/lb-health", request_body = LbHealthReport, params(("name" = String, Path)), responses((status = 204)))]
+pub async fn lb_health(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+    ApiJson(req): ApiJson<LbHealthReport>,
+) -> HttpResult<StatusCode> {
+    if !app.read(|s| s.nodes.contains_key(&name)) {
+        return Err(ApiError::not_found("node", &name).into());
+    }
+    app.propose(Command::ReportLbHealth {
+        node: name,
+        reports: req.loadbalancers,
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 /// Long-poll parameters.
 #[derive(Debug, Deserialize)]
 pub struct PollOpts {
@@ -198,5 +216,6 @@ pub fn assignments_of(s: &StateMachine, node: &str) -> AssignmentsResponse {
     AssignmentsResponse {
         revision: s.assignment_revision(node),
         assignments,
+        loadbalancers: s.lb_assignments(node),
     }
 }

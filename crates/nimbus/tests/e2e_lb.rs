@@ -1,0 +1,232 @@
+//! End to end: `nimbus up`, real busybox httpd containers behind a load balancer created with
+//! the CLI; the agent's data plane answers on 127.0.0.1, follows instance changes, reports
+//! backend health and exports metrics.
+
+use std::path::Path;
+use std::process::Output;
+use std::time::Duration;
+
+use nimbus_api::{CreateInstanceRequest, InstanceState};
+use nimbus_testkit::{eventually, have, require, Cloud};
+
+fn bin() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_nimbus"))
+}
+
+fn deps() -> bool {
+    require("root", nix::unistd::geteuid().is_root())
+        && require("runc", have("runc"))
+        && require("/bin/busybox", Path::new("/bin/busybox").exists())
+}
+
+fn run(cloud: &Cloud, args: &[&str]) -> Output {
+    cloud.cli().args(args).output().expect("run nimbus")
+}
+
+fn out(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// `GET /` through the LB on 127.0.0.1:port with a fresh connection; the body if 200.
+async fn get(port: u16) -> Option<String> {
+    let r = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{port}/"))
+        .timeout(Duration::from_secs(3))
+        .send()
+        .await
+        .ok()?;
+    if r.status() != 200 {
+        return None;
+    }
+    r.text().await.ok().map(|s| s.trim().to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lb_in_front_of_containers() {
+    if !deps() {
+        return;
+    }
+    let cloud = Cloud::start(bin()).expect("nimbus up");
+    let c = cloud.client();
+    let port = 18_400 + u16::from(cloud.slot()) * 4;
+    for name in ["web1", "web2", "other"] {
+        let mut labels = std::collections::BTreeMap::new();
+        labels.insert(
+            "app".to_string(),
+            if name == "other" { "db" } else { "web" }.to_string(),
+        );
+        c.create_instance(
+            &CreateInstanceRequest {
+                name: name.into(),
+                image: "busybox".into(),
+                memory: Some(serde_json::json!("32M")),
+                cpus: Some(0.2),
+                labels,
+                command: vec![
+                    "sh".into(),
+                    "-c".into(),
+                    format!("mkdir -p /www && echo {name} > /www/index.html && exec httpd -f -p 8080 -h /www"),
+                ],
+                ..CreateInstanceRequest::default()
+            },
+            None,
+        )
+        .await
+        .expect("create instance");
+    }
+    for name in ["web1", "web2"] {
+        eventually(Duration::from_secs(30), || async {
+            c.get_instance(name)
+                .await
+                .ok()
+                .filter(|i| i.status.state == InstanceState::Running)
+        })
+        .await
+        .unwrap_or_else(|| panic!("{name} not running"));
+    }
+
+    // Bad inputs: one readable line, non-zero exit, nothing created.
+    let listen = format!("{port}:8080/http");
+    for (args, want) in [
+        (vec!["--algorithm", "random"], "unknown algorithm"),
+        (vec!["--backend-group", "nope"], "does not exist"),
+    ] {
+        let mut a = vec!["lb", "create", "bad", "--listen", &listen];
+        if !args.contains(&"--backend-group") {
+            a.extend(["--backend-label", "app=web"]);
+        }
+        a.extend(args);
+        let o = run(&cloud, &a);
+        assert!(!o.status.success(), "{}", out(&o));
+        assert!(out(&o).contains(want), "{}", out(&o));
+    }
+    let o = run(
+        &cloud,
+        &[
+            "lb",
+            "create",
+            "bad",
+            "--listen",
+            "70000/http",
+            "--backend-label",
+            "app=web",
+        ],
+    );
+    assert!(
+        !o.status.success() && out(&o).contains("out of range"),
+        "{}",
+        out(&o)
+    );
+    assert!(c.list_lbs().await.unwrap().is_empty());
+
+    // The create contract from the issue.
+    let o = run(
+        &cloud,
+        &[
+            "lb",
+            "create",
+            "web",
+            "--listen",
+            &listen,
+            "--backend-label",
+            "app=web",
+            "--health-check",
+            "http:/index.html,interval=300ms,healthy=1,unhealthy=2",
+        ],
+    );
+    assert!(o.status.success(), "{}", out(&o));
+    // A second LB on the same port is a conflict.
+    let o = run(
+        &cloud,
+        &[
+            "lb",
+            "create",
+            "web2",
+            "--listen",
+            &listen,
+            "--backend",
+            "web1",
+        ],
+    );
+    assert!(
+        !o.status.success() && out(&o).contains("already used"),
+        "{}",
+        out(&o)
+    );
+
+    // Traffic spreads over both web instances, never the db one.
+    let mut seen = std::collections::BTreeSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while seen.len() < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "LB never served both backends: {seen:?}\n{}",
+            cloud.log()
+        );
+        if let Some(b) = get(port).await {
+            seen.insert(b);
+        } else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["web1", "web2"]);
+
+    // Health is reported back: `nimbus lb backends web`.
+    let healthy = eventually(Duration::from_secs(10), || async {
+        let b = c.lb_backends("web").await.ok()?;
+        (b.len() == 2 && b.iter().all(|x| x.healthy)).then_some(b)
+    })
+    .await;
+    assert!(healthy.is_some(), "{:?}", c.lb_backends("web").await);
+    let o = run(&cloud, &["lb", "backends", "web"]);
+    assert!(
+        out(&o).contains("web1") && out(&o).contains("healthy"),
+        "{}",
+        out(&o)
+    );
+    let o = run(&cloud, &["lb", "list"]);
+    assert!(out(&o).contains(&format!("{port}/http")), "{}", out(&o));
+
+    // Stopping a backend takes it out of rotation.
+    c.instance_action("web2", "stop").await.unwrap();
+    let only_web1 = eventually(Duration::from_secs(20), || async {
+        let mut all = true;
+        for _ in 0..6 {
+            all &= get(port).await.as_deref() == Some("web1");
+        }
+        all.then_some(())
+    })
+    .await;
+    assert!(only_web1.is_some(), "web2 still gets traffic after stop");
+
+    // Metrics on the agent's Prometheus endpoint.
+    let node = c.list_nodes().await.unwrap().remove(0);
+    let text = reqwest::get(format!("{}/metrics", node.agent_url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains(&format!(
+            "nimbus_lb_requests_total{{lb=\"default/web:{port}\",backend=\"web1\",class=\"2xx\"}}"
+        )),
+        "{text}"
+    );
+
+    // Delete: the port stops answering.
+    let o = run(&cloud, &["lb", "delete", "web"]);
+    assert!(o.status.success(), "{}", out(&o));
+    let closed = eventually(Duration::from_secs(10), || async {
+        std::net::TcpStream::connect(("127.0.0.1", port))
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    assert!(closed.is_some(), "listener still open after delete");
+    cloud.shutdown();
+}

@@ -1,0 +1,241 @@
+//! Unit tests of load balancers in the state machine.
+
+use std::collections::BTreeMap;
+
+use nimbus_api::agent::InstanceReport;
+use nimbus_api::lb::{
+    LbBackendHealth, LbBackends, LbInstanceRef, LbListener, LbProtocol, LoadBalancerSpec,
+};
+use nimbus_api::{ErrorCode, InstanceState};
+
+use crate::machine_tests::{inst, instance, H};
+use crate::{Command, CommandOutput};
+
+fn spec(port: u32, backends: LbBackends) -> LoadBalancerSpec {
+    LoadBalancerSpec {
+        listeners: vec![LbListener {
+            port,
+            protocol: LbProtocol::Http,
+            target_port: Some(8080),
+        }],
+        backends,
+        algorithm: "round_robin".into(),
+        hash_header: None,
+        health_check: None,
+        routes: vec![],
+        sticky_cookie: None,
+        tls: None,
+        cache: false,
+    }
+}
+
+fn label(l: &str) -> LbBackends {
+    LbBackends {
+        label: Some(l.into()),
+        ..LbBackends::default()
+    }
+}
+
+fn create(name: &str, s: LoadBalancerSpec) -> Command {
+    Command::CreateLoadBalancer {
+        project: "default".into(),
+        name: name.into(),
+        spec: Box::new(s),
+        labels: BTreeMap::new(),
+    }
+}
+
+/// A running instance with a label and a spread group.
+fn running(h: &mut H, name: &str, app: &str) -> String {
+    let mut i = instance(name, 64 << 20);
+    i.meta.labels.insert("app".into(), app.into());
+    i.spec.spread_group = Some(format!("{app}-group"));
+    let i = inst(h.ok(Command::CreateInstance {
+        instance: Box::new(i),
+        idempotency_key: None,
+    }));
+    h.ok(Command::ReportStatus {
+        node: i.status.node.clone().unwrap(),
+        reports: vec![InstanceReport {
+            id: i.meta.id.clone(),
+            generation: i.status.generation,
+            state: InstanceState::Running,
+            pid: Some(1),
+            exit_code: None,
+            message: String::new(),
+            restart_count: 0,
+            accelerator: None,
+            deleted: false,
+        }],
+    });
+    i.meta.id
+}
+
+#[test]
+fn create_resolve_conflicts_and_bad_inputs() {
+    let mut h = H::new();
+    h.node("n1", false);
+    h.node("n2", false);
+    running(&mut h, "web1", "web");
+    running(&mut h, "web2", "web");
+    running(&mut h, "db1", "db");
+    let rev = h.sm.assignment_revision("n2");
+    let out = h.ok(create("web", spec(80, label("app=web"))));
+    let CommandOutput::LoadBalancer(lb) = out else {
+        panic!("expected a load balancer")
+    };
+    assert_eq!(lb.status.nodes, ["n1", "n2"]);
+    assert!(
+        h.sm.assignment_revision("n2") > rev,
+        "every node re-reads its LBs"
+    );
+    let a = h.sm.lb_assignments("n1");
+    assert_eq!(a.len(), 1);
+    let names: Vec<&str> = a[0].backends.iter().map(|b| b.instance.as_str()).collect();
+    assert_eq!(names, ["web1", "web2"]);
+    assert!(a[0].backends.iter().all(|b| b.ip.starts_with("10.")));
+
+    // Port already used (same port, TCP-based) -> 409, nothing changes.
+    let e = h.err(create("web-b", spec(80, label("app=web"))));
+    assert_eq!(e.code, ErrorCode::Conflict);
+    assert_eq!(e.field.as_deref(), Some("listeners[0].port"));
+    // UDP on the same port number is fine.
+    let mut udp = spec(80, label("app=web"));
+    udp.listeners[0].protocol = LbProtocol::Udp;
+    h.ok(create("dns", udp));
+    // Group that does not exist -> 422.
+    let e = h.err(create(
+        "g",
+        spec(
+            81,
+            LbBackends {
+                group: Some("nope".into()),
+                ..LbBackends::default()
+            },
+        ),
+    ));
+    assert_eq!(e.code, ErrorCode::InvalidArgument);
+    assert_eq!(e.field.as_deref(), Some("backends.group"));
+    h.ok(create(
+        "g",
+        spec(
+            81,
+            LbBackends {
+                group: Some("db-group".into()),
+                ..LbBackends::default()
+            },
+        ),
+    ));
+    // Unknown explicit instance -> 422.
+    let e = h.err(create(
+        "x",
+        spec(
+            82,
+            LbBackends {
+                instances: vec![LbInstanceRef {
+                    name: "ghost".into(),
+                    weight: 1,
+                }],
+                ..LbBackends::default()
+            },
+        ),
+    ));
+    assert_eq!(e.field.as_deref(), Some("backends.instances[0].name"));
+    // Duplicate name -> 409.
+    let e = h.err(create("web", spec(83, label("app=web"))));
+    assert_eq!(e.code, ErrorCode::AlreadyExists);
+    // The project cannot be deleted while it has LBs.
+    let e = h.err(Command::DeleteProject {
+        name: "default".into(),
+    });
+    assert_eq!(e.code, ErrorCode::Conflict);
+}
+
+#[test]
+fn update_delete_health_and_instance_changes() {
+    let mut h = H::new();
+    h.node("n1", false);
+    let web1 = running(&mut h, "web1", "web");
+    h.ok(create("web", spec(80, label("app=web"))));
+    // Update with a stale version is refused.
+    let e = h.err(Command::UpdateLoadBalancer {
+        project: "default".into(),
+        name: "web".into(),
+        spec: Box::new(spec(8080, label("app=web"))),
+        version: Some(7),
+    });
+    assert_eq!(e.code, ErrorCode::VersionConflict);
+    h.ok(Command::UpdateLoadBalancer {
+        project: "default".into(),
+        name: "web".into(),
+        spec: Box::new(spec(8080, label("app=web"))),
+        version: Some(1),
+    });
+    assert_eq!(
+        h.sm.loadbalancer("default", "web").unwrap().spec.listeners[0].port,
+        8080
+    );
+    // Health reports land in the status, per node.
+    let mut reports = BTreeMap::new();
+    let id = h.sm.loadbalancer("default", "web").unwrap().meta.id.clone();
+    reports.insert(
+        id,
+        vec![LbBackendHealth {
+            instance: "web1".into(),
+            address: "10.0.0.2:8080".into(),
+            healthy: false,
+            node: String::new(),
+        }],
+    );
+    h.ok(Command::ReportLbHealth {
+        node: "n1".into(),
+        reports,
+    });
+    let st = &h.sm.loadbalancer("default", "web").unwrap().status.backends;
+    assert_eq!(st.len(), 1);
+    assert_eq!((st[0].node.as_str(), st[0].healthy), ("n1", false));
+    // A new running instance with the label joins; the node's revision moves.
+    let rev = h.sm.assignment_revision("n1");
+    running(&mut h, "web2", "web");
+    assert!(h.sm.assignment_revision("n1") > rev);
+    assert_eq!(h.sm.lb_assignments("n1")[0].backends.len(), 2);
+    // A stopped instance leaves the backend set.
+    h.ok(Command::SetInstanceDesired {
+        project: "default".into(),
+        name: "web1".into(),
+        action: crate::InstanceAction::Stop,
+        version: None,
+    });
+    let node = h.sm.instances[&web1].status.node.clone().unwrap();
+    let generation = h.sm.instances[&web1].status.generation;
+    h.ok(Command::ReportStatus {
+        node,
+        reports: vec![InstanceReport {
+            id: web1.clone(),
+            generation,
+            state: InstanceState::Stopped,
+            pid: None,
+            exit_code: Some(0),
+            message: String::new(),
+            restart_count: 0,
+            accelerator: None,
+            deleted: false,
+        }],
+    });
+    let names: Vec<String> = h.sm.lb_assignments("n1")[0]
+        .backends
+        .iter()
+        .map(|b| b.instance.clone())
+        .collect();
+    assert_eq!(names, ["web2"]);
+    h.ok(Command::DeleteLoadBalancer {
+        project: "default".into(),
+        name: "web".into(),
+    });
+    assert!(h.sm.lb_assignments("n1").is_empty());
+    let e = h.err(Command::DeleteLoadBalancer {
+        project: "default".into(),
+        name: "web".into(),
+    });
+    assert_eq!(e.code, ErrorCode::NotFound);
+}
