@@ -30,4 +30,9 @@ pub struct AgentConfig {
     pub heartbeat_every: Duration,
     /// Grace period of a stop before the hard kill.
     pub stop_grace: Duration,
+    /// Hollow node (`nimbus agent --hollow`, a test mode): image layers are not pulled and no
+    /// utilisation is measured; pair it with the hollow driver.
+    pub hollow: bool,
+    /// The capacity to register instead of the machine's (hollow nodes).
+    pub capacity: Option<nimbus_api::Capacity>,
 }

@@ -9,6 +9,7 @@ pub mod local;
 pub mod logs;
 pub mod runtime;
 pub mod server_link;
+pub mod usage;
 
 pub use config::AgentConfig;
 pub use runtime::{Agent, AgentHandle};

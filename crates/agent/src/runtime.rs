@@ -152,7 +152,10 @@ impl Agent {
         let reg = RegisterNodeRequest {
             name: agent.cfg.name.clone(),
             agent_url: advertise,
-            capacity: node_capacity(&agent.cfg.data_dir),
+            capacity: agent
+                .cfg
+                .capacity
+                .unwrap_or_else(|| node_capacity(&agent.cfg.data_dir)),
             capabilities: agent.capabilities.lock().expect("caps lock").clone(),
             zone: agent.cfg.zone.clone(),
             labels: agent.cfg.labels.clone(),
@@ -207,13 +210,15 @@ impl Agent {
 
     async fn heartbeat_loop(self: Arc<Self>) {
         let mut tick = tokio::time::interval(self.cfg.heartbeat_every);
+        let mut usage = crate::usage::Sampler::new();
         loop {
             tick.tick().await;
-            match self
-                .link
-                .heartbeat(&self.cfg.name, &HeartbeatRequest::default())
-                .await
-            {
+            let hb = if self.cfg.hollow {
+                HeartbeatRequest::default()
+            } else {
+                usage.sample().await
+            };
+            match self.link.heartbeat(&self.cfg.name, &hb).await {
                 Ok(()) => {}
                 Err(LinkError::Refused(e)) if e.code == nimbus_api::ErrorCode::NotFound => {
                     tracing::warn!("the control plane forgot this node; registering again");
@@ -664,7 +669,13 @@ impl Agent {
     /// Builds the driver's spec: resolves image layers (pulling blobs if needed), command, env.
     async fn runtime_spec(&self, a: &Assignment) -> Result<RuntimeSpec, DriverError> {
         let mut layer_dirs = Vec::new();
-        for layer in &a.image.layers {
+        // A hollow node runs nothing: no layers to pull.
+        let layers: &[String] = if self.cfg.hollow {
+            &[]
+        } else {
+            &a.image.layers
+        };
+        for layer in layers {
             if !self.images.has_blob(layer) {
                 let bytes =
                     self.link.blob(layer).await.map_err(|e| {

@@ -32,12 +32,22 @@ pub struct RegisterNodeRequest {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, Default)]
 #[serde(deny_unknown_fields)]
 pub struct HeartbeatRequest {
+    /// Whether the fields below carry a measurement (an agent that measures nothing sends
+    /// `false` and the node keeps its last measurement).
+    #[serde(default)]
+    pub measured: bool,
     /// Measured CPU utilisation 0..1.
     #[serde(default)]
     pub cpu_utilisation: f64,
     /// Used memory bytes.
     #[serde(default)]
     pub memory_used_bytes: u64,
+    /// Measured network utilisation 0..1 of `network_mbps`.
+    #[serde(default)]
+    pub network_utilisation: f64,
+    /// Capacity of the measured interfaces, Mbit/s (0: unknown).
+    #[serde(default)]
+    pub network_mbps: u64,
 }
 
 /// Network settings for one instance's interface.

@@ -102,6 +102,24 @@ pub struct Node {
     /// The node-local instance subnet (CIDR) its bridge serves, allocated at registration.
     #[serde(default)]
     pub subnet: String,
+    /// Utilisation measured by the agent, from its last heartbeat that carried a measurement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub utilization: Option<NodeUtilization>,
+}
+
+/// Node utilisation measured by its agent (from `/proc` and the interface counters), in per
+/// mille of the node's capacity. The scheduler uses it as a floor of each node's load and to
+/// compute cluster-wide pressure for the adaptive weights.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct NodeUtilization {
+    /// CPU busy time, per mille of all CPUs.
+    pub cpu_permille: u32,
+    /// Memory in use (total minus available), per mille of total memory.
+    pub memory_permille: u32,
+    /// Network throughput (receive + transmit), per mille of `network_mbps`.
+    pub network_permille: u32,
+    /// Capacity of the measured interfaces, Mbit/s (0: unknown).
+    pub network_mbps: u64,
 }
 
 /// An image: a content-addressed OCI image stored by the control plane.

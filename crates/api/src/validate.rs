@@ -236,6 +236,40 @@ pub fn label(k: &str, v: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Checks a heartbeat's measurement and converts it to the node's [`crate::NodeUtilization`]
+/// (`memory_bytes`: the node's memory capacity). `None` when the heartbeat carries none.
+/// Fractions must be finite and within 0..=1 (`invalid_argument` naming the field).
+pub fn heartbeat(
+    req: &crate::agent::HeartbeatRequest,
+    memory_bytes: u64,
+) -> Result<Option<crate::NodeUtilization>, ApiError> {
+    if !req.measured {
+        return Ok(None);
+    }
+    let permille = |field: &str, v: f64| -> Result<u32, ApiError> {
+        if v.is_finite() && (0.0..=1.0).contains(&v) {
+            Ok((v * 1000.0).round() as u32)
+        } else {
+            Err(ApiError::invalid(
+                field,
+                "must be a fraction between 0 and 1",
+            ))
+        }
+    };
+    let memory = if memory_bytes == 0 {
+        0
+    } else {
+        (u128::from(req.memory_used_bytes.min(memory_bytes)) * 1000 / u128::from(memory_bytes))
+            as u32
+    };
+    Ok(Some(crate::NodeUtilization {
+        cpu_permille: permille("cpu_utilisation", req.cpu_utilisation)?,
+        memory_permille: memory,
+        network_permille: permille("network_utilisation", req.network_utilisation)?,
+        network_mbps: req.network_mbps,
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -290,5 +324,30 @@ mod tests {
             create_instance(&r).unwrap_err().field.as_deref(),
             Some("user_data")
         );
+    }
+
+    #[test]
+    fn heartbeat_measurements_are_checked_and_converted() {
+        let mut hb = crate::agent::HeartbeatRequest::default();
+        assert_eq!(super::heartbeat(&hb, 1000).unwrap(), None, "not measured");
+        hb.measured = true;
+        hb.cpu_utilisation = 0.25;
+        hb.memory_used_bytes = 600;
+        hb.network_utilisation = 1.0;
+        hb.network_mbps = 10_000;
+        let u = super::heartbeat(&hb, 1000).unwrap().unwrap();
+        assert_eq!(
+            (u.cpu_permille, u.memory_permille, u.network_permille, u.network_mbps),
+            (250, 600, 1000, 10_000)
+        );
+        hb.cpu_utilisation = 1.5;
+        let e = super::heartbeat(&hb, 1000).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("cpu_utilisation"));
+        hb.cpu_utilisation = f64::NAN;
+        assert!(super::heartbeat(&hb, 1000).is_err());
+        hb.cpu_utilisation = 0.1;
+        hb.network_utilisation = -0.1;
+        let e = super::heartbeat(&hb, 1000).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("network_utilisation"));
     }
 }

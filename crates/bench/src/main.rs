@@ -1,7 +1,8 @@
 //! `nimbus-bench`: developer benchmark tool for nimbus (not part of the product).
 //!
 //! Subcommands measure launch latency against bare runc (and podman), control-plane write
-//! throughput against etcd, and resident memory with many containers. The `scripts/bench-*`
+//! throughput against etcd, resident memory with many containers, and placements through the
+//! API on hollow nodes. The `scripts/bench-*`
 //! drivers build everything and call it; each run prints one summary line per configuration and
 //! can rewrite its section of `docs/benchmarks.md`.
 
@@ -9,6 +10,7 @@ mod doc;
 mod harness;
 mod launch;
 mod memory;
+mod schedapi;
 mod stats;
 mod writes;
 
@@ -31,6 +33,8 @@ enum Cmd {
     Writes(writes::WritesArgs),
     /// VmRSS of `nimbus up` and its shims with many running containers.
     Memory(memory::MemoryArgs),
+    /// Instances placed per second through the API on hollow nodes (`nimbus agent --hollow`).
+    SchedulerApi(schedapi::SchedApiArgs),
 }
 
 #[tokio::main]
@@ -40,5 +44,6 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Launch(a) => launch::run(&a).await,
         Cmd::Writes(a) => writes::run(&a).await,
         Cmd::Memory(a) => memory::run(&a).await,
+        Cmd::SchedulerApi(a) => schedapi::run(&a).await,
     }
 }

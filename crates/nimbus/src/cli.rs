@@ -270,6 +270,20 @@ pub struct AgentArgs {
     /// (cgroups, runc state, network namespace names) apart from the others'.
     #[arg(long, value_parser = parse_scope)]
     pub runtime_scope: Option<String>,
+    /// TEST MODE (like kubemark): a hollow node registers, heartbeats and reports its
+    /// instances as running without running anything. Never use it for real nodes.
+    #[arg(long)]
+    pub hollow: bool,
+    /// With --hollow: run this many hollow nodes in this process, named NAME-0, NAME-1, ...
+    #[arg(long, default_value_t = 1, requires = "hollow")]
+    pub hollow_count: u32,
+    /// With --hollow: the CPUs each hollow node registers (default: this machine's).
+    #[arg(long, requires = "hollow")]
+    pub hollow_cpus: Option<u32>,
+    /// With --hollow: the memory each hollow node registers, e.g. 32G (default: this
+    /// machine's).
+    #[arg(long, requires = "hollow")]
+    pub hollow_memory: Option<String>,
 }
 
 fn parse_scope(s: &str) -> Result<String, String> {

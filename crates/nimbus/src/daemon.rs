@@ -26,7 +26,7 @@ pub fn default_data_dir() -> PathBuf {
     }
 }
 
-fn init_logging(json: bool) {
+pub(crate) fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("NIMBUS_LOG").unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new("info,openraft=warn,netlink_packet_route=error")
     });
@@ -40,7 +40,7 @@ fn init_logging(json: bool) {
     }
 }
 
-fn hostname() -> String {
+pub(crate) fn hostname() -> String {
     let raw = nix::unistd::gethostname()
         .ok()
         .and_then(|h| h.into_string().ok())
@@ -142,7 +142,7 @@ fn probe_vms(agent: Arc<Agent>, vm: Arc<VmDriver>, mut caps: NodeCapabilities) {
     });
 }
 
-async fn wait_for_signal() {
+pub(crate) async fn wait_for_signal() {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
@@ -182,6 +182,8 @@ pub async fn up(args: UpArgs) -> Result<()> {
             labels: std::collections::BTreeMap::new(),
             heartbeat_every: Duration::from_secs(2),
             stop_grace: Duration::from_secs(10),
+            hollow: false,
+            capacity: None,
         },
         drivers,
         caps.clone(),
@@ -291,6 +293,9 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
             .ok_or_else(|| anyhow::anyhow!("invalid --label {kv:?}: use KEY=VALUE"))?;
         labels.insert(k.to_string(), v.to_string());
     }
+    if args.hollow {
+        return crate::hollow::run(args, token, labels).await;
+    }
     let (drivers, caps, vm) = drivers(&args.data_dir, args.runtime_scope.as_deref());
     let agent = Agent::start(
         AgentConfig {
@@ -305,6 +310,8 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
             labels,
             heartbeat_every: Duration::from_secs(2),
             stop_grace: Duration::from_secs(10),
+            hollow: false,
+            capacity: None,
         },
         drivers,
         caps.clone(),

@@ -3,6 +3,7 @@
 mod cli;
 mod cluster_cmd;
 mod daemon;
+mod hollow;
 mod lb_cmd;
 mod verbs;
 

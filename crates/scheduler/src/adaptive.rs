@@ -84,8 +84,9 @@ impl AdaptiveConfig {
     }
 }
 
-/// State of the adaptive-weight controller.
-#[derive(Debug, Clone, PartialEq)]
+/// State of the adaptive-weight controller (serializable, so a replicated state machine can
+/// keep it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AdaptiveWeights {
     config: AdaptiveConfig,
     base: [f64; 3],
@@ -138,6 +139,12 @@ impl AdaptiveWeights {
     /// Which dimensions (cpu, memory, network) are boosted.
     pub fn boosted(&self) -> [bool; 3] {
         self.boosted
+    }
+
+    /// Whether this controller was made for `base` weights and `config` (a policy change
+    /// calls for a new controller).
+    pub fn made_for(&self, base: Weights, config: AdaptiveConfig) -> bool {
+        self.config == config && self.base == base.normalized().to_array()
     }
 }
 

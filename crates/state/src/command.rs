@@ -60,10 +60,13 @@ pub enum Command {
     },
     /// Register or re-register a node.
     RegisterNode(RegisterNodeRequest),
-    /// Record a heartbeat.
+    /// Record a heartbeat (and the node's measured utilisation, if it sent one).
     NodeHeartbeat {
         /// Node.
         name: String,
+        /// Measured utilisation (absent in entries of older builds).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        utilization: Option<nimbus_api::NodeUtilization>,
     },
     /// Mark nodes down that missed heartbeats (decided by the leader's controller).
     MarkNodeDown {

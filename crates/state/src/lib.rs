@@ -6,8 +6,10 @@ mod loadbalancers;
 pub mod machine;
 pub mod network;
 pub mod placement;
+pub mod preemption;
 pub mod raft;
 mod scheduling;
+pub mod utilization;
 
 pub use command::{
     Command, CommandEnvelope, CommandOutput, CommandResult, InstanceAction, COMMAND_FORMAT_VERSION,
@@ -18,3 +20,7 @@ pub use machine::StateMachine;
 mod lb_tests;
 #[cfg(test)]
 mod machine_tests;
+#[cfg(test)]
+mod preemption_tests;
+#[cfg(test)]
+mod utilization_tests;

@@ -54,6 +54,9 @@ pub struct StateMachine {
     /// Load balancers by `project/name`.
     #[serde(default)]
     pub loadbalancers: BTreeMap<String, nimbus_api::lb::LoadBalancer>,
+    /// The adaptive score weights (see `utilization.rs`), once a node reported utilisation.
+    #[serde(default)]
+    pub adaptive: Option<crate::utilization::AdaptiveState>,
 }
 
 /// The scheduling policy kept in the state (so every replica places identically).
@@ -188,7 +191,7 @@ impl StateMachine {
             } => self.create_project(env, name, description, idempotency_key.as_deref()),
             Command::DeleteProject { name } => self.delete_project(env, name),
             Command::RegisterNode(req) => self.register_node(env, req),
-            Command::NodeHeartbeat { name } => self.heartbeat(env, name),
+            Command::NodeHeartbeat { name, utilization } => self.heartbeat(env, name, *utilization),
             Command::MarkNodeDown { name, reason } => self.mark_node_down(env, name, reason),
             Command::DrainNode { name } => self.drain(env, name),
             Command::SetNodeCordon {
@@ -431,6 +434,7 @@ impl StateMachine {
             last_heartbeat: env.time.clone(),
             agent_version: req.agent_version.clone(),
             subnet,
+            utilization: None,
         };
         node.meta.labels.clone_from(&req.labels);
         if let Some(old) = existed {
@@ -438,6 +442,7 @@ impl StateMachine {
             node.meta.created_at = old.meta.created_at;
             node.meta.version = old.meta.version + 1;
             node.cordoned = old.cordoned;
+            node.utilization = old.utilization;
             self.event(
                 env,
                 "",
@@ -460,12 +465,22 @@ impl StateMachine {
         Ok(CommandOutput::Node(node))
     }
 
-    fn heartbeat(&mut self, env: &CommandEnvelope, name: &str) -> CommandResult {
+    fn heartbeat(
+        &mut self,
+        env: &CommandEnvelope,
+        name: &str,
+        utilization: Option<nimbus_api::NodeUtilization>,
+    ) -> CommandResult {
         let node = self
             .nodes
             .get_mut(name)
             .ok_or_else(|| ApiError::not_found("node", name))?;
         node.last_heartbeat.clone_from(&env.time);
+        if utilization.is_some() {
+            node.utilization = utilization;
+            self.adapt_weights(env);
+        }
+        let node = self.nodes.get_mut(name).expect("found above");
         if node.state == NodeState::Down {
             node.state = NodeState::Ready;
             touch(&mut node.meta, env);
@@ -563,7 +578,7 @@ impl StateMachine {
             ..meta(env, &name, &project)
         };
         inst.status = nimbus_api::InstanceStatus::default();
-        let node = self.place(&inst)?;
+        let (node, preempted) = self.place_or_preempt(env, &inst)?;
         self.assign(env, &mut inst, &node)?;
         let id = inst.meta.id.clone();
         if let Some(key) = key {
@@ -590,7 +605,7 @@ impl StateMachine {
             "instance",
             &name,
             "Scheduled",
-            format!("placed on node {node}"),
+            crate::preemption::scheduled_message(&node, &preempted),
         );
         Ok(CommandOutput::Instance(Box::new(inst)))
     }
@@ -615,6 +630,16 @@ impl StateMachine {
                 .as_ref()
                 .is_none_or(|n| self.nodes.get(n).is_none_or(|n| n.state == NodeState::Down))
         };
+        {
+            let i = &self.instances[&id];
+            if action == InstanceAction::Start
+                && i.status.node.is_none()
+                && i.spec.desired != DesiredState::Deleted
+            {
+                // Never placed, or preempted: starting it places it anew.
+                return self.start_unplaced(env, &id);
+            }
+        }
         let i = self.instances.get_mut(&id).expect("found above");
         if i.spec.desired == DesiredState::Deleted {
             return Err(ApiError::not_found("instance", name));

@@ -41,6 +41,17 @@ impl H {
         };
         self.sm.apply(self.index, &env)
     }
+    /// Applies `c` with the log time `time` (RFC 3339).
+    pub(crate) fn run_at(&mut self, time: &str, c: Command) -> crate::CommandResult {
+        self.index += 1;
+        let env = CommandEnvelope {
+            format: COMMAND_FORMAT_VERSION,
+            time: time.into(),
+            new_id: format!("id-{}", self.index),
+            command: c,
+        };
+        self.sm.apply(self.index, &env)
+    }
     pub(crate) fn ok(&mut self, c: Command) -> CommandOutput {
         self.run(c).expect("command should succeed")
     }
@@ -71,7 +82,12 @@ impl H {
             agent_version: "test".into(),
         }));
     }
-    fn create(&mut self, name: &str, mem: u64, key: Option<&str>) -> crate::CommandResult {
+    pub(crate) fn create(
+        &mut self,
+        name: &str,
+        mem: u64,
+        key: Option<&str>,
+    ) -> crate::CommandResult {
         self.run(Command::CreateInstance {
             instance: Box::new(instance(name, mem)),
             idempotency_key: key.map(String::from),
@@ -341,7 +357,10 @@ fn node_down_fails_its_instances_and_heartbeat_revives() {
         h.create("b", 1 << 20, None).unwrap_err().code,
         ErrorCode::Unschedulable
     );
-    h.ok(Command::NodeHeartbeat { name: "n1".into() });
+    h.ok(Command::NodeHeartbeat {
+        name: "n1".into(),
+        utilization: None,
+    });
     assert_eq!(h.sm.nodes["n1"].state, nimbus_api::NodeState::Ready);
 }
 

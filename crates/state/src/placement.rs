@@ -65,7 +65,8 @@ pub fn node_views(sm: &StateMachine, exclude: Option<&str>) -> Vec<NodeView> {
         .collect()
 }
 
-/// Full scheduler nodes (zone, labels, spread-group counts) for the placement engine.
+/// Full scheduler nodes (zone, labels, measured utilisation, spread-group counts) for the
+/// placement engine.
 pub fn nodes(sm: &StateMachine, exclude: Option<&str>) -> Vec<nimbus_scheduler::Node> {
     let mut groups: BTreeMap<&str, BTreeMap<String, u32>> = BTreeMap::new();
     for i in sm.instances.values() {
@@ -87,6 +88,14 @@ pub fn nodes(sm: &StateMachine, exclude: Option<&str>) -> Vec<nimbus_scheduler::
             if let Some(node) = sm.nodes.get(&v.name) {
                 n.zone.clone_from(&node.zone);
                 n.labels.clone_from(&node.meta.labels);
+                if let Some(u) = node.utilization {
+                    n.measured = nimbus_scheduler::Utilization {
+                        cpu: f64::from(u.cpu_permille.min(1000)) / 1000.0,
+                        memory: f64::from(u.memory_permille.min(1000)) / 1000.0,
+                        network: f64::from(u.network_permille.min(1000)) / 1000.0,
+                    };
+                    n.network_mbps = u.network_mbps;
+                }
             }
             n.groups = groups.get(v.name.as_str()).cloned().unwrap_or_default();
             n

@@ -16,6 +16,10 @@ impl StateMachine {
         let req = crate::placement::instance_request(inst)?;
         let policy = self.policy.scheduler.unwrap_or_default();
         let mut cluster = nimbus_scheduler::Cluster::new(&nodes, policy);
+        if policy.strategy == nimbus_scheduler::Strategy::Spread {
+            // Binpack weighs by the scarcest reserved resource instead (see the scheduler).
+            cluster.set_weights(self.score_weights());
+        }
         if !nodes.is_empty() {
             cluster
                 .validate_request(&req)
@@ -146,7 +150,7 @@ impl StateMachine {
         if inst.spec.desired == DesiredState::Deleted {
             return Ok(CommandOutput::Instance(Box::new(inst)));
         }
-        let node = self.place(&inst)?;
+        let (node, preempted) = self.place_or_preempt(env, &inst)?;
         let mut inst = inst;
         self.assign(env, &mut inst, &node)?;
         touch(&mut inst.meta, env);
@@ -159,7 +163,36 @@ impl StateMachine {
             "instance",
             &n,
             "Scheduled",
-            format!("placed on node {node}"),
+            crate::preemption::scheduled_message(&node, &preempted),
+        );
+        Ok(CommandOutput::Instance(Box::new(inst)))
+    }
+
+    /// `start` on an instance without a node (preempted, or never placed): places it
+    /// (preempting lower-priority instances if needed) and wants it running. On error nothing
+    /// changed.
+    pub(crate) fn start_unplaced(&mut self, env: &CommandEnvelope, id: &str) -> CommandResult {
+        let mut inst = self
+            .instances
+            .get(id)
+            .ok_or_else(|| ApiError::not_found("instance", id))?
+            .clone();
+        let (node, preempted) = self.place_or_preempt(env, &inst)?;
+        inst.spec.desired = DesiredState::Running;
+        self.assign(env, &mut inst, &node)?;
+        inst.status.exit_code = None;
+        touch(&mut inst.meta, env);
+        let (p, n) = (inst.meta.project.clone(), inst.meta.name.clone());
+        self.instances.insert(id.to_string(), inst.clone());
+        self.bump_assignments(&node);
+        self.event(env, &p, "instance", &n, "StartRequested", String::new());
+        self.event(
+            env,
+            &p,
+            "instance",
+            &n,
+            "Scheduled",
+            crate::preemption::scheduled_message(&node, &preempted),
         );
         Ok(CommandOutput::Instance(Box::new(inst)))
     }

@@ -165,4 +165,5 @@ pub trait Driver: Send + Sync + 'static {
 
 pub mod conformance;
 pub mod container;
+pub mod hollow;
 pub mod vm;

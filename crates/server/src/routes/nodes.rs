@@ -86,9 +86,12 @@ pub async fn drain(
 pub async fn heartbeat(
     State(app): State<AppState>,
     Path(name): Path<String>,
-    ApiJson(_req): ApiJson<HeartbeatRequest>,
+    ApiJson(req): ApiJson<HeartbeatRequest>,
 ) -> HttpResult<StatusCode> {
-    app.propose(Command::NodeHeartbeat { name }).await?;
+    let memory = app.read(|s| s.nodes.get(&name).map_or(0, |n| n.capacity.memory_bytes));
+    let utilization = nimbus_api::validate::heartbeat(&req, memory)?;
+    app.propose(Command::NodeHeartbeat { name, utilization })
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
