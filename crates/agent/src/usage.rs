@@ -226,7 +226,10 @@ mod tests {
         let f = net_fraction(125_000_000, 25_000_000, 2.0, 1000);
         assert!((f - 0.5).abs() < 1e-9, "{f}");
         assert!(net_fraction(1, 1, 1.0, 0).abs() < 1e-12, "unknown speed");
-        assert!((net_fraction(u64::MAX, 0, 1.0, 1) - 1.0).abs() < 1e-12, "clamped");
+        assert!(
+            (net_fraction(u64::MAX, 0, 1.0, 1) - 1.0).abs() < 1e-12,
+            "clamped"
+        );
     }
 
     #[test]

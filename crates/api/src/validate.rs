@@ -337,7 +337,12 @@ mod tests {
         hb.network_mbps = 10_000;
         let u = super::heartbeat(&hb, 1000).unwrap().unwrap();
         assert_eq!(
-            (u.cpu_permille, u.memory_permille, u.network_permille, u.network_mbps),
+            (
+                u.cpu_permille,
+                u.memory_permille,
+                u.network_permille,
+                u.network_mbps
+            ),
             (250, 600, 1000, 10_000)
         );
         hb.cpu_utilisation = 1.5;
