@@ -30,4 +30,10 @@ pub struct AgentConfig {
     pub heartbeat_every: Duration,
     /// Grace period of a stop before the hard kill.
     pub stop_grace: Duration,
+    /// The node's underlay address (VXLAN endpoint); `None`: the source address towards the
+    /// first server.
+    pub underlay_ip: Option<std::net::Ipv4Addr>,
+    /// The nftables table the agent owns (default: the cluster's datapath prefix). Agents
+    /// sharing a network namespace (tests) need distinct tables.
+    pub nft_table: Option<String>,
 }

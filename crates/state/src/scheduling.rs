@@ -1,18 +1,30 @@
 //! Placement inside `apply`: choosing a node through the scheduler engine, assigning an
 //! address, draining a node and moving instances (failover).
 
-use std::collections::BTreeSet;
-
 use nimbus_api::{ApiError, DesiredState, ErrorCode, Instance, InstanceState, InstanceType};
 
 use crate::command::{CommandEnvelope, CommandOutput, CommandResult};
 use crate::machine::touch;
-use crate::{network, StateMachine};
+use crate::StateMachine;
 
 impl StateMachine {
     /// Runs the scheduler for `inst` against the current nodes.
     pub(crate) fn place(&self, inst: &Instance) -> Result<String, ApiError> {
-        let nodes = crate::placement::nodes(self, Some(&inst.meta.id));
+        let mut nodes = crate::placement::nodes(self, Some(&inst.meta.id));
+        if !inst.spec.publish.is_empty() && !nodes.is_empty() {
+            // A host port can be published once per node: such nodes do not fit.
+            let mut why = None;
+            nodes.retain(|n| match self.port_conflict(inst, &n.name) {
+                Some(m) => {
+                    why.get_or_insert(m);
+                    false
+                }
+                None => true,
+            });
+            if let (true, Some(why)) = (nodes.is_empty(), why) {
+                return Err(ApiError::conflict(why).with_field("publish"));
+            }
+        }
         let req = crate::placement::instance_request(inst)?;
         let policy = self.policy.scheduler.unwrap_or_default();
         let mut cluster = nimbus_scheduler::Cluster::new(&nodes, policy);
@@ -47,20 +59,11 @@ impl StateMachine {
         inst: &mut Instance,
         node: &str,
     ) -> Result<(), ApiError> {
-        let n = &self.nodes[node];
-        let used: BTreeSet<String> = self
-            .instances_on(node)
-            .filter(|i| i.meta.id != inst.meta.id)
-            .filter_map(|i| i.status.ip.clone())
-            .collect();
-        let ip = network::free_ip(&n.subnet, &used).ok_or_else(|| {
-            ApiError::new(
-                ErrorCode::Unschedulable,
-                format!("node {node} has no free address in {}", n.subnet),
-            )
-        })?;
+        if !self.nodes.contains_key(node) {
+            return Err(ApiError::not_found("node", node));
+        }
+        // The address comes from the network's IPAM at creation and stays across moves.
         inst.status.node = Some(node.to_string());
-        inst.status.ip = Some(ip);
         inst.status.generation += 1;
         inst.status.state = InstanceState::Scheduled;
         inst.status.message.clear();
@@ -126,6 +129,7 @@ impl StateMachine {
         self.instances.insert(id.to_string(), inst);
         self.bump_assignments(&old);
         self.bump_assignments(&node);
+        self.bump_network();
         self.event(
             env,
             &p,
@@ -153,6 +157,7 @@ impl StateMachine {
         let (p, n) = (inst.meta.project.clone(), inst.meta.name.clone());
         self.instances.insert(id.to_string(), inst.clone());
         self.bump_assignments(&node);
+        self.bump_network();
         self.event(
             env,
             &p,

@@ -368,8 +368,9 @@ impl Net {
             .append(true)
             .open(log)?;
         let log2 = log.try_clone()?;
-        Ok(Command::new("ip")
-            .args(["netns", "exec", &h.ns, program])
+        Ok(Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", h.ns))
+            .arg(program)
             .args(args)
             .stdin(Stdio::null())
             .stdout(log)
