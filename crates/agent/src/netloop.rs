@@ -89,7 +89,7 @@ impl Agent {
                         if !c.ops.is_empty() || c.nft_changes > 0 {
                             tracing::info!(
                                 revision = map.revision,
-                                netlink_ops = c.ops.len(),
+                                netlink_ops = ?c.ops,
                                 nft_changes = c.nft_changes,
                                 elapsed = ?started.elapsed(),
                                 "datapath converged"

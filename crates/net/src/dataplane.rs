@@ -174,6 +174,10 @@ impl Netlink {
                         NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => {
                             dst = Some(*ip);
                         }
+                        // In an AF_BRIDGE answer the parser cannot tell the address family.
+                        NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => {
+                            dst = <[u8; 4]>::try_from(b.as_slice()).ok().map(Ipv4Addr::from);
+                        }
                         _ => {}
                     }
                 }
@@ -363,6 +367,19 @@ impl Netlink {
     }
 }
 
+/// Turns on IPv4 forwarding in this network namespace (instances' traffic is routed by the
+/// host: between subnets, to the outside, to published ports). Sysctls under `net` belong to
+/// the namespace of the process that opens them.
+fn enable_forwarding() -> Result<(), NetError> {
+    const PATH: &str = "/proc/sys/net/ipv4/ip_forward";
+    let cur = std::fs::read_to_string(PATH).map_err(NetError::io(format!("reading {PATH}")))?;
+    if cur.trim() != "1" {
+        std::fs::write(PATH, "1").map_err(NetError::io(format!("writing {PATH}")))?;
+        tracing::info!("enabled IPv4 forwarding");
+    }
+    Ok(())
+}
+
 /// Runs `nft` with `args`, feeding `stdin`; returns stdout.
 pub async fn nft(args: &[&str], stdin: Option<&str>) -> Result<String, NetError> {
     let mut cmd = tokio::process::Command::new("nft");
@@ -427,6 +444,9 @@ pub fn instance_ifname(i: &InstancePlan) -> String {
 /// apply), then the nftables tables `inet <table>` and `bridge <table>` (read, plan, one
 /// atomic script). Applying the same map again changes nothing.
 pub async fn converge(nl: &Netlink, map: &NetworkMap, table: &str) -> Result<Converged, NetError> {
+    if !map.networks.is_empty() {
+        enable_forwarding()?;
+    }
     let want = plan::want(map);
     let actual = nl.datapath(&map.prefix).await?;
     let ops = plan::plan(&map.prefix, &want, &actual);

@@ -11,28 +11,38 @@ impl StateMachine {
     /// Runs the scheduler for `inst` against the current nodes.
     pub(crate) fn place(&self, inst: &Instance) -> Result<String, ApiError> {
         let mut nodes = crate::placement::nodes(self, Some(&inst.meta.id));
-        if !inst.spec.publish.is_empty() && !nodes.is_empty() {
-            // A host port can be published once per node: such nodes do not fit.
-            let mut why = None;
+        let req = crate::placement::instance_request(inst)?;
+        let policy = self.policy.scheduler.unwrap_or_default();
+        if !nodes.is_empty() {
+            // Validated against every node: constraints are about the cluster, not about the
+            // nodes a published port leaves.
+            nimbus_scheduler::Cluster::new(&nodes, policy)
+                .validate_request(&req)
+                .map_err(|e| ApiError::invalid(e.field, e.message))?;
+        }
+        // A host port can be published once per node: such nodes do not fit.
+        let mut port_taken = None;
+        if !inst.spec.publish.is_empty() {
             nodes.retain(|n| match self.port_conflict(inst, &n.name) {
                 Some(m) => {
-                    why.get_or_insert(m);
+                    port_taken.get_or_insert(m);
                     false
                 }
                 None => true,
             });
-            if let (true, Some(why)) = (nodes.is_empty(), why) {
-                return Err(ApiError::conflict(why).with_field("publish"));
-            }
         }
-        let req = crate::placement::instance_request(inst)?;
-        let policy = self.policy.scheduler.unwrap_or_default();
+        let port_conflict = |other: Option<String>| {
+            let why = port_taken.clone().unwrap_or_default();
+            let message = match other {
+                Some(o) => format!("{o}; and {why}"),
+                None => why,
+            };
+            ApiError::conflict(message).with_field("publish")
+        };
+        if nodes.is_empty() && port_taken.is_some() {
+            return Err(port_conflict(None));
+        }
         let mut cluster = nimbus_scheduler::Cluster::new(&nodes, policy);
-        if !nodes.is_empty() {
-            cluster
-                .validate_request(&req)
-                .map_err(|e| ApiError::invalid(e.field, e.message))?;
-        }
         cluster
             .place(&req)
             .map(|idx| nodes[idx].name.clone())
@@ -44,6 +54,10 @@ impl StateMachine {
                         .contains_key(&nimbus_scheduler::Reason::NoVmSupport)
                 {
                     msg = format!("no node can run VMs: {msg}");
+                }
+                if port_taken.is_some() {
+                    // The nodes left out for a published port matter as much as the rest.
+                    return port_conflict(Some(msg));
                 }
                 ApiError {
                     code: ErrorCode::Unschedulable,

@@ -392,6 +392,30 @@ fn a_host_port_is_published_once_per_node() {
     h.node("n2", false);
     let b = inst(launch(&mut h, "b", |i| i.spec.publish = vec![p]).unwrap());
     assert_eq!(b.status.node.as_deref(), Some("n2"));
+    // Both nodes out (one for the port, one cordoned): the port is named in the 409.
+    h.ok(Command::SetNodeCordon {
+        name: "n1".into(),
+        cordoned: true,
+        version: None,
+    });
+    let e = h.err(Command::CreateInstance {
+        instance: Box::new({
+            let mut i = instance("c", 64 << 20);
+            i.spec.publish = vec![p];
+            i
+        }),
+        idempotency_key: None,
+    });
+    assert_eq!(
+        (e.code, e.field.as_deref()),
+        (ErrorCode::Conflict, Some("publish"))
+    );
+    assert!(
+        e.message
+            .contains("host port 8080/tcp is already published on node"),
+        "{}",
+        e.message
+    );
 }
 
 #[test]
