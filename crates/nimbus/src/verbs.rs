@@ -218,6 +218,20 @@ pub async fn show(c: &Client, name: &str, o: Output) -> Result<()> {
         ("desired", format!("{:?}", i.spec.desired).to_lowercase()),
         ("node", s.node.clone().unwrap_or_default()),
         ("ip", s.ip.clone().unwrap_or_default()),
+        (
+            "network",
+            format!("{} (subnet {})", i.spec.network, i.spec.subnet),
+        ),
+        ("security groups", i.spec.security_groups.join(", ")),
+        (
+            "published",
+            i.spec
+                .publish
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
+        ),
         ("pid", s.pid.map(|p| p.to_string()).unwrap_or_default()),
         (
             "exit code",
