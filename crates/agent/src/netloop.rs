@@ -8,6 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs, UdpSocket};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use nimbus_api::agent::InstancePlan;
 use nimbus_api::agent::StatusReport;
 use nimbus_api::InterfaceCounters;
 use nimbus_net::dataplane::{converge, instance_ifname};
@@ -84,7 +85,8 @@ impl Agent {
                     .clone()
                     .unwrap_or_else(|| map.prefix.clone());
                 let started = Instant::now();
-                match converge(&nl, &map, &table).await {
+                let ifname = |i: &InstancePlan| self.ifname(i);
+                match converge(&nl, &map, &table, &ifname).await {
                     Ok(c) => {
                         if !c.ops.is_empty() || c.nft_changes > 0 {
                             tracing::info!(
@@ -125,6 +127,14 @@ impl Agent {
         }
     }
 
+    /// The host interface of an instance, as its driver names it.
+    fn ifname(&self, i: &InstancePlan) -> String {
+        self.drivers
+            .get(&i.instance_type)
+            .and_then(|d| d.host_interface(&i.id))
+            .unwrap_or_else(|| instance_ifname(i))
+    }
+
     async fn report_counters(
         &self,
         nl: &Netlink,
@@ -133,7 +143,7 @@ impl Agent {
     ) {
         let mut now = Vec::new();
         for i in &map.instances {
-            let ifname = instance_ifname(i);
+            let ifname = self.ifname(i);
             if let Ok(Some(c)) = nl.counters(&ifname).await {
                 // The host side receives what the instance sends.
                 now.push(InterfaceCounters {

@@ -138,6 +138,10 @@ pub struct NetworkMap {
     pub security_groups: Vec<GroupPlan>,
     /// This node's instances.
     pub instances: Vec<InstancePlan>,
+    /// The underlay addresses of the other nodes (their own traffic, like this node's, is not
+    /// subject to the security groups).
+    #[serde(default)]
+    pub nodes: Vec<String>,
 }
 
 /// One network as a node's datapath needs it.
@@ -209,7 +213,6 @@ pub struct InstancePlan {
     /// Published ports.
     pub publish: Vec<crate::PublishedPort>,
 }
-
 
 /// A backend instance resolved to its address.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]

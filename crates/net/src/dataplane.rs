@@ -431,7 +431,9 @@ pub struct Converged {
     pub nft_changes: usize,
 }
 
-/// The host interface of an instance: `nv<shortid>` for containers, `nt<shortid>` for VMs.
+/// The default host interface of an instance: `nv<shortid>` for containers, `nt<shortid>` for
+/// VMs (an agent with a runtime scope names its veths otherwise and passes its own naming to
+/// [`converge`]).
 pub fn instance_ifname(i: &InstancePlan) -> String {
     let prefix = match i.instance_type {
         nimbus_api::InstanceType::Container => "nv",
@@ -442,8 +444,14 @@ pub fn instance_ifname(i: &InstancePlan) -> String {
 
 /// One convergence pass of the node's datapath to `map`: netlink objects first (read, plan,
 /// apply), then the nftables tables `inet <table>` and `bridge <table>` (read, plan, one
-/// atomic script). Applying the same map again changes nothing.
-pub async fn converge(nl: &Netlink, map: &NetworkMap, table: &str) -> Result<Converged, NetError> {
+/// atomic script). Applying the same map again changes nothing. `ifname` names an instance's
+/// host interface.
+pub async fn converge(
+    nl: &Netlink,
+    map: &NetworkMap,
+    table: &str,
+    ifname: &(dyn Fn(&InstancePlan) -> String + Sync),
+) -> Result<Converged, NetError> {
     if !map.networks.is_empty() {
         enable_forwarding()?;
     }
@@ -453,7 +461,7 @@ pub async fn converge(nl: &Netlink, map: &NetworkMap, table: &str) -> Result<Con
     for op in &ops {
         nl.apply(op).await?;
     }
-    let desired = nft::desired(map, instance_ifname);
+    let desired = nft::desired(map, ifname);
     let mut script = String::new();
     let mut changes = 0;
     for (spec, want) in [(&nft::INET, &desired.inet), (&nft::BRIDGE, &desired.bridge)] {

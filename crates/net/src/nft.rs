@@ -17,7 +17,7 @@ use serde_json::Value;
 use crate::sg;
 
 /// Marks the layout below; bump it when a chain or set changes.
-const SCHEMA_CHAIN: &str = "schema_v1";
+const SCHEMA_CHAIN: &str = "schema_v2";
 
 /// What a set or map field holds (decides the canonical text of an element).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,15 +73,17 @@ pub const INET: TableSpec = TableSpec {
         SetSpec { name: "out_icmp", key: &[Ipv4, Ipv4], value: &[], decl: "type ipv4_addr . ipv4_addr; flags interval;" },
         SetSpec { name: "out_ports", key: &[Ipv4, Ipv4, Proto, Port], value: &[], decl: "type ipv4_addr . ipv4_addr . inet_proto . inet_service; flags interval;" },
         SetSpec { name: "publish", key: &[Proto, Port], value: &[Ipv4, Port], decl: "type inet_proto . inet_service : ipv4_addr . inet_service;" },
+        SetSpec { name: "nodes4", key: &[Ipv4], value: &[], decl: "type ipv4_addr;" },
+        SetSpec { name: "host_snat", key: &[Ipv4], value: &[Ipv4], decl: "type ipv4_addr : ipv4_addr;" },
     ],
     chains: &[
         (SCHEMA_CHAIN, ""),
         ("filter_forward", "type filter hook forward priority filter; policy accept;\n    ct state established,related accept\n    iifname @bridges oifname @bridges ct status & dnat == 0 iifname . oifname != @same_bridge drop\n    ip saddr @local4 jump sg_egress\n    ip daddr @local4 jump sg_ingress"),
         ("sg_egress", "ip saddr . ip daddr @out_any return\n    meta l4proto icmp ip saddr . ip daddr @out_icmp return\n    ip saddr . ip daddr . meta l4proto . th dport @out_ports return\n    counter drop"),
-        ("sg_ingress", "ct status dnat return\n    ip daddr . ip saddr @in_any return\n    meta l4proto icmp ip daddr . ip saddr @in_icmp return\n    ip daddr . ip saddr . meta l4proto . th dport @in_ports return\n    counter drop"),
+        ("sg_ingress", "ct status dnat return\n    ip saddr @nodes4 return\n    ip daddr . ip saddr @in_any return\n    meta l4proto icmp ip daddr . ip saddr @in_icmp return\n    ip daddr . ip saddr . meta l4proto . th dport @in_ports return\n    counter drop"),
         ("nat_pre", "type nat hook prerouting priority dstnat; policy accept;\n    fib daddr type local dnat ip to meta l4proto . th dport map @publish"),
         ("nat_out", "type nat hook output priority -100; policy accept;\n    ip daddr != 127.0.0.0/8 fib daddr type local dnat ip to meta l4proto . th dport map @publish"),
-        ("nat_post", "type nat hook postrouting priority srcnat; policy accept;\n    ip saddr @vpc_cidrs oifname != @bridges masquerade\n    ct status dnat ip saddr @vpc_cidrs oifname @bridges masquerade"),
+        ("nat_post", "type nat hook postrouting priority srcnat; policy accept;\n    fib saddr type local snat ip to ip daddr map @host_snat\n    ip saddr @vpc_cidrs oifname != @bridges masquerade\n    ct status dnat ip saddr @vpc_cidrs oifname @bridges masquerade"),
     ],
 };
 
@@ -191,6 +193,18 @@ pub fn desired(
         if let Ok(c) = Cidr::parse(&n.cidr) {
             add(&mut inet, "vpc_cidrs", sg::cidr_text(c));
         }
+    }
+    for n in &map.nodes {
+        add(&mut inet, "nodes4", n.clone());
+    }
+    // The node's own traffic to an instance on another node leaves with the node's underlay
+    // address, so the reply comes back here rather than to that node's copy of the gateway.
+    for r in map.networks.iter().flat_map(|n| &n.remote) {
+        add(
+            &mut inet,
+            "host_snat",
+            format!("{} : {}", r.ip, map.underlay_ip),
+        );
     }
     for i in &map.instances {
         add(&mut inet, "local4", i.ip.clone());

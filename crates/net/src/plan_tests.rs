@@ -24,6 +24,7 @@ fn map(remote: Vec<RemoteEndpoint>) -> NetworkMap {
         }],
         security_groups: vec![],
         instances: vec![],
+        nodes: vec![],
     }
 }
 

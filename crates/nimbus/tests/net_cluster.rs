@@ -9,6 +9,7 @@
 //! agent keeps connectivity and repairs drift; deleting everything leaves no interfaces, FDB
 //! entries or nftables objects.
 
+use std::fmt::Write as _;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -146,13 +147,14 @@ fn diag(net: &Net) -> String {
     }
     let mut out = agent_logs(net);
     for h in 0..3 {
-        out.push_str(&format!(
+        let _ = write!(
+            out,
             "\n--- datapath h{h} ---\n{}{}{}{}",
             run(net, h, "ip", &["-d", "-br", "link"]),
             run(net, h, "bridge", &["fdb", "show"]),
             run(net, h, "ip", &["neigh", "show"]),
             run(net, h, "nft", &["list", "ruleset"]),
-        ));
+        );
     }
     out
 }
@@ -313,19 +315,40 @@ async fn tenant_networks_across_three_hosts() {
     let admin = net.client(0);
     admin.create_project("alpha").await.unwrap();
     admin.create_project("beta").await.unwrap();
-    let a = admin.with_project("alpha");
-    let b = admin.with_project("beta");
+    let alpha = admin.with_project("alpha");
+    let beta = admin.with_project("beta");
 
     // Same project, different hosts: VXLAN.
-    let a1 = launch(&net, &a, "a1", 0, |_| {}).await;
-    let a2 = launch(&net, &a, "a2", 1, |_| {}).await;
+    let a1 = launch(&net, &alpha, "a1", 0, |_| {}).await;
+    let a2 = launch(&net, &alpha, "a2", 1, |_| {}).await;
     assert!(
-        reaches(&a, "a1", &ip(&a2), 80).await,
+        reaches(&alpha, "a1", &ip(&a2), 80).await,
         "a1 -> a2 over VXLAN\n{}",
         diag(&net)
     );
-    assert!(reaches(&a, "a2", &ip(&a1), 80).await, "a2 -> a1 over VXLAN");
-    assert!(ping_ok(&a, "a1", &ip(&a2)).await, "ICMP a1 -> a2");
+    assert!(
+        reaches(&alpha, "a2", &ip(&a1), 80).await,
+        "a2 -> a1 over VXLAN"
+    );
+    assert!(ping_ok(&alpha, "a1", &ip(&a2)).await, "ICMP a1 -> a2");
+    // Host h0's own stack reaches a2 on h1 too (its traffic leaves with h0's underlay address).
+    let from_host = run(
+        &net,
+        0,
+        "sh",
+        &[
+            "-c",
+            &format!(
+                "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | busybox nc -w 2 {} 80",
+                ip(&a2)
+            ),
+        ],
+    );
+    assert!(
+        from_host.contains("a2"),
+        "host h0 -> a2: {from_host:?}\n{}",
+        diag(&net)
+    );
     let fdb = run(&net, 0, "bridge", &["fdb", "show", "dev", "nimbusv100"]);
     assert!(
         fdb.contains(
@@ -343,15 +366,15 @@ async fn tenant_networks_across_three_hosts() {
     );
 
     // Two projects: no traffic either way (b1 shares host h1 with a2, and h0 with a1).
-    let b1 = launch(&net, &b, "b1", 1, |_| {}).await;
-    let b0 = launch(&net, &b, "b0", 0, |_| {}).await;
+    let b1 = launch(&net, &beta, "b1", 1, |_| {}).await;
+    let b0 = launch(&net, &beta, "b0", 0, |_| {}).await;
     for (c, from, to) in [
-        (&a, "a2", ip(&b1)),
-        (&b, "b1", ip(&a2)),
-        (&a, "a1", ip(&b1)),
-        (&b, "b1", ip(&a1)),
-        (&a, "a1", ip(&b0)),
-        (&b, "b0", ip(&a1)),
+        (&alpha, "a2", ip(&b1)),
+        (&beta, "b1", ip(&a2)),
+        (&alpha, "a1", ip(&b1)),
+        (&beta, "b1", ip(&a1)),
+        (&alpha, "a1", ip(&b0)),
+        (&beta, "b0", ip(&a1)),
     ] {
         assert!(
             !http_ok(c, from, &to, 80).await,
@@ -363,18 +386,18 @@ async fn tenant_networks_across_three_hosts() {
         );
     }
     assert!(
-        reaches(&b, "b0", &ip(&b1), 80).await,
+        reaches(&beta, "b0", &ip(&b1), 80).await,
         "beta's own instances talk"
     );
 
     // Security group: web admits only its members until a rule lets `default` in on 8080.
-    a.create_security_group("web", "").await.unwrap();
-    let a3 = launch(&net, &a, "a3", 2, |r| {
-        r.security_groups = vec!["web".into()]
+    alpha.create_security_group("web", "").await.unwrap();
+    let a3 = launch(&net, &alpha, "a3", 2, |r| {
+        r.security_groups = vec!["web".into()];
     })
     .await;
     assert!(
-        !http_ok(&a, "a1", &ip(&a3), 8080).await,
+        !http_ok(&alpha, "a1", &ip(&a3), 8080).await,
         "web must block a1"
     );
     let (ok, out, err) = cli(
@@ -386,9 +409,9 @@ async fn tenant_networks_across_three_hosts() {
     );
     assert!(ok, "{err}");
     let rule_id = out.split_whitespace().nth(1).expect("rule id").to_string();
-    let t = Instant::now();
+    let opened_at = Instant::now();
     let opened = eventually(Duration::from_secs(5), || async {
-        http_ok(&a, "a1", &ip(&a3), 8080).await.then_some(())
+        http_ok(&alpha, "a1", &ip(&a3), 8080).await.then_some(())
     })
     .await;
     assert!(
@@ -398,26 +421,27 @@ async fn tenant_networks_across_three_hosts() {
     );
     eprintln!(
         "rule took effect after {:?} (incl. exec round trips)",
-        t.elapsed()
+        opened_at.elapsed()
     );
     assert!(
-        !http_ok(&a, "a1", &ip(&a3), 80).await,
+        !http_ok(&alpha, "a1", &ip(&a3), 80).await,
         "only 8080 was opened"
     );
     assert!(
-        !http_ok(&a, "a3", &ip(&a1), 80).await,
+        !http_ok(&alpha, "a3", &ip(&a1), 80).await,
         "default admits only its own members, not a3"
     );
 
     // Bad input, now that alpha has a network, a group and instances.
-    a.create_network(&CreateNetworkRequest {
-        name: "over".into(),
-        cidr: Some("10.88.0.0/16".into()),
-        subnets: vec![],
-    })
-    .await
-    .unwrap();
-    bad_input(&net, &a).await;
+    alpha
+        .create_network(&CreateNetworkRequest {
+            name: "over".into(),
+            cidr: Some("10.88.0.0/16".into()),
+            subnets: vec![],
+        })
+        .await
+        .unwrap();
+    bad_input(&net, &alpha).await;
 
     // Egress NAT: a1 reaches the test process on the underlay as its host's address.
     let gw = net.underlay_gateway();
@@ -432,8 +456,8 @@ async fn tenant_networks_across_three_hosts() {
         let _ = tokio::io::AsyncWriteExt::write_all(&mut s, b"HTTP/1.0 200 OK\r\n\r\nnat-ok").await;
         peer
     });
-    let r = http(&a, "a1", &gw, port).await;
-    assert!(r.contains("nat-ok"), "{r:?}");
+    let answer = http(&alpha, "a1", &gw, port).await;
+    assert!(answer.contains("nat-ok"), "{answer:?}");
     let peer = server.await.unwrap();
     assert_eq!(
         peer.ip().to_string(),
@@ -442,10 +466,13 @@ async fn tenant_networks_across_three_hosts() {
     );
 
     // Published port: host h1's underlay address forwards 18080 to a4:80.
-    launch(&net, &a, "a4", 1, |r| r.publish = vec!["18080:80".into()]).await;
+    launch(&net, &alpha, "a4", 1, |r| {
+        r.publish = vec!["18080:80".into()];
+    })
+    .await;
     let h1 = net.hosts[1].addr.clone();
     let body = eventually(Duration::from_secs(5), || async {
-        nimbus_testkit::http_get(&h1, 18080).filter(|b| b.contains("a4"))
+        nimbus_testkit::http_get(&h1, 18080).filter(|body| body.contains("a4"))
     })
     .await;
     assert!(
@@ -453,7 +480,7 @@ async fn tenant_networks_across_three_hosts() {
         "published port 18080 on h1 never answered\n{}",
         diag(&net)
     );
-    let e = a
+    let e = alpha
         .create_instance(
             &CreateInstanceRequest {
                 name: "a5".into(),
@@ -472,12 +499,15 @@ async fn tenant_networks_across_three_hosts() {
         (ErrorCode::Conflict, Some("publish")),
         "{e:?}"
     );
-    assert!(a.get_instance("a5").await.is_err(), "nothing half-applied");
+    assert!(
+        alpha.get_instance("a5").await.is_err(),
+        "nothing half-applied"
+    );
 
     // Kill host h1's agent: connectivity stays; drift made meanwhile is repaired on restart.
     net.kill9_agent(1);
     assert!(
-        http_ok(&a, "a1", &ip(&a2), 80).await,
+        http_ok(&alpha, "a1", &ip(&a2), 80).await,
         "a1 -> a2 with h1's agent dead"
     );
     let vx = "nimbusv100";
@@ -513,7 +543,7 @@ async fn tenant_networks_across_three_hosts() {
         agent_logs(&net)
     );
     assert!(
-        http_ok(&a, "a2", &ip(&a1), 80).await,
+        http_ok(&alpha, "a2", &ip(&a1), 80).await,
         "a2 -> a1 after the restart"
     );
 
@@ -533,7 +563,7 @@ async fn tenant_networks_across_three_hosts() {
     let (ok, _, err) = cli(&net, "alpha", &["sg", "rule", "delete", "web", &rule_id]);
     assert!(ok, "{err}");
     let closed = eventually(Duration::from_secs(5), || async {
-        (!http_ok(&a, "a1", &ip(&a3), 8080).await).then_some(())
+        (!http_ok(&alpha, "a1", &ip(&a3), 8080).await).then_some(())
     })
     .await;
     assert!(closed.is_some(), "the deleted rule still admits traffic");
@@ -549,21 +579,25 @@ async fn tenant_networks_across_three_hosts() {
     assert!(counted.is_some(), "no interface counters for a1 on h0");
 
     // Delete everything: no interfaces, FDB entries or nftables objects are left.
-    for (c, names) in [(&a, vec!["a1", "a2", "a3", "a4"]), (&b, vec!["b1", "b0"])] {
+    for (c, names) in [
+        (&alpha, vec!["a1", "a2", "a3", "a4"]),
+        (&beta, vec!["b1", "b0"]),
+    ] {
         for n in names {
             c.delete_instance(n).await.unwrap();
         }
     }
     let gone = eventually(Duration::from_secs(60), || async {
-        let left = a.list_instances().await.ok()?.len() + b.list_instances().await.ok()?.len();
+        let left =
+            alpha.list_instances().await.ok()?.len() + beta.list_instances().await.ok()?.len();
         (left == 0).then_some(())
     })
     .await;
     assert!(gone.is_some(), "instances were not deleted");
     for n in ["default", "over"] {
-        a.delete_network(n).await.unwrap();
+        alpha.delete_network(n).await.unwrap();
     }
-    a.delete_security_group("web").await.unwrap();
+    alpha.delete_security_group("web").await.unwrap();
     admin.delete_project("alpha").await.unwrap();
     admin.delete_project("beta").await.unwrap();
     let clean = eventually(Duration::from_secs(30), || async {

@@ -182,7 +182,16 @@ pub fn network_map(sm: &StateMachine, node: &str) -> NetworkMap {
             })
         })
         .collect();
+    let nodes = sm
+        .nodes
+        .values()
+        .map(|n| n.underlay_ip.clone())
+        .filter(|u| !u.is_empty() && *u != underlay)
+        .collect::<BTreeSet<String>>()
+        .into_iter()
+        .collect();
     NetworkMap {
+        nodes,
         revision: sm.network_revision,
         prefix: sm.network.prefix.clone(),
         mtu: sm.network.mtu,

@@ -354,16 +354,16 @@ fn security_group_rules_and_bad_input() {
 fn a_host_port_is_published_once_per_node() {
     let mut h = H::new();
     h.node("n1", false);
-    let p = PublishedPort {
+    let port = PublishedPort {
         host_port: 8080,
         port: 80,
         protocol: Protocol::Tcp,
     };
-    inst(launch(&mut h, "a", |i| i.spec.publish = vec![p]).unwrap());
+    inst(launch(&mut h, "a", |i| i.spec.publish = vec![port]).unwrap());
     let e = h.err(Command::CreateInstance {
         instance: Box::new({
             let mut i = instance("b", 64 << 20);
-            i.spec.publish = vec![p];
+            i.spec.publish = vec![port];
             i
         }),
         idempotency_key: None,
@@ -383,14 +383,14 @@ fn a_host_port_is_published_once_per_node() {
         launch(&mut h, "u", |i| {
             i.spec.publish = vec![PublishedPort {
                 protocol: Protocol::Udp,
-                ..p
+                ..port
             }];
         })
         .unwrap(),
     );
     // With a second node, the instance goes there.
     h.node("n2", false);
-    let b = inst(launch(&mut h, "b", |i| i.spec.publish = vec![p]).unwrap());
+    let b = inst(launch(&mut h, "b", |i| i.spec.publish = vec![port]).unwrap());
     assert_eq!(b.status.node.as_deref(), Some("n2"));
     // Both nodes out (one for the port, one cordoned): the port is named in the 409.
     h.ok(Command::SetNodeCordon {
@@ -401,7 +401,7 @@ fn a_host_port_is_published_once_per_node() {
     let e = h.err(Command::CreateInstance {
         instance: Box::new({
             let mut i = instance("c", 64 << 20);
-            i.spec.publish = vec![p];
+            i.spec.publish = vec![port];
             i
         }),
         idempotency_key: None,

@@ -34,6 +34,8 @@ fn parses_a_listing_into_canonical_elements() {
         st.elements["publish"],
         set(&["tcp . 8080 : 10.213.0.5 . 80"])
     );
+    assert_eq!(st.elements["host_snat"], set(&["10.213.0.9 : 10.250.0.1"]));
+    assert_eq!(st.elements["nodes4"], set(&["10.250.0.2"]));
     let br = parse_table(&BRIDGE, BRIDGE_JSON).unwrap();
     assert_eq!(br.layout, BRIDGE.layout());
     assert_eq!(br.elements["port_ips"], set(&["\"nv1234\" . 10.213.0.5"]));
@@ -110,7 +112,11 @@ fn desired_elements_from_a_map() {
                 cidr: "10.213.0.0/24".into(),
                 gateway: "10.213.0.1".into(),
             }],
-            remote: vec![],
+            remote: vec![nimbus_api::agent::RemoteEndpoint {
+                ip: "10.213.0.9".into(),
+                mac: "0a:00:00:00:00:09".into(),
+                underlay_ip: "10.250.0.2".into(),
+            }],
         }],
         security_groups: vec![GroupPlan {
             key: "p/default".into(),
@@ -139,6 +145,7 @@ fn desired_elements_from_a_map() {
                 protocol: Protocol::Tcp,
             }],
         }],
+        nodes: vec!["10.250.0.2".into()],
     };
     let d = desired(&map, |_| "nv0f3c9e2a1b2c".into());
     assert!(!d.empty);
@@ -163,4 +170,13 @@ fn desired_elements_from_a_map() {
         |_| String::new(),
     );
     assert!(empty.empty);
+}
+
+/// Prints the skeletons; `testdata/` is regenerated from them when the layout changes:
+/// `nft -f` them in a scratch namespace, add the elements the tests expect, `nft -j list table`.
+#[test]
+#[ignore = "helper for regenerating testdata"]
+fn print_skeletons() {
+    print!("{}", INET.skeleton("ntry"));
+    print!("{}", BRIDGE.skeleton("ntry"));
 }

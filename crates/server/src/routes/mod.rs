@@ -154,6 +154,7 @@ pub fn router(app: AppState) -> Router {
             get(loadbalancers::backends),
         )
         .route("/v1/nodes/{name}/lb-health", post(nodes::lb_health))
+        .route(
             "/v1/projects/{project}/networks",
             post(networks::create).get(networks::list),
         )

@@ -553,6 +553,10 @@ impl Driver for VmDriver {
         InstanceType::Vm
     }
 
+    fn host_interface(&self, id: &str) -> Option<String> {
+        Some(Self::tap_name(id))
+    }
+
     async fn create(&self, spec: &RuntimeSpec) -> Result<(), DriverError> {
         let lock = self.lock(&spec.id);
         let _guard = lock.lock().await;
