@@ -35,4 +35,10 @@ pub struct AgentConfig {
     pub hollow: bool,
     /// The capacity to register instead of the machine's (hollow nodes).
     pub capacity: Option<nimbus_api::Capacity>,
+    /// The node's underlay address (VXLAN endpoint); `None`: the source address towards the
+    /// first server.
+    pub underlay_ip: Option<std::net::Ipv4Addr>,
+    /// The nftables table the agent owns (default: the cluster's datapath prefix). Agents
+    /// sharing a network namespace (tests) need distinct tables.
+    pub nft_table: Option<String>,
 }

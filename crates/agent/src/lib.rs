@@ -7,6 +7,7 @@ pub mod http;
 pub mod lb_host;
 pub mod local;
 pub mod logs;
+mod netloop;
 pub mod runtime;
 pub mod server_link;
 pub mod usage;

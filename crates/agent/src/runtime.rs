@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nimbus_api::agent::{
-    Assignment, HeartbeatRequest, InstanceReport, RegisterNodeRequest, StatusReport,
+    Assignment, HeartbeatRequest, InstanceReport, NetworkMap, RegisterNodeRequest, StatusReport,
 };
 use nimbus_api::{
     Capacity, DesiredState, InstanceState, InstanceType, NodeCapabilities, RestartPolicy,
@@ -58,6 +58,10 @@ pub struct Agent {
     registration: Mutex<Option<RegisterNodeRequest>>,
     /// The load-balancer data plane of this node.
     pub(crate) lbs: Arc<crate::lb_host::LbHost>,
+    /// The network map the datapath converges to.
+    pub(crate) net_map: Mutex<Option<NetworkMap>>,
+    /// The network map revision the datapath last converged to.
+    pub(crate) net_applied: watch::Sender<u64>,
 }
 
 /// A handle to a running agent.
@@ -136,6 +140,8 @@ impl Agent {
                 Arc::new(nimbus_lb::Metrics::new()),
                 Vec::new(),
             )),
+            net_map: Mutex::new(None),
+            net_applied: watch::channel(0).0,
             cfg,
         });
         let api = crate::http::router(agent.clone());
@@ -160,12 +166,23 @@ impl Agent {
             zone: agent.cfg.zone.clone(),
             labels: agent.cfg.labels.clone(),
             agent_version: env!("CARGO_PKG_VERSION").into(),
+            underlay_ip: agent
+                .cfg
+                .underlay_ip
+                .or_else(|| crate::netloop::detect_underlay(&agent.cfg.servers, agent.cfg.listen))
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
         };
         agent.register(&reg).await?;
         *agent.registration.lock().expect("registration lock") = Some(reg);
         let (tx, rx) = watch::channel(None);
+        let (net_tx, net_rx) = watch::channel(0);
         tasks.push(tokio::spawn(agent.clone().heartbeat_loop()));
-        tasks.push(tokio::spawn(agent.clone().watch_loop(tx)));
+        tasks.push(tokio::spawn(agent.clone().watch_loop(tx, net_tx)));
+        if !agent.cfg.hollow {
+            // A hollow node has no datapath: hundreds of them share one network namespace.
+            tasks.push(tokio::spawn(agent.clone().net_loop(net_rx)));
+        }
         tasks.push(tokio::spawn(agent.clone().reconcile_loop(rx)));
         tasks.push(tokio::spawn(agent.clone().lb_health_loop()));
         Ok(AgentHandle {
@@ -181,7 +198,7 @@ impl Agent {
         loop {
             match self.link.register(reg).await {
                 Ok(node) => {
-                    tracing::info!(node = %node.meta.name, subnet = %node.subnet, "registered with the control plane");
+                    tracing::info!(node = %node.meta.name, underlay = %node.underlay_ip, "registered with the control plane");
                     return Ok(());
                 }
                 Err(e @ (LinkError::Refused(_) | LinkError::NotNimbus(..))) => return Err(e),
@@ -232,20 +249,39 @@ impl Agent {
         }
     }
 
-    async fn watch_loop(self: Arc<Self>, tx: watch::Sender<Option<u64>>) {
+    async fn watch_loop(
+        self: Arc<Self>,
+        tx: watch::Sender<Option<u64>>,
+        net_tx: watch::Sender<u64>,
+    ) {
         let mut after = 0;
+        let mut net_after = 0;
+        let mut first = true;
         loop {
-            match self.link.assignments(&self.cfg.name, after, 30).await {
+            let wait = if first { 0 } else { 30 };
+            match self
+                .link
+                .assignments(&self.cfg.name, after, net_after, wait)
+                .await
+            {
                 Ok(resp) => {
                     self.lbs.reconcile(&resp.loadbalancers).await;
-                    let map: BTreeMap<String, Assignment> = resp
-                        .assignments
-                        .into_iter()
-                        .map(|a| (a.id.clone(), a))
-                        .collect();
-                    *self.assignments.lock().expect("assignments lock") = map;
-                    after = resp.revision;
-                    let _ = tx.send(Some(after));
+                    if first || resp.revision != after {
+                        let map: BTreeMap<String, Assignment> = resp
+                            .assignments
+                            .into_iter()
+                            .map(|a| (a.id.clone(), a))
+                            .collect();
+                        *self.assignments.lock().expect("assignments lock") = map;
+                        after = resp.revision;
+                        let _ = tx.send(Some(after));
+                    }
+                    if first || resp.network.revision != net_after {
+                        net_after = resp.network.revision;
+                        *self.net_map.lock().expect("net map lock") = Some(resp.network);
+                        net_tx.send_replace(net_after);
+                    }
+                    first = false;
                 }
                 Err(e) => {
                     tracing::warn!("watching assignments failed: {e}");
@@ -344,6 +380,7 @@ impl Agent {
                 &self.cfg.name,
                 &StatusReport {
                     instances: changed.clone(),
+                    interfaces: Vec::new(),
                 },
             )
             .await
@@ -485,6 +522,7 @@ impl Agent {
                     &self.cfg.name,
                     &StatusReport {
                         instances: vec![report.clone()],
+                        interfaces: Vec::new(),
                     },
                 )
                 .await

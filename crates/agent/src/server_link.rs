@@ -142,16 +142,20 @@ impl ServerLink {
         .map(|_| ())
     }
 
-    /// Long-polls assignments.
+    /// Long-polls assignments and the network map: returns when the node's assignments
+    /// change past `after` or the network map past `net_after`, or after `wait` seconds.
     pub async fn assignments(
         &self,
         node: &str,
         after: u64,
+        net_after: u64,
         wait: u64,
     ) -> Result<AssignmentsResponse, LinkError> {
         self.call::<(), AssignmentsResponse>(
             reqwest::Method::GET,
-            &format!("/v1/nodes/{node}/assignments?after={after}&wait={wait}"),
+            &format!(
+                "/v1/nodes/{node}/assignments?after={after}&net_after={net_after}&wait={wait}"
+            ),
             None,
             Duration::from_secs(wait + 10),
         )

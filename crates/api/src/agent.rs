@@ -26,6 +26,9 @@ pub struct RegisterNodeRequest {
     /// Agent version.
     #[serde(default)]
     pub agent_version: String,
+    /// The node's underlay address (VXLAN tunnel endpoint); empty: not networked.
+    #[serde(default)]
+    pub underlay_ip: String,
 }
 
 /// `POST /v1/nodes/{name}/heartbeat`.
@@ -63,6 +66,9 @@ pub struct NetworkAttachment {
     pub gateway: String,
     /// MAC address.
     pub mac: String,
+    /// MTU of the instance's interface (0: leave the default).
+    #[serde(default)]
+    pub mtu: u32,
 }
 
 /// The image as an agent needs it to build a rootfs.
@@ -115,6 +121,107 @@ pub struct AssignmentsResponse {
     /// Load balancers the node serves, with backends resolved to instance IPs.
     #[serde(default)]
     pub loadbalancers: Vec<LbAssignment>,
+    /// What the node's datapath must look like (networks, tunnels, security groups, NAT).
+    #[serde(default)]
+    pub network: NetworkMap,
+}
+
+/// The datapath a node must converge to: the networks with instances on it, the remote
+/// endpoints of those networks, the security groups that apply, and its instances' ports.
+/// Built by the control plane from the replicated state; agents long-poll it with
+/// `net_after=` the revision they hold.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+pub struct NetworkMap {
+    /// State revision at which the cluster's networking last changed.
+    pub revision: u64,
+    /// Name prefix of the node's datapath objects; also the nftables table (`inet <prefix>`).
+    pub prefix: String,
+    /// MTU of instance interfaces (underlay MTU minus the VXLAN overhead).
+    pub mtu: u32,
+    /// UDP port of the VXLAN tunnels.
+    pub vxlan_port: u16,
+    /// This node's underlay address.
+    pub underlay_ip: String,
+    /// Networks with at least one instance on this node.
+    pub networks: Vec<NetworkPlan>,
+    /// Security groups of this node's instances and the groups their rules name.
+    pub security_groups: Vec<GroupPlan>,
+    /// This node's instances.
+    pub instances: Vec<InstancePlan>,
+    /// The underlay addresses of the other nodes (their own traffic, like this node's, is not
+    /// subject to the security groups).
+    #[serde(default)]
+    pub nodes: Vec<String>,
+}
+
+/// One network as a node's datapath needs it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct NetworkPlan {
+    /// Network id.
+    pub id: String,
+    /// Project.
+    pub project: String,
+    /// Name.
+    pub name: String,
+    /// VXLAN id.
+    pub vni: u32,
+    /// The network's CIDR.
+    pub cidr: String,
+    /// Subnets: (CIDR, gateway) pairs the node's bridge serves.
+    pub subnets: Vec<SubnetPlan>,
+    /// Instances of this network on other nodes (unicast FDB and neighbour entries).
+    pub remote: Vec<RemoteEndpoint>,
+}
+
+/// A subnet's gateway on the node's bridge.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SubnetPlan {
+    /// CIDR.
+    pub cidr: String,
+    /// Gateway address.
+    pub gateway: String,
+}
+
+/// An instance on another node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct RemoteEndpoint {
+    /// Private address.
+    pub ip: String,
+    /// MAC address.
+    pub mac: String,
+    /// The underlay address of its node.
+    pub underlay_ip: String,
+}
+
+/// A security group as a node needs it: its rules and its members' addresses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct GroupPlan {
+    /// `project/name`: how instances and rules refer to it here.
+    pub key: String,
+    /// Rules (a rule's `group` is the peer's `project/name` key).
+    pub rules: Vec<crate::SecurityGroupRule>,
+    /// Private addresses of every member, cluster-wide.
+    pub members: Vec<String>,
+}
+
+/// One of the node's instances as the datapath sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct InstancePlan {
+    /// Instance id.
+    pub id: String,
+    /// Container or VM (decides the host interface name).
+    #[serde(rename = "type")]
+    pub instance_type: crate::InstanceType,
+    /// Network id.
+    pub network: String,
+    /// Private address.
+    pub ip: String,
+    /// MAC address.
+    pub mac: String,
+    /// Security group keys (`project/name`).
+    pub groups: Vec<String>,
+    /// Published ports.
+    pub publish: Vec<crate::PublishedPort>,
 }
 
 /// A backend instance resolved to its address.
@@ -190,4 +297,7 @@ pub struct InstanceReport {
 pub struct StatusReport {
     /// Instances whose observed state changed (or all, on a full resync).
     pub instances: Vec<InstanceReport>,
+    /// Traffic counters of the instances' interfaces (sent periodically).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub interfaces: Vec<crate::InterfaceCounters>,
 }

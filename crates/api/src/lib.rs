@@ -2,13 +2,16 @@
 //! state and the agents, their validation, and the error body every API error uses.
 
 pub mod agent;
+pub mod cidr;
 pub mod error;
 pub mod lb;
 mod lb_tls;
+pub mod network;
 pub mod requests;
 pub mod resources;
 pub mod validate;
 
 pub use error::{ApiError, ErrorBody, ErrorCode};
+pub use network::*;
 pub use requests::*;
 pub use resources::*;

@@ -74,6 +74,18 @@ pub struct CreateInstanceRequest {
     /// Priority class (`critical`, `high`, `normal`, `low`); default `normal`.
     #[serde(default)]
     pub priority_class: Option<String>,
+    /// Network (default `default`, created on first use).
+    #[serde(default)]
+    pub network: Option<String>,
+    /// Subnet of the network (default: its first subnet).
+    #[serde(default)]
+    pub subnet: Option<String>,
+    /// Security groups (default `["default"]`, created on first use).
+    #[serde(default)]
+    pub security_groups: Vec<String>,
+    /// Node ports to forward to the instance: `HOSTPORT:PORT[/tcp|udp]`.
+    #[serde(default)]
+    pub publish: Vec<String>,
 }
 
 /// `POST /v1/projects/{project}/instances/{name}/{action}` body (optional).

@@ -99,9 +99,15 @@ pub struct Node {
     /// Agent version.
     #[serde(default)]
     pub agent_version: String,
-    /// The node-local instance subnet (CIDR) its bridge serves, allocated at registration.
+    /// The node's address on the underlay network (VXLAN tunnels between nodes end here).
     #[serde(default)]
-    pub subnet: String,
+    pub underlay_ip: String,
+    /// Traffic counters of the instances' interfaces, as last reported by the agent.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub interfaces: Vec<crate::InterfaceCounters>,
+    /// When the counters were reported, RFC 3339.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub counters_at: Option<String>,
     /// Utilisation measured by the agent, from its last heartbeat that carried a measurement.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub utilization: Option<NodeUtilization>,
@@ -283,6 +289,22 @@ pub struct InstanceSpec {
     /// Resolved priority value.
     #[serde(default)]
     pub priority: i32,
+    /// Network (name, in the project).
+    #[serde(default = "default_network")]
+    pub network: String,
+    /// Subnet of the network the address comes from.
+    #[serde(default)]
+    pub subnet: String,
+    /// Security groups (names, in the project).
+    #[serde(default)]
+    pub security_groups: Vec<String>,
+    /// Node ports forwarded to the instance.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub publish: Vec<crate::PublishedPort>,
+}
+
+fn default_network() -> String {
+    crate::DEFAULT_NETWORK.to_string()
 }
 
 /// What the platform observed.

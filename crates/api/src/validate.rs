@@ -2,6 +2,8 @@
 
 use crate::{ApiError, CreateInstanceRequest, InstanceType};
 
+pub mod net;
+
 /// Maximum user-data size.
 pub const MAX_USER_DATA: usize = 64 * 1024;
 /// Smallest VM memory.
@@ -122,6 +124,14 @@ pub struct ValidInstance {
     pub disk_bytes: u64,
     /// pids limit.
     pub pids_limit: u64,
+    /// Network name.
+    pub network: String,
+    /// Subnet name (empty: the network's first).
+    pub subnet: String,
+    /// Security group names.
+    pub security_groups: Vec<String>,
+    /// Published ports.
+    pub publish: Vec<crate::PublishedPort>,
 }
 
 /// Validates an instance create request and fills defaults.
@@ -207,11 +217,35 @@ pub fn create_instance(req: &CreateInstanceRequest) -> Result<ValidInstance, Api
             "command must not contain NUL bytes",
         ));
     }
+    let network = req
+        .network
+        .clone()
+        .unwrap_or_else(|| crate::DEFAULT_NETWORK.to_string());
+    name("network", &network)?;
+    let subnet = req.subnet.clone().unwrap_or_default();
+    if !subnet.is_empty() {
+        name("subnet", &subnet)?;
+    }
+    let mut security_groups = Vec::new();
+    for (i, g) in req.security_groups.iter().enumerate() {
+        name(&format!("security_groups[{i}]"), g)?;
+        if !security_groups.contains(g) {
+            security_groups.push(g.clone());
+        }
+    }
+    if security_groups.is_empty() {
+        security_groups.push(crate::DEFAULT_SECURITY_GROUP.to_string());
+    }
+    let publish = net::publish_list(&req.publish)?;
     Ok(ValidInstance {
         cpus,
         memory_bytes,
         disk_bytes,
         pids_limit,
+        network,
+        subnet,
+        security_groups,
+        publish,
     })
 }
 

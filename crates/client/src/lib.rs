@@ -13,6 +13,8 @@ use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+mod network;
+
 /// Client failures.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {

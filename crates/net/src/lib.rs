@@ -7,8 +7,12 @@
 //!   container (bind-mounted at `/run/netns/nimbus-<shortid>`, so it survives the agent and
 //!   the container), joined to a bridge through a veth pair.
 
+pub mod dataplane;
 mod link;
 mod netns;
+pub mod nft;
+pub mod plan;
+pub mod sg;
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -57,6 +61,9 @@ pub enum NetError {
     /// A link that must exist does not.
     #[error("link {0} does not exist")]
     NoSuchLink(String),
+    /// `nft` refused a command; carries what it said.
+    #[error("nft: {0}")]
+    Nft(String),
 }
 
 impl NetError {

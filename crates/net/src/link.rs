@@ -8,9 +8,9 @@ use tracing::{debug, info};
 
 use crate::{check_ifname, NetError};
 
-const ENODEV: i32 = 19;
-const EEXIST: i32 = 17;
-const ESRCH: i32 = 3;
+pub(crate) const ENODEV: i32 = 19;
+pub(crate) const EEXIST: i32 = 17;
+pub(crate) const ESRCH: i32 = 3;
 
 /// Interface traffic counters.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -29,7 +29,7 @@ pub struct IfCounters {
 /// runs on the tokio runtime it was created on; cloning shares it.
 #[derive(Clone)]
 pub struct Netlink {
-    handle: rtnetlink::Handle,
+    pub(crate) handle: rtnetlink::Handle,
 }
 
 impl std::fmt::Debug for Netlink {
@@ -138,7 +138,7 @@ impl Netlink {
     }
 
     /// Adds an address to a link; an already present address is fine.
-    pub(crate) async fn add_address(
+    pub async fn add_address(
         &self,
         index: u32,
         addr: IpAddr,
@@ -186,6 +186,18 @@ impl Netlink {
             .execute()
             .await
             .map_err(NetError::netlink(format!("set {name} up")))
+    }
+
+    /// Sets the MTU of link `name`.
+    pub async fn set_mtu(&self, name: &str, mtu: u32) -> Result<(), NetError> {
+        let index = self.require_index(name).await?;
+        self.handle
+            .link()
+            .set(index)
+            .mtu(mtu)
+            .execute()
+            .await
+            .map_err(NetError::netlink(format!("set the MTU of {name} to {mtu}")))
     }
 
     /// Brings link `name` up.

@@ -156,6 +156,10 @@ pub async fn create_container_netns(
     } else {
         nl.set_master_and_up(&host, &att.bridge).await?;
     }
+    let mtu = att.mtu;
+    if mtu > 0 {
+        nl.set_mtu(&host, mtu).await?;
+    }
 
     in_netns(&path, move |nl| async move {
         let index = nl
@@ -163,6 +167,9 @@ pub async fn create_container_netns(
             .await?
             .ok_or_else(|| NetError::NoSuchLink(CONTAINER_IFNAME.to_string()))?;
         nl.set_up_index(index, CONTAINER_IFNAME).await?;
+        if mtu > 0 {
+            nl.set_mtu(CONTAINER_IFNAME, mtu).await?;
+        }
         nl.add_address(index, std::net::IpAddr::V4(ip), prefix_len)
             .await?;
         nl.set_up("lo").await?;

@@ -102,6 +102,7 @@ async fn container_netns_reachable_from_host() {
         prefix_len: 24,
         gateway: format!("10.214.{net}.1"),
         mac: "02:00:0a:d6:00:0a".into(),
+        mtu: 0,
     };
     let nl = Netlink::connect().await.unwrap();
     let path = create_container_netns(&nl, &id, &att).await.unwrap();

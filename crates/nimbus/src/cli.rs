@@ -123,6 +123,12 @@ pub enum Command {
     /// Load balancers.
     #[command(subcommand)]
     Lb(crate::lb_cmd::LbCmd),
+    /// Networks (VPCs).
+    #[command(subcommand, alias = "net")]
+    Network(crate::net_cmd::NetworkCmd),
+    /// Security groups.
+    #[command(subcommand, name = "sg", alias = "security-group")]
+    Sg(crate::net_cmd::SgCmd),
     /// Cluster events.
     Events {
         /// Keep following.
@@ -159,12 +165,13 @@ pub struct UpArgs {
     /// Node name (default: the host name).
     #[arg(long)]
     pub node_name: Option<String>,
-    /// Pool node subnets are carved from (a /16; set when the cluster is created).
-    #[arg(long, default_value = "10.213.0.0/16")]
-    pub node_pool: String,
-    /// Node-local bridge name (set when the cluster is created).
-    #[arg(long, default_value = "nimbus0")]
-    pub bridge: String,
+    /// Pool network CIDRs are carved from (/8 to /24; set when the cluster is created).
+    #[arg(long, alias = "node-pool", default_value = "10.213.0.0/16")]
+    pub network_pool: String,
+    /// Prefix of the datapath's names: bridges `<prefix>b<vni>`, VXLAN `<prefix>v<vni>`, the
+    /// nftables table `inet <prefix>` (1-6 letters/digits; set when the cluster is created).
+    #[arg(long, alias = "bridge", default_value = "nimbus")]
+    pub net_prefix: String,
     /// Log as JSON.
     #[arg(long)]
     pub log_json: bool,
@@ -187,12 +194,13 @@ pub struct ServerArgs {
     /// URL other members and agents reach this server at.
     #[arg(long)]
     pub advertise: Option<String>,
-    /// Pool node subnets are carved from (a /16; set when the cluster is created).
-    #[arg(long, default_value = "10.213.0.0/16")]
-    pub node_pool: String,
-    /// Node-local bridge name (set when the cluster is created).
-    #[arg(long, default_value = "nimbus0")]
-    pub bridge: String,
+    /// Pool network CIDRs are carved from (/8 to /24; set when the cluster is created).
+    #[arg(long, alias = "node-pool", default_value = "10.213.0.0/16")]
+    pub network_pool: String,
+    /// Prefix of the datapath's names: bridges `<prefix>b<vni>`, VXLAN `<prefix>v<vni>`, the
+    /// nftables table `inet <prefix>` (1-6 letters/digits; set when the cluster is created).
+    #[arg(long, alias = "bridge", default_value = "nimbus")]
+    pub net_prefix: String,
     /// Form a new cluster once this many servers (this one included) see each other; give
     /// the others with --peers or --join.
     #[arg(long, value_name = "N")]
@@ -263,6 +271,14 @@ pub struct AgentArgs {
     /// Node label K=V (placement constraints match on these).
     #[arg(long = "label")]
     pub labels: Vec<String>,
+    /// This node's underlay address, where other nodes' VXLAN tunnels end (default: the
+    /// listen address, else the source address towards the server).
+    #[arg(long)]
+    pub underlay_ip: Option<std::net::Ipv4Addr>,
+    /// The nftables table this agent owns (default: the cluster's datapath prefix); only
+    /// needed when several agents share one network namespace.
+    #[arg(long)]
+    pub nft_table: Option<String>,
     /// Log as JSON.
     #[arg(long)]
     pub log_json: bool,
@@ -346,6 +362,18 @@ pub struct LaunchArgs {
     /// Priority class: critical, high, normal (default), low.
     #[arg(long)]
     pub priority: Option<String>,
+    /// Network (default `default`).
+    #[arg(long)]
+    pub network: Option<String>,
+    /// Subnet of the network (default: its first).
+    #[arg(long)]
+    pub subnet: Option<String>,
+    /// Security group (repeatable; default `default`).
+    #[arg(long = "sg", value_name = "NAME")]
+    pub security_groups: Vec<String>,
+    /// Forward a node port to the instance: HOSTPORT:PORT[/tcp|udp] (repeatable).
+    #[arg(long = "publish", short = 'p', value_name = "HOSTPORT:PORT[/PROTO]")]
+    pub publish: Vec<String>,
     /// Command and arguments (after `--`).
     #[arg(last = true)]
     pub command: Vec<String>,

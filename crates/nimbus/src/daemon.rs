@@ -30,6 +30,12 @@ pub(crate) fn init_logging(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("NIMBUS_LOG").unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new("info,openraft=warn,netlink_packet_route=error")
     });
+    // netlink-packet-route warns about every IPv6 attribute newer than itself on each link
+    // dump (the datapath loop dumps links every 10 s); that is noise, also under NIMBUS_LOG.
+    let filter = match "netlink_packet_route=error".parse() {
+        Ok(d) => filter.add_directive(d),
+        Err(_) => filter,
+    };
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -161,8 +167,8 @@ pub async fn up(args: UpArgs) -> Result<()> {
         node_id: 1,
         heartbeat_grace: Duration::from_secs(10),
         body_limit: 1 << 20,
-        node_pool: args.node_pool,
-        bridge: args.bridge,
+        network_pool: args.network_pool,
+        net_prefix: args.net_prefix,
     })
     .await
     .with_context(|| format!("starting the control plane in {}", data_dir.display()))?;
@@ -184,6 +190,8 @@ pub async fn up(args: UpArgs) -> Result<()> {
             stop_grace: Duration::from_secs(10),
             hollow: false,
             capacity: None,
+            underlay_ip: None,
+            nft_table: None,
         },
         drivers,
         caps.clone(),
@@ -261,8 +269,8 @@ pub async fn server(args: ServerArgs) -> Result<()> {
             node_id,
             heartbeat_grace: Duration::from_secs(args.heartbeat_grace),
             body_limit: 1 << 20,
-            node_pool: args.node_pool,
-            bridge: args.bridge,
+            network_pool: args.network_pool,
+            net_prefix: args.net_prefix,
         },
         opts,
     )
@@ -312,6 +320,8 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
             stop_grace: Duration::from_secs(10),
             hollow: false,
             capacity: None,
+            underlay_ip: args.underlay_ip,
+            nft_table: args.nft_table,
         },
         drivers,
         caps.clone(),

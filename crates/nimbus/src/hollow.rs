@@ -74,6 +74,8 @@ pub async fn run(
                 stop_grace: Duration::from_secs(1),
                 hollow: true,
                 capacity,
+                underlay_ip: Some(std::net::Ipv4Addr::LOCALHOST),
+                nft_table: None,
             },
             vec![driver],
             caps.clone(),

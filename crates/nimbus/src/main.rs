@@ -5,6 +5,7 @@ mod cluster_cmd;
 mod daemon;
 mod hollow;
 mod lb_cmd;
+mod net_cmd;
 mod verbs;
 
 use std::process::ExitCode;
@@ -93,6 +94,18 @@ async fn run(cli: Cli) -> Result<i32> {
                         unreachable!()
                     };
                     lb_cmd::run(&c, cmd).await?;
+                }
+                Command::Network(_) => {
+                    let Command::Network(cmd) = cli.command else {
+                        unreachable!()
+                    };
+                    net_cmd::network(&c, cmd).await?;
+                }
+                Command::Sg(_) => {
+                    let Command::Sg(cmd) = cli.command else {
+                        unreachable!()
+                    };
+                    net_cmd::sg(&c, cmd).await?;
                 }
                 Command::Events { follow, all, o } => {
                     verbs::events(&c, *follow, *all, o.output).await?;

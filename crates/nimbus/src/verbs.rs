@@ -124,6 +124,10 @@ pub async fn launch(c: &Client, a: LaunchArgs) -> Result<()> {
         spread_group: a.spread_group.clone(),
         anti_affinity: a.anti_affinity,
         priority_class: a.priority.clone(),
+        network: a.network.clone(),
+        subnet: a.subnet.clone(),
+        security_groups: a.security_groups.clone(),
+        publish: a.publish.clone(),
     };
     let inst = c
         .create_instance(&req, a.idempotency_key.as_deref())
@@ -214,6 +218,20 @@ pub async fn show(c: &Client, name: &str, o: Output) -> Result<()> {
         ("desired", format!("{:?}", i.spec.desired).to_lowercase()),
         ("node", s.node.clone().unwrap_or_default()),
         ("ip", s.ip.clone().unwrap_or_default()),
+        (
+            "network",
+            format!("{} (subnet {})", i.spec.network, i.spec.subnet),
+        ),
+        ("security groups", i.spec.security_groups.join(", ")),
+        (
+            "published",
+            i.spec
+                .publish
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", "),
+        ),
         ("pid", s.pid.map(|p| p.to_string()).unwrap_or_default()),
         (
             "exit code",
@@ -375,8 +393,8 @@ struct NodeRow {
     memory: String,
     #[tabled(rename = "VMS")]
     vms: String,
-    #[tabled(rename = "SUBNET")]
-    subnet: String,
+    #[tabled(rename = "UNDERLAY")]
+    underlay: String,
     #[tabled(rename = "AGENT")]
     agent: String,
 }
@@ -408,7 +426,7 @@ pub async fn node(c: &Client, cmd: NodeCmd) -> Result<()> {
                             .clone()
                             .unwrap_or_else(|| "no".into()),
                         name: n.meta.name,
-                        subnet: n.subnet,
+                        underlay: n.underlay_ip,
                         agent: n.agent_url,
                     })
                     .collect(),

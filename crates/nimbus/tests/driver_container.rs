@@ -176,6 +176,7 @@ impl Env {
                 prefix_len: 24,
                 gateway: format!("10.215.{subnet}.1"),
                 mac: format!("02:00:0a:d7:{subnet:02x}:{host:02x}"),
+                mtu: 0,
             },
             user_data: None,
             ssh_keys: vec![],

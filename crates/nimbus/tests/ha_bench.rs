@@ -279,10 +279,7 @@ async fn bench_node_failure() {
     })
     .await;
     drop(agents);
-    let _ = Command::new("ip")
-        .args(["link", "del", &bridge])
-        .stderr(Stdio::null())
-        .status();
+    nimbus_testkit::remove_datapath(&bridge);
     took.sort();
     report(&format!(
         "| node failure (kill -9 agent -> its {count} restart=always containers running on the other node), heartbeat grace {grace} s, {trials} trials | median {} ms | max {} ms | min {} ms |",

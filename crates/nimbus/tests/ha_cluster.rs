@@ -384,10 +384,7 @@ async fn ha_agent_fails_over_between_servers() {
     }
     let _ = agent.kill();
     let _ = agent.wait();
-    let _ = std::process::Command::new("ip")
-        .args(["link", "del", &bridge])
-        .stderr(std::process::Stdio::null())
-        .status();
+    nimbus_testkit::remove_datapath(&bridge);
 }
 
 /// An agent pointed at an address that answers HTTP but is not a nimbus server stops at once

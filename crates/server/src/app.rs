@@ -24,10 +24,11 @@ pub struct ServerConfig {
     pub heartbeat_grace: Duration,
     /// Maximum JSON request body.
     pub body_limit: usize,
-    /// Node address pool (a /16) set when the cluster is created.
-    pub node_pool: String,
-    /// Node-local bridge name set when the cluster is created.
-    pub bridge: String,
+    /// Pool network CIDRs are carved from, set when the cluster is created.
+    pub network_pool: String,
+    /// Datapath name prefix (bridges, VXLAN devices, nftables table), set when the cluster is
+    /// created.
+    pub net_prefix: String,
 }
 
 /// Everything handlers need.

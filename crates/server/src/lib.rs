@@ -292,18 +292,21 @@ async fn bootstrap_defaults(app: &AppState) -> Result<(), StartError> {
         }
     }
     let want = nimbus_state::machine::NetworkSettings {
-        pool: app.cfg.node_pool.clone(),
-        bridge: app.cfg.bridge.clone(),
+        pool: app.cfg.network_pool.clone(),
+        prefix: app.cfg.net_prefix.clone(),
+        ..Default::default()
     };
-    if app.read(|s| s.network != want) {
+    if app.read(|s| s.network.pool != want.pool || s.network.prefix != want.prefix) {
         if let Err(e) = app
             .propose(Command::ConfigureNetwork {
                 pool: want.pool.clone(),
-                bridge: want.bridge.clone(),
+                prefix: want.prefix.clone(),
+                mtu: 0,
+                vxlan_port: 0,
             })
             .await
         {
-            if app.read(|s| s.nodes.is_empty()) {
+            if app.read(|s| s.networks.is_empty()) {
                 return Err(StartError::NotReady(e.message));
             }
             tracing::warn!("keeping the existing network settings: {}", e.message);

@@ -6,7 +6,10 @@ use serde::{Deserialize, Serialize};
 
 use nimbus_api::agent::{InstanceReport, RegisterNodeRequest};
 use nimbus_api::lb::{LbBackendHealth, LoadBalancer, LoadBalancerSpec};
-use nimbus_api::{ApiError, Image, Instance, Node, Project};
+use nimbus_api::{
+    AddRuleRequest, ApiError, CreateNetworkRequest, CreateSecurityGroupRequest, Image, Instance,
+    InterfaceCounters, Network, Node, Project, SecurityGroup,
+};
 
 /// The version of the command encoding this build writes and understands.
 pub const COMMAND_FORMAT_VERSION: u32 = 1;
@@ -36,12 +39,19 @@ pub enum Command {
         /// The commands, in order.
         commands: Vec<CommandEnvelope>,
     },
-    /// Set the cluster's node address pool and bridge name (only before any node registers).
+    /// Set the cluster's network pool and datapath settings (only before any network exists).
     ConfigureNetwork {
-        /// Pool node subnets are carved from (a /16).
+        /// Pool network CIDRs are carved from (a /8 to a /24).
         pool: String,
-        /// Name of the node-local bridge.
-        bridge: String,
+        /// Datapath name prefix (bridges, VXLAN devices, the nftables table).
+        #[serde(alias = "bridge")]
+        prefix: String,
+        /// MTU of instance interfaces (0: the default).
+        #[serde(default)]
+        mtu: u32,
+        /// VXLAN UDP port (0: the default).
+        #[serde(default)]
+        vxlan_port: u16,
     },
     /// Create a project.
     CreateProject {
@@ -129,6 +139,56 @@ pub enum Command {
         node: String,
         /// Reports.
         reports: Vec<InstanceReport>,
+        /// Interface counters of the node's instances (empty: unchanged).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        interfaces: Vec<InterfaceCounters>,
+    },
+    /// Create a network (VPC) in a project.
+    CreateNetwork {
+        /// Project.
+        project: String,
+        /// The request (validated again by apply).
+        request: CreateNetworkRequest,
+    },
+    /// Delete a network without instances.
+    DeleteNetwork {
+        /// Project.
+        project: String,
+        /// Name.
+        name: String,
+    },
+    /// Create a security group (with the default rules: all ingress from its own members, all
+    /// egress).
+    CreateSecurityGroup {
+        /// Project.
+        project: String,
+        /// The request.
+        request: CreateSecurityGroupRequest,
+    },
+    /// Delete a security group no instance or rule uses.
+    DeleteSecurityGroup {
+        /// Project.
+        project: String,
+        /// Name.
+        name: String,
+    },
+    /// Add a rule to a security group.
+    AddSecurityGroupRule {
+        /// Project.
+        project: String,
+        /// Group name.
+        group: String,
+        /// The rule (validated again by apply).
+        request: AddRuleRequest,
+    },
+    /// Delete a rule from a security group.
+    DeleteSecurityGroupRule {
+        /// Project.
+        project: String,
+        /// Group name.
+        group: String,
+        /// Rule id.
+        rule: String,
     },
     /// Create a load balancer (spec already validated).
     CreateLoadBalancer {
@@ -199,6 +259,10 @@ pub enum CommandOutput {
     Instance(Box<Instance>),
     /// A load balancer.
     LoadBalancer(Box<LoadBalancer>),
+    /// A network.
+    Network(Box<Network>),
+    /// A security group.
+    SecurityGroup(Box<SecurityGroup>),
     /// The results of a [`Command::Batch`], in order.
     Batch(Vec<CommandResult>),
 }

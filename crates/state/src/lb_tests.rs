@@ -67,6 +67,7 @@ fn running(h: &mut H, name: &str, app: &str) -> String {
             accelerator: None,
             deleted: false,
         }],
+        interfaces: vec![],
     });
     i.meta.id
 }
@@ -221,6 +222,7 @@ fn update_delete_health_and_instance_changes() {
             accelerator: None,
             deleted: false,
         }],
+        interfaces: vec![],
     });
     let names: Vec<String> = h.sm.lb_assignments("n1")[0]
         .backends

@@ -4,12 +4,14 @@
 pub mod command;
 mod loadbalancers;
 pub mod machine;
+pub mod netmap;
 pub mod network;
 pub mod placement;
 pub mod preemption;
 pub mod raft;
 mod scheduling;
 pub mod utilization;
+pub mod vpc;
 
 pub use command::{
     Command, CommandEnvelope, CommandOutput, CommandResult, InstanceAction, COMMAND_FORMAT_VERSION,

@@ -5,14 +5,14 @@
 //! runs inside `apply` through the pure scheduler, so concurrent creates can never double-book
 //! a node.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
 use nimbus_api::agent::InstanceReport;
 use nimbus_api::{
-    ApiError, DesiredState, ErrorCode, Event, Image, Instance, InstanceState, Meta, Node,
-    NodeState, Project, RestartPolicy,
+    ApiError, DesiredState, ErrorCode, Event, Image, Instance, InstanceState, Meta, Network, Node,
+    NodeState, Project, RestartPolicy, SecurityGroup,
 };
 
 use crate::command::{
@@ -57,6 +57,22 @@ pub struct StateMachine {
     /// The adaptive score weights (see `utilization.rs`), once a node reported utilisation.
     #[serde(default)]
     pub adaptive: Option<crate::utilization::AdaptiveState>,
+    /// Networks by `project/name`.
+    #[serde(default)]
+    pub networks: BTreeMap<String, Network>,
+    /// Security groups by `project/name`.
+    #[serde(default)]
+    pub security_groups: BTreeMap<String, SecurityGroup>,
+    /// Address allocations per network (`project/name`): address -> instance id.
+    #[serde(default)]
+    pub ipam: BTreeMap<String, BTreeMap<String, String>>,
+    /// The next VXLAN id to hand out.
+    #[serde(default)]
+    pub next_vni: u32,
+    /// The revision at which the cluster's networking (networks, groups, instance placement)
+    /// last changed; agents long-poll it for their network map.
+    #[serde(default)]
+    pub network_revision: u64,
 }
 
 /// The scheduling policy kept in the state (so every replica places identically).
@@ -69,17 +85,35 @@ pub struct PolicyConfig {
 /// Cluster network settings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetworkSettings {
-    /// Pool node subnets (/24 each) are carved from; a /16.
+    /// Pool network CIDRs (a /24 each by default) are carved from.
     pub pool: String,
-    /// Node-local bridge name.
-    pub bridge: String,
+    /// Datapath name prefix: bridges `<prefix>b<vni>`, VXLAN devices `<prefix>v<vni>`, the
+    /// nftables table `inet <prefix>`.
+    #[serde(alias = "bridge")]
+    pub prefix: String,
+    /// MTU of instance interfaces.
+    #[serde(default = "default_mtu")]
+    pub mtu: u32,
+    /// VXLAN UDP port.
+    #[serde(default = "default_vxlan_port")]
+    pub vxlan_port: u16,
+}
+
+fn default_mtu() -> u32 {
+    network::DEFAULT_MTU
+}
+
+fn default_vxlan_port() -> u16 {
+    network::DEFAULT_VXLAN_PORT
 }
 
 impl Default for NetworkSettings {
     fn default() -> Self {
         Self {
             pool: network::DEFAULT_POOL.into(),
-            bridge: network::DEFAULT_BRIDGE.into(),
+            prefix: network::DEFAULT_PREFIX.into(),
+            mtu: network::DEFAULT_MTU,
+            vxlan_port: network::DEFAULT_VXLAN_PORT,
         }
     }
 }
@@ -87,7 +121,7 @@ impl Default for NetworkSettings {
 /// Serializable mirror of [`nimbus_scheduler::Policy`].
 pub type SchedulerPolicy = nimbus_scheduler::Policy;
 
-fn meta(env: &CommandEnvelope, name: &str, project: &str) -> Meta {
+pub(crate) fn meta(env: &CommandEnvelope, name: &str, project: &str) -> Meta {
     Meta {
         id: env.new_id.clone(),
         name: name.to_string(),
@@ -166,22 +200,41 @@ impl StateMachine {
                     })
                     .collect(),
             )),
-            Command::ConfigureNetwork { pool, bridge } => {
+            Command::ConfigureNetwork {
+                pool,
+                prefix,
+                mtu,
+                vxlan_port,
+            } => {
                 let want = NetworkSettings {
                     pool: pool.clone(),
-                    bridge: bridge.clone(),
+                    prefix: prefix.clone(),
+                    mtu: if *mtu == 0 {
+                        network::DEFAULT_MTU
+                    } else {
+                        *mtu
+                    },
+                    vxlan_port: if *vxlan_port == 0 {
+                        network::DEFAULT_VXLAN_PORT
+                    } else {
+                        *vxlan_port
+                    },
                 };
                 if self.network == want {
                     return Ok(CommandOutput::None);
                 }
                 network::validate_pool(pool)?;
-                network::validate_bridge(bridge)?;
-                if !self.nodes.is_empty() {
+                network::validate_prefix(prefix)?;
+                if !(576..=9000).contains(&want.mtu) {
+                    return Err(ApiError::invalid("mtu", "mtu must be between 576 and 9000"));
+                }
+                if !self.networks.is_empty() {
                     return Err(ApiError::conflict(
-                        "the node address pool cannot change once nodes are registered",
+                        "the network settings cannot change once networks exist",
                     ));
                 }
                 self.network = want;
+                self.bump_network();
                 Ok(CommandOutput::None)
             }
             Command::CreateProject {
@@ -269,9 +322,19 @@ impl StateMachine {
                 version,
             } => self.set_desired(env, project, name, *action, *version),
             Command::ScheduleInstance { id, .. } => self.schedule_pending(env, id),
-            Command::ReportStatus { node, reports } => {
+            Command::ReportStatus {
+                node,
+                reports,
+                interfaces,
+            } => {
                 for r in reports {
                     self.apply_report(env, node, r);
+                }
+                if !interfaces.is_empty() {
+                    if let Some(n) = self.nodes.get_mut(node) {
+                        n.interfaces.clone_from(interfaces);
+                        n.counters_at = Some(env.time.clone());
+                    }
                 }
                 Ok(CommandOutput::None)
             }
@@ -292,6 +355,26 @@ impl StateMachine {
                 self.report_lb_health(node, reports);
                 Ok(CommandOutput::None)
             }
+            Command::CreateNetwork { project, request } => {
+                self.create_network(env, project, request)
+            }
+            Command::DeleteNetwork { project, name } => self.delete_network(env, project, name),
+            Command::CreateSecurityGroup { project, request } => {
+                self.create_security_group(env, project, request)
+            }
+            Command::DeleteSecurityGroup { project, name } => {
+                self.delete_security_group(env, project, name)
+            }
+            Command::AddSecurityGroupRule {
+                project,
+                group,
+                request,
+            } => self.add_rule(env, project, group, request),
+            Command::DeleteSecurityGroupRule {
+                project,
+                group,
+                rule,
+            } => self.delete_rule(env, project, group, rule),
         }
     }
 
@@ -404,6 +487,7 @@ impl StateMachine {
             )));
         }
         self.projects.remove(name);
+        self.drop_project_networks(name);
         self.event(env, name, "project", name, "Deleted", String::new());
         Ok(CommandOutput::None)
     }
@@ -414,14 +498,12 @@ impl StateMachine {
         req: &nimbus_api::agent::RegisterNodeRequest,
     ) -> CommandResult {
         nimbus_api::validate::name("name", &req.name)?;
-        let subnet = if let Some(n) = self.nodes.get(&req.name) {
-            n.subnet.clone()
-        } else {
-            let used: BTreeSet<String> = self.nodes.values().map(|n| n.subnet.clone()).collect();
-            network::free_node_subnet(&self.network.pool, &used).ok_or_else(|| {
-                ApiError::conflict("the node subnet pool is exhausted (240 nodes)")
-            })?
-        };
+        if !req.underlay_ip.is_empty() && req.underlay_ip.parse::<std::net::Ipv4Addr>().is_err() {
+            return Err(ApiError::invalid(
+                "underlay_ip",
+                format!("{:?} is not an IPv4 address", req.underlay_ip),
+            ));
+        }
         let existed = self.nodes.get(&req.name).cloned();
         let mut node = Node {
             meta: meta(env, &req.name, ""),
@@ -433,11 +515,21 @@ impl StateMachine {
             zone: req.zone.clone(),
             last_heartbeat: env.time.clone(),
             agent_version: req.agent_version.clone(),
-            subnet,
+            underlay_ip: req.underlay_ip.clone(),
+            interfaces: Vec::new(),
+            counters_at: None,
             utilization: None,
         };
         node.meta.labels.clone_from(&req.labels);
+        if existed
+            .as_ref()
+            .is_none_or(|o| o.underlay_ip != node.underlay_ip)
+        {
+            self.bump_network();
+        }
         if let Some(old) = existed {
+            node.interfaces = old.interfaces;
+            node.counters_at = old.counters_at;
             node.meta.id = old.meta.id;
             node.meta.created_at = old.meta.created_at;
             node.meta.version = old.meta.version + 1;
@@ -578,6 +670,7 @@ impl StateMachine {
             ..meta(env, &name, &project)
         };
         inst.status = nimbus_api::InstanceStatus::default();
+        let attachment = self.plan_attachment(env, &mut inst)?;
         let (node, preempted) = self.place_or_preempt(env, &inst)?;
         self.assign(env, &mut inst, &node)?;
         let id = inst.meta.id.clone();
@@ -585,6 +678,7 @@ impl StateMachine {
             self.idempotency
                 .insert(format!("{project}/{key}"), id.clone());
         }
+        self.commit_attachment(env, attachment, &inst);
         self.instances.insert(id, inst.clone());
         self.bump_assignments(&node);
         self.event(
@@ -693,7 +787,7 @@ impl StateMachine {
         self.event(env, project, "instance", name, reason, String::new());
         if action == InstanceAction::Delete && node_down {
             // Nothing runs it (never placed, or its node is gone): remove it now.
-            self.instances.remove(&id);
+            self.remove_instance(&id);
             self.event(
                 env,
                 project,
@@ -717,7 +811,7 @@ impl StateMachine {
         let (project, name) = (i.meta.project.clone(), i.meta.name.clone());
         if r.deleted {
             if i.spec.desired == DesiredState::Deleted {
-                self.instances.remove(&r.id);
+                self.remove_instance(&r.id);
                 self.bump_assignments(node);
                 self.event(env, &project, "instance", &name, "Deleted", String::new());
             }

@@ -80,6 +80,7 @@ impl H {
             zone: String::new(),
             labels: BTreeMap::new(),
             agent_version: "test".into(),
+            underlay_ip: String::new(),
         }));
     }
     pub(crate) fn create(
@@ -146,6 +147,10 @@ pub(crate) fn instance(name: &str, mem: u64) -> Instance {
             anti_affinity: false,
             priority_class: None,
             priority: 0,
+            network: nimbus_api::DEFAULT_NETWORK.into(),
+            subnet: String::new(),
+            security_groups: vec![],
+            publish: vec![],
         },
         status: InstanceStatus::default(),
     }
@@ -166,10 +171,9 @@ fn create_places_and_allocates_unique_ips() {
     let b = inst(h.create("b", 1 << 30, None).unwrap());
     assert_eq!(a.status.node.as_deref(), Some("n1"));
     assert_eq!(a.status.state, InstanceState::Scheduled);
-    assert_eq!(a.status.ip.as_deref(), Some("10.213.1.2"));
-    assert_eq!(b.status.ip.as_deref(), Some("10.213.1.3"));
+    assert_eq!(a.status.ip.as_deref(), Some("10.213.0.2"));
+    assert_eq!(b.status.ip.as_deref(), Some("10.213.0.3"));
     assert_eq!(a.status.generation, 1);
-    assert_eq!(h.sm.nodes["n1"].subnet, "10.213.1.0/24");
 }
 
 #[test]
@@ -263,6 +267,7 @@ fn lifecycle_reports_and_fencing() {
     h.ok(Command::ReportStatus {
         node: node.clone(),
         reports: vec![report(InstanceState::Running, Some(42), 1)],
+        interfaces: vec![],
     });
     assert_eq!(
         h.sm.instances[&a.meta.id].status.state,
@@ -273,10 +278,12 @@ fn lifecycle_reports_and_fencing() {
     h.ok(Command::ReportStatus {
         node: node.clone(),
         reports: vec![report(InstanceState::Stopped, None, 0)],
+        interfaces: vec![],
     });
     h.ok(Command::ReportStatus {
         node: other.into(),
         reports: vec![report(InstanceState::Stopped, None, 1)],
+        interfaces: vec![],
     });
     assert_eq!(
         h.sm.instances[&a.meta.id].status.state,
@@ -331,6 +338,7 @@ fn lifecycle_reports_and_fencing() {
     h.ok(Command::ReportStatus {
         node,
         reports: vec![gone],
+        interfaces: vec![],
     });
     assert!(h.sm.instances.is_empty());
     assert!(h
@@ -464,7 +472,8 @@ fn drain_moves_instances_and_fences_the_old_node() {
     assert_eq!(moved.status.node.as_deref(), Some("n2"));
     assert_eq!(moved.status.generation, 2);
     assert_eq!(moved.status.state, InstanceState::Scheduled);
-    assert_eq!(moved.status.ip.as_deref(), Some("10.213.2.2"));
+    // The private address moves with the instance.
+    assert_eq!(moved.status.ip.as_deref(), Some("10.213.0.2"));
     // The old node's late report is fenced off.
     let stale = InstanceReport {
         id: a.meta.id.clone(),
@@ -480,6 +489,7 @@ fn drain_moves_instances_and_fences_the_old_node() {
     h.ok(Command::ReportStatus {
         node: "n1".into(),
         reports: vec![stale],
+        interfaces: vec![],
     });
     assert_eq!(
         h.sm.instances[&a.meta.id].status.state,
@@ -613,6 +623,7 @@ fn every_command_round_trips_through_the_log_encoding() {
         Command::ReportStatus {
             node: "n".into(),
             reports: vec![],
+            interfaces: vec![],
         },
         Command::MarkNodeDown {
             name: "n".into(),
@@ -655,6 +666,7 @@ fn constraints_spread_groups_and_validation() {
         zone: "b".into(),
         labels: BTreeMap::from([("disk".to_string(), "ssd".to_string())]),
         agent_version: "test".into(),
+        underlay_ip: String::new(),
     };
     h.ok(Command::RegisterNode(reg.clone()));
     let with = |name: &str, constraints: &[&str], group: Option<&str>, anti: bool| {
@@ -692,3 +704,6 @@ fn constraints_spread_groups_and_validation() {
     let g3 = inst(h.ok(with("g3", &[], Some("web"), true)));
     assert_eq!(g3.status.node.as_deref(), Some("n3"));
 }
+
+#[path = "vpc_tests.rs"]
+mod vpc_tests;

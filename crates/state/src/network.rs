@@ -1,87 +1,57 @@
-//! Node-local address management: each node's bridge serves one /24 out of a /16 pool, and each
-//! instance gets the lowest free host address of its node's /24.
+//! Cluster network settings: the pool network CIDRs are carved from, the datapath name prefix,
+//! the instance MTU and the VXLAN port.
 
-use std::collections::BTreeSet;
-use std::net::Ipv4Addr;
-
+use nimbus_api::cidr::Cidr;
 use nimbus_api::ApiError;
 
-/// The default pool node subnets are carved from.
+/// The default pool network CIDRs are carved from.
 pub const DEFAULT_POOL: &str = "10.213.0.0/16";
-/// The default node-local bridge.
-pub const DEFAULT_BRIDGE: &str = "nimbus0";
-/// Prefix length of a node subnet.
-pub const NODE_PREFIX: u8 = 24;
-/// Node subnet indices handed out: `10.213.1.0/24` ..= `10.213.240.0/24` (higher ones are left
-/// for tests and future pools).
-const MAX_NODE_INDEX: u8 = 240;
+/// The default datapath name prefix (bridges `nimbusb<vni>`, VXLAN `nimbusv<vni>`, nftables
+/// table `inet nimbus`).
+pub const DEFAULT_PREFIX: &str = "nimbus";
+/// Longest datapath prefix: `<prefix>b<vni>` must fit in 15 characters with an 8-digit VNI.
+pub const MAX_PREFIX_LEN: usize = 6;
+/// Default MTU of instance interfaces: a 1500-byte underlay minus the 50 bytes of VXLAN.
+pub const DEFAULT_MTU: u32 = 1450;
+/// Default VXLAN UDP port (IANA).
+pub const DEFAULT_VXLAN_PORT: u16 = 4789;
+/// Prefix length of a network created without a CIDR.
+pub const DEFAULT_NETWORK_PREFIX: u8 = 24;
+/// First VNI handed out.
+pub const FIRST_VNI: u32 = 100;
+/// Largest VNI (24 bits).
+pub const MAX_VNI: u32 = (1 << 24) - 1;
 
-/// Checks a node pool: an IPv4 /16.
-pub fn validate_pool(pool: &str) -> Result<(), ApiError> {
-    match parse_cidr(pool) {
-        Some((ip, 16)) if ip.octets()[2] == 0 && ip.octets()[3] == 0 => Ok(()),
-        _ => Err(ApiError::invalid(
+/// Checks a network pool: an IPv4 CIDR from /8 to /24.
+pub fn validate_pool(pool: &str) -> Result<Cidr, ApiError> {
+    match Cidr::parse(pool) {
+        Ok(c) if (8..=24).contains(&c.prefix_len()) => Ok(c),
+        Ok(c) => Err(ApiError::invalid(
             "pool",
-            format!("node pool {pool:?} must be an IPv4 /16 such as 10.213.0.0/16"),
+            format!("network pool {c} must be between a /8 and a /24"),
         )),
+        Err(e) => Err(ApiError::invalid("pool", format!("network pool: {e}"))),
     }
 }
 
-/// Checks a bridge name (Linux interface name rules).
-pub fn validate_bridge(name: &str) -> Result<(), ApiError> {
-    if name.is_empty()
-        || name.len() > 15
-        || !name
+/// Checks a datapath prefix: 1-6 lowercase letters or digits, starting with a letter.
+pub fn validate_prefix(prefix: &str) -> Result<(), ApiError> {
+    let ok = !prefix.is_empty()
+        && prefix.len() <= MAX_PREFIX_LEN
+        && prefix.as_bytes()[0].is_ascii_lowercase()
+        && prefix
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    {
-        return Err(ApiError::invalid(
-            "bridge",
-            format!("bridge name {name:?} must be 1-15 letters, digits, '-' or '_'"),
-        ));
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(
+            "prefix",
+            format!(
+                "datapath prefix {prefix:?} must be 1-{MAX_PREFIX_LEN} lowercase letters or digits, starting with a letter"
+            ),
+        ))
     }
-    Ok(())
-}
-
-/// The first free node subnet of `pool` given the ones in use.
-pub fn free_node_subnet(pool: &str, used: &BTreeSet<String>) -> Option<String> {
-    let [a, b, _, _] = parse_cidr(pool)?.0.octets();
-    (1..=MAX_NODE_INDEX)
-        .map(|i| format!("{a}.{b}.{i}.0/{NODE_PREFIX}"))
-        .find(|s| !used.contains(s))
-}
-
-/// Parses `a.b.c.d/len`.
-pub fn parse_cidr(cidr: &str) -> Option<(Ipv4Addr, u8)> {
-    let (ip, len) = cidr.split_once('/')?;
-    let ip: Ipv4Addr = ip.parse().ok()?;
-    let len: u8 = len.parse().ok()?;
-    (len <= 32).then_some((ip, len))
-}
-
-/// The gateway of a subnet: its first host address.
-pub fn gateway(cidr: &str) -> Option<Ipv4Addr> {
-    let (ip, _) = parse_cidr(cidr)?;
-    Some(Ipv4Addr::from(u32::from(ip) + 1))
-}
-
-/// The lowest free host address in `cidr` (skipping network, gateway and broadcast).
-pub fn free_ip(cidr: &str, used: &BTreeSet<String>) -> Option<String> {
-    let (ip, len) = parse_cidr(cidr)?;
-    let base = u32::from(ip);
-    let size = 1u32.checked_shl(32 - u32::from(len)).unwrap_or(0);
-    (2..size.saturating_sub(1))
-        .map(|h| Ipv4Addr::from(base + h).to_string())
-        .find(|a| !used.contains(a))
-}
-
-/// A locally administered MAC derived from the IPv4 address.
-pub fn mac_for(ip: &str) -> String {
-    let o = ip
-        .parse::<Ipv4Addr>()
-        .map(|a| a.octets())
-        .unwrap_or_default();
-    format!("02:6e:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3])
 }
 
 #[cfg(test)]
@@ -89,26 +59,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn subnets_and_ips() {
-        let mut used = BTreeSet::new();
-        assert_eq!(
-            free_node_subnet(DEFAULT_POOL, &used).unwrap(),
-            "10.213.1.0/24"
-        );
-        used.insert("10.213.1.0/24".to_string());
-        assert_eq!(
-            free_node_subnet(DEFAULT_POOL, &used).unwrap(),
-            "10.213.2.0/24"
-        );
-        let mut ips = BTreeSet::new();
-        assert_eq!(free_ip("10.213.1.0/24", &ips).unwrap(), "10.213.1.2");
-        ips.insert("10.213.1.2".to_string());
-        assert_eq!(free_ip("10.213.1.0/24", &ips).unwrap(), "10.213.1.3");
-        for h in 2..255 {
-            ips.insert(format!("10.213.1.{h}"));
+    fn settings_validation() {
+        assert!(validate_pool(DEFAULT_POOL).is_ok());
+        assert!(validate_pool("10.0.0.0/8").is_ok());
+        assert!(validate_pool("10.0.0.0/25").is_err());
+        assert!(validate_pool("10.0.0.1/16").is_err());
+        assert!(validate_prefix(DEFAULT_PREFIX).is_ok());
+        assert!(validate_prefix("nbt31").is_ok());
+        for bad in ["", "toolong7", "1ab", "a-b", "AB"] {
+            assert!(validate_prefix(bad).is_err(), "{bad}");
         }
-        assert!(free_ip("10.213.1.0/24", &ips).is_none());
-        assert_eq!(gateway("10.213.1.0/24").unwrap().to_string(), "10.213.1.1");
-        assert_eq!(mac_for("10.213.1.2"), "02:6e:0a:d5:01:02");
     }
 }

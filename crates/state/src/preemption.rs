@@ -2,11 +2,11 @@
 //! [`plan_preemption`](nimbus_scheduler::plan_preemption) may name the smallest set of
 //! lower-priority instances on one node whose eviction makes room. Executing the plan:
 //!
-//! 1. Everything that can fail is checked first (the plan exists, the node has an address for
-//!    the new instance once the victims' addresses are free), so a refused create still leaves
-//!    the state unchanged.
+//! 1. Everything that can fail is checked first (the plan exists, no published host port of
+//!    the new instance is taken on the node), so a refused create still leaves the state
+//!    unchanged.
 //! 2. Each victim goes through the normal lifecycle: desired `stopped`, observed `stopped`, no
-//!    node (its reservation and address are released at once), message and event
+//!    node (its reservation is released at once; it keeps its network address), message and event
 //!    `Preempted` ("preempted by default/web (priority 100 > 0) to make room on node n1").
 //!    Its node's assignments no longer list it, so the agent stops and removes its container
 //!    (like an instance moved away: fencing), and reports from it are ignored. Starting it
@@ -14,14 +14,12 @@
 //! 3. The new instance is assigned to the freed node, with a `Scheduled` event naming the
 //!    victims.
 
-use std::collections::BTreeSet;
-
 use nimbus_api::{ApiError, DesiredState, ErrorCode, Instance, InstanceState};
 use nimbus_scheduler::RunningInstance;
 
 use crate::command::CommandEnvelope;
 use crate::machine::touch;
-use crate::{network, StateMachine};
+use crate::StateMachine;
 
 /// A preemption decided for one instance: the node it goes to and the ids of the victims.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,10 +50,15 @@ impl StateMachine {
     }
 
     /// Plans a preemption for `inst` (which fits nowhere as things are). `None` if no node
-    /// can be freed by evicting only lower-priority instances, or if the freed node would
-    /// have no address left for it.
+    /// can be freed by evicting only lower-priority instances. Nodes where one of its
+    /// published host ports is taken are left out (even if the holder could be evicted: a
+    /// port is not a resource the scheduler weighs). The instance keeps its network address
+    /// (IPAM hands it out per network, not per node).
     pub(crate) fn plan_preemption_for(&self, inst: &Instance) -> Option<Preemption> {
-        let nodes = crate::placement::nodes(self, Some(&inst.meta.id));
+        let mut nodes = crate::placement::nodes(self, Some(&inst.meta.id));
+        if !inst.spec.publish.is_empty() {
+            nodes.retain(|n| self.port_conflict(inst, &n.name).is_none());
+        }
         let req = crate::placement::instance_request(inst).ok()?;
         let running = self.running_by_node(&nodes);
         if !running.iter().flatten().any(|r| r.priority < req.priority) {
@@ -73,14 +76,6 @@ impl StateMachine {
             .iter()
             .map(|&v| running[plan.node][v].id.clone())
             .collect();
-        // An address must be free once the victims are gone.
-        let freed: BTreeSet<&str> = victims.iter().map(String::as_str).collect();
-        let used: BTreeSet<String> = self
-            .instances_on(&node)
-            .filter(|i| !freed.contains(i.meta.id.as_str()) && i.meta.id != inst.meta.id)
-            .filter_map(|i| i.status.ip.clone())
-            .collect();
-        network::free_ip(&self.nodes.get(&node)?.subnet, &used)?;
         Some(Preemption { node, victims })
     }
 
@@ -99,7 +94,6 @@ impl StateMachine {
             v.spec.desired = DesiredState::Stopped;
             v.status.state = InstanceState::Stopped;
             v.status.node = None;
-            v.status.ip = None;
             v.status.pid = None;
             v.status.message.clone_from(&message);
             touch(&mut v.meta, env);

@@ -58,7 +58,8 @@ fn a_higher_priority_create_evicts_the_minimal_set_on_one_node() {
     assert_eq!(c2.spec.desired, DesiredState::Stopped);
     assert_eq!(c2.status.state, InstanceState::Stopped);
     assert_eq!(c2.status.node, None);
-    assert_eq!(c2.status.ip, None);
+    // The victim keeps its network address (IPAM is per network, not per node).
+    assert_eq!(c2.status.ip, c.status.ip);
     assert!(
         c2.status
             .message
@@ -67,8 +68,8 @@ fn a_higher_priority_create_evicts_the_minimal_set_on_one_node() {
         c2.status.message
     );
     assert!(c2.meta.version > c.meta.version);
-    // The victim's address is free again: the new instance may take it.
-    assert_eq!(hi.status.ip, c.status.ip);
+    assert!(hi.status.ip.is_some());
+    assert_ne!(hi.status.ip, c.status.ip);
     for other in ["a", "b"] {
         let i = get(&h, other);
         assert_eq!(i.spec.desired, DesiredState::Running, "{other}");
@@ -178,6 +179,7 @@ fn reports_from_the_old_node_are_ignored_and_start_places_it_again() {
             accelerator: None,
             deleted: false,
         }],
+        interfaces: Vec::new(),
     });
     assert_eq!(get(&h, "c").status.state, InstanceState::Stopped);
     assert_eq!(get(&h, "c").status.pid, None);
@@ -209,6 +211,7 @@ fn reports_from_the_old_node_are_ignored_and_start_places_it_again() {
             accelerator: None,
             deleted: true,
         }],
+        interfaces: Vec::new(),
     });
     let started = inst(h.ok(Command::SetInstanceDesired {
         project: "default".into(),

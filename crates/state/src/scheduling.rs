@@ -1,29 +1,51 @@
 //! Placement inside `apply`: choosing a node through the scheduler engine, assigning an
 //! address, draining a node and moving instances (failover).
 
-use std::collections::BTreeSet;
-
 use nimbus_api::{ApiError, DesiredState, ErrorCode, Instance, InstanceState, InstanceType};
 
 use crate::command::{CommandEnvelope, CommandOutput, CommandResult};
 use crate::machine::touch;
-use crate::{network, StateMachine};
+use crate::StateMachine;
 
 impl StateMachine {
     /// Runs the scheduler for `inst` against the current nodes.
     pub(crate) fn place(&self, inst: &Instance) -> Result<String, ApiError> {
-        let nodes = crate::placement::nodes(self, Some(&inst.meta.id));
+        let mut nodes = crate::placement::nodes(self, Some(&inst.meta.id));
         let req = crate::placement::instance_request(inst)?;
         let policy = self.policy.scheduler.unwrap_or_default();
+        if !nodes.is_empty() {
+            // Validated against every node: constraints are about the cluster, not about the
+            // nodes a published port leaves.
+            nimbus_scheduler::Cluster::new(&nodes, policy)
+                .validate_request(&req)
+                .map_err(|e| ApiError::invalid(e.field, e.message))?;
+        }
+        // A host port can be published once per node: such nodes do not fit.
+        let mut port_taken = None;
+        if !inst.spec.publish.is_empty() {
+            nodes.retain(|n| match self.port_conflict(inst, &n.name) {
+                Some(m) => {
+                    port_taken.get_or_insert(m);
+                    false
+                }
+                None => true,
+            });
+        }
+        let port_conflict = |other: Option<String>| {
+            let why = port_taken.clone().unwrap_or_default();
+            let message = match other {
+                Some(o) => format!("{o}; and {why}"),
+                None => why,
+            };
+            ApiError::conflict(message).with_field("publish")
+        };
+        if nodes.is_empty() && port_taken.is_some() {
+            return Err(port_conflict(None));
+        }
         let mut cluster = nimbus_scheduler::Cluster::new(&nodes, policy);
         if policy.strategy == nimbus_scheduler::Strategy::Spread {
             // Binpack weighs by the scarcest reserved resource instead (see the scheduler).
             cluster.set_weights(self.score_weights());
-        }
-        if !nodes.is_empty() {
-            cluster
-                .validate_request(&req)
-                .map_err(|e| ApiError::invalid(e.field, e.message))?;
         }
         cluster
             .place(&req)
@@ -36,6 +58,10 @@ impl StateMachine {
                         .contains_key(&nimbus_scheduler::Reason::NoVmSupport)
                 {
                     msg = format!("no node can run VMs: {msg}");
+                }
+                if port_taken.is_some() {
+                    // The nodes left out for a published port matter as much as the rest.
+                    return port_conflict(Some(msg));
                 }
                 ApiError {
                     code: ErrorCode::Unschedulable,
@@ -51,20 +77,11 @@ impl StateMachine {
         inst: &mut Instance,
         node: &str,
     ) -> Result<(), ApiError> {
-        let n = &self.nodes[node];
-        let used: BTreeSet<String> = self
-            .instances_on(node)
-            .filter(|i| i.meta.id != inst.meta.id)
-            .filter_map(|i| i.status.ip.clone())
-            .collect();
-        let ip = network::free_ip(&n.subnet, &used).ok_or_else(|| {
-            ApiError::new(
-                ErrorCode::Unschedulable,
-                format!("node {node} has no free address in {}", n.subnet),
-            )
-        })?;
+        if !self.nodes.contains_key(node) {
+            return Err(ApiError::not_found("node", node));
+        }
+        // The address comes from the network's IPAM at creation and stays across moves.
         inst.status.node = Some(node.to_string());
-        inst.status.ip = Some(ip);
         inst.status.generation += 1;
         inst.status.state = InstanceState::Scheduled;
         inst.status.message.clear();
@@ -130,6 +147,7 @@ impl StateMachine {
         self.instances.insert(id.to_string(), inst);
         self.bump_assignments(&old);
         self.bump_assignments(&node);
+        self.bump_network();
         self.event(
             env,
             &p,
@@ -157,6 +175,7 @@ impl StateMachine {
         let (p, n) = (inst.meta.project.clone(), inst.meta.name.clone());
         self.instances.insert(id.to_string(), inst.clone());
         self.bump_assignments(&node);
+        self.bump_network();
         self.event(
             env,
             &p,

@@ -43,7 +43,47 @@ pub fn have(cmd: &str) -> bool {
         .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(cmd).is_file()))
 }
 
-/// A slot isolates concurrently running clouds: each gets its own bridge and /16 pool.
+/// Removes what a cloud's agents left of the datapath with name prefix `prefix` in the
+/// current network namespace: bridges `<prefix>b*`, VXLAN devices `<prefix>v*`, and the
+/// nftables tables `inet`/`bridge` `<prefix>` and `<prefix>_*` (agents that share a namespace).
+pub fn remove_datapath(prefix: &str) {
+    let owned = |name: &str, k: char| {
+        name.strip_prefix(prefix)
+            .and_then(|r| r.strip_prefix(k))
+            .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+    };
+    if let Ok(out) = Command::new("ip").args(["-o", "link", "show"]).output() {
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let names: Vec<String> = text
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|n| n.split('@').next().unwrap_or(n).to_string())
+            .collect();
+        for k in ['v', 'b'] {
+            for n in names.iter().filter(|n| owned(n, k)) {
+                let _ = Command::new("ip")
+                    .args(["link", "del", n])
+                    .stderr(Stdio::null())
+                    .status();
+            }
+        }
+    }
+    if let Ok(out) = Command::new("nft").args(["list", "tables"]).output() {
+        for l in String::from_utf8_lossy(&out.stdout).lines() {
+            let mut w = l.split_whitespace().skip(1);
+            if let (Some(family), Some(name)) = (w.next(), w.next()) {
+                if name == prefix || name.starts_with(&format!("{prefix}_")) {
+                    let _ = Command::new("nft")
+                        .args(["delete", "table", family, name])
+                        .stderr(Stdio::null())
+                        .status();
+                }
+            }
+        }
+    }
+}
+
+/// A slot isolates concurrently running clouds: each gets its own datapath prefix and /16 pool.
 struct Slot {
     index: u8,
     _lock: nix::fcntl::Flock<std::fs::File>,
@@ -112,7 +152,7 @@ pub struct Cloud {
     pub url: String,
     /// Admin token.
     pub token: String,
-    /// Bridge name.
+    /// Datapath name prefix (bridges `<prefix>b<vni>`, nftables table `inet <prefix>`).
     pub bridge: String,
     /// Node address pool.
     pub pool: String,
@@ -179,9 +219,9 @@ impl Cloud {
             .args([
                 "--listen",
                 &format!("127.0.0.1:{}", self.port),
-                "--bridge",
+                "--net-prefix",
                 &self.bridge,
-                "--node-pool",
+                "--network-pool",
                 &self.pool,
             ])
             .args(["--node-name", "node1"])
@@ -219,6 +259,7 @@ impl Cloud {
         let token_file = self.data_dir.join("node.token");
         let bin = self.bin.clone();
         let slot = self.slot();
+        let table = format!("{}_{name}", self.bridge);
         let a = self
             .agents
             .iter_mut()
@@ -242,6 +283,8 @@ impl Cloud {
             .args(["--listen", "127.0.0.1:0"])
             // It shares this machine with the cloud's own agent: keep their containers apart.
             .args(["--runtime-scope", &scope])
+            // Agents on one machine share its namespace: each needs its own nftables table.
+            .args(["--nft-table", &table])
             .env("NIMBUS_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(log)
@@ -370,11 +413,8 @@ impl Cloud {
             let _ = c.kill();
             let _ = c.wait();
         }
-        // Remove the bridge this cloud created.
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.bridge])
-            .stderr(Stdio::null())
-            .status();
+        // Remove what the agents had no time to remove.
+        remove_datapath(&self.bridge);
     }
 }
 

@@ -368,13 +368,35 @@ impl Net {
             .append(true)
             .open(log)?;
         let log2 = log.try_clone()?;
-        Ok(Command::new("ip")
-            .args(["netns", "exec", &h.ns, program])
+        Ok(Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", h.ns))
+            .arg(program)
             .args(args)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
             .spawn()?)
+    }
+
+    /// Runs a program to completion in host `i`'s network namespace and returns its output.
+    pub fn run_in(
+        &self,
+        i: usize,
+        program: &str,
+        args: &[&str],
+    ) -> Result<std::process::Output, KitError> {
+        Ok(Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", self.hosts[i].ns))
+            .arg(program)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()?)
+    }
+
+    /// The test process's own address on the underlay (`10.250.<slot>.254`): an address
+    /// outside every host, for egress and published-port checks.
+    pub fn underlay_gateway(&self) -> String {
+        format!("10.250.{}.254", self.slot.index)
     }
 
     /// A scratch directory that lives as long as the net.
@@ -612,11 +634,55 @@ impl Net {
         self.hosts.iter().position(|h| &h.url() == url)
     }
 
+    /// Removes the containers the agents of this net left (a test that failed halfway): their
+    /// runc containers, shims and named network namespaces (the agents are dead by now).
+    fn remove_containers(&self) {
+        for h in &self.hosts {
+            let dir = h.data_dir.with_extension("agent").join("containers");
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let id = e.file_name().to_string_lossy().into_owned();
+                if let Ok(out) = Command::new("pgrep")
+                    .args(["-f", &format!("shim run.*{id}")])
+                    .output()
+                {
+                    for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                        if let Ok(pid) = pid.parse::<i32>() {
+                            let _ = nix::sys::signal::kill(
+                                nix::unistd::Pid::from_raw(pid),
+                                nix::sys::signal::Signal::SIGKILL,
+                            );
+                        }
+                    }
+                }
+                run_quiet(&[
+                    "runc",
+                    "--root",
+                    "/run/nimbus/runc",
+                    "delete",
+                    "--force",
+                    &id,
+                ]);
+                let short: String = id
+                    .chars()
+                    .filter(char::is_ascii_alphanumeric)
+                    .take(12)
+                    .collect();
+                let ns = format!("/run/netns/nimbus-{short}");
+                let _ = nix::mount::umount2(ns.as_str(), nix::mount::MntFlags::MNT_DETACH);
+                let _ = std::fs::remove_file(&ns);
+            }
+        }
+    }
+
     fn cleanup(&mut self) {
         for h in &mut self.hosts {
             kill(&mut h.agent);
             kill(&mut h.server);
         }
+        self.remove_containers();
         for h in &self.hosts {
             run_quiet(&["ip", "netns", "del", &h.ns]);
             run_quiet(&["ip", "link", "del", &h.veth]);

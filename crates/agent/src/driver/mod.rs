@@ -153,6 +153,13 @@ pub trait Driver: Send + Sync + 'static {
     /// Deleting an absent instance is a no-op.
     async fn delete(&self, id: &str) -> Result<(), DriverError>;
 
+    /// The host-side network interface of the instance (veth or tap), whose counters are the
+    /// instance's traffic and which the datapath's anti-spoofing rules name.
+    fn host_interface(&self, id: &str) -> Option<String> {
+        let _ = id;
+        None
+    }
+
     /// The unix socket of the instance's interactive console (VM serial console), if it has one.
     fn console_socket(&self, id: &str) -> Option<PathBuf> {
         let _ = id;

@@ -132,6 +132,7 @@ pub fn spec(id: &str, layer: &Path, bridge: &str, host: u8) -> RuntimeSpec {
             prefix_len: 24,
             gateway: format!("{SUBNET_PREFIX}.1"),
             mac: format!("52:54:00:d5:fb:{host:02x}"),
+            mtu: 0,
         },
         user_data: None,
         ssh_keys: vec![],

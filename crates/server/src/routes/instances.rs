@@ -147,6 +147,10 @@ pub async fn create(
             anti_affinity: req.anti_affinity,
             priority_class: req.priority_class.clone(),
             priority,
+            network: v.network.clone(),
+            subnet: v.subnet.clone(),
+            security_groups: v.security_groups.clone(),
+            publish: v.publish.clone(),
         },
         status: InstanceStatus::default(),
     };

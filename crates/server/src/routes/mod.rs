@@ -12,6 +12,7 @@ pub mod events;
 pub mod images;
 pub mod instances;
 pub mod loadbalancers;
+pub mod networks;
 pub mod nodes;
 pub mod projects;
 
@@ -59,6 +60,16 @@ pub mod projects;
         images::delete,
         images::blob,
         events::list,
+        networks::create,
+        networks::list,
+        networks::get,
+        networks::delete,
+        networks::create_group,
+        networks::list_groups,
+        networks::get_group,
+        networks::delete_group,
+        networks::add_rule,
+        networks::delete_rule,
     ),
     components(schemas(nimbus_api::ErrorBody, nimbus_api::ApiError, nimbus_api::ErrorCode))
 )]
@@ -143,6 +154,30 @@ pub fn router(app: AppState) -> Router {
             get(loadbalancers::backends),
         )
         .route("/v1/nodes/{name}/lb-health", post(nodes::lb_health))
+        .route(
+            "/v1/projects/{project}/networks",
+            post(networks::create).get(networks::list),
+        )
+        .route(
+            "/v1/projects/{project}/networks/{name}",
+            get(networks::get).delete(networks::delete),
+        )
+        .route(
+            "/v1/projects/{project}/security-groups",
+            post(networks::create_group).get(networks::list_groups),
+        )
+        .route(
+            "/v1/projects/{project}/security-groups/{name}",
+            get(networks::get_group).delete(networks::delete_group),
+        )
+        .route(
+            "/v1/projects/{project}/security-groups/{name}/rules",
+            post(networks::add_rule),
+        )
+        .route(
+            "/v1/projects/{project}/security-groups/{name}/rules/{rule}",
+            axum::routing::delete(networks::delete_rule),
+        )
         .route("/v1/nodes", post(nodes::register).get(nodes::list))
         .route("/v1/nodes/{name}", get(nodes::get).patch(nodes::update))
         .route("/v1/nodes/{name}/heartbeat", post(nodes::heartbeat))

@@ -7,11 +7,11 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
 use nimbus_api::agent::{
-    Assignment, AssignmentsResponse, HeartbeatRequest, ImageRef, LbHealthReport, NetworkAttachment,
+    Assignment, AssignmentsResponse, HeartbeatRequest, ImageRef, LbHealthReport,
     RegisterNodeRequest, StatusReport,
 };
 use nimbus_api::{ApiError, Node, UpdateNodeRequest};
-use nimbus_state::{network, Command, CommandOutput, StateMachine};
+use nimbus_state::{netmap, Command, CommandOutput, StateMachine};
 use serde::Deserialize;
 
 use crate::app::AppState;
@@ -105,10 +105,11 @@ pub async fn status(
     if !app.read(|s| s.nodes.contains_key(&name)) {
         return Err(ApiError::not_found("node", &name).into());
     }
-    if !req.instances.is_empty() {
+    if !req.instances.is_empty() || !req.interfaces.is_empty() {
         app.propose(Command::ReportStatus {
             node: name,
             reports: req.instances,
+            interfaces: req.interfaces,
         })
         .await?;
     }
@@ -139,13 +140,18 @@ pub struct PollOpts {
     /// Return once the node's assignment revision is above this.
     #[serde(default)]
     pub after: u64,
+    /// Also return once the cluster's network revision is above this (agents that program a
+    /// datapath pass the revision of the network map they hold).
+    #[serde(default)]
+    pub net_after: Option<u64>,
     /// Longest wait in seconds (default 30, at most 60).
     #[serde(default)]
     pub wait: Option<u64>,
 }
 
-/// The node's assignments; blocks until they change past `after` or `wait` elapses.
-#[utoipa::path(get, path = "/v1/nodes/{name}/assignments", params(("name" = String, Path), ("after" = Option<u64>, Query), ("wait" = Option<u64>, Query)), responses((status = 200, body = AssignmentsResponse)))]
+/// The node's assignments and network map; blocks until either changes past `after` /
+/// `net_after` or `wait` elapses.
+#[utoipa::path(get, path = "/v1/nodes/{name}/assignments", params(("name" = String, Path), ("after" = Option<u64>, Query), ("net_after" = Option<u64>, Query), ("wait" = Option<u64>, Query)), responses((status = 200, body = AssignmentsResponse)))]
 pub async fn assignments(
     State(app): State<AppState>,
     Path(name): Path<String>,
@@ -157,8 +163,8 @@ pub async fn assignments(
     let mut watch = app.raft.applied_watch();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(o.wait.unwrap_or(30).min(60));
     loop {
-        let rev = app.read(|s| s.assignment_revision(&name));
-        if rev > o.after || o.wait == Some(0) {
+        let (rev, net_rev) = app.read(|s| (s.assignment_revision(&name), s.network_revision));
+        if rev > o.after || o.net_after.is_some_and(|n| net_rev > n) || o.wait == Some(0) {
             break;
         }
         if tokio::time::timeout_at(deadline, watch.changed())
@@ -171,17 +177,8 @@ pub async fn assignments(
     Ok(Json(app.read(|s| assignments_of(s, &name))))
 }
 
-/// Builds the assignments of a node from the state.
+/// Builds the assignments and the network map of a node from the state.
 pub fn assignments_of(s: &StateMachine, node: &str) -> AssignmentsResponse {
-    let subnet = s
-        .nodes
-        .get(node)
-        .map(|n| n.subnet.clone())
-        .unwrap_or_default();
-    let prefix_len = network::parse_cidr(&subnet).map_or(24, |(_, l)| l);
-    let gateway = network::gateway(&subnet)
-        .map(|g| g.to_string())
-        .unwrap_or_default();
     let assignments = s
         .instances_on(node)
         .filter_map(|i| {
@@ -189,7 +186,6 @@ pub fn assignments_of(s: &StateMachine, node: &str) -> AssignmentsResponse {
                 .images
                 .values()
                 .find(|im| im.digest == i.spec.image_digest)?;
-            let ip = i.status.ip.clone()?;
             Some(Assignment {
                 id: i.meta.id.clone(),
                 name: i.meta.name.clone(),
@@ -206,13 +202,7 @@ pub fn assignments_of(s: &StateMachine, node: &str) -> AssignmentsResponse {
                     default_env: image.default_env.clone(),
                     working_dir: image.working_dir.clone(),
                 },
-                network: NetworkAttachment {
-                    bridge: s.network.bridge.clone(),
-                    mac: network::mac_for(&ip),
-                    ip,
-                    prefix_len,
-                    gateway: gateway.clone(),
-                },
+                network: netmap::attachment(s, i)?,
             })
         })
         .collect();
@@ -220,5 +210,6 @@ pub fn assignments_of(s: &StateMachine, node: &str) -> AssignmentsResponse {
         revision: s.assignment_revision(node),
         assignments,
         loadbalancers: s.lb_assignments(node),
+        network: netmap::network_map(s, node),
     }
 }

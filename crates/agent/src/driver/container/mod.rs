@@ -611,6 +611,10 @@ impl Driver for ContainerDriver {
         InstanceType::Container
     }
 
+    fn host_interface(&self, id: &str) -> Option<String> {
+        Some(nimbus_net::host_ifname("nv", &self.cfg.net_key(id)))
+    }
+
     async fn create(&self, spec: &RuntimeSpec) -> Result<(), DriverError> {
         valid_id(&spec.id)?;
         let _guard = self.lock(&spec.id).await;

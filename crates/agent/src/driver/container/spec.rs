@@ -331,6 +331,7 @@ mod tests {
                 prefix_len: 24,
                 gateway: "10.0.0.1".into(),
                 mac: "02:00:00:00:00:02".into(),
+                mtu: 0,
             },
             user_data: None,
             ssh_keys: vec![],

@@ -36,11 +36,12 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev 2>/dev/null
 for m in $(cat /modules.order); do insmod /lib/modules/$m || echo "nimbus-init: insmod $m failed"; done
-ip=; gw=; probe=
+ip=; gw=; mtu=; probe=
 for arg in $(cat /proc/cmdline); do
   case "$arg" in
     nimbus.ip=*) ip="${arg#nimbus.ip=}" ;;
     nimbus.gw=*) gw="${arg#nimbus.gw=}" ;;
+    nimbus.mtu=*) mtu="${arg#nimbus.mtu=}" ;;
     nimbus.probe=1) probe=1 ;;
   esac
 done
@@ -50,6 +51,7 @@ if [ -n "$probe" ]; then
 fi
 ip link set lo up
 if [ -n "$ip" ]; then
+  [ -n "$mtu" ] && ip link set eth0 mtu "$mtu"
   ip link set eth0 up
   ip addr add "$ip" dev eth0
   [ -n "$gw" ] && ip route add default via "$gw"

@@ -357,6 +357,9 @@ impl VmDriver {
             if !net.gateway.is_empty() {
                 let _ = write!(append, " nimbus.gw={}", net.gateway);
             }
+            if net.mtu > 0 {
+                let _ = write!(append, " nimbus.mtu={}", net.mtu);
+            }
         }
         let mut a: Vec<String> = vec![
             "-name".into(),
@@ -470,7 +473,8 @@ impl VmDriver {
         let started = Instant::now();
         let pid = process::launch(&self.config.qemu, &args, &procs, &paths, LAUNCH_TIMEOUT).await?;
         if !net.bridge.is_empty() {
-            if let Err(e) = net::set_master_and_up(&Self::tap_name(id), &net.bridge).await {
+            if let Err(e) = net::set_master_and_up(&Self::tap_name(id), &net.bridge, net.mtu).await
+            {
                 process::kill_hard(pid);
                 return Err(e.into());
             }
@@ -547,6 +551,10 @@ impl VmDriver {
 impl Driver for VmDriver {
     fn instance_type(&self) -> InstanceType {
         InstanceType::Vm
+    }
+
+    fn host_interface(&self, id: &str) -> Option<String> {
+        Some(Self::tap_name(id))
     }
 
     async fn create(&self, spec: &RuntimeSpec) -> Result<(), DriverError> {

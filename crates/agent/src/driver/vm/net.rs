@@ -31,11 +31,14 @@ pub async fn ensure_bridge(name: &str, gateway: &str, prefix: u8) -> Result<(), 
     Ok(())
 }
 
-/// Enslaves `ifname` to `bridge` and brings it up.
-pub async fn set_master_and_up(ifname: &str, bridge: &str) -> Result<(), VmError> {
+/// Sets the MTU of `ifname` (if `mtu` is not 0), enslaves it to `bridge` and brings it up.
+pub async fn set_master_and_up(ifname: &str, bridge: &str, mtu: u32) -> Result<(), VmError> {
     let nl = nimbus_net::Netlink::connect()
         .await
         .map_err(|e| net_err(&e))?;
+    if mtu > 0 {
+        nl.set_mtu(ifname, mtu).await.map_err(|e| net_err(&e))?;
+    }
     nl.set_master_and_up(ifname, bridge)
         .await
         .map_err(|e| net_err(&e))
