@@ -97,14 +97,23 @@ impl RaftNode {
         Ok(())
     }
 
-    /// On the leader: confirms leadership with a quorum and returns the commit index a
+    /// On the leader: confirms leadership with a quorum and returns the log index a
     /// linearizable read must wait for (the read index).
+    ///
+    /// The index is the larger of openraft's read log id and the leader's last log index when
+    /// the call started. openraft 0.9's read log id is `max(committed, first log of the
+    /// leader's term)`; a leader restarted without losing its term (openraft restores it as
+    /// leader at once) starts from the committed id it last persisted, which this log store
+    /// saves lazily, so writes of the current term that were acknowledged before the restart
+    /// could lie above it and a read would miss them. Every acknowledged write is in the
+    /// leader's log, so waiting for its last index is always enough.
     pub async fn read_index(&self) -> Result<u64, WriteError> {
+        let last = self.raft().metrics().borrow().last_log_index.unwrap_or(0);
         let res = tokio::time::timeout(REQUEST_TIMEOUT, self.raft().get_read_log_id())
             .await
             .map_err(|_| WriteError::Timeout(REQUEST_TIMEOUT))?;
         match res {
-            Ok((read, _applied)) => Ok(read.map_or(0, |l| l.index)),
+            Ok((read, _applied)) => Ok(read.map_or(0, |l| l.index).max(last)),
             Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
                 Err(self.forward_error(&f))
             }

@@ -6,9 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use openraft::error::{
-    CheckIsLeaderError, ClientWriteError, Fatal, ForwardToLeader, InitializeError, RaftError,
-};
+use openraft::error::{ClientWriteError, Fatal, ForwardToLeader, InitializeError, RaftError};
 use openraft::{BasicNode, Raft, ServerState, SnapshotPolicy};
 use redb::Durability;
 use tokio::sync::watch;
@@ -443,21 +441,13 @@ impl RaftNode {
     }
 
     /// Waits until this node is confirmed leader by a quorum and has applied everything
-    /// committed before the call, so a following [`RaftNode::read`] is linearizable.
+    /// acknowledged before the call, so a following [`RaftNode::read`] is linearizable (see
+    /// [`RaftNode::read_index`] for why this is not openraft's `ensure_linearizable`).
     pub async fn linearizable_barrier(&self) -> Result<(), WriteError> {
-        let res = tokio::time::timeout(REQUEST_TIMEOUT, self.raft().ensure_linearizable())
-            .await
-            .map_err(|_| WriteError::Timeout(REQUEST_TIMEOUT))?;
-        match res {
-            Ok(_) => Ok(()),
-            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
-                Err(self.forward_error(&f))
-            }
-            Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(e))) => {
-                Err(WriteError::Unavailable(e.to_string()))
-            }
-            Err(RaftError::Fatal(f)) => Err(fatal_to_write(&f)),
-        }
+        let started = tokio::time::Instant::now();
+        let index = self.read_index().await?;
+        let left = REQUEST_TIMEOUT.saturating_sub(started.elapsed());
+        self.wait_applied(index, left).await
     }
 
     pub(crate) fn forward_error(&self, f: &ForwardToLeader<u64, BasicNode>) -> WriteError {
