@@ -11,6 +11,7 @@ mod netloop;
 pub mod runtime;
 pub mod server_link;
 pub mod usage;
+pub mod vip;
 
 pub use config::AgentConfig;
 pub use runtime::{Agent, AgentHandle};

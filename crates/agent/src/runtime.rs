@@ -58,6 +58,8 @@ pub struct Agent {
     registration: Mutex<Option<RegisterNodeRequest>>,
     /// The load-balancer data plane of this node.
     pub(crate) lbs: Arc<crate::lb_host::LbHost>,
+    /// Floating VIPs: targets and leases held.
+    pub(crate) vips: crate::vip::VipState,
     /// The network map the datapath converges to.
     pub(crate) net_map: Mutex<Option<NetworkMap>>,
     /// The network map revision the datapath last converged to.
@@ -79,6 +81,13 @@ impl AgentHandle {
         for t in self.tasks {
             t.abort();
         }
+    }
+
+    /// Stops the agent's tasks, then removes its VIP addresses and releases their leases.
+    pub async fn shutdown(self) {
+        let agent = self.agent.clone();
+        self.stop();
+        agent.release_vips().await;
     }
 }
 
@@ -140,6 +149,7 @@ impl Agent {
                 Arc::new(nimbus_lb::Metrics::new()),
                 Vec::new(),
             )),
+            vips: crate::vip::VipState::default(),
             net_map: Mutex::new(None),
             net_applied: watch::channel(0).0,
             cfg,
@@ -173,6 +183,7 @@ impl Agent {
                 .map(|a| a.to_string())
                 .unwrap_or_default(),
         };
+        crate::vip::remove_stale(&agent.cfg.data_dir).await;
         agent.register(&reg).await?;
         *agent.registration.lock().expect("registration lock") = Some(reg);
         let (tx, rx) = watch::channel(None);
@@ -182,6 +193,7 @@ impl Agent {
         if !agent.cfg.hollow {
             // A hollow node has no datapath: hundreds of them share one network namespace.
             tasks.push(tokio::spawn(agent.clone().net_loop(net_rx)));
+            tasks.push(tokio::spawn(agent.clone().vip_loop()));
         }
         tasks.push(tokio::spawn(agent.clone().reconcile_loop(rx)));
         tasks.push(tokio::spawn(agent.clone().lb_health_loop()));
@@ -266,6 +278,7 @@ impl Agent {
             {
                 Ok(resp) => {
                     self.lbs.reconcile(&resp.loadbalancers).await;
+                    self.vips.set_targets(&resp.loadbalancers);
                     if first || resp.revision != after {
                         let map: BTreeMap<String, Assignment> = resp
                             .assignments

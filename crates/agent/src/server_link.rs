@@ -191,6 +191,25 @@ impl ServerLink {
         .map(|_| ())
     }
 
+    /// Acquires, renews or releases an LB's VIP lease; `timeout` bounds the whole request.
+    pub async fn vip_lease(
+        &self,
+        node: &str,
+        req: &nimbus_api::lb::VipLeaseRequest,
+        timeout: Duration,
+    ) -> Result<nimbus_api::lb::VipLeaseResponse, LinkError> {
+        self.call(
+            reqwest::Method::POST,
+            &format!("/v1/nodes/{node}/vip-lease"),
+            Some(req),
+            timeout,
+        )
+        .await?
+        .ok_or_else(|| {
+            LinkError::NotNimbus(self.servers.join(","), "empty VIP lease answer".into())
+        })
+    }
+
     /// Downloads a blob into `dest` (a writer).
     pub async fn blob(&self, digest: &str) -> Result<bytes::Bytes, LinkError> {
         let mut last = String::new();

@@ -196,6 +196,14 @@ pub struct LoadBalancerSpec {
     /// Edge cache for GET/HEAD.
     #[serde(default)]
     pub cache: bool,
+    /// Floating virtual IPv4 address: one node at a time (the holder of a lease in the
+    /// control plane) carries it on its underlay interface and announces it with gratuitous
+    /// ARP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vip: Option<String>,
+    /// Nodes that may hold the VIP (empty: every node serving the LB).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vip_nodes: Vec<String>,
 }
 
 /// A backend's health as reported by a node running the LB.
@@ -220,6 +228,55 @@ pub struct LoadBalancerStatus {
     /// Backend health, as last reported.
     #[serde(default)]
     pub backends: Vec<LbBackendHealth>,
+    /// The VIP lease, once a node acquired it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vip: Option<VipLease>,
+}
+
+/// Who holds an LB's floating VIP.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VipLease {
+    /// The address.
+    pub address: String,
+    /// Node holding it (`None`: released).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holder: Option<String>,
+    /// Log time (RFC 3339) the lease was last acquired or renewed.
+    pub renewed_at: String,
+    /// Log time (RFC 3339) after which another node may take it.
+    pub expires_at: String,
+}
+
+/// How long a VIP lease lasts after its last renewal, ms (log time).
+pub const VIP_LEASE_TTL_MS: u64 = 1_500;
+/// How often the holder renews its VIP lease and the other nodes try to take it, ms.
+pub const VIP_RENEW_MS: u64 = 250;
+
+/// `POST /v1/nodes/{name}/vip-lease`: acquire, renew or release the VIP lease of an LB.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VipLeaseRequest {
+    /// LB project.
+    pub project: String,
+    /// LB name.
+    pub name: String,
+    /// The VIP the agent acts on (must be the LB's current VIP).
+    pub vip: String,
+    /// Give the lease up (only its holder can).
+    #[serde(default)]
+    pub release: bool,
+}
+
+/// The answer to a [`VipLeaseRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VipLeaseResponse {
+    /// Whether the asking node holds the lease now.
+    pub held: bool,
+    /// The lease as it stands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease: Option<VipLease>,
+    /// Lease duration after the renewal, ms (the holder drops the address before it ends).
+    pub ttl_ms: u64,
 }
 
 /// A load balancer.
@@ -279,6 +336,12 @@ pub struct LoadBalancerSpecRequest {
     /// Edge cache.
     #[serde(default)]
     pub cache: bool,
+    /// Floating VIP (IPv4).
+    #[serde(default)]
+    pub vip: Option<String>,
+    /// Nodes that may hold the VIP (empty: any node serving the LB).
+    #[serde(default)]
+    pub vip_nodes: Vec<String>,
 }
 
 /// `PATCH /v1/projects/{project}/loadbalancers/{name}`: replaces the spec.
@@ -417,7 +480,43 @@ pub fn validate_spec(req: &LoadBalancerSpecRequest) -> Result<LoadBalancerSpec, 
         sticky_cookie: req.sticky_cookie.clone(),
         tls: req.tls.clone(),
         cache: req.cache,
+        vip: req.vip.as_deref().map(vip).transpose()?,
+        vip_nodes: vip_nodes(req)?,
     })
+}
+
+/// Validate a VIP: a unicast IPv4 address (not unspecified, loopback, multicast or
+/// broadcast); returns its canonical form.
+pub fn vip(v: &str) -> Result<String, ApiError> {
+    let a: std::net::Ipv4Addr = v.parse().map_err(|_| {
+        invalid(
+            "vip",
+            format!("invalid VIP {v:?}: expected an IPv4 address such as 192.168.1.50"),
+        )
+    })?;
+    if a.is_unspecified() || a.is_loopback() || a.is_multicast() || a.is_broadcast() {
+        return Err(invalid(
+            "vip",
+            format!("VIP {a} is not a unicast address a node can carry"),
+        ));
+    }
+    Ok(a.to_string())
+}
+
+fn vip_nodes(req: &LoadBalancerSpecRequest) -> Result<Vec<String>, ApiError> {
+    if !req.vip_nodes.is_empty() && req.vip.is_none() {
+        return Err(invalid("vip_nodes", "vip_nodes needs a vip"));
+    }
+    for (i, n) in req.vip_nodes.iter().enumerate() {
+        crate::validate::name(&format!("vip_nodes[{i}]"), n)?;
+        if req.vip_nodes[..i].contains(n) {
+            return Err(invalid(
+                format!("vip_nodes[{i}]"),
+                format!("node {n:?} is listed twice"),
+            ));
+        }
+    }
+    Ok(req.vip_nodes.clone())
 }
 
 fn header_name(field: &str, h: &str) -> Result<(), ApiError> {
@@ -582,6 +681,38 @@ mod tests {
 
     fn field(r: &LoadBalancerSpecRequest) -> String {
         validate_spec(r).unwrap_err().field.unwrap_or_default()
+    }
+
+    #[test]
+    fn vip_validation() {
+        let mut r = base();
+        r.vip = Some("10.0.0.50".into());
+        r.vip_nodes = vec!["n1".into(), "n2".into()];
+        let s = validate_spec(&r).unwrap();
+        assert_eq!(s.vip.as_deref(), Some("10.0.0.50"));
+        assert_eq!(s.vip_nodes, ["n1", "n2"]);
+        for bad in [
+            "",
+            "10.0.0",
+            "::1",
+            "fe80::1",
+            "0.0.0.0",
+            "127.0.0.1",
+            "224.0.0.1",
+        ] {
+            let mut r = base();
+            r.vip = Some(bad.into());
+            assert_eq!(field(&r), "vip", "{bad}");
+        }
+        let mut r = base();
+        r.vip_nodes = vec!["n1".into()];
+        assert_eq!(field(&r), "vip_nodes");
+        let mut r = base();
+        r.vip = Some("10.0.0.50".into());
+        r.vip_nodes = vec!["n1".into(), "n1".into()];
+        assert_eq!(field(&r), "vip_nodes[1]");
+        r.vip_nodes = vec!["Bad Name".into()];
+        assert_eq!(field(&r), "vip_nodes[0]");
     }
 
     #[test]

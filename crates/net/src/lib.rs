@@ -13,6 +13,7 @@ mod netns;
 pub mod nft;
 pub mod plan;
 pub mod sg;
+pub mod vip;
 
 use std::net::Ipv4Addr;
 use std::path::PathBuf;

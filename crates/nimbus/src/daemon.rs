@@ -208,7 +208,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
     );
     wait_for_signal().await;
     tracing::info!("shutting down; instances keep running");
-    agent.stop();
+    agent.shutdown().await;
     server.shutdown().await;
     Ok(())
 }
@@ -333,6 +333,6 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
     }
     println!("nimbus agent ready (API at {})", agent.local_addr);
     wait_for_signal().await;
-    agent.stop();
+    agent.shutdown().await;
     Ok(())
 }

@@ -49,6 +49,9 @@ pub enum LbCmd {
         /// Remove the health check.
         #[arg(long, conflicts_with = "health_check")]
         no_health_check: bool,
+        /// Remove the VIP.
+        #[arg(long, conflicts_with = "vip")]
+        no_vip: bool,
     },
     /// Delete a load balancer.
     Delete {
@@ -102,6 +105,12 @@ pub struct SpecArgs {
     /// Edge-cache cacheable GET/HEAD responses (L7).
     #[arg(long)]
     pub cache: bool,
+    /// Floating IPv4 address held by one node at a time and moved on failure.
+    #[arg(long, value_name = "ADDR")]
+    pub vip: Option<String>,
+    /// Nodes that may hold the VIP (repeatable or comma-separated; default: any serving node).
+    #[arg(long, value_name = "NODE", value_delimiter = ',', num_args = 1.., requires = "vip")]
+    pub vip_node: Vec<String>,
 }
 
 fn listener(s: &str) -> Result<LbListener> {
@@ -256,6 +265,12 @@ fn apply(a: &SpecArgs, base: LoadBalancerSpecRequest) -> Result<LoadBalancerSpec
     if a.cache {
         s.cache = true;
     }
+    if a.vip.is_some() {
+        s.vip.clone_from(&a.vip);
+    }
+    if !a.vip_node.is_empty() {
+        s.vip_nodes.clone_from(&a.vip_node);
+    }
     Ok(s)
 }
 
@@ -270,6 +285,8 @@ fn to_request(s: LoadBalancerSpec) -> LoadBalancerSpecRequest {
         sticky_cookie: s.sticky_cookie,
         tls: s.tls,
         cache: s.cache,
+        vip: s.vip,
+        vip_nodes: s.vip_nodes,
     }
 }
 
@@ -287,6 +304,8 @@ struct LbRow {
     healthy: String,
     #[tabled(rename = "NODES")]
     nodes: String,
+    #[tabled(rename = "VIP (HOLDER)")]
+    vip: String,
 }
 
 fn selector(b: &LbBackends) -> String {
@@ -323,6 +342,13 @@ fn row(l: nimbus_api::lb::LoadBalancer) -> LbRow {
         algorithm: l.spec.algorithm,
         healthy: format!("{healthy}/{}", l.status.backends.len()),
         nodes: l.status.nodes.join(","),
+        vip: match (&l.spec.vip, &l.status.vip) {
+            (None, _) => "-".into(),
+            (Some(v), Some(lease)) if lease.address == *v => {
+                format!("{v} ({})", lease.holder.as_deref().unwrap_or("none"))
+            }
+            (Some(v), _) => format!("{v} (none)"),
+        },
         name: l.meta.name,
     }
 }
@@ -390,6 +416,7 @@ pub async fn run(c: &Client, cmd: LbCmd) -> Result<()> {
             spec,
             no_cache,
             no_health_check,
+            no_vip,
         } => {
             let cur = c.get_lb(&name).await?;
             let mut s = apply(&spec, to_request(cur.spec))?;
@@ -398,6 +425,10 @@ pub async fn run(c: &Client, cmd: LbCmd) -> Result<()> {
             }
             if no_health_check {
                 s.health_check = None;
+            }
+            if no_vip {
+                s.vip = None;
+                s.vip_nodes.clear();
             }
             let l = c
                 .update_lb(

@@ -220,6 +220,20 @@ pub enum Command {
         /// Name.
         name: String,
     },
+    /// Acquire, renew or release the floating-VIP lease of a load balancer for a node.
+    VipLease {
+        /// Node asking.
+        node: String,
+        /// LB project.
+        project: String,
+        /// LB name.
+        name: String,
+        /// The VIP the node acts on (must still be the LB's).
+        vip: String,
+        /// Give it up.
+        #[serde(default)]
+        release: bool,
+    },
     /// Backend health of the LBs a node serves, by LB id.
     ReportLbHealth {
         /// Node.
@@ -263,6 +277,8 @@ pub enum CommandOutput {
     Network(Box<Network>),
     /// A security group.
     SecurityGroup(Box<SecurityGroup>),
+    /// A VIP lease decision.
+    VipLease(nimbus_api::lb::VipLeaseResponse),
     /// The results of a [`Command::Batch`], in order.
     Batch(Vec<CommandResult>),
 }

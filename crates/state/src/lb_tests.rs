@@ -26,6 +26,8 @@ fn spec(port: u32, backends: LbBackends) -> LoadBalancerSpec {
         sticky_cookie: None,
         tls: None,
         cache: false,
+        vip: None,
+        vip_nodes: vec![],
     }
 }
 
@@ -240,4 +242,152 @@ fn update_delete_health_and_instance_changes() {
         name: "web".into(),
     });
     assert_eq!(e.code, ErrorCode::NotFound);
+}
+
+fn lease(node: &str, vip: &str, release: bool) -> Command {
+    Command::VipLease {
+        node: node.into(),
+        project: "default".into(),
+        name: "web".into(),
+        vip: vip.into(),
+        release,
+    }
+}
+
+fn held(r: crate::CommandResult) -> bool {
+    match r {
+        Ok(CommandOutput::VipLease(l)) => l.held,
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn vip_lease_acquire_renew_expire_move_release() {
+    let mut h = H::new();
+    h.node("n1", false);
+    h.node("n2", false);
+    h.node("n3", false);
+    running(&mut h, "web1", "web");
+    let mut s = spec(80, label("app=web"));
+    s.vip = Some("10.9.0.50".into());
+    s.vip_nodes = vec!["n1".into(), "n2".into()];
+    h.ok(create("web", s.clone()));
+    // Another LB cannot use the same VIP; nothing changes.
+    let mut other = spec(81, label("app=web"));
+    other.vip = Some("10.9.0.50".into());
+    let e = h.err(create("other", other));
+    assert_eq!(e.code, ErrorCode::Conflict);
+    assert_eq!(e.field.as_deref(), Some("vip"));
+
+    let at = |s: &str| format!("2026-01-01T00:01:{s}Z");
+    assert!(held(
+        h.run_at(&at("00.000"), lease("n1", "10.9.0.50", false))
+    ));
+    let lb = h.sm.loadbalancer("default", "web").unwrap().clone();
+    let cur = lb.status.vip.clone().unwrap();
+    assert_eq!(cur.holder.as_deref(), Some("n1"));
+    assert_eq!(cur.expires_at, "2026-01-01T00:01:01.500Z");
+    assert!(h.sm.events.iter().any(|e| e.reason == "VipAcquired"));
+    // n2 is refused while the lease lives (state unchanged); n3 is no VIP node.
+    let before = h.sm.clone();
+    let e = h
+        .run_at(&at("01.000"), lease("n2", "10.9.0.50", false))
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::Conflict);
+    assert!(e.message.contains("held by node n1"), "{}", e.message);
+    assert_eq!(before.loadbalancers, h.sm.loadbalancers);
+    assert!(h
+        .run_at(&at("01.000"), lease("n3", "10.9.0.50", false))
+        .is_err());
+    assert!(!h.sm.vip_lease_refused("default", "web", "n1", 0));
+    // A stale VIP (the agent acting on an old spec) is refused.
+    assert!(h
+        .run_at(&at("01.000"), lease("n1", "10.9.0.51", false))
+        .is_err());
+    // n1 renews: expiry moves.
+    assert!(held(
+        h.run_at(&at("01.200"), lease("n1", "10.9.0.50", false))
+    ));
+    assert!(h
+        .sm
+        .vip_lease_refused("default", "web", "n2", 1_767_225_662_000));
+    assert!(h
+        .run_at(&at("02.600"), lease("n2", "10.9.0.50", false))
+        .is_err());
+    // n1 stops renewing: at expiry n2 takes it.
+    assert!(held(
+        h.run_at(&at("02.700"), lease("n2", "10.9.0.50", false))
+    ));
+    let cur =
+        h.sm.loadbalancer("default", "web")
+            .unwrap()
+            .status
+            .vip
+            .clone()
+            .unwrap();
+    assert_eq!(cur.holder.as_deref(), Some("n2"));
+    assert!(h
+        .sm
+        .events
+        .iter()
+        .any(|e| e.reason == "VipMoved" && e.message.contains("from n1 to n2")));
+    // n1 comes back: refused, and its release does not touch n2's lease.
+    assert!(h
+        .run_at(&at("03.000"), lease("n1", "10.9.0.50", false))
+        .is_err());
+    assert!(!held(
+        h.run_at(&at("03.000"), lease("n1", "10.9.0.50", true))
+    ));
+    assert_eq!(
+        h.sm.loadbalancer("default", "web")
+            .unwrap()
+            .status
+            .vip
+            .as_ref()
+            .unwrap()
+            .holder
+            .as_deref(),
+        Some("n2")
+    );
+    // A holder marked down loses it at once.
+    h.ok(Command::MarkNodeDown {
+        name: "n2".into(),
+        reason: "test".into(),
+    });
+    assert!(held(
+        h.run_at(&at("03.100"), lease("n1", "10.9.0.50", false))
+    ));
+    // Release by the holder frees it for anyone.
+    assert!(!held(
+        h.run_at(&at("03.200"), lease("n1", "10.9.0.50", true))
+    ));
+    assert!(h.sm.events.iter().any(|e| e.reason == "VipReleased"));
+    assert!(h
+        .sm
+        .loadbalancer("default", "web")
+        .unwrap()
+        .status
+        .vip
+        .as_ref()
+        .unwrap()
+        .holder
+        .is_none());
+    // Changing the VIP voids the lease.
+    assert!(held(
+        h.run_at(&at("03.300"), lease("n1", "10.9.0.50", false))
+    ));
+    s.vip = Some("10.9.0.60".into());
+    h.ok(Command::UpdateLoadBalancer {
+        project: "default".into(),
+        name: "web".into(),
+        spec: Box::new(s),
+        version: None,
+    });
+    assert!(h
+        .sm
+        .loadbalancer("default", "web")
+        .unwrap()
+        .status
+        .vip
+        .is_none());
 }

@@ -11,6 +11,7 @@ pub mod preemption;
 pub mod raft;
 mod scheduling;
 pub mod utilization;
+pub mod vip;
 pub mod vpc;
 
 pub use command::{

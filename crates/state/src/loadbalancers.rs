@@ -57,6 +57,25 @@ impl StateMachine {
                 }
             }
         }
+        if let Some(vip) = &spec.vip {
+            if let Some(other) = self.loadbalancers.values().find(|o| {
+                !(o.meta.project == project && o.meta.name == name)
+                    && o.spec.vip.as_deref() == Some(vip)
+            }) {
+                return Err(ApiError::conflict(format!(
+                    "VIP {vip} is already used by load balancer {}/{}",
+                    other.meta.project, other.meta.name
+                ))
+                .with_field("vip"));
+            }
+            if let Some(n) = self.nodes.values().find(|n| &n.underlay_ip == vip) {
+                return Err(ApiError::conflict(format!(
+                    "VIP {vip} is the underlay address of node {}",
+                    n.meta.name
+                ))
+                .with_field("vip"));
+            }
+        }
         let check = |field: &str, b: &LbBackends| -> Result<(), ApiError> {
             if let Some(g) = &b.group {
                 let exists = self.instances.values().any(|i| {
@@ -152,6 +171,10 @@ impl StateMachine {
             .loadbalancers
             .get_mut(&key(project, name))
             .expect("checked above");
+        if lb.spec.vip != spec.vip {
+            // A new (or no) address: the old lease is void; agents drop the old address.
+            lb.status.vip = None;
+        }
         lb.spec = spec.clone();
         touch(&mut lb.meta, env);
         let lb = lb.clone();

@@ -351,6 +351,13 @@ impl StateMachine {
                 version,
             } => self.update_lb(env, project, name, spec, *version),
             Command::DeleteLoadBalancer { project, name } => self.delete_lb(env, project, name),
+            Command::VipLease {
+                node,
+                project,
+                name,
+                vip,
+                release,
+            } => self.vip_lease(env, node, project, name, vip, *release),
             Command::ReportLbHealth { node, reports } => {
                 self.report_lb_health(node, reports);
                 Ok(CommandOutput::None)

@@ -46,6 +46,7 @@ pub mod projects;
         loadbalancers::delete,
         loadbalancers::backends,
         nodes::lb_health,
+        nodes::vip_lease,
         nodes::register,
         nodes::list,
         nodes::get,
@@ -154,6 +155,7 @@ pub fn router(app: AppState) -> Router {
             get(loadbalancers::backends),
         )
         .route("/v1/nodes/{name}/lb-health", post(nodes::lb_health))
+        .route("/v1/nodes/{name}/vip-lease", post(nodes::vip_lease))
         .route(
             "/v1/projects/{project}/networks",
             post(networks::create).get(networks::list),

@@ -10,6 +10,7 @@ use nimbus_api::agent::{
     Assignment, AssignmentsResponse, HeartbeatRequest, ImageRef, LbHealthReport,
     RegisterNodeRequest, StatusReport,
 };
+use nimbus_api::lb::{VipLeaseRequest, VipLeaseResponse};
 use nimbus_api::{ApiError, Node, UpdateNodeRequest};
 use nimbus_state::{netmap, Command, CommandOutput, StateMachine};
 use serde::Deserialize;
@@ -132,6 +133,48 @@ pub async fn lb_health(
     })
     .await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Acquire, renew or release an LB's floating-VIP lease for the node. A request that would
+/// surely be refused (another node's live lease, judged by this server's clock) is answered
+/// without a Raft write; grants are decided by the state machine at the log time.
+#[utoipa::path(post, path = "/v1/nodes/{name}/vip-lease", request_body = VipLeaseRequest, params(("name" = String, Path)), responses((status = 200, body = VipLeaseResponse)))]
+pub async fn vip_lease(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+    ApiJson(req): ApiJson<VipLeaseRequest>,
+) -> HttpResult<Json<VipLeaseResponse>> {
+    let now = chrono::Utc::now().timestamp_millis();
+    let refused = app.read(|s| {
+        if !s.nodes.contains_key(&name) {
+            return Err(ApiError::not_found("node", &name));
+        }
+        Ok(!req.release && s.vip_lease_refused(&req.project, &req.name, &name, now))
+    })?;
+    if refused {
+        let lease = app.read(|s| {
+            s.loadbalancer(&req.project, &req.name)
+                .and_then(|lb| lb.status.vip.clone())
+        });
+        return Ok(Json(VipLeaseResponse {
+            held: false,
+            lease,
+            ttl_ms: nimbus_api::lb::VIP_LEASE_TTL_MS,
+        }));
+    }
+    match app
+        .propose(Command::VipLease {
+            node: name,
+            project: req.project,
+            name: req.name,
+            vip: req.vip,
+            release: req.release,
+        })
+        .await?
+    {
+        CommandOutput::VipLease(r) => Ok(Json(r)),
+        other => Err(ApiError::internal(format!("unexpected output {other:?}")).into()),
+    }
 }
 
 /// Long-poll parameters.
