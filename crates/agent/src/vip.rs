@@ -1,7 +1,8 @@
 //! Floating VIPs of load balancers on this node (the keepalived role).
 //!
 //! For every LB with a VIP this node may hold, the agent asks the control plane for the VIP's
-//! lease every [`VIP_RENEW_MS`]: the holder's request renews it, the others' take it once it
+//! lease (the holder every [`VIP_RENEW_MS`], the others every [`VIP_ACQUIRE_MS`]): the
+//! holder's request renews it, the others' take it once it
 //! expired (see `nimbus_state::vip`). While the node holds a lease it carries the VIP as a /32
 //! on its underlay interface (netlink) and announces it with gratuitous ARP; the LB listeners
 //! bind the wildcard address, so they serve the VIP as soon as it is there. The lease is held
@@ -17,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nimbus_api::agent::LbAssignment;
-use nimbus_api::lb::{VipLeaseRequest, VIP_LEASE_TTL_MS, VIP_RENEW_MS};
+use nimbus_api::lb::{VipLeaseRequest, VIP_ACQUIRE_MS, VIP_LEASE_TTL_MS, VIP_RENEW_MS};
 use nimbus_net::vip::{send_garp, Iface};
 use nimbus_net::Netlink;
 use tokio::time::Instant;
@@ -182,7 +183,7 @@ impl Agent {
         };
         let mut iface: Option<Iface> = None;
         let mut have: BTreeSet<Ipv4Addr> = BTreeSet::new();
-        let mut last_request: Option<Instant> = None;
+        let mut last_request: BTreeMap<Key, Instant> = BTreeMap::new();
         let mut last_sync: Option<Instant> = None;
         let mut warned = false;
         let node = self.cfg.name.clone();
@@ -193,9 +194,18 @@ impl Agent {
             if all.is_empty() && have.is_empty() {
                 continue;
             }
-            if last_request.is_none_or(|t| now - t >= Duration::from_millis(VIP_RENEW_MS)) {
-                last_request = Some(now);
-                for t in all.iter().filter(|t| t.candidate(&node)) {
+            last_request.retain(|k, _| all.iter().any(|t| t.key() == *k));
+            for t in all.iter().filter(|t| t.candidate(&node)) {
+                let every = if self.vips.holds(t.vip, now) {
+                    VIP_RENEW_MS
+                } else {
+                    VIP_ACQUIRE_MS
+                };
+                let due = last_request
+                    .get(&t.key())
+                    .is_none_or(|l| now - *l >= Duration::from_millis(every));
+                if due {
+                    last_request.insert(t.key(), now);
                     self.clone().request(t.clone());
                 }
             }

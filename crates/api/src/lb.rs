@@ -249,8 +249,11 @@ pub struct VipLease {
 
 /// How long a VIP lease lasts after its last renewal, ms (log time).
 pub const VIP_LEASE_TTL_MS: u64 = 1_500;
-/// How often the holder renews its VIP lease and the other nodes try to take it, ms.
-pub const VIP_RENEW_MS: u64 = 250;
+/// How often the holder renews its VIP lease, ms (two renewals may fail before it fences).
+pub const VIP_RENEW_MS: u64 = 500;
+/// How often the nodes that do not hold a VIP ask for its lease, ms (answered without a Raft
+/// write while another node's lease lives).
+pub const VIP_ACQUIRE_MS: u64 = 250;
 
 /// `POST /v1/nodes/{name}/vip-lease`: acquire, renew or release the VIP lease of an LB.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
