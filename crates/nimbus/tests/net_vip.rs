@@ -17,9 +17,10 @@
 //! 409), nothing changed.
 //!
 //! `scripts/bench-vip` runs `bench_vip_takeover` (ignored here) in release mode: 10
-//! takeovers, alternately a cut link and a SIGKILLed agent with a cut link, each timed from
-//! the fault to the first 200 answer on the VIP from the client (connect timeout 100 ms,
-//! polled every 20 ms).
+//! takeovers, alternately a cut link and a SIGKILLed agent with a cut link, each 0.7-1.2 s
+//! after the VIP settled (so the fault falls at different phases of the 500 ms renewals),
+//! timed from the fault to the first 200 answer on the VIP from the client (connect timeout
+//! 100 ms, polled every 20 ms).
 
 use std::fmt::Write as _;
 use std::io::{Read, Write as _};
@@ -293,8 +294,18 @@ async fn vip_moves_when_its_holder_dies() {
     );
     assert_eq!(specs(v.c.list_lbs().await.expect("list")), before);
 
-    // 1. Settled on one node.
+    // 1. Settled on one node, and it stays there: the holder renews its lease (no flapping).
     let first = settled(&v).await;
+    let lease = |lb: nimbus_api::lb::LoadBalancer| lb.status.vip.expect("lease");
+    let l0 = lease(v.c.get_lb("web").await.expect("lb"));
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let l1 = lease(v.c.get_lb("web").await.expect("lb"));
+    assert_eq!(l1.holder, l0.holder, "the VIP moved without a fault");
+    assert!(
+        l1.renewed_at > l0.expires_at,
+        "not renewed: {l0:?} then {l1:?}"
+    );
+    assert!(carries(&v.net, first, &v.vip));
     let (_, show, _) = cli(&v.net, &["lb", "show", "web"]);
     assert!(show.contains(&format!("{} (h{first})", v.vip)), "{show}");
     let n = neighbour(&v.vip);
@@ -388,6 +399,8 @@ async fn bench_vip_takeover() {
     let mut times = Vec::new();
     for trial in 0..trials {
         let from = settled(&v).await;
+        // Spread the fault over the holder's 500 ms renewal period (and past the first one).
+        tokio::time::sleep(Duration::from_millis(700 + (trial as u64 * 53) % 500)).await;
         let kill = trial % 2 == 1;
         let start = Instant::now();
         if kill {
