@@ -109,7 +109,7 @@ pub struct SpecArgs {
     #[arg(long, value_name = "ADDR")]
     pub vip: Option<String>,
     /// Nodes that may hold the VIP (repeatable or comma-separated; default: any serving node).
-    #[arg(long, value_name = "NODE", value_delimiter = ',', num_args = 1.., requires = "vip")]
+    #[arg(long, value_name = "NODE", value_delimiter = ',', num_args = 1..)]
     pub vip_node: Vec<String>,
 }
 

@@ -13,6 +13,8 @@
 //!    first node takes the VIP back within 3 s; restarted while still cut off, the killed
 //!    agent removes the address its predecessor left.
 //!
+//! 4. `lb update --no-vip` removes the address from the holder.
+//!
 //! Also: bad VIP input through the CLI (not IPv4: 422 with the field; VIP of another LB:
 //! 409), nothing changed.
 //!
@@ -384,6 +386,21 @@ async fn vip_moves_when_its_holder_dies() {
         neighbour(&v.vip).as_deref(),
         Some(mac(&v.net, first).as_str())
     );
+
+    // 4. Removing the VIP from the LB removes the address from the holder.
+    let (ok, out, err) = cli(&v.net, &["lb", "update", "web", "--no-vip"]);
+    assert!(ok, "{out}{err}");
+    let gone = eventually(Duration::from_secs(5), || async {
+        (!carries(&v.net, 1, &v.vip) && !carries(&v.net, 2, &v.vip)).then_some(())
+    })
+    .await;
+    assert!(
+        gone.is_some(),
+        "the VIP stayed after --no-vip\n{}",
+        logs(&v.net)
+    );
+    let lb = v.c.get_lb("web").await.expect("lb");
+    assert!(lb.spec.vip.is_none() && lb.status.vip.is_none(), "{lb:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
