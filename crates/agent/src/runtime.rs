@@ -273,7 +273,13 @@ impl Agent {
             let wait = if first { 0 } else { 30 };
             match self
                 .link
-                .assignments(&self.cfg.name, after, net_after, wait)
+                // A hollow node has no datapath: network changes need not wake it.
+                .assignments(
+                    &self.cfg.name,
+                    after,
+                    (!self.cfg.hollow).then_some(net_after),
+                    wait,
+                )
                 .await
             {
                 Ok(resp) => {

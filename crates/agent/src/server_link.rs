@@ -143,19 +143,21 @@ impl ServerLink {
     }
 
     /// Long-polls assignments and the network map: returns when the node's assignments
-    /// change past `after` or the network map past `net_after`, or after `wait` seconds.
+    /// change past `after` or the network map past `net_after` (`None`: network changes do
+    /// not wake the poll), or after `wait` seconds.
     pub async fn assignments(
         &self,
         node: &str,
         after: u64,
-        net_after: u64,
+        net_after: Option<u64>,
         wait: u64,
     ) -> Result<AssignmentsResponse, LinkError> {
+        let net = net_after
+            .map(|n| format!("&net_after={n}"))
+            .unwrap_or_default();
         self.call::<(), AssignmentsResponse>(
             reqwest::Method::GET,
-            &format!(
-                "/v1/nodes/{node}/assignments?after={after}&net_after={net_after}&wait={wait}"
-            ),
+            &format!("/v1/nodes/{node}/assignments?after={after}{net}&wait={wait}"),
             None,
             Duration::from_secs(wait + 10),
         )

@@ -75,7 +75,7 @@ fn start_server(bin: &Path, dir: &Path) -> anyhow::Result<(Proc, String)> {
         .args(["server", "--data-dir"])
         .arg(dir.join("server"))
         .args(["--listen", &format!("127.0.0.1:{port}")])
-        .args(["--bridge", "nbhollow0", "--node-pool", "10.161.0.0/16"])
+        .args(["--net-prefix", "nbh", "--network-pool", "10.161.0.0/16"])
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(dir.join("server.log"))?)
         .spawn()
@@ -167,6 +167,13 @@ pub async fn run(a: &SchedApiArgs) -> anyhow::Result<()> {
         }
     })
     .await?;
+    // A network large enough for the batch (a project's default network is a /24).
+    c.create_network(&nimbus_api::network::CreateNetworkRequest {
+        name: "bench".into(),
+        cidr: Some("10.161.128.0/17".into()),
+        ..Default::default()
+    })
+    .await?;
     let ci = c.clone();
     let t0 = Instant::now();
     let (place_t, place_lat) = batch(a.instances, a.clients, move |i| {
@@ -177,6 +184,7 @@ pub async fn run(a: &SchedApiArgs) -> anyhow::Result<()> {
                 image: "busybox".into(),
                 cpus: Some(0.1),
                 memory: Some(serde_json::json!("64M")),
+                network: Some("bench".into()),
                 ..Default::default()
             };
             let inst = c.create_instance(&req, None).await?;
