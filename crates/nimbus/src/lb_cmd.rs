@@ -13,6 +13,7 @@ use tabled::settings::Style;
 use tabled::{Table, Tabled};
 
 use crate::cli::{Output, OutputArg};
+use crate::lb_route;
 
 /// `nimbus lb`.
 #[derive(Debug, Subcommand)]
@@ -52,6 +53,9 @@ pub enum LbCmd {
         /// Remove the VIP.
         #[arg(long, conflicts_with = "vip")]
         no_vip: bool,
+        /// Remove all routing rules.
+        #[arg(long, conflicts_with = "route")]
+        no_routes: bool,
     },
     /// Delete a load balancer.
     Delete {
@@ -111,6 +115,14 @@ pub struct SpecArgs {
     /// Nodes that may hold the VIP (repeatable or comma-separated; default: any serving node).
     #[arg(long, value_name = "NODE", value_delimiter = ',', num_args = 1..)]
     pub vip_node: Vec<String>,
+    /// L7 routing rule, repeatable, tried in order (on update, the routes given replace all
+    /// routes). Comma-separated items: `host=H` (exact or `*.suffix`), `path=/PREFIX`,
+    /// `header=Name=value` (at least one of these; all given must match) and exactly one
+    /// backend selector for matching requests: `backend-label=K=V`, `backend-group=G` or
+    /// `backend=NAME[:WEIGHT]` (repeatable). Values cannot contain `,`.
+    /// Example: `--route host=api.example.com,path=/v1,backend-label=app=api`.
+    #[arg(long, value_name = "RULE")]
+    pub route: Vec<String>,
 }
 
 fn listener(s: &str) -> Result<LbListener> {
@@ -271,6 +283,13 @@ fn apply(a: &SpecArgs, base: LoadBalancerSpecRequest) -> Result<LoadBalancerSpec
     if !a.vip_node.is_empty() {
         s.vip_nodes.clone_from(&a.vip_node);
     }
+    if !a.route.is_empty() {
+        s.routes = a
+            .route
+            .iter()
+            .map(|r| lb_route::parse(r))
+            .collect::<Result<_>>()?;
+    }
     Ok(s)
 }
 
@@ -409,7 +428,14 @@ pub async fn run(c: &Client, cmd: LbCmd) -> Result<()> {
             if o.output == Output::Json {
                 return json(&l);
             }
+            let routes: Vec<String> = l.spec.routes.iter().map(lb_route::format).collect();
             table(vec![row(l)]);
+            if !routes.is_empty() {
+                println!("routes (in order; the first match wins):");
+                for (i, r) in routes.iter().enumerate() {
+                    println!("  {i}: {r}");
+                }
+            }
         }
         LbCmd::Update {
             name,
@@ -417,6 +443,7 @@ pub async fn run(c: &Client, cmd: LbCmd) -> Result<()> {
             no_cache,
             no_health_check,
             no_vip,
+            no_routes,
         } => {
             let cur = c.get_lb(&name).await?;
             let mut s = apply(&spec, to_request(cur.spec))?;
@@ -429,6 +456,9 @@ pub async fn run(c: &Client, cmd: LbCmd) -> Result<()> {
             if no_vip {
                 s.vip = None;
                 s.vip_nodes.clear();
+            }
+            if no_routes {
+                s.routes.clear();
             }
             let l = c
                 .update_lb(

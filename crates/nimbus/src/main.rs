@@ -5,6 +5,7 @@ mod cluster_cmd;
 mod daemon;
 mod hollow;
 mod lb_cmd;
+mod lb_route;
 mod net_cmd;
 mod verbs;
 

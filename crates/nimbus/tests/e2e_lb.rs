@@ -33,12 +33,16 @@ fn out(o: &Output) -> String {
 
 /// `GET /` through the LB on 127.0.0.1:port with a fresh connection; the body if 200.
 async fn get(port: u16) -> Option<String> {
-    let r = reqwest::Client::new()
-        .get(format!("http://127.0.0.1:{port}/"))
-        .timeout(Duration::from_secs(3))
-        .send()
-        .await
-        .ok()?;
+    get_host(port, None).await
+}
+
+/// `GET /` with an optional `Host` header; the body if 200.
+async fn get_host(port: u16, host: Option<&str>) -> Option<String> {
+    let mut req = reqwest::Client::new().get(format!("http://127.0.0.1:{port}/"));
+    if let Some(h) = host {
+        req = req.header("host", h);
+    }
+    let r = req.timeout(Duration::from_secs(3)).send().await.ok()?;
     if r.status() != 200 {
         return None;
     }
@@ -217,6 +221,51 @@ async fn lb_in_front_of_containers() {
         )),
         "{text}"
     );
+
+    // A routing rule from the CLI: requests for db.example.com go to the app=db instance,
+    // the others still to the default backends.
+    for (route, want) in [
+        ("bogus", "not KEY=VALUE"),
+        ("host=a..b,backend-label=app=db", "invalid host pattern"),
+        ("host=db.example.com", "exactly one"),
+    ] {
+        let o = run(&cloud, &["lb", "update", "web", "--route", route]);
+        assert!(
+            !o.status.success() && out(&o).contains(want) && out(&o).trim().lines().count() == 1,
+            "{route}: {}",
+            out(&o)
+        );
+    }
+    let o = run(
+        &cloud,
+        &[
+            "lb",
+            "update",
+            "web",
+            "--route",
+            "host=db.example.com,backend-label=app=db",
+        ],
+    );
+    assert!(o.status.success(), "{}", out(&o));
+    let o = run(&cloud, &["lb", "show", "web"]);
+    assert!(
+        out(&o).contains("0: host=db.example.com,backend-label=app=db"),
+        "{}",
+        out(&o)
+    );
+    let routed = eventually(Duration::from_secs(30), || async {
+        let mut ok = true;
+        for _ in 0..4 {
+            ok &= get_host(port, Some("db.example.com")).await.as_deref() == Some("other");
+            ok &= get(port).await.as_deref() == Some("web1");
+        }
+        ok.then_some(())
+    })
+    .await;
+    assert!(routed.is_some(), "host route not applied\n{}", cloud.log());
+    let o = run(&cloud, &["lb", "update", "web", "--no-routes"]);
+    assert!(o.status.success(), "{}", out(&o));
+    assert!(c.get_lb("web").await.unwrap().spec.routes.is_empty());
 
     // Delete: the port stops answering.
     let o = run(&cloud, &["lb", "delete", "web"]);
