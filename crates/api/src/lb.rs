@@ -204,6 +204,13 @@ pub struct LoadBalancerSpec {
     /// Nodes that may hold the VIP (empty: every node serving the LB).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub vip_nodes: Vec<String>,
+    /// Nodes the LB may be placed on (empty: any ready, uncordoned node).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<String>,
+    /// How many nodes serve the LB (`None` with no `nodes`: every ready node; `None` with
+    /// `nodes`: every ready, uncordoned one of them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replicas: Option<u32>,
 }
 
 /// A backend's health as reported by a node running the LB.
@@ -345,6 +352,12 @@ pub struct LoadBalancerSpecRequest {
     /// Nodes that may hold the VIP (empty: any node serving the LB).
     #[serde(default)]
     pub vip_nodes: Vec<String>,
+    /// Nodes the LB may be placed on (empty: any).
+    #[serde(default)]
+    pub nodes: Vec<String>,
+    /// Number of serving nodes (default: all eligible).
+    #[serde(default)]
+    pub replicas: Option<u32>,
 }
 
 /// `PATCH /v1/projects/{project}/loadbalancers/{name}`: replaces the spec.
@@ -485,6 +498,8 @@ pub fn validate_spec(req: &LoadBalancerSpecRequest) -> Result<LoadBalancerSpec, 
         cache: req.cache,
         vip: req.vip.as_deref().map(vip).transpose()?,
         vip_nodes: vip_nodes(req)?,
+        nodes: crate::lb_place::nodes(req)?,
+        replicas: crate::lb_place::replicas(req)?,
     })
 }
 

@@ -5,6 +5,7 @@ pub mod agent;
 pub mod cidr;
 pub mod error;
 pub mod lb;
+pub mod lb_place;
 mod lb_tls;
 pub mod network;
 pub mod requests;

@@ -56,6 +56,9 @@ pub enum LbCmd {
         /// Remove all routing rules.
         #[arg(long, conflicts_with = "route")]
         no_routes: bool,
+        /// Serve the LB on every ready node again (drop --node and --replicas).
+        #[arg(long, conflicts_with_all = ["node", "replicas"])]
+        all_nodes: bool,
     },
     /// Delete a load balancer.
     Delete {
@@ -123,6 +126,15 @@ pub struct SpecArgs {
     /// Example: `--route host=api.example.com,path=/v1,backend-label=app=api`.
     #[arg(long, value_name = "RULE")]
     pub route: Vec<String>,
+    /// Place the LB only on these nodes (repeatable or comma-separated; default: any node).
+    /// Must include every `--vip-node`.
+    #[arg(long, value_name = "NODE", value_delimiter = ',', num_args = 1..)]
+    pub node: Vec<String>,
+    /// Serve the LB on this many ready, uncordoned nodes (chosen by the control plane, VIP
+    /// nodes first; a node that goes down is replaced). Default: every ready node (or every
+    /// `--node`).
+    #[arg(long, value_name = "N")]
+    pub replicas: Option<u32>,
 }
 
 fn listener(s: &str) -> Result<LbListener> {
@@ -283,6 +295,12 @@ fn apply(a: &SpecArgs, base: LoadBalancerSpecRequest) -> Result<LoadBalancerSpec
     if !a.vip_node.is_empty() {
         s.vip_nodes.clone_from(&a.vip_node);
     }
+    if !a.node.is_empty() {
+        s.nodes.clone_from(&a.node);
+    }
+    if a.replicas.is_some() {
+        s.replicas = a.replicas;
+    }
     if !a.route.is_empty() {
         s.routes = a
             .route
@@ -306,6 +324,8 @@ fn to_request(s: LoadBalancerSpec) -> LoadBalancerSpecRequest {
         cache: s.cache,
         vip: s.vip,
         vip_nodes: s.vip_nodes,
+        nodes: s.nodes,
+        replicas: s.replicas,
     }
 }
 
@@ -444,6 +464,7 @@ pub async fn run(c: &Client, cmd: LbCmd) -> Result<()> {
             no_health_check,
             no_vip,
             no_routes,
+            all_nodes,
         } => {
             let cur = c.get_lb(&name).await?;
             let mut s = apply(&spec, to_request(cur.spec))?;
@@ -459,6 +480,10 @@ pub async fn run(c: &Client, cmd: LbCmd) -> Result<()> {
             }
             if no_routes {
                 s.routes.clear();
+            }
+            if all_nodes {
+                s.nodes.clear();
+                s.replicas = None;
             }
             let l = c
                 .update_lb(

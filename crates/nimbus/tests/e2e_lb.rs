@@ -98,6 +98,8 @@ async fn lb_in_front_of_containers() {
     for (args, want) in [
         (vec!["--algorithm", "random"], "unknown algorithm"),
         (vec!["--backend-group", "nope"], "does not exist"),
+        (vec!["--node", "nope"], "node \"nope\" does not exist"),
+        (vec!["--replicas", "0"], "out of range"),
     ] {
         let mut a = vec!["lb", "create", "bad", "--listen", &listen];
         if !args.contains(&"--backend-group") {

@@ -14,6 +14,7 @@
 //!    agent removes the address its predecessor left.
 //!
 //! 4. `lb update --no-vip` removes the address from the holder.
+//! 5. Placement: an LB with `--replicas 1` listens on exactly one node; `--node` moves it.
 //!
 //! Also: bad VIP input through the CLI (not IPv4: 422 with the field; VIP of another LB:
 //! 409), nothing changed.
@@ -401,6 +402,79 @@ async fn vip_moves_when_its_holder_dies() {
     );
     let lb = v.c.get_lb("web").await.expect("lb");
     assert!(lb.spec.vip.is_none() && lb.status.vip.is_none(), "{lb:?}");
+
+    // 5. Placement: with `--replicas 1` exactly one node listens; pinned with `--node` to
+    // the other node, the LB moves there. A VIP node outside `--node` is refused.
+    let (ok, out, err) = cli(
+        &v.net,
+        &[
+            "lb",
+            "create",
+            "placed",
+            "--listen",
+            "81/http",
+            "--backend-label",
+            "app=vipweb",
+            "--replicas",
+            "1",
+        ],
+    );
+    assert!(ok, "{out}{err}");
+    let nodes = v.c.list_nodes().await.expect("nodes");
+    let ip = |n: &str| {
+        nodes
+            .iter()
+            .find(|x| x.meta.name == n)
+            .map(|x| format!("{}:81", x.underlay_ip))
+            .expect("node")
+    };
+    let open = |n: &str| {
+        TcpStream::connect_timeout(&ip(n).parse().expect("addr"), Duration::from_millis(200))
+            .is_ok()
+    };
+    let placed = v.c.get_lb("placed").await.expect("lb").status.nodes;
+    assert_eq!(placed.len(), 1, "{placed:?}");
+    let on = placed[0].clone();
+    let off = if on == "h1" { "h2" } else { "h1" };
+    let only = |yes: &str, no: &str| {
+        let (yes, no) = (yes.to_string(), no.to_string());
+        async move {
+            eventually(Duration::from_secs(10), || async {
+                (open(&yes) && !open(&no)).then_some(())
+            })
+            .await
+            .is_some()
+        }
+    };
+    assert!(
+        only(&on, off).await,
+        "not only {on} listens\n{}",
+        logs(&v.net)
+    );
+    let (ok, _, err) = cli(
+        &v.net,
+        &[
+            "lb",
+            "update",
+            "placed",
+            "--node",
+            off,
+            "--vip",
+            "10.250.0.101",
+            "--vip-node",
+            &on,
+        ],
+    );
+    assert!(!ok && err.contains("vip_nodes[0]"), "{err}");
+    let (ok, out, err) = cli(&v.net, &["lb", "update", "placed", "--node", off]);
+    assert!(ok, "{out}{err}");
+    assert!(
+        only(off, &on).await,
+        "did not move to {off}\n{}",
+        logs(&v.net)
+    );
+    let (_, show, _) = cli(&v.net, &["lb", "show", "placed"]);
+    assert!(show.contains(off) && !show.contains(&on), "{show}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -28,6 +28,8 @@ fn spec(port: u32, backends: LbBackends) -> LoadBalancerSpec {
         cache: false,
         vip: None,
         vip_nodes: vec![],
+        nodes: vec![],
+        replicas: None,
     }
 }
 
@@ -390,4 +392,70 @@ fn vip_lease_acquire_renew_expire_move_release() {
         .status
         .vip
         .is_none());
+}
+
+#[test]
+fn placement_replicas_follow_nodes_and_gate_assignments_and_vip() {
+    let mut h = H::new();
+    for n in ["n1", "n2", "n3"] {
+        h.node(n, false);
+    }
+    running(&mut h, "web1", "web");
+    // Unset: every ready node serves it.
+    h.ok(create("all", spec(81, label("app=web"))));
+    assert_eq!(
+        h.sm.loadbalancer("default", "all").unwrap().status.nodes,
+        ["n1", "n2", "n3"]
+    );
+    // An unknown node is refused, and nothing is created.
+    let mut s = spec(80, label("app=web"));
+    s.nodes = vec!["n1".into(), "nope".into()];
+    let e = h.err(create("web", s.clone()));
+    assert_eq!(e.field.as_deref(), Some("nodes[1]"));
+    assert!(h.sm.loadbalancer("default", "web").is_none());
+    // One replica among n2, n3.
+    s.nodes = vec!["n2".into(), "n3".into()];
+    s.replicas = Some(1);
+    s.vip = Some("10.9.0.70".into());
+    h.ok(create("web", s));
+    let first =
+        h.sm.loadbalancer("default", "web")
+            .unwrap()
+            .status
+            .nodes
+            .clone();
+    assert_eq!(first.len(), 1);
+    assert_ne!(first[0], "n1");
+    let serves = |h: &H, n: &str| h.sm.lb_assignments(n).iter().any(|a| a.name == "web");
+    for n in ["n1", "n2", "n3"] {
+        assert_eq!(serves(&h, n), first[0] == n, "{n}");
+        assert_eq!(h.sm.lb_assignments(n).len(), usize::from(serves(&h, n)) + 1);
+    }
+    // Only the serving node can take the VIP.
+    let other = if first[0] == "n2" { "n3" } else { "n2" };
+    let vip = |n: &str| Command::VipLease {
+        node: n.into(),
+        project: "default".into(),
+        name: "web".into(),
+        vip: "10.9.0.70".into(),
+        release: false,
+    };
+    let e = h.err(vip(other));
+    assert!(e.message.contains("does not serve"), "{}", e.message);
+    assert!(held(h.run(vip(&first[0]))));
+    // The chosen node goes down: the other one is chosen, gets a new assignment revision and
+    // the VIP lease can move to it at once.
+    let rev = h.sm.assignment_revision(other);
+    h.ok(Command::MarkNodeDown {
+        name: first[0].clone(),
+        reason: "test".into(),
+    });
+    assert_eq!(
+        h.sm.loadbalancer("default", "web").unwrap().status.nodes,
+        [other]
+    );
+    assert!(h.sm.assignment_revision(other) > rev);
+    assert!(serves(&h, other));
+    assert!(held(h.run(vip(other))));
+    assert!(!h.sm.vip_lease_refused("default", "web", other, 0));
 }

@@ -2,6 +2,7 @@
 //! openraft + redb runtime that orders them through a Raft log.
 
 pub mod command;
+pub mod lb_place;
 mod loadbalancers;
 pub mod machine;
 pub mod netmap;

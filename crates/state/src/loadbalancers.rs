@@ -1,9 +1,10 @@
 //! Load balancers in the state machine: create/update/delete with cluster-wide port conflicts,
 //! backend resolution (label, group, explicit instances -> instance IPs), and health reports.
 //!
-//! Every ready node serves every LB (like kube-proxy), so an LB change bumps the assignment
-//! revision of every node; so does any instance change while LBs exist, because backend sets
-//! follow instance IPs and states.
+//! The nodes serving an LB are in its `status.nodes` (see [`crate::lb_place`]: every ready
+//! node unless the spec restricts them). An LB change bumps the assignment revision of every
+//! node; so does any instance change while LBs exist, because backend sets follow instance IPs
+//! and states.
 
 use std::collections::BTreeMap;
 
@@ -101,6 +102,17 @@ impl StateMachine {
             }
             Ok(())
         };
+        if let Some((i, n)) = spec
+            .nodes
+            .iter()
+            .enumerate()
+            .find(|(_, n)| !self.nodes.contains_key(*n))
+        {
+            return Err(ApiError::invalid(
+                format!("nodes[{i}]"),
+                format!("node {n:?} does not exist"),
+            ));
+        }
         check("backends", &spec.backends)?;
         for (i, r) in spec.routes.iter().enumerate() {
             check(&format!("routes[{i}].backends"), &r.backends)?;
@@ -137,7 +149,9 @@ impl StateMachine {
             spec: spec.clone(),
             status: nimbus_api::lb::LoadBalancerStatus::default(),
         };
-        self.loadbalancers.insert(key(project, name), lb.clone());
+        self.loadbalancers.insert(key(project, name), lb);
+        self.place_lbs();
+        let lb = self.loadbalancers[&key(project, name)].clone();
         self.bump_all_nodes();
         self.event(env, project, "loadbalancer", name, "Created", String::new());
         Ok(CommandOutput::LoadBalancer(Box::new(self.with_status(lb))))
@@ -177,7 +191,8 @@ impl StateMachine {
         }
         lb.spec = spec.clone();
         touch(&mut lb.meta, env);
-        let lb = lb.clone();
+        self.place_lbs();
+        let lb = self.loadbalancers[&key(project, name)].clone();
         self.bump_all_nodes();
         self.event(env, project, "loadbalancer", name, "Updated", String::new());
         Ok(CommandOutput::LoadBalancer(Box::new(self.with_status(lb))))
@@ -219,19 +234,9 @@ impl StateMachine {
         }
     }
 
-    /// The LB with its derived status (serving nodes).
-    pub fn with_status(&self, mut lb: LoadBalancer) -> LoadBalancer {
-        lb.status.nodes = self.lb_nodes();
+    /// The LB as shown to users (its status, serving nodes included, is stored).
+    pub fn with_status(&self, lb: LoadBalancer) -> LoadBalancer {
         lb
-    }
-
-    /// Nodes that serve LBs: every ready node.
-    pub fn lb_nodes(&self) -> Vec<String> {
-        self.nodes
-            .values()
-            .filter(|n| n.state == NodeState::Ready)
-            .map(|n| n.meta.name.clone())
-            .collect()
     }
 
     /// Running instances a selector picks, with their IPs and weights.
@@ -276,8 +281,8 @@ impl StateMachine {
         out
     }
 
-    /// What a node must serve: every LB with resolved backends (empty if the node is not
-    /// ready).
+    /// What a node must serve: the LBs placed on it, with resolved backends (empty if the
+    /// node is not ready).
     pub fn lb_assignments(&self, node: &str) -> Vec<LbAssignment> {
         if !self
             .nodes
@@ -288,6 +293,7 @@ impl StateMachine {
         }
         self.loadbalancers
             .values()
+            .filter(|lb| lb.status.nodes.iter().any(|n| n == node))
             .map(|lb| LbAssignment {
                 id: lb.meta.id.clone(),
                 project: lb.meta.project.clone(),

@@ -183,6 +183,9 @@ impl StateMachine {
         {
             self.bump_all_nodes();
         }
+        if result.is_ok() {
+            self.place_lbs();
+        }
         result
     }
 

@@ -2,7 +2,8 @@
 //!
 //! The agents of the nodes that may hold an LB's VIP ask for its lease every
 //! [`VIP_RENEW_MS`](nimbus_api::lb::VIP_RENEW_MS). The holder's request renews it; another
-//! node gets it only when the lease expired or its holder is no longer a ready node. Expiry is
+//! node gets it only when the lease expired or its holder is no longer a ready node serving the
+//! LB (see [`crate::lb_place`]). Expiry is
 //! computed from the command envelope's log time (the proposer's clock), so every replica
 //! decides the same. The holder fences itself on its own monotonic clock: it drops the address
 //! when it could not renew within the TTL counted from *before* it sent the renewal, which is
@@ -50,7 +51,7 @@ pub enum LeaseDecision {
 }
 
 /// Decides a lease request by `node` at log time `now_ms`; `holder_ready` tells whether the
-/// current holder is a ready node.
+/// current holder is a ready node that still serves the LB.
 pub fn decide(
     lease: Option<&VipLease>,
     node: &str,
@@ -77,10 +78,14 @@ pub fn decide(
 }
 
 impl StateMachine {
-    fn node_ready(&self, node: &str) -> bool {
+    /// Whether `node` is ready and serves LB `project/name` (only such a node can hold its VIP).
+    fn serves(&self, project: &str, name: &str, node: &str) -> bool {
         self.nodes
             .get(node)
             .is_some_and(|n| n.state == NodeState::Ready)
+            && self
+                .loadbalancer(project, name)
+                .is_some_and(|lb| lb.status.nodes.iter().any(|s| s == node))
     }
 
     /// Acquire, renew or release the VIP lease of LB `project/name` for `node`.
@@ -93,10 +98,10 @@ impl StateMachine {
         vip: &str,
         release: bool,
     ) -> CommandResult {
-        let ready = self.node_ready(node);
         let lb = self
             .loadbalancer(project, name)
             .ok_or_else(|| ApiError::not_found("load balancer", name))?;
+        let ready = self.serves(project, name, node);
         if lb.spec.vip.as_deref() != Some(vip) {
             return Err(ApiError::conflict(format!(
                 "load balancer {project}/{name} has no VIP {vip} (it changed meanwhile)"
@@ -132,7 +137,7 @@ impl StateMachine {
         }
         if !ready {
             return Err(ApiError::conflict(format!(
-                "node {node} is not ready, so it cannot hold a VIP"
+                "node {node} is not ready or does not serve {project}/{name}, so it cannot hold its VIP"
             )));
         }
         let now = millis(&env.time).ok_or_else(|| {
@@ -141,7 +146,7 @@ impl StateMachine {
         let holder_ready = current
             .as_ref()
             .and_then(|l| l.holder.as_deref())
-            .is_some_and(|h| self.node_ready(h));
+            .is_some_and(|h| self.serves(project, name, h));
         let decision = decide(current.as_ref(), node, now, holder_ready);
         if let LeaseDecision::Refuse { holder, until } = &decision {
             return Err(ApiError::conflict(format!(
@@ -193,7 +198,10 @@ impl StateMachine {
         else {
             return false;
         };
-        let holder_ready = l.holder.as_deref().is_some_and(|h| self.node_ready(h));
+        let holder_ready = l
+            .holder
+            .as_deref()
+            .is_some_and(|h| self.serves(project, name, h));
         matches!(
             decide(Some(l), node, now_ms, holder_ready),
             LeaseDecision::Refuse { .. }
