@@ -110,8 +110,14 @@ async fn launch(c: &Client, name: &str, host: usize, groups: &[&str]) -> nimbus_
     .unwrap_or_else(|| panic!("{name} never ran"))
 }
 
-fn netns_of(i: &nimbus_api::Instance) -> String {
-    format!("--net={}", nimbus_net::netns_path(&i.meta.id).display())
+/// The nsenter argument entering instance `i`'s network namespace; it runs on host `host`,
+/// whose agent names namespaces under its runtime scope (as the container driver's `net_key`).
+fn netns_of(net: &Net, host: usize, i: &nimbus_api::Instance) -> String {
+    use sha2::Digest as _;
+    let scope = net.runtime_scope(host);
+    let h = sha2::Sha256::digest(format!("{scope}/{}", i.meta.id).as_bytes());
+    let key = hex::encode(&h[..16]);
+    format!("--net={}", nimbus_net::netns_path(&key).display())
 }
 
 /// iperf3 client in namespace `client_ns` (an nsenter `--net=` argument) against the server
@@ -206,7 +212,7 @@ async fn bench_throughput() {
     let same = launch(&c, "same", 0, &[]).await;
     let remote = launch(&c, "remote", 1, &[]).await;
     let sip = server.status.ip.clone().unwrap();
-    let mut srv = iperf_server(&netns_of(&server));
+    let mut srv = iperf_server(&netns_of(&net, 0, &server));
     let pair = VethPair::new(&net.slot().to_string());
     let mut base_srv = iperf_server(&format!("--net=/run/netns/{}", pair.1));
     let base_ns = format!("--net=/run/netns/{}", pair.0);
@@ -214,8 +220,8 @@ async fn bench_throughput() {
     for _ in 0..trials {
         // Interleaved, so drift of the shared machine hits all three alike.
         base.push(iperf(&base_ns, "10.77.0.2", secs));
-        vx.push(iperf(&netns_of(&remote), &sip, secs));
-        br.push(iperf(&netns_of(&same), &sip, secs));
+        vx.push(iperf(&netns_of(&net, 1, &remote), &sip, secs));
+        br.push(iperf(&netns_of(&net, 0, &same), &sip, secs));
     }
     let _ = srv.kill();
     let _ = base_srv.kill();

@@ -343,7 +343,7 @@ impl Net {
             format!("{}:{AGENT_PORT}", h.addr),
             // Agents of the hosts share this machine's cgroups, runc state and /run/netns.
             "--runtime-scope".into(),
-            format!("nha{}-{i}", self.slot.index),
+            self.runtime_scope(i),
         ]);
         args.extend(extra.iter().map(|s| (*s).to_owned()));
         let child = h.spawn(&args, &self.bin, &h.agent_log())?;
@@ -397,6 +397,12 @@ impl Net {
     /// outside every host, for egress and published-port checks.
     pub fn underlay_gateway(&self) -> String {
         format!("10.250.{}.254", self.slot.index)
+    }
+
+    /// The `--runtime-scope` of host `i`'s agent (its containers' cgroups, runc ids and
+    /// network namespaces are named under it).
+    pub fn runtime_scope(&self, i: usize) -> String {
+        format!("nha{}-{i}", self.slot.index)
     }
 
     /// A scratch directory that lives as long as the net.
