@@ -436,14 +436,18 @@ async fn vip_moves_when_its_holder_dies() {
     assert_eq!(placed.len(), 1, "{placed:?}");
     let on = placed[0].clone();
     let off = if on == "h1" { "h2" } else { "h1" };
+    // `yes` listens and `no` does not, and still so 1 s later (both agents got the same
+    // assignment revision, so `no` had time to bind if it wrongly served the LB).
     let only = |yes: &str, no: &str| {
         let (yes, no) = (yes.to_string(), no.to_string());
         async move {
-            eventually(Duration::from_secs(10), || async {
+            let seen = eventually(Duration::from_secs(10), || async {
                 (open(&yes) && !open(&no)).then_some(())
             })
             .await
-            .is_some()
+            .is_some();
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            seen && open(&yes) && !open(&no)
         }
     };
     assert!(
