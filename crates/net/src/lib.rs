@@ -90,6 +90,21 @@ impl NetError {
 /// Maximum length of a Linux interface name (IFNAMSIZ - 1).
 pub const IFNAME_MAX: usize = 15;
 
+/// The key naming instance `id`'s machine-wide network objects (namespace, host interface)
+/// for an agent with runtime scope `scope`: the id itself without a scope, else a hash of
+/// `scope/id`, so two agents holding the same instance id (an instance that moved between
+/// them, or test agents sharing one machine) never touch each other's objects.
+pub fn scoped_key(scope: Option<&str>, id: &str) -> String {
+    match scope {
+        None => id.to_owned(),
+        Some(scope) => {
+            use sha2::Digest as _;
+            let h = sha2::Sha256::digest(format!("{scope}/{id}").as_bytes());
+            hex::encode(&h[..16])
+        }
+    }
+}
+
 /// The first 12 hex characters of an instance id with dashes (and anything that is not an
 /// ASCII alphanumeric) removed, lowercased. Used for interface and namespace names.
 pub fn short_id(instance_id: &str) -> String {

@@ -113,10 +113,7 @@ async fn launch(c: &Client, name: &str, host: usize, groups: &[&str]) -> nimbus_
 /// The nsenter argument entering instance `i`'s network namespace; it runs on host `host`,
 /// whose agent names namespaces under its runtime scope (as the container driver's `net_key`).
 fn netns_of(net: &Net, host: usize, i: &nimbus_api::Instance) -> String {
-    use sha2::Digest as _;
-    let scope = net.runtime_scope(host);
-    let h = sha2::Sha256::digest(format!("{scope}/{}", i.meta.id).as_bytes());
-    let key = hex::encode(&h[..16]);
+    let key = nimbus_net::scoped_key(Some(&net.runtime_scope(host)), &i.meta.id);
     format!("--net={}", nimbus_net::netns_path(&key).display())
 }
 

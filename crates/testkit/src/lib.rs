@@ -112,10 +112,46 @@ fn take_slot() -> Slot {
     }
 }
 
+/// Removes what an agent with runtime scope `scope` and data directory `agent_dir` left on
+/// this machine once it is dead (killed on purpose, or a test failed halfway): the shims,
+/// runc containers and named network namespaces of the containers in its local state.
+pub fn remove_agent_containers(scope: &str, agent_dir: &Path) {
+    let runc_root = format!("/run/nimbus/{scope}/runc");
+    let Ok(entries) = std::fs::read_dir(agent_dir.join("containers")) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let id = e.file_name().to_string_lossy().into_owned();
+        if let Ok(out) = Command::new("pgrep")
+            .args(["-f", &format!("shim run.*{id}")])
+            .output()
+        {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                if let Ok(pid) = pid.parse::<i32>() {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
+        let _ = Command::new("runc")
+            .args(["--root", &runc_root, "delete", "--force", &id])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let ns = nimbus_net::netns_path(&nimbus_net::scoped_key(Some(scope), &id));
+        let _ = nix::mount::umount2(&ns, nix::mount::MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_file(&ns);
+    }
+}
+
 /// An extra `nimbus agent` process joined to a cloud (another node on this machine).
 struct AgentProc {
     name: String,
     data_dir: PathBuf,
+    /// Its `--runtime-scope`.
+    scope: String,
     child: Option<Child>,
 }
 
@@ -246,9 +282,15 @@ impl Cloud {
     /// Starts another node: a `nimbus agent` process named `name` joined to this cloud.
     pub fn add_agent(&mut self, name: &str) -> Result<(), KitError> {
         let data_dir = self.data_dir.with_file_name(format!("agent-{name}"));
+        let scope: String = format!("c{}-{name}", self.slot())
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .take(32)
+            .collect();
         self.agents.push(AgentProc {
             name: name.to_string(),
             data_dir,
+            scope,
             child: None,
         });
         self.start_agent(name)
@@ -258,18 +300,13 @@ impl Cloud {
         let url = self.url.clone();
         let token_file = self.data_dir.join("node.token");
         let bin = self.bin.clone();
-        let slot = self.slot();
         let table = format!("{}_{name}", self.bridge);
         let a = self
             .agents
             .iter_mut()
             .find(|a| a.name == name)
             .ok_or_else(|| KitError::NotReady(format!("no agent {name}")))?;
-        let scope: String = format!("c{slot}-{name}")
-            .chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
-            .take(32)
-            .collect();
+        let scope = a.scope.clone();
         let log_path = a.data_dir.with_extension("log");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -397,6 +434,7 @@ impl Cloud {
                 let _ = c.kill();
                 let _ = c.wait();
             }
+            remove_agent_containers(&a.scope, &a.data_dir);
         }
         if let Some(mut c) = self.child.take() {
             let _ = nix::sys::signal::kill(

@@ -640,46 +640,14 @@ impl Net {
         self.hosts.iter().position(|h| &h.url() == url)
     }
 
-    /// Removes the containers the agents of this net left (a test that failed halfway): their
-    /// runc containers, shims and named network namespaces (the agents are dead by now).
+    /// Removes the containers the agents of this net left (a test that failed halfway, or a
+    /// host killed on purpose).
     fn remove_containers(&self) {
-        for h in &self.hosts {
-            let dir = h.data_dir.with_extension("agent").join("containers");
-            let Ok(entries) = std::fs::read_dir(&dir) else {
-                continue;
-            };
-            for e in entries.flatten() {
-                let id = e.file_name().to_string_lossy().into_owned();
-                if let Ok(out) = Command::new("pgrep")
-                    .args(["-f", &format!("shim run.*{id}")])
-                    .output()
-                {
-                    for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                        if let Ok(pid) = pid.parse::<i32>() {
-                            let _ = nix::sys::signal::kill(
-                                nix::unistd::Pid::from_raw(pid),
-                                nix::sys::signal::Signal::SIGKILL,
-                            );
-                        }
-                    }
-                }
-                run_quiet(&[
-                    "runc",
-                    "--root",
-                    "/run/nimbus/runc",
-                    "delete",
-                    "--force",
-                    &id,
-                ]);
-                let short: String = id
-                    .chars()
-                    .filter(char::is_ascii_alphanumeric)
-                    .take(12)
-                    .collect();
-                let ns = format!("/run/netns/nimbus-{short}");
-                let _ = nix::mount::umount2(ns.as_str(), nix::mount::MntFlags::MNT_DETACH);
-                let _ = std::fs::remove_file(&ns);
-            }
+        for (i, h) in self.hosts.iter().enumerate() {
+            crate::remove_agent_containers(
+                &self.runtime_scope(i),
+                &h.data_dir.with_extension("agent"),
+            );
         }
     }
 

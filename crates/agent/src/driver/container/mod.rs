@@ -95,14 +95,7 @@ impl ContainerConfig {
 
     /// The key naming instance `id`'s machine-wide network objects (see `net_scope`).
     pub fn net_key(&self, id: &str) -> String {
-        match &self.net_scope {
-            None => id.to_owned(),
-            Some(scope) => {
-                use sha2::Digest as _;
-                let h = sha2::Sha256::digest(format!("{scope}/{id}").as_bytes());
-                hex::encode(&h[..16])
-            }
-        }
+        nimbus_net::scoped_key(self.net_scope.as_deref(), id)
     }
 }
 
