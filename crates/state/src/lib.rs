@@ -7,6 +7,7 @@ mod loadbalancers;
 pub mod machine;
 pub mod netmap;
 pub mod network;
+mod nodes;
 pub mod placement;
 pub mod preemption;
 pub mod raft;
