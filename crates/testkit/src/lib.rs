@@ -114,7 +114,8 @@ fn take_slot() -> Slot {
 
 /// Removes what an agent with runtime scope `scope` and data directory `agent_dir` left on
 /// this machine once it is dead (killed on purpose, or a test failed halfway): the shims,
-/// runc containers and named network namespaces of the containers in its local state.
+/// runc containers, named network namespaces and rootfs mounts of the containers in its local
+/// state.
 pub fn remove_agent_containers(scope: &str, agent_dir: &Path) {
     let runc_root = format!("/run/nimbus/{scope}/runc");
     let Ok(entries) = std::fs::read_dir(agent_dir.join("containers")) else {
@@ -143,6 +144,9 @@ pub fn remove_agent_containers(scope: &str, agent_dir: &Path) {
         let ns = nimbus_net::netns_path(&nimbus_net::scoped_key(Some(scope), &id));
         let _ = nix::mount::umount2(&ns, nix::mount::MntFlags::MNT_DETACH);
         let _ = std::fs::remove_file(&ns);
+        // The agent mounts each container's overlay rootfs inside its data directory; left
+        // mounted, the test's temporary directory could not be removed.
+        let _ = nix::mount::umount2(&e.path().join("rootfs"), nix::mount::MntFlags::MNT_DETACH);
     }
 }
 
