@@ -2,6 +2,7 @@
 //! through the drivers, and reports status.
 
 pub mod config;
+mod control;
 pub mod driver;
 pub mod http;
 pub mod lb_host;

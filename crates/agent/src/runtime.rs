@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nimbus_api::agent::{
-    Assignment, HeartbeatRequest, InstanceReport, NetworkMap, RegisterNodeRequest, StatusReport,
+    Assignment, InstanceReport, NetworkMap, RegisterNodeRequest, StatusReport,
 };
 use nimbus_api::{
     Capacity, DesiredState, InstanceState, InstanceType, NodeCapabilities, RestartPolicy,
@@ -50,12 +50,12 @@ pub struct Agent {
     pub(crate) images: Arc<ImageStore>,
     pub(crate) local: Mutex<LocalState>,
     /// Last report sent per instance (only changes are sent).
-    reported: Mutex<HashMap<String, InstanceReport>>,
+    pub(crate) reported: Mutex<HashMap<String, InstanceReport>>,
     /// Current assignments by id.
     pub(crate) assignments: Mutex<BTreeMap<String, Assignment>>,
-    capabilities: Mutex<NodeCapabilities>,
+    pub(crate) capabilities: Mutex<NodeCapabilities>,
     /// The registration as last sent (re-sent when capabilities change or the server forgets us).
-    registration: Mutex<Option<RegisterNodeRequest>>,
+    pub(crate) registration: Mutex<Option<RegisterNodeRequest>>,
     /// The load-balancer data plane of this node.
     pub(crate) lbs: Arc<crate::lb_host::LbHost>,
     /// Floating VIPs: targets and leases held.
@@ -202,139 +202,6 @@ impl Agent {
             local_addr,
             tasks,
         })
-    }
-
-    async fn register(&self, reg: &RegisterNodeRequest) -> Result<(), LinkError> {
-        let mut delay = Duration::from_millis(100);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            match self.link.register(reg).await {
-                Ok(node) => {
-                    tracing::info!(node = %node.meta.name, underlay = %node.underlay_ip, "registered with the control plane");
-                    return Ok(());
-                }
-                Err(e @ (LinkError::Refused(_) | LinkError::NotNimbus(..))) => return Err(e),
-                Err(e) if tokio::time::Instant::now() > deadline => return Err(e),
-                Err(e) => {
-                    tracing::warn!("registration failed, retrying: {e}");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(2));
-                }
-            }
-        }
-    }
-
-    /// Changes what the node reports it can run (for example once the VM accelerator probe has
-    /// finished) and re-registers.
-    pub async fn set_capabilities(&self, caps: NodeCapabilities) -> Result<(), LinkError> {
-        *self.capabilities.lock().expect("caps lock") = caps.clone();
-        let reg = {
-            let mut r = self.registration.lock().expect("registration lock");
-            let Some(reg) = r.as_mut() else { return Ok(()) };
-            reg.capabilities = caps;
-            reg.clone()
-        };
-        self.link.register(&reg).await.map(|_| ())
-    }
-
-    async fn heartbeat_loop(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(self.cfg.heartbeat_every);
-        let mut usage = crate::usage::Sampler::new();
-        loop {
-            tick.tick().await;
-            let hb = if self.cfg.hollow {
-                HeartbeatRequest::default()
-            } else {
-                usage.sample().await
-            };
-            match self.link.heartbeat(&self.cfg.name, &hb).await {
-                Ok(()) => {}
-                Err(LinkError::Refused(e)) if e.code == nimbus_api::ErrorCode::NotFound => {
-                    tracing::warn!("the control plane forgot this node; registering again");
-                    let reg = self.registration.lock().expect("registration lock").clone();
-                    if let Some(reg) = reg {
-                        let _ = self.link.register(&reg).await;
-                    }
-                }
-                Err(e) => tracing::warn!("heartbeat failed: {e}"),
-            }
-        }
-    }
-
-    async fn watch_loop(
-        self: Arc<Self>,
-        tx: watch::Sender<Option<u64>>,
-        net_tx: watch::Sender<u64>,
-    ) {
-        let mut after = 0;
-        let mut net_after = 0;
-        let mut first = true;
-        loop {
-            let wait = if first { 0 } else { 30 };
-            match self
-                .link
-                // A hollow node has no datapath: network changes need not wake it.
-                .assignments(
-                    &self.cfg.name,
-                    after,
-                    (!self.cfg.hollow).then_some(net_after),
-                    wait,
-                )
-                .await
-            {
-                Ok(resp) => {
-                    self.lbs.reconcile(&resp.loadbalancers).await;
-                    self.vips.set_targets(&resp.loadbalancers);
-                    if first || resp.revision != after {
-                        let map: BTreeMap<String, Assignment> = resp
-                            .assignments
-                            .into_iter()
-                            .map(|a| (a.id.clone(), a))
-                            .collect();
-                        *self.assignments.lock().expect("assignments lock") = map;
-                        after = resp.revision;
-                        let _ = tx.send(Some(after));
-                    }
-                    if first || resp.network.revision != net_after {
-                        net_after = resp.network.revision;
-                        *self.net_map.lock().expect("net map lock") = Some(resp.network);
-                        net_tx.send_replace(net_after);
-                    }
-                    first = false;
-                }
-                Err(e) => {
-                    tracing::warn!("watching assignments failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-            }
-        }
-    }
-
-    /// Reports backend health of the LBs this node serves when it changes (checked every
-    /// 500 ms, re-sent every 30 s).
-    async fn lb_health_loop(self: Arc<Self>) {
-        let mut last = None;
-        let mut last_sent = tokio::time::Instant::now();
-        loop {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            let now = self.lbs.health().await;
-            if now.is_empty() && last.is_none() {
-                continue;
-            }
-            if last.as_ref() == Some(&now) && last_sent.elapsed() < Duration::from_secs(30) {
-                continue;
-            }
-            let report = nimbus_api::agent::LbHealthReport {
-                loadbalancers: now.clone(),
-            };
-            match self.link.lb_health(&self.cfg.name, &report).await {
-                Ok(()) => {
-                    last = Some(now);
-                    last_sent = tokio::time::Instant::now();
-                }
-                Err(e) => tracing::warn!("reporting load-balancer health failed: {e}"),
-            }
-        }
     }
 
     async fn reconcile_loop(self: Arc<Self>, mut rx: watch::Receiver<Option<u64>>) {
