@@ -1,5 +1,5 @@
 //! Benchmark-only HTTP/1.1 reverse proxy on Cloudflare's pingora, configured like the other
-//! proxies in `scripts/bench-lb` (nginx, HAProxy, `nimbus-lb-proxy`): N worker threads,
+//! proxies in `scripts/bench-lb` (nginx, `haproxy`, `nimbus-lb-proxy`): N worker threads,
 //! keep-alive pooled upstream connections to one backend, and `X-Forwarded-For`,
 //! `X-Forwarded-Proto` and `X-Request-Id` (request and response) added to every request.
 //!
