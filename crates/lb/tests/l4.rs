@@ -46,6 +46,54 @@ async fn tcp_proxy_round_robins_connections_and_moves_bytes() {
     }
 }
 
+/// A reader that stalls fills every buffer on the path (the relay's pipes and both sockets'
+/// queues); the relay must resume when it reads again, lose nothing, and also answer many small
+/// request/response exchanges promptly (no lost wake-up between them).
+#[tokio::test]
+async fn tcp_relay_survives_backpressure_and_small_exchanges() {
+    let (e1, _t1) = tcp_echo().await;
+    let (lb, _) = start_lb(LbConfig::simple("l4bp", listener(Protocol::Tcp), vec![e1])).await;
+    let addr = lb.addr(Protocol::Tcp).unwrap();
+    let payload: Vec<u8> = (0..24_000_000u32).map(|i| (i % 253) as u8).collect();
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let (mut r, mut w) = s.split();
+    let send = async {
+        w.write_all(&payload).await.unwrap();
+        w.shutdown().await.unwrap();
+    };
+    let recv = async {
+        // Stall long enough for the echo path to back up completely.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut got = Vec::with_capacity(payload.len());
+        r.read_to_end(&mut got).await.unwrap();
+        got
+    };
+    let ((), got) =
+        tokio::time::timeout(Duration::from_secs(30), async { tokio::join!(send, recv) })
+            .await
+            .expect("relay stalled under backpressure");
+    assert_eq!(got.len(), payload.len());
+    assert!(got == payload, "bytes differ after backpressure");
+
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let started = Instant::now();
+    for i in 0..200u32 {
+        let msg = i.to_be_bytes();
+        s.write_all(&msg).await.unwrap();
+        let mut buf = [0u8; 4];
+        tokio::time::timeout(Duration::from_secs(2), s.read_exact(&mut buf))
+            .await
+            .expect("small exchange stalled")
+            .unwrap();
+        assert_eq!(buf, msg);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "200 small exchanges took {:?}",
+        started.elapsed()
+    );
+}
+
 #[tokio::test]
 async fn tcp_connections_to_a_removed_backend_drain_then_close() {
     let (e1, _t1) = tcp_echo().await;
