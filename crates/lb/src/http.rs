@@ -1,5 +1,6 @@
-//! L7 reverse proxy: hyper server (HTTP/1.1 + HTTP/2) in front, pooled keep-alive HTTP/1.1
-//! client to the backends behind.
+//! L7 reverse proxy: hyper server (HTTP/1.1 + HTTP/2) in front, keep-alive HTTP/1.1
+//! connections to the backends behind, driven in the client connection's task
+//! ([`crate::upstream`]).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -10,11 +11,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Either, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use prometheus_client::metrics::counter::Counter;
@@ -27,12 +27,39 @@ use crate::cache::{self, CachedResponse, Lookup};
 use crate::config::Limits;
 use crate::routing;
 use crate::runtime::{Inner, Snapshot};
+use crate::upstream::{Lease, Upstreams};
 
-/// A body that counts its data bytes and holds the backend's in-flight guard until it ends.
-pub(crate) struct Counted<B> {
+/// A body that counts its data bytes and holds the backend's in-flight guard until it ends;
+/// a response body also holds its backend connection, which goes back to the idle list when
+/// the body was read to its end (and is closed otherwise).
+pub(crate) struct Counted<B: Body> {
     inner: B,
     counter: Counter,
     _guard: Option<ActiveGuard>,
+    lease: Option<Lease>,
+    ended: bool,
+}
+
+impl<B: Body> Counted<B> {
+    fn new(inner: B, counter: Counter, guard: Option<ActiveGuard>, lease: Option<Lease>) -> Self {
+        Self {
+            inner,
+            counter,
+            _guard: guard,
+            lease,
+            ended: false,
+        }
+    }
+}
+
+impl<B: Body> Drop for Counted<B> {
+    fn drop(&mut self) {
+        if let Some(l) = self.lease.take() {
+            if self.ended || self.inner.is_end_stream() {
+                l.release();
+            }
+        }
+    }
 }
 
 impl<B: Body<Data = Bytes> + Unpin> Body for Counted<B> {
@@ -44,10 +71,14 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Counted<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let r = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(f))) = &r {
-            if let Some(d) = f.data_ref() {
-                self.counter.inc_by(d.len() as u64);
+        match &r {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    self.counter.inc_by(d.len() as u64);
+                }
             }
+            Poll::Ready(None) => self.ended = true,
+            _ => {}
         }
         r
     }
@@ -65,22 +96,6 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Counted<B> {
 pub(crate) type ReqBody = Either<Counted<Incoming>, Full<Bytes>>;
 /// Body of responses sent to clients.
 pub(crate) type RespBody = Either<Counted<Incoming>, Full<Bytes>>;
-/// Pooled keep-alive client to the backends.
-pub(crate) type BackendClient = Client<HttpConnector, ReqBody>;
-
-/// The backend client for these limits.
-pub(crate) fn backend_client(limits: &Limits) -> BackendClient {
-    let mut conn = HttpConnector::new();
-    conn.set_nodelay(true);
-    conn.set_connect_timeout(Some(Duration::from_millis(limits.connect_timeout_ms)));
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(60))
-        .pool_max_idle_per_host(4096)
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .build(conn)
-}
-
 /// The client-facing connection builder for these limits.
 pub(crate) fn server_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
@@ -115,24 +130,36 @@ pub(crate) async fn serve<S>(
     };
     let conns = inner.conns.clone();
     conns.inc();
+    let (ups, mut driver) = Upstreams::new();
+    let client = Arc::new(ClientConn {
+        peer,
+        tls,
+        xff: HeaderValue::from_str(&peer.ip().to_string()).ok(),
+        ups,
+    });
     let svc_inner = Arc::clone(&inner);
     let svc = hyper::service::service_fn(move |req| {
         let inner = Arc::clone(&svc_inner);
-        async move { Ok::<_, Infallible>(handle(&inner, req, peer, tls).await) }
+        let client = Arc::clone(&client);
+        async move { Ok::<_, Infallible>(handle(&inner, &client, req).await) }
     });
     let conn = builder.serve_connection(TokioIo::new(stream), svc);
     tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => {
-            if let Err(e) = r {
-                tracing::debug!(lb = %inner.name, %peer, error = %e, "client connection ended with an error");
-            }
+    let ended = tokio::select! {
+        r = driver.drive(conn.as_mut()) => Some(r),
+        () = cancel.cancelled() => None,
+    };
+    match ended {
+        Some(Err(e)) => {
+            tracing::debug!(lb = %inner.name, %peer, error = %e, "client connection ended with an error");
         }
-        () = cancel.cancelled() => {
+        Some(Ok(())) => {}
+        None => {
             conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(drain, conn).await;
+            let _ = tokio::time::timeout(drain, driver.drive(conn.as_mut())).await;
         }
     }
+    driver.release();
     conns.dec();
 }
 
@@ -165,14 +192,28 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_CACHE: HeaderName = HeaderName::from_static("x-cache");
 
+/// Per client connection: who it is and its backend connections.
+struct ClientConn {
+    peer: SocketAddr,
+    tls: bool,
+    /// The client's address as an `X-Forwarded-For` value.
+    xff: Option<HeaderValue>,
+    ups: Arc<Upstreams>,
+}
+
 fn request_id(h: &HeaderMap) -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     if let Some(v) = h.get(&X_REQUEST_ID) {
         if !v.is_empty() && v.len() <= 128 && v.as_bytes().iter().all(u8::is_ascii_graphic) {
             return v.clone();
         }
     }
     let id: u128 = rand::random();
-    HeaderValue::from_str(&format!("{id:032x}")).unwrap_or(HeaderValue::from_static("0"))
+    let mut buf = [0u8; 32];
+    for (i, b) in buf.iter_mut().enumerate() {
+        *b = HEX[((id >> (124 - 4 * i)) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&buf).unwrap_or(HeaderValue::from_static("0"))
 }
 
 fn text(status: StatusCode, msg: String) -> Response<RespBody> {
@@ -185,15 +226,10 @@ fn text(status: StatusCode, msg: String) -> Response<RespBody> {
     r
 }
 
-async fn handle(
-    inner: &Inner,
-    req: Request<Incoming>,
-    peer: SocketAddr,
-    tls: bool,
-) -> Response<RespBody> {
+async fn handle(inner: &Inner, client: &ClientConn, req: Request<Incoming>) -> Response<RespBody> {
     let snap = inner.snap.load_full();
     let rid = request_id(req.headers());
-    let mut resp = proxy(inner, &snap, req, peer, tls, &rid).await;
+    let mut resp = proxy(inner, &snap, req, client, &rid).await;
     resp.headers_mut().insert(X_REQUEST_ID.clone(), rid);
     resp
 }
@@ -213,24 +249,26 @@ async fn proxy(
     inner: &Inner,
     snap: &Snapshot,
     req: Request<Incoming>,
-    peer: SocketAddr,
-    tls: bool,
+    client: &ClientConn,
     rid: &HeaderValue,
 ) -> Response<RespBody> {
+    let (peer, tls) = (client.peer, client.tls);
     let (mut parts, body) = req.into_parts();
-    let host: Option<String> = parts
-        .headers
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(str::to_owned)
-        .or_else(|| parts.uri.authority().map(|a| a.as_str().to_owned()));
+    // A `HeaderValue` clone shares the bytes (no copy).
+    let host_value: Option<HeaderValue> = parts.headers.get(header::HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    let host: Option<&str> = host_value.as_ref().and_then(|h| h.to_str().ok());
     let pool_idx = if snap.cfg.routes.is_empty() {
         0
     } else {
         let headers = &parts.headers;
         routing::route(
             snap.cfg.routes.iter().map(|r| &r.matcher),
-            host.as_deref(),
+            host,
             parts.uri.path(),
             |n| {
                 headers
@@ -245,17 +283,18 @@ async fn proxy(
         inner.none_backend.count_status(503);
         return text(StatusCode::SERVICE_UNAVAILABLE, "no backend pool".into());
     };
-    let pq = parts
+    let pq: PathAndQuery = parts
         .uri
         .path_and_query()
-        .map_or_else(|| "/".to_string(), |p| p.as_str().to_string());
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
 
     // Edge cache lookup.
     let cache_ctx = snap
         .cache
         .as_ref()
         .filter(|_| cache::request_cacheable(&parts.method, &parts.headers))
-        .map(|c| (c, cache::primary_key(host.as_deref().unwrap_or(""), &pq)));
+        .map(|c| (c, cache::primary_key(host.unwrap_or(""), pq.as_str())));
     let client_headers = cache_ctx.as_ref().map(|_| parts.headers.clone());
     let mut stale = None;
     if let Some((store, key)) = &cache_ctx {
@@ -275,16 +314,15 @@ async fn proxy(
 
     // Request headers to the backend.
     strip_hop_by_hop(&mut parts.headers);
-    let ip = peer.ip().to_string();
     let xff = match parts
         .headers
         .get(&X_FORWARDED_FOR)
         .and_then(|v| v.to_str().ok())
     {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip,
+        Some(prev) => HeaderValue::from_str(&format!("{prev}, {}", peer.ip())).ok(),
+        None => client.xff.clone(),
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    if let Some(v) = xff {
         parts.headers.insert(X_FORWARDED_FOR.clone(), v);
     }
     parts.headers.insert(
@@ -293,8 +331,8 @@ async fn proxy(
     );
     parts.headers.insert(X_REQUEST_ID.clone(), rid.clone());
     if !parts.headers.contains_key(header::HOST) {
-        if let Some(v) = host.as_deref().and_then(|h| HeaderValue::from_str(h).ok()) {
-            parts.headers.insert(header::HOST, v);
+        if let Some(v) = &host_value {
+            parts.headers.insert(header::HOST, v.clone());
         }
     }
     if let Some(e) = &stale {
@@ -335,32 +373,33 @@ async fn proxy(
         1
     };
     let timeout = Duration::from_millis(snap.cfg.limits.response_timeout_ms);
-    let mut tried = Vec::with_capacity(attempts);
+    let connect_timeout = Duration::from_millis(snap.cfg.limits.connect_timeout_ms);
+    // At most 3 attempts: no allocation for the backends tried.
+    let mut tried = [0usize; 3];
     let mut last_err = None;
     for attempt in 0..attempts {
         let idx = match sticky_idx {
             Some(i) if attempt == 0 => Some(i),
-            _ => pool.pick(&ctx, &tried),
+            _ => pool.pick(&ctx, &tried[..attempt]),
         };
         let Some(idx) = idx else { break };
-        tried.push(idx);
+        tried[attempt] = idx;
         let backend = &pool.backends[idx];
         let guard = backend.begin();
-        let uri = Uri::builder()
-            .scheme("http")
-            .authority(backend.addr.to_string())
-            .path_and_query(pq.as_str())
-            .build();
-        let Ok(uri) = uri else {
+        // Origin-form request target.
+        let mut up = http::uri::Parts::default();
+        up.path_and_query = Some(pq.clone());
+        let Ok(uri) = Uri::from_parts(up) else {
             inner.none_backend.count_status(400);
             return text(StatusCode::BAD_REQUEST, "invalid request target".into());
         };
         let b: ReqBody = match body.take() {
-            Some(incoming) if !bodyless => Either::Left(Counted {
-                inner: incoming,
-                counter: backend.metrics.bytes_to_backend.clone(),
-                _guard: None,
-            }),
+            Some(incoming) if !bodyless => Either::Left(Counted::new(
+                incoming,
+                backend.metrics.bytes_to_backend.clone(),
+                None,
+                None,
+            )),
             _ => Either::Right(Full::new(Bytes::new())),
         };
         let mut breq = Request::new(b);
@@ -372,9 +411,19 @@ async fn proxy(
         } else {
             std::mem::take(&mut parts.headers)
         };
+        if !breq.headers().contains_key(header::HOST) {
+            // Neither a Host header nor an authority: name the backend, like a client would.
+            if let Ok(v) = HeaderValue::from_str(&backend.addr.to_string()) {
+                breq.headers_mut().insert(header::HOST, v);
+            }
+        }
         let started = Instant::now();
-        let result = tokio::time::timeout(timeout, snap.client().request(breq)).await;
-        let resp = match result {
+        let result = tokio::time::timeout(
+            timeout,
+            client.ups.send(backend.addr, breq, connect_timeout),
+        )
+        .await;
+        let (resp, lease) = match result {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
                 backend.record(false, &inner.name, &snap.cfg.outlier);
@@ -435,11 +484,12 @@ async fn proxy(
                 }
             }
         }
-        let rbody = Counted {
-            inner: rbody,
-            counter: backend.metrics.bytes_from_backend.clone(),
-            _guard: Some(guard),
-        };
+        let rbody = Counted::new(
+            rbody,
+            backend.metrics.bytes_from_backend.clone(),
+            Some(guard),
+            Some(lease),
+        );
         if let (Some((store, key)), Some(chdrs)) = (&cache_ctx, &client_headers) {
             return cache_fill(
                 inner,

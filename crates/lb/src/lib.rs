@@ -21,6 +21,7 @@ pub mod routing;
 mod runtime;
 mod splice;
 pub mod tls;
+mod upstream;
 pub mod workers;
 
 pub use backend::BackendStatus;

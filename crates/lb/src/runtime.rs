@@ -17,7 +17,7 @@ use crate::backend::{Backend, BackendStatus};
 use crate::balancer::{Balancer, Candidate, PickContext};
 use crate::cache::CacheStore;
 use crate::config::{CacheConfig, LbConfig, ListenerConfig, Protocol};
-use crate::http::{self as l7, BackendClient};
+use crate::http as l7;
 use crate::metrics::{BackendMetrics, CacheMetrics, Metrics};
 use crate::{l4, LbError};
 
@@ -34,18 +34,28 @@ pub(crate) struct Pool {
 impl Pool {
     /// Pick an available backend not in `exclude`.
     pub fn pick(&self, ctx: &PickContext<'_>, exclude: &[usize]) -> Option<usize> {
-        let cands: Vec<Candidate> = self
-            .backends
-            .iter()
-            .zip(&self.weights)
-            .enumerate()
-            .map(|(i, (b, w))| Candidate {
-                available: !exclude.contains(&i) && b.available(),
-                active: b.active(),
-                weight: *w,
-            })
-            .collect();
-        self.balancer.pick(&cands, ctx)
+        // Small pools (the usual case) pick without allocating.
+        const STACK: usize = 16;
+        let cand = |(i, (b, w)): (usize, (&Arc<Backend>, &u32))| Candidate {
+            available: !exclude.contains(&i) && b.available(),
+            active: b.active(),
+            weight: *w,
+        };
+        let all = self.backends.iter().zip(&self.weights).enumerate();
+        if self.backends.len() <= STACK {
+            let mut buf = [Candidate {
+                available: false,
+                active: 0,
+                weight: 1,
+            }; STACK];
+            for (slot, c) in buf.iter_mut().zip(all.map(cand)) {
+                *slot = c;
+            }
+            self.balancer.pick(&buf[..self.backends.len()], ctx)
+        } else {
+            let cands: Vec<Candidate> = all.map(cand).collect();
+            self.balancer.pick(&cands, ctx)
+        }
     }
 }
 
@@ -58,15 +68,6 @@ pub(crate) struct Snapshot {
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub cache: Option<Arc<Mutex<CacheStore>>>,
     pub http: auto::Builder<TokioExecutor>,
-    /// One backend client (connection pool) per worker thread.
-    pub clients: Arc<Vec<BackendClient>>,
-}
-
-impl Snapshot {
-    /// The backend client of the calling worker.
-    pub fn client(&self) -> &BackendClient {
-        &self.clients[crate::workers::index() % self.clients.len()]
-    }
 }
 
 struct Listener {
@@ -124,7 +125,6 @@ impl LoadBalancer {
             tls: None,
             cache: None,
             http: auto::Builder::new(TokioExecutor::new()),
-            clients: Arc::new(clients(&cfg)),
         };
         let inner = Arc::new(Inner {
             conns: metrics.connections(&name),
@@ -284,11 +284,6 @@ impl LoadBalancer {
                 }
             }
         });
-        let clients = if old.cfg.limits.connect_timeout_ms == cfg.limits.connect_timeout_ms {
-            Arc::clone(&old.clients)
-        } else {
-            Arc::new(clients(&cfg))
-        };
         let snap = Snapshot {
             http: l7::server_builder(&cfg.limits),
             cfg,
@@ -296,7 +291,6 @@ impl LoadBalancer {
             route_pools,
             tls,
             cache,
-            clients,
         };
         inner.snap.store(Arc::new(snap));
         // Start accepting on the new listeners only now that the snapshot is published.
@@ -393,12 +387,6 @@ enum Sock {
     /// One `SO_REUSEPORT` socket per worker thread.
     Tcp(Vec<std::net::TcpListener>),
     Udp(Arc<UdpSocket>),
-}
-
-fn clients(cfg: &LbConfig) -> Vec<BackendClient> {
-    (0..crate::workers::handles().len())
-        .map(|_| l7::backend_client(&cfg.limits))
-        .collect()
 }
 
 async fn bind(lc: &ListenerConfig) -> Result<Vec<Sock>, LbError> {

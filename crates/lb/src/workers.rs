@@ -9,10 +9,6 @@ use tokio::runtime::Handle;
 
 static WORKERS: OnceLock<Vec<Handle>> = OnceLock::new();
 
-thread_local! {
-    static INDEX: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
-}
-
 /// Set the number of worker threads before the first load balancer starts (default: the
 /// number of CPUs). Returns false if the pool already exists.
 pub fn init(n: usize) -> bool {
@@ -35,7 +31,6 @@ fn spawn(n: usize) -> Vec<Handle> {
                         .enable_all()
                         .build()
                         .expect("building a load-balancer worker runtime");
-                    INDEX.with(|x| x.set(i));
                     let _ = tx.send(rt.handle().clone());
                     rt.block_on(std::future::pending::<()>());
                 })
@@ -50,11 +45,6 @@ pub(crate) fn handles() -> &'static [Handle] {
     WORKERS.get_or_init(|| {
         spawn(std::thread::available_parallelism().map_or(1, std::num::NonZero::get))
     })
-}
-
-/// The index of the worker running the caller (0 outside the workers).
-pub(crate) fn index() -> usize {
-    INDEX.with(std::cell::Cell::get)
 }
 
 /// Bind `n` TCP sockets on `addr` with `SO_REUSEPORT`. A probe bind without `SO_REUSEPORT`
