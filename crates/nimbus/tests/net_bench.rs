@@ -6,7 +6,10 @@
 //!   (bridge), and across a plain veth pair between two namespaces (the baseline), in the same
 //!   invocation; reported as ratios to the baseline. iperf3 runs from the host inside each
 //!   container's network namespace (busybox has no iperf3), so the packets take exactly the
-//!   containers' path.
+//!   containers' path. Every iperf3 (all three paths alike) runs at `SCHED_FIFO` priority 50
+//!   (`chrt -f 50`), clients pinned to CPU 0 and servers to CPU 1 (`iperf3 -A`): on this shared
+//!   machine other processes would otherwise preempt the transfer at random, and where the
+//!   scheduler put client and server decided the figure more than the path did.
 //! - `bench_rule_propagation`: with `NET_RULES` (1000) rules in a group whose members run on
 //!   all three hosts, the time from the API call adding a rule until every host's kernel has
 //!   the rule's nftables element (`nft get element`, polled by one thread per host, so a figure
@@ -121,7 +124,10 @@ fn netns_of(net: &Net, host: usize, i: &nimbus_api::Instance) -> String {
 /// at `ip`; Gbit/s received.
 fn iperf(client_ns: &str, ip: &str, secs: u64) -> f64 {
     let out = Command::new("nsenter")
-        .args([client_ns, "iperf3", "-c", ip, "-J", "-t", &secs.to_string()])
+        .args([
+            client_ns, "chrt", "-f", "50", "iperf3", "-A", "0", "-c", ip, "-J",
+        ])
+        .args(["-t", &secs.to_string()])
         .output()
         .expect("iperf3");
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
@@ -137,9 +143,18 @@ fn iperf(client_ns: &str, ip: &str, secs: u64) -> f64 {
         / 1e9
 }
 
+/// The CPU the iperf3 servers run on: another than the clients' CPU 0 where there is one.
+fn server_cpu() -> &'static str {
+    if std::thread::available_parallelism().map_or(1, std::num::NonZero::get) > 1 {
+        "1"
+    } else {
+        "0"
+    }
+}
+
 fn iperf_server(ns: &str) -> std::process::Child {
     let child = Command::new("nsenter")
-        .args([ns, "iperf3", "-s"])
+        .args([ns, "chrt", "-f", "50", "iperf3", "-A", server_cpu(), "-s"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
@@ -214,11 +229,14 @@ async fn bench_throughput() {
     let mut base_srv = iperf_server(&format!("--net=/run/netns/{}", pair.1));
     let base_ns = format!("--net=/run/netns/{}", pair.0);
     let (mut vx, mut br, mut base) = (Vec::new(), Vec::new(), Vec::new());
+    let mut rounds = Vec::new();
     for _ in 0..trials {
         // Interleaved, so drift of the shared machine hits all three alike.
         base.push(iperf(&base_ns, "10.77.0.2", secs));
         vx.push(iperf(&netns_of(&net, 1, &remote), &sip, secs));
         br.push(iperf(&netns_of(&net, 0, &same), &sip, secs));
+        let (b, v, r) = (base[base.len() - 1], vx[vx.len() - 1], br[br.len() - 1]);
+        rounds.push(format!("{:.2}/{:.2}", v / b, r / b));
     }
     let _ = srv.kill();
     let _ = base_srv.kill();
@@ -232,6 +250,10 @@ async fn bench_throughput() {
          | container to container, two hosts (VXLAN) | {vx:.2} | {:.2} |\n",
         br / base,
         vx / base
+    ));
+    report(&format!(
+        "Per round, VXLAN/veth and bridge/veth: {}\n",
+        rounds.join(", ")
     ));
 }
 

@@ -36,6 +36,7 @@ fn parses_a_listing_into_canonical_elements() {
     );
     assert_eq!(st.elements["host_snat"], set(&["10.213.0.9 : 10.250.0.1"]));
     assert_eq!(st.elements["nodes4"], set(&["10.250.0.2"]));
+    assert_eq!(st.elements["tunnel_ports"], set(&["4789"]));
     let br = parse_table(&BRIDGE, BRIDGE_JSON).unwrap();
     assert_eq!(br.layout, BRIDGE.layout());
     assert_eq!(br.elements["port_ips"], set(&["\"nv1234\" . 10.213.0.5"]));
