@@ -175,19 +175,37 @@ const HOP_BY_HOP: [HeaderName; 8] = [
 ];
 
 fn strip_hop_by_hop(h: &mut HeaderMap) {
-    // Most messages carry none of them: one pass over the names instead of 8 hashed removals.
-    if !h.keys().any(|k| HOP_BY_HOP.contains(k)) {
+    // One pass over the names notes which hop-by-hop headers are present; most messages carry
+    // none, or only `Connection: keep-alive` (nginx answers with it), so hashed removals of
+    // absent names and parsing `close`/`keep-alive` tokens are skipped.
+    let mut present = 0u16;
+    for k in h.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|n| n == k) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
         return;
     }
-    let listed: Vec<HeaderName> = h
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|s| s.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for n in listed.iter().chain(HOP_BY_HOP.iter()) {
-        h.remove(n);
+    // HOP_BY_HOP[0] is Connection: the headers it names are hop-by-hop too.
+    if present & 1 != 0 {
+        let listed: Vec<HeaderName> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|s| s.split(','))
+            .map(str::trim)
+            .filter(|t| !t.eq_ignore_ascii_case("close") && !t.eq_ignore_ascii_case("keep-alive"))
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .collect();
+        for n in &listed {
+            h.remove(n);
+        }
+    }
+    for (i, n) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            h.remove(n);
+        }
     }
 }
 
@@ -642,6 +660,15 @@ mod tests {
         let before = h.clone();
         strip_hop_by_hop(&mut h);
         assert_eq!(h, before, "nothing to strip leaves the headers alone");
+        // `Connection: keep-alive` (as nginx sends) with a Keep-Alive header, and `close`.
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("h2c"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, before);
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, before);
     }
 
     #[test]
