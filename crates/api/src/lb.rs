@@ -679,10 +679,11 @@ fn route(field: &str, r: &LbRoute) -> Result<(), ApiError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn base() -> LoadBalancerSpecRequest {
+    /// A valid request: one HTTP listener on port 80 in front of group `web`.
+    pub(crate) fn base() -> LoadBalancerSpecRequest {
         LoadBalancerSpecRequest {
             listeners: vec![LbListener {
                 port: 80,
@@ -697,7 +698,8 @@ mod tests {
         }
     }
 
-    fn field(r: &LoadBalancerSpecRequest) -> String {
+    /// The field named by the error `r` is rejected with.
+    pub(crate) fn field(r: &LoadBalancerSpecRequest) -> String {
         validate_spec(r).unwrap_err().field.unwrap_or_default()
     }
 

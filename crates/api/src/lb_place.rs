@@ -70,26 +70,8 @@ pub fn replicas(req: &LoadBalancerSpecRequest) -> Result<Option<u32>, ApiError> 
 
 #[cfg(test)]
 mod tests {
-    use crate::lb::{validate_spec, LbBackends, LbListener, LbProtocol, LoadBalancerSpecRequest};
-
-    fn base() -> LoadBalancerSpecRequest {
-        LoadBalancerSpecRequest {
-            listeners: vec![LbListener {
-                port: 80,
-                protocol: LbProtocol::Http,
-                target_port: None,
-            }],
-            backends: LbBackends {
-                group: Some("web".into()),
-                ..LbBackends::default()
-            },
-            ..LoadBalancerSpecRequest::default()
-        }
-    }
-
-    fn field(r: &LoadBalancerSpecRequest) -> String {
-        validate_spec(r).unwrap_err().field.unwrap_or_default()
-    }
+    use crate::lb::tests::{base, field};
+    use crate::lb::validate_spec;
 
     #[test]
     fn placement_validation() {

@@ -103,27 +103,14 @@ impl StateMachine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nimbus_api::lb::{LbBackends, LbListener, LbProtocol};
+    use nimbus_api::lb::LbBackends;
 
     fn spec(nodes: &[&str], replicas: Option<u32>, vip_nodes: &[&str]) -> LoadBalancerSpec {
         LoadBalancerSpec {
-            listeners: vec![LbListener {
-                port: 80,
-                protocol: LbProtocol::Http,
-                target_port: None,
-            }],
-            backends: LbBackends::default(),
-            algorithm: "round_robin".into(),
-            hash_header: None,
-            health_check: None,
-            routes: vec![],
-            sticky_cookie: None,
-            tls: None,
-            cache: false,
-            vip: None,
             vip_nodes: vip_nodes.iter().map(|s| (*s).to_string()).collect(),
             nodes: nodes.iter().map(|s| (*s).to_string()).collect(),
             replicas,
+            ..crate::lb_tests::spec(80, LbBackends::default())
         }
     }
 

@@ -11,7 +11,8 @@ use nimbus_api::{ErrorCode, InstanceState};
 use crate::machine_tests::{inst, instance, H};
 use crate::{Command, CommandOutput};
 
-fn spec(port: u32, backends: LbBackends) -> LoadBalancerSpec {
+/// An HTTP listener on `port` to backend port 8080, round robin, nothing else set.
+pub(crate) fn spec(port: u32, backends: LbBackends) -> LoadBalancerSpec {
     LoadBalancerSpec {
         listeners: vec![LbListener {
             port,

@@ -42,7 +42,7 @@ impl StateMachine {
         {
             self.bump_network();
         }
-        if let Some(old) = existed {
+        let message = if let Some(old) = existed {
             node.interfaces = old.interfaces;
             node.counters_at = old.counters_at;
             node.meta.id = old.meta.id;
@@ -50,24 +50,11 @@ impl StateMachine {
             node.meta.version = old.meta.version + 1;
             node.cordoned = old.cordoned;
             node.utilization = old.utilization;
-            self.event(
-                env,
-                "",
-                "node",
-                &req.name,
-                "Registered",
-                format!("agent at {} re-registered", req.agent_url),
-            );
+            format!("agent at {} re-registered", req.agent_url)
         } else {
-            self.event(
-                env,
-                "",
-                "node",
-                &req.name,
-                "Registered",
-                format!("agent at {}", req.agent_url),
-            );
-        }
+            format!("agent at {}", req.agent_url)
+        };
+        self.event(env, "", "node", &req.name, "Registered", message);
         self.nodes.insert(req.name.clone(), node.clone());
         Ok(CommandOutput::Node(node))
     }
