@@ -93,7 +93,17 @@ impl Agent {
                 .await
             {
                 Ok(resp) => {
-                    self.lbs.reconcile(&resp.loadbalancers).await;
+                    // In-kernel L4 tables live next to the datapath's (same prefix); a hollow
+                    // node has no datapath.
+                    let kernel_l4 = (!self.cfg.hollow).then(|| {
+                        self.cfg
+                            .nft_table
+                            .clone()
+                            .unwrap_or_else(|| resp.network.prefix.clone())
+                    });
+                    self.lbs
+                        .reconcile(&resp.loadbalancers, kernel_l4.as_deref())
+                        .await;
                     self.vips.set_targets(&resp.loadbalancers);
                     if first || resp.revision != after {
                         let map: BTreeMap<String, Assignment> = resp

@@ -55,8 +55,14 @@ fn pool(name: &str, backends: &[LbResolvedBackend], port: u16, a: &LbAssignment)
     }
 }
 
-/// The data-plane config of one listener of an assigned LB.
-pub fn listener_config(a: &LbAssignment, idx: usize, bind: &[IpAddr]) -> LbConfig {
+/// The data-plane config of one listener of an assigned LB; `kernel_l4` is the table prefix of
+/// the in-kernel L4 path (`None`: L4 relayed in user space).
+pub fn listener_config(
+    a: &LbAssignment,
+    idx: usize,
+    bind: &[IpAddr],
+    kernel_l4: Option<&str>,
+) -> LbConfig {
     let l = a.spec.listeners[idx];
     let target = l.target_port.unwrap_or(l.port) as u16;
     let mut pools = vec![pool("default", &a.backends, target, a)];
@@ -123,6 +129,7 @@ pub fn listener_config(a: &LbAssignment, idx: usize, bind: &[IpAddr]) -> LbConfi
                 key_pem: t.key_pem.clone(),
             }),
         limits: Limits::default(),
+        kernel_l4: kernel_l4.map(str::to_string),
     }
 }
 
@@ -142,14 +149,16 @@ impl LbHost {
     }
 
     /// Converge the running LBs to the assignments: start new listeners, hot-swap changed
-    /// configs, stop removed ones.
-    pub async fn reconcile(&self, assigned: &[LbAssignment]) {
+    /// configs, stop removed ones. `kernel_l4`: the nftables table prefix under which eligible
+    /// L4 listeners are forwarded in the kernel (`None`: no datapath on this node); in-kernel
+    /// tables under it that belong to no running LB are deleted.
+    pub async fn reconcile(&self, assigned: &[LbAssignment], kernel_l4: Option<&str>) {
         let mut want: HashMap<Key, LbConfig> = HashMap::new();
         for a in assigned {
             for (i, l) in a.spec.listeners.iter().enumerate() {
                 want.insert(
                     (a.id.clone(), l.port, l.protocol == LbProtocol::Udp),
-                    listener_config(a, i, &self.bind),
+                    listener_config(a, i, &self.bind, kernel_l4),
                 );
             }
         }
@@ -181,6 +190,15 @@ impl LbHost {
                     }
                     Err(e) => tracing::error!(lb = %cfg.name, "load balancer failed to start: {e}"),
                 },
+            }
+        }
+        if let Some(prefix) = kernel_l4 {
+            let keep: Vec<String> = running
+                .values()
+                .filter_map(|r| r.lb.kernel_table().map(str::to_string))
+                .collect();
+            for t in nimbus_lb::kernel_sync::remove_stale_tables(prefix, &keep).await {
+                tracing::info!(table = %t, "removed a stale in-kernel L4 table");
             }
         }
     }

@@ -48,6 +48,8 @@ pub struct Backend {
     /// Metric handles.
     pub metrics: BackendMetrics,
     active: AtomicU64,
+    /// Open connections the kernel forwards to it (in-kernel L4 path), from conntrack.
+    kernel_active: AtomicU64,
     healthy: AtomicBool,
     draining: AtomicBool,
     ejected_until_ms: AtomicU64,
@@ -78,6 +80,7 @@ impl Backend {
             addr,
             metrics,
             active: AtomicU64::new(0),
+            kernel_active: AtomicU64::new(0),
             healthy: AtomicBool::new(true),
             draining: AtomicBool::new(false),
             ejected_until_ms: AtomicU64::new(0),
@@ -96,9 +99,16 @@ impl Backend {
             && self.ejected_until_ms.load(Ordering::Relaxed) <= now_ms()
     }
 
-    /// In-flight requests or connections.
+    /// In-flight requests or connections (relayed here or forwarded by the kernel).
     pub fn active(&self) -> u64 {
-        self.active.load(Ordering::Relaxed)
+        self.active.load(Ordering::Relaxed) + self.kernel_active.load(Ordering::Relaxed)
+    }
+
+    /// Set the number of open connections the kernel forwards to this backend; returns the
+    /// change from the previous figure.
+    pub(crate) fn set_kernel_active(&self, n: u64) -> i64 {
+        let old = self.kernel_active.swap(n, Ordering::Relaxed);
+        n as i64 - old as i64
     }
 
     /// Count one in-flight request or connection until the guard drops.

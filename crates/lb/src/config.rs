@@ -267,6 +267,11 @@ pub struct LbConfig {
     /// Timeouts and limits.
     #[serde(default)]
     pub limits: Limits,
+    /// Forward the L4 (TCP/UDP) listeners in the kernel (nftables DNAT, see the `kernel`
+    /// module) when their features allow it, in an `ip` table named after this prefix; `None`
+    /// relays every L4 connection in user space.
+    #[serde(default)]
+    pub kernel_l4: Option<String>,
 }
 
 impl LbConfig {
@@ -296,6 +301,7 @@ impl LbConfig {
             cache: None,
             tls: None,
             limits: Limits::default(),
+            kernel_l4: None,
         }
     }
 
@@ -345,6 +351,16 @@ impl LbConfig {
         }
         if let Some(tls) = &self.tls {
             crate::tls::server_config(tls)?;
+        }
+        if let Some(p) = &self.kernel_l4 {
+            if p.is_empty()
+                || p.len() > 40
+                || !p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            {
+                return bad(format!(
+                    "kernel_l4 table prefix {p:?} must be 1-40 letters, digits or '_'"
+                ));
+            }
         }
         Ok(())
     }

@@ -15,6 +15,8 @@ pub mod cache;
 pub mod config;
 pub mod health;
 mod http;
+mod kernel;
+pub mod kernel_sync;
 mod l4;
 pub mod metrics;
 pub mod routing;

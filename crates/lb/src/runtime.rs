@@ -90,6 +90,18 @@ pub(crate) struct Inner {
     listeners: Mutex<Vec<Listener>>,
     cache: Mutex<Option<(CacheConfig, Arc<Mutex<CacheStore>>)>>,
     update_lock: tokio::sync::Mutex<()>,
+    /// The in-kernel L4 table and the token that stops its sync (and deletes it).
+    kernel: Option<(String, CancellationToken)>,
+}
+
+impl Inner {
+    /// The bound addresses of each listener (port 0 resolved).
+    pub(crate) fn listen_addrs(&self) -> Vec<(Protocol, SocketAddr)> {
+        lock(&self.listeners)
+            .iter()
+            .flat_map(|l| l.addrs.iter().map(|a| (l.cfg.protocol, *a)))
+            .collect()
+    }
 }
 
 /// A running load balancer. Dropping it does not stop it; call [`LoadBalancer::shutdown`].
@@ -138,9 +150,22 @@ impl LoadBalancer {
             listeners: Mutex::new(Vec::new()),
             cache: Mutex::new(None),
             update_lock: tokio::sync::Mutex::new(()),
+            kernel: cfg.kernel_l4.as_deref().map(|prefix| {
+                (
+                    crate::kernel::table_name(prefix, &cfg.name),
+                    CancellationToken::new(),
+                )
+            }),
         });
         let lb = Self { inner };
         lb.update(cfg).await?;
+        if let Some((table, cancel)) = &lb.inner.kernel {
+            tokio::spawn(crate::kernel_sync::run(
+                Arc::downgrade(&lb.inner),
+                table.clone(),
+                cancel.clone(),
+            ));
+        }
         Ok(lb)
     }
 
@@ -334,10 +359,13 @@ impl LoadBalancer {
 
     /// The bound addresses of each listener (port 0 resolved).
     pub fn listen_addrs(&self) -> Vec<(Protocol, SocketAddr)> {
-        lock(&self.inner.listeners)
-            .iter()
-            .flat_map(|l| l.addrs.iter().map(|a| (l.cfg.protocol, *a)))
-            .collect()
+        self.inner.listen_addrs()
+    }
+
+    /// The `ip` nftables table of the in-kernel L4 path, when enabled (it exists while an L4
+    /// listener is eligible and `nft` works).
+    pub fn kernel_table(&self) -> Option<&str> {
+        self.inner.kernel.as_ref().map(|(t, _)| t.as_str())
     }
 
     /// The first bound address of a protocol.
@@ -370,6 +398,9 @@ impl LoadBalancer {
 
     /// Stop listening; connections get the drain timeout to finish; checkers stop.
     pub fn shutdown(&self) {
+        if let Some((_, cancel)) = &self.inner.kernel {
+            cancel.cancel();
+        }
         for l in lock(&self.inner.listeners).drain(..) {
             l.cancel.cancel();
         }

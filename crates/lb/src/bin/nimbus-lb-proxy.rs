@@ -1,6 +1,7 @@
 //! `nimbus-lb-proxy CONFIG.json [--workers N]`: run the nimbus LB data plane from a static JSON
 //! [`nimbus_lb::LbConfig`] (used by `scripts/bench-lb`; the agent embeds the library instead).
-//! Prints one line `listening PROTO ADDR` per bound listener, then serves until killed.
+//! Prints one line `listening PROTO ADDR` per bound listener, then serves until SIGTERM or
+//! SIGINT, when it stops (and removes its in-kernel L4 table, if the config enables one).
 
 use std::sync::Arc;
 
@@ -50,6 +51,29 @@ fn main() {
         for (p, a) in lb.listen_addrs() {
             println!("listening {p} {a}");
         }
-        std::future::pending::<()>().await;
+        let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        else {
+            eprintln!("nimbus-lb-proxy: cannot install a SIGTERM handler");
+            std::process::exit(1)
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        lb.shutdown();
+        if let Some(table) = lb.kernel_table() {
+            // The table is deleted by the LB's sync task; give it a moment.
+            for _ in 0..40 {
+                let gone = std::process::Command::new("nft")
+                    .args(["list", "table", "ip", table])
+                    .output()
+                    .map_or(true, |o| !o.status.success());
+                if gone {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
     });
 }

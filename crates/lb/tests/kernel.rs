@@ -1,0 +1,321 @@
+//! The in-kernel L4 path: real nftables DNAT in this network namespace (needs root and `nft`).
+//!
+//! A connection the kernel forwards reaches the backend from the client's own address and port
+//! (loopback clients are not masqueraded), while one relayed in user space comes from the
+//! proxy's socket; the backends below report the peer they see, which tells the two apart.
+#![allow(missing_docs)]
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::{listener, start_lb, udp_echo};
+use nimbus_lb::{Algorithm, HealthCheckConfig, HealthProbe, LbConfig, LoadBalancer, Protocol};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+
+/// Whether `nft` runs here; in CI its absence fails the test instead of skipping it.
+fn nft_available() -> bool {
+    let ok = std::process::Command::new("nft")
+        .args(["list", "tables"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        ok || std::env::var("CI").as_deref() != Ok("true"),
+        "nft is required (root and the nftables package)"
+    );
+    if !ok {
+        eprintln!("skipping: nft unavailable");
+    }
+    ok
+}
+
+/// A TCP backend that first writes `<name> <peer>\n`, then echoes.
+async fn who_backend(name: &'static str) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let t = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, peer)) = l.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                if s.write_all(format!("{name} {peer}\n").as_bytes())
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    (addr, t)
+}
+
+/// Connect and read the greeting: (backend name, whether the backend saw this very socket,
+/// i.e. the kernel forwarded it), keeping the stream open.
+async fn hello(addr: SocketAddr) -> (String, bool, BufReader<TcpStream>) {
+    let s = TcpStream::connect(addr).await.unwrap();
+    let local = s.local_addr().unwrap();
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    tokio::time::timeout(Duration::from_secs(5), r.read_line(&mut line))
+        .await
+        .expect("greeting timed out")
+        .unwrap();
+    let (name, peer) = line.trim().split_once(' ').expect("greeting");
+    (name.to_string(), peer == local.to_string(), r)
+}
+
+fn kernel_cfg(name: &str, protocol: Protocol, backends: Vec<SocketAddr>) -> LbConfig {
+    let mut cfg = LbConfig::simple(name, listener(protocol), backends);
+    cfg.kernel_l4 = Some(format!("lbk{}", std::process::id()));
+    cfg
+}
+
+fn table_exists(table: &str) -> bool {
+    std::process::Command::new("nft")
+        .args(["list", "table", "ip", table])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+async fn until<F: FnMut() -> bool>(what: &str, mut f: F) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn wait_table(lb: &LoadBalancer) -> String {
+    let table = lb.kernel_table().expect("kernel path enabled").to_string();
+    until("the L4 table", || table_exists(&table)).await;
+    table
+}
+
+fn metric(text: &str, line_prefix: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(line_prefix))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
+}
+
+#[tokio::test]
+async fn tcp_weighted_in_kernel_counts_and_keeps_flows_across_updates() {
+    if !nft_available() {
+        return;
+    }
+    let (b0, _t0) = who_backend("b0").await;
+    let (b1, _t1) = who_backend("b1").await;
+    let mut cfg = kernel_cfg("kweighted", Protocol::Tcp, vec![b0, b1]);
+    cfg.pools[0].algorithm = Algorithm::Weighted;
+    cfg.pools[0].backends[0].weight = 3;
+    let (lb, metrics) = start_lb(cfg.clone()).await;
+    let addr = lb.addr(Protocol::Tcp).unwrap();
+    let table = wait_table(&lb).await;
+
+    let mut seen: HashMap<String, u32> = HashMap::new();
+    for _ in 0..40 {
+        let (name, kernel, _s) = hello(addr).await;
+        assert!(
+            kernel,
+            "connection was relayed in user space, not forwarded"
+        );
+        *seen.entry(name).or_default() += 1;
+    }
+    assert_eq!(seen.get("b0"), Some(&30), "{seen:?}");
+    assert_eq!(seen.get("b1"), Some(&10), "{seen:?}");
+
+    // A flow open across a configuration change keeps its backend; new ones follow the change.
+    let (first, _, mut held) = hello(addr).await;
+    let keep = if first == "b0" { b0 } else { b1 };
+    cfg.pools[0].backends.retain(|b| b.addr != keep);
+    lb.update(cfg).await.unwrap();
+    let other = if first == "b0" { "b1" } else { "b0" };
+    until("the update in the kernel", || {
+        std::process::Command::new("nft")
+            .args(["list", "chain", "ip", &table, "pick"])
+            .output()
+            .is_ok_and(|o| !String::from_utf8_lossy(&o.stdout).contains("b0, 3"))
+    })
+    .await;
+    for _ in 0..4 {
+        let (name, kernel, _s) = hello(addr).await;
+        assert_eq!((name.as_str(), kernel), (other, true));
+    }
+    held.get_mut().write_all(b"still here\n").await.unwrap();
+    let mut echo = String::new();
+    tokio::time::timeout(Duration::from_secs(5), held.read_line(&mut echo))
+        .await
+        .expect("held flow broken by the update")
+        .unwrap();
+    assert_eq!(echo, "still here\n");
+
+    // Counters reach the metrics: 30 connections to b0 or more, bytes both ways, one open flow.
+    let mut text = String::new();
+    until("kernel counters in the metrics", || {
+        text = metrics.encode();
+        metric(
+            &text,
+            "nimbus_lb_requests_total{lb=\"kweighted\",backend=\"b1\",class=\"2xx\"} ",
+        ) >= 10
+            && metric(
+                &text,
+                "nimbus_lb_bytes_total{lb=\"kweighted\",backend=\"b0\",direction=\"from_backend\"} ",
+            ) > 0
+    })
+    .await;
+    assert!(
+        metric(
+            &text,
+            "nimbus_lb_requests_total{lb=\"kweighted\",backend=\"b0\",class=\"2xx\"} "
+        ) >= 30,
+        "{text}"
+    );
+    drop(held);
+
+    lb.shutdown();
+    until("the table removed at shutdown", || !table_exists(&table)).await;
+}
+
+#[tokio::test]
+async fn kernel_path_follows_health_checks() {
+    if !nft_available() {
+        return;
+    }
+    let (b0, _t0) = who_backend("b0").await;
+    let (b1, t1) = who_backend("b1").await;
+    let mut cfg = kernel_cfg("khealth", Protocol::Tcp, vec![b0, b1]);
+    cfg.health_check = Some(HealthCheckConfig {
+        probe: HealthProbe::Tcp,
+        interval_ms: 100,
+        timeout_ms: 200,
+        healthy_threshold: 1,
+        unhealthy_threshold: 1,
+    });
+    let (lb, _) = start_lb(cfg).await;
+    let addr = lb.addr(Protocol::Tcp).unwrap();
+    let table = wait_table(&lb).await;
+    let mut names = Vec::new();
+    for _ in 0..4 {
+        names.push(hello(addr).await.0);
+    }
+    assert!(names.iter().any(|n| n == "b1"), "{names:?}");
+    t1.abort();
+    let down = Instant::now();
+    loop {
+        assert!(down.elapsed() < Duration::from_secs(5), "b1 still picked");
+        let mut all_b0 = true;
+        for _ in 0..4 {
+            // A connection to the dead backend is refused; that counts as "still picked".
+            match tokio::time::timeout(Duration::from_secs(2), async {
+                let s = TcpStream::connect(addr).await.ok()?;
+                let mut r = BufReader::new(s);
+                let mut l = String::new();
+                r.read_line(&mut l).await.ok()?;
+                Some(l)
+            })
+            .await
+            {
+                Ok(Some(l)) if l.starts_with("b0 ") => {}
+                _ => all_b0 = false,
+            }
+        }
+        if all_b0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (name, kernel, _s) = hello(addr).await;
+    assert_eq!((name.as_str(), kernel), ("b0", true));
+    lb.shutdown();
+    until("the table removed", || !table_exists(&table)).await;
+}
+
+#[tokio::test]
+async fn udp_in_kernel() {
+    if !nft_available() {
+        return;
+    }
+    let (e0, _t0) = udp_echo("u0:").await;
+    let (e1, _t1) = udp_echo("u1:").await;
+    let (lb, metrics) = start_lb(kernel_cfg("kudp", Protocol::Udp, vec![e0, e1])).await;
+    let addr = lb.addr(Protocol::Udp).unwrap();
+    let table = wait_table(&lb).await;
+    let mut tags = Vec::new();
+    for i in 0..4 {
+        let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        c.connect(addr).await.unwrap();
+        c.send(format!("ping{i}").as_bytes()).await.unwrap();
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(3), c.recv(&mut buf))
+            .await
+            .expect("no UDP reply")
+            .unwrap();
+        let reply = String::from_utf8_lossy(&buf[..n]).to_string();
+        assert!(reply.ends_with(&format!("ping{i}")), "{reply}");
+        tags.push(reply[..3].to_string());
+    }
+    assert_eq!(tags, ["u0:", "u1:", "u0:", "u1:"]);
+    until("UDP flows counted", || {
+        let t = metrics.encode();
+        metric(
+            &t,
+            "nimbus_lb_requests_total{lb=\"kudp\",backend=\"b0\",class=\"2xx\"} ",
+        ) == 2
+    })
+    .await;
+    lb.shutdown();
+    until("the table removed", || !table_exists(&table)).await;
+}
+
+#[tokio::test]
+async fn ineligible_algorithm_stays_in_user_space() {
+    if !nft_available() {
+        return;
+    }
+    let (b0, _t0) = who_backend("b0").await;
+    let mut cfg = kernel_cfg("kleast", Protocol::Tcp, vec![b0]);
+    cfg.pools[0].algorithm = Algorithm::LeastConnections;
+    let (lb, _) = start_lb(cfg).await;
+    let addr = lb.addr(Protocol::Tcp).unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let table = lb.kernel_table().unwrap().to_string();
+    assert!(!table_exists(&table));
+    let (name, kernel, _s) = hello(addr).await;
+    assert_eq!((name.as_str(), kernel), ("b0", false));
+    lb.shutdown();
+}
+
+#[tokio::test]
+async fn stale_tables_are_removed_and_others_kept() {
+    if !nft_available() {
+        return;
+    }
+    let prefix = format!("lbs{}", std::process::id());
+    let stale = format!("{prefix}_lb0123abcd");
+    let kept = format!("{prefix}_lbfedc3210");
+    let foreign = format!("{prefix}_lbx");
+    for t in [&stale, &kept, &foreign] {
+        assert!(std::process::Command::new("nft")
+            .args(["add", "table", "ip", t])
+            .status()
+            .unwrap()
+            .success());
+    }
+    let removed =
+        nimbus_lb::kernel_sync::remove_stale_tables(&prefix, std::slice::from_ref(&kept)).await;
+    assert_eq!(removed, vec![stale.clone()]);
+    assert!(!table_exists(&stale));
+    assert!(table_exists(&kept) && table_exists(&foreign));
+    for t in [&kept, &foreign] {
+        let _ = std::process::Command::new("nft")
+            .args(["delete", "table", "ip", t])
+            .status();
+    }
+}
