@@ -320,25 +320,15 @@ pub(crate) fn parse_counters(json: &str) -> Result<BTreeMap<u16, SlotCounters>, 
             continue;
         };
         let e = out.entry(slot).or_default();
+        let field = if kind == 0 { "packets" } else { "bytes" };
+        let v = c
+            .get(field)
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0);
         match kind {
-            0 => {
-                e.connections = c
-                    .get("packets")
-                    .and_then(serde_json::Value::as_u64)
-                    .unwrap_or(0)
-            }
-            1 => {
-                e.bytes_to = c
-                    .get("bytes")
-                    .and_then(serde_json::Value::as_u64)
-                    .unwrap_or(0)
-            }
-            _ => {
-                e.bytes_from = c
-                    .get("bytes")
-                    .and_then(serde_json::Value::as_u64)
-                    .unwrap_or(0)
-            }
+            0 => e.connections = v,
+            1 => e.bytes_to = v,
+            _ => e.bytes_from = v,
         }
     }
     Ok(out)

@@ -17,6 +17,7 @@ fn deps() -> bool {
     require("root", nix::unistd::geteuid().is_root())
         && require("runc", have("runc"))
         && require("/bin/busybox", Path::new("/bin/busybox").exists())
+        && require("nft", have("nft"))
 }
 
 fn run(cloud: &Cloud, args: &[&str]) -> Output {
@@ -47,6 +48,65 @@ async fn get_host(port: u16, host: Option<&str>) -> Option<String> {
         return None;
     }
     r.text().await.ok().map(|s| s.trim().to_string())
+}
+
+/// `GET /` over a plain TCP connection (HTTP/1.0); the body if 200.
+fn raw_get(host: &str, port: u16) -> Option<String> {
+    use std::io::{Read, Write};
+    let addr: std::net::SocketAddr = format!("{host}:{port}").parse().ok()?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
+    let mut r = String::new();
+    s.read_to_string(&mut r).ok()?;
+    let (head, body) = r.split_once("\r\n\r\n")?;
+    head.lines()
+        .next()?
+        .contains(" 200")
+        .then(|| body.trim().to_string())
+}
+
+/// The in-kernel L4 table under `prefix` whose rules forward `port`, if any.
+fn lb_table(prefix: &str, port: u16) -> Option<String> {
+    let o = std::process::Command::new("nft")
+        .args(["list", "tables", "ip"])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(2))
+        .filter(|t| t.starts_with(&format!("{prefix}_lb")))
+        .find(|t| {
+            std::process::Command::new("nft")
+                .args(["list", "table", "ip", t])
+                .output()
+                .is_ok_and(|o| {
+                    String::from_utf8_lossy(&o.stdout).contains(&format!(" dport {port} jump pick"))
+                })
+        })
+        .map(str::to_string)
+}
+
+/// Sum of the packets of the counters named `<kind><slot>` of an `ip` table.
+fn nft_counter_sum(table: &str, kind: &str) -> u64 {
+    let o = std::process::Command::new("nft")
+        .args(["-j", "list", "counters", "table", "ip", table])
+        .output()
+        .expect("nft");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+    v["nftables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i.get("counter"))
+        .filter(|c| {
+            c["name"]
+                .as_str()
+                .and_then(|n| n.strip_prefix(kind))
+                .is_some_and(|d| d.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .filter_map(|c| c["packets"].as_u64())
+        .sum()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -180,6 +240,56 @@ async fn lb_in_front_of_containers() {
         }
     }
     assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["web1", "web2"]);
+
+    // A TCP listener over the same containers is forwarded in the kernel for clients of the
+    // node's address (nftables DNAT under the cloud's datapath prefix) and relayed in user
+    // space for 127.0.0.1; both reach both backends; deleting the LB removes its table.
+    let tcp_port = port + 1;
+    let o = run(
+        &cloud,
+        &[
+            "lb",
+            "create",
+            "raw",
+            "--listen",
+            &format!("{tcp_port}:8080/tcp"),
+            "--backend-label",
+            "app=web",
+        ],
+    );
+    assert!(o.status.success(), "{}", out(&o));
+    let node_ip = c.list_nodes().await.unwrap().remove(0).underlay_ip;
+    let table = eventually(Duration::from_secs(20), || async {
+        lb_table(&cloud.bridge, tcp_port)
+    })
+    .await
+    .unwrap_or_else(|| panic!("no in-kernel L4 table\n{}", cloud.log()));
+    for host in [node_ip.as_str(), "127.0.0.1"] {
+        let mut seen = std::collections::BTreeSet::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while seen.len() < 2 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "TCP LB via {host} served only {seen:?}\n{}",
+                cloud.log()
+            );
+            match raw_get(host, tcp_port) {
+                Some(b) => {
+                    seen.insert(b);
+                }
+                None => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+    let forwarded = nft_counter_sum(&table, "n");
+    assert!(forwarded >= 2, "kernel forwarded {forwarded} connections");
+    let o = run(&cloud, &["lb", "delete", "raw"]);
+    assert!(o.status.success(), "{}", out(&o));
+    let gone = eventually(Duration::from_secs(10), || async {
+        lb_table(&cloud.bridge, tcp_port).is_none().then_some(())
+    })
+    .await;
+    assert!(gone.is_some(), "table {table} left after lb delete");
 
     // Health is reported back: `nimbus lb backends web`.
     let healthy = eventually(Duration::from_secs(10), || async {

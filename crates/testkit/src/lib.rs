@@ -45,7 +45,8 @@ pub fn have(cmd: &str) -> bool {
 
 /// Removes what a cloud's agents left of the datapath with name prefix `prefix` in the
 /// current network namespace: bridges `<prefix>b*`, VXLAN devices `<prefix>v*`, and the
-/// nftables tables `inet`/`bridge` `<prefix>` and `<prefix>_*` (agents that share a namespace).
+/// nftables tables `<prefix>` and `<prefix>_*` of every family (agents sharing a namespace use
+/// `inet`/`bridge` `<prefix>_<name>`; the in-kernel L4 path of load balancers `ip <prefix>_lb*`).
 pub fn remove_datapath(prefix: &str) {
     let owned = |name: &str, k: char| {
         name.strip_prefix(prefix)
