@@ -23,7 +23,7 @@ use std::fmt::Write as _;
 use std::net::{SocketAddr, SocketAddrV4};
 
 use crate::balancer::Algorithm;
-use crate::config::{LbConfig, Protocol};
+use crate::config::{HealthCheckConfig, LbConfig, Protocol};
 
 /// Top byte of every connection mark nimbus's L4 tables set ('N').
 const MARK_TAG: u32 = 0x4e00_0000;
@@ -120,6 +120,20 @@ pub(crate) fn eligible(cfg: &LbConfig) -> Result<bool, Ineligible> {
         return Err(Ineligible::MixedLoopback);
     }
     Ok(true)
+}
+
+/// The active health check the backends of `cfg` get: the configured one or, when the kernel
+/// forwards the LB's TCP listeners (it reports no connect failures, so passive outlier
+/// ejection cannot see a dead backend), an implicit TCP connect check with the default
+/// interval and thresholds. Not for UDP: a TCP probe says nothing about a UDP service.
+pub(crate) fn effective_health_check(cfg: &LbConfig) -> Option<HealthCheckConfig> {
+    if cfg.health_check.is_some() {
+        return cfg.health_check.clone();
+    }
+    let tcp_only = cfg.listeners.iter().any(|l| l.protocol == Protocol::Tcp)
+        && !cfg.listeners.iter().any(|l| l.protocol == Protocol::Udp);
+    (cfg.kernel_l4.is_some() && tcp_only && eligible(cfg) == Ok(true))
+        .then(HealthCheckConfig::default)
 }
 
 /// The weight a backend gets under `algorithm`.

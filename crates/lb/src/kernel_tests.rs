@@ -212,3 +212,28 @@ fn conntrack_counts_established_and_udp_flows_of_this_table() {
     assert_eq!(c.get(&3), Some(&1));
     assert_eq!(c.len(), 2);
 }
+
+#[test]
+fn kernel_forwarded_tcp_gets_an_implicit_health_check() {
+    let mut c = cfg(Algorithm::RoundRobin, "0.0.0.0", &["10.0.0.2:80"]);
+    assert_eq!(
+        effective_health_check(&c),
+        None,
+        "relayed: passive ejection works"
+    );
+    c.kernel_l4 = Some("p".into());
+    assert_eq!(
+        effective_health_check(&c),
+        Some(HealthCheckConfig::default())
+    );
+    let mut configured = HealthCheckConfig::default();
+    configured.interval_ms = 123;
+    c.health_check = Some(configured.clone());
+    assert_eq!(effective_health_check(&c), Some(configured));
+    c.health_check = None;
+    c.listeners[0].protocol = Protocol::Udp;
+    assert_eq!(effective_health_check(&c), None, "no TCP probe for UDP");
+    c.listeners[0].protocol = Protocol::Tcp;
+    c.pools[0].algorithm = Algorithm::LeastConnections;
+    assert_eq!(effective_health_check(&c), None, "relayed again");
+}

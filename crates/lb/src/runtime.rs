@@ -212,7 +212,8 @@ impl LoadBalancer {
             }
         }
         // Backends: reuse by address; new ones get a checker; missing ones drain.
-        let health_changed = old.cfg.health_check != cfg.health_check;
+        let health = crate::kernel::effective_health_check(&cfg);
+        let health_changed = crate::kernel::effective_health_check(&old.cfg) != health;
         let mut pools = Vec::new();
         let mut live: HashMap<SocketAddr, Arc<Backend>> = HashMap::new();
         {
@@ -227,7 +228,7 @@ impl LoadBalancer {
                             let b = match all.get(&bc.addr) {
                                 Some(b) if b.name == bc.name && !b.status().draining => {
                                     if health_changed {
-                                        b.start_checker(&inner.name, cfg.health_check.clone());
+                                        b.start_checker(&inner.name, health.clone());
                                     }
                                     Arc::clone(b)
                                 }
@@ -237,7 +238,7 @@ impl LoadBalancer {
                                         bc.addr,
                                         inner.metrics.backend(&inner.name, &bc.name),
                                     );
-                                    b.start_checker(&inner.name, cfg.health_check.clone());
+                                    b.start_checker(&inner.name, health.clone());
                                     all.insert(bc.addr, Arc::clone(&b));
                                     b
                                 }

@@ -188,9 +188,7 @@ async fn kernel_path_follows_health_checks() {
     if !nft_available() {
         return;
     }
-    let (b0, _t0) = who_backend("b0").await;
-    let (b1, t1) = who_backend("b1").await;
-    let mut cfg = kernel_cfg("khealth", Protocol::Tcp, vec![b0, b1]);
+    let mut cfg = kernel_cfg("khealth", Protocol::Tcp, Vec::new());
     cfg.health_check = Some(HealthCheckConfig {
         probe: HealthProbe::Tcp,
         interval_ms: 100,
@@ -198,6 +196,28 @@ async fn kernel_path_follows_health_checks() {
         healthy_threshold: 1,
         unhealthy_threshold: 1,
     });
+    dead_backend_leaves_rotation(cfg, Duration::from_secs(5)).await;
+}
+
+/// Without a configured health check, a kernel-forwarded TCP listener gets an implicit one
+/// (default: every 2 s, 3 failures), since the kernel reports no failed connects for passive
+/// ejection: a dead backend must still leave the rotation.
+#[tokio::test]
+async fn kernel_path_without_health_check_still_drops_a_dead_backend() {
+    if !nft_available() {
+        return;
+    }
+    let cfg = kernel_cfg("kimplicit", Protocol::Tcp, Vec::new());
+    dead_backend_leaves_rotation(cfg, Duration::from_secs(12)).await;
+}
+
+/// Two backends b0 and b1 in `cfg`; b1 dies; new connections must all reach b0 within `within`.
+async fn dead_backend_leaves_rotation(mut cfg: LbConfig, within: Duration) {
+    let (b0, _t0) = who_backend("b0").await;
+    let (b1, t1) = who_backend("b1").await;
+    cfg.pools[0].backends = LbConfig::simple("x", listener(Protocol::Tcp), vec![b0, b1]).pools[0]
+        .backends
+        .clone();
     let (lb, _) = start_lb(cfg).await;
     let addr = lb.addr(Protocol::Tcp).unwrap();
     let table = wait_table(&lb).await;
@@ -209,7 +229,7 @@ async fn kernel_path_follows_health_checks() {
     t1.abort();
     let down = Instant::now();
     loop {
-        assert!(down.elapsed() < Duration::from_secs(5), "b1 still picked");
+        assert!(down.elapsed() < within, "b1 still picked");
         let mut all_b0 = true;
         for _ in 0..4 {
             // A connection to the dead backend is refused; that counts as "still picked".
