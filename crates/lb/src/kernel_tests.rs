@@ -226,8 +226,10 @@ fn kernel_forwarded_tcp_gets_an_implicit_health_check() {
         effective_health_check(&c),
         Some(HealthCheckConfig::default())
     );
-    let mut configured = HealthCheckConfig::default();
-    configured.interval_ms = 123;
+    let configured = HealthCheckConfig {
+        interval_ms: 123,
+        ..HealthCheckConfig::default()
+    };
     c.health_check = Some(configured.clone());
     assert_eq!(effective_health_check(&c), Some(configured));
     c.health_check = None;
