@@ -215,9 +215,7 @@ async fn kernel_path_without_health_check_still_drops_a_dead_backend() {
 async fn dead_backend_leaves_rotation(mut cfg: LbConfig, within: Duration) {
     let (b0, _t0) = who_backend("b0").await;
     let (b1, t1) = who_backend("b1").await;
-    cfg.pools[0].backends = LbConfig::simple("x", listener(Protocol::Tcp), vec![b0, b1]).pools[0]
-        .backends
-        .clone();
+    cfg.pools = LbConfig::simple("x", listener(Protocol::Tcp), vec![b0, b1]).pools;
     let (lb, _) = start_lb(cfg).await;
     let addr = lb.addr(Protocol::Tcp).unwrap();
     let table = wait_table(&lb).await;
