@@ -10,6 +10,14 @@
 //!   (`chrt -f 50`), clients pinned to CPU 0 and servers to CPU 1 (`iperf3 -A`): on this shared
 //!   machine other processes would otherwise preempt the transfer at random, and where the
 //!   scheduler put client and server decided the figure more than the path did.
+//!   Each transfer's CPU cost is measured too (`net_cpu`: `/proc/stat` busy time minus every
+//!   other process's CPU time, with the iperf3s' cgroup plus ksoftirqd as a lower bound and
+//!   the raw busy time as an upper bound), reported as CPU-seconds per GB received, in total
+//!   and per CPU, with how busy each CPU was and a 1 s background sample before each run. With
+//!   two or more CPUs, two more paths steer receive processing with RPS so that each CPU does
+//!   one end's work (the veth pair's receiver, and the VXLAN receiving host's underlay device,
+//!   to CPU 1; the sender's side to CPU 0): their per-CPU figures split the path's cost
+//!   between the two ends, an estimate of what one host of a real two-machine setup carries.
 //! - `bench_rule_propagation`: with `NET_RULES` (1000) rules in a group whose members run on
 //!   all three hosts, the time from the API call adding a rule until every host's kernel has
 //!   the rule's nftables element (`nft get element`, polled by one thread per host, so a figure
@@ -17,6 +25,7 @@
 //!
 //! Results are printed and, with `NET_BENCH_OUT=<file>`, appended as markdown.
 
+use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::Path;
 use std::process::Command;
@@ -26,6 +35,8 @@ use nimbus_api::{AddRuleRequest, CreateInstanceRequest, InstanceState};
 use nimbus_client::Client;
 use nimbus_testkit::netns::{self, Net};
 use nimbus_testkit::{eventually, have, require};
+
+mod net_cpu;
 
 fn bin() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_nimbus"))
@@ -120,16 +131,45 @@ fn netns_of(net: &Net, host: usize, i: &nimbus_api::Instance) -> String {
     format!("--net={}", nimbus_net::netns_path(&key).display())
 }
 
-/// iperf3 client in namespace `client_ns` (an nsenter `--net=` argument) against the server
-/// at `ip`; Gbit/s received.
-fn iperf(client_ns: &str, ip: &str, secs: u64) -> f64 {
-    let out = Command::new("nsenter")
-        .args([
-            client_ns, "chrt", "-f", "50", "iperf3", "-A", "0", "-c", ip, "-J",
+/// One iperf3 transfer: throughput, bytes, and what it cost in CPU.
+struct Run {
+    gbps: f64,
+    bytes: f64,
+    cpu: net_cpu::Usage,
+}
+
+impl Run {
+    fn gb(&self) -> f64 {
+        self.bytes / 1e9
+    }
+}
+
+/// iperf3 client (in group `g`) in namespace `client_ns` (an nsenter `--net=` argument)
+/// against the server at `ip`, with the machine's CPU counters read right around it after a
+/// background sample of `net_cpu::BACKGROUND`.
+fn iperf(g: &net_cpu::Group, client_ns: &str, ip: &str, secs: u64) -> Run {
+    let idle = net_cpu::snapshot(g);
+    std::thread::sleep(net_cpu::BACKGROUND);
+    let before = net_cpu::snapshot(g);
+    let out = g
+        .wrap(&[
+            "nsenter",
+            client_ns,
+            "chrt",
+            "-f",
+            "50",
+            "iperf3",
+            "-A",
+            "0",
+            "-c",
+            ip,
+            "-J",
+            "-t",
+            &secs.to_string(),
         ])
-        .args(["-t", &secs.to_string()])
         .output()
         .expect("iperf3");
+    let after = net_cpu::snapshot(g);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
             "iperf3 output: {e}: {} {}",
@@ -137,30 +177,62 @@ fn iperf(client_ns: &str, ip: &str, secs: u64) -> f64 {
             String::from_utf8_lossy(&out.stderr)
         )
     });
-    v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .unwrap_or_else(|| panic!("no throughput in {v}"))
-        / 1e9
+    let got = &v["end"]["sum_received"];
+    let (Some(bps), Some(bytes)) = (got["bits_per_second"].as_f64(), got["bytes"].as_f64()) else {
+        panic!("no throughput in {v}")
+    };
+    Run {
+        gbps: bps / 1e9,
+        bytes,
+        cpu: net_cpu::usage(&idle, &before, &after),
+    }
 }
 
 /// The CPU the iperf3 servers run on: another than the clients' CPU 0 where there is one.
 fn server_cpu() -> &'static str {
-    if std::thread::available_parallelism().map_or(1, std::num::NonZero::get) > 1 {
+    if cpus() > 1 {
         "1"
     } else {
         "0"
     }
 }
 
-fn iperf_server(ns: &str) -> std::process::Child {
-    let child = Command::new("nsenter")
-        .args([ns, "chrt", "-f", "50", "iperf3", "-A", server_cpu(), "-s"])
+fn cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+}
+
+fn iperf_server(g: &net_cpu::Group, ns: &str) -> std::process::Child {
+    let child = g
+        .wrap(&[
+            "nsenter",
+            ns,
+            "chrt",
+            "-f",
+            "50",
+            "iperf3",
+            "-A",
+            server_cpu(),
+            "-s",
+        ])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("iperf3 -s");
     std::thread::sleep(Duration::from_millis(300));
     child
+}
+
+/// Sets the RPS CPU mask of `dev`'s receive queue in network namespace `ns` (`0` = off).
+fn rps(ns: &str, dev: &str, mask: &str) {
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        ns,
+        "sh",
+        "-c",
+        &format!("echo {mask} > /sys/class/net/{dev}/queues/rx-0/rps_cpus"),
+    ]);
 }
 
 fn sh(args: &[&str]) {
@@ -211,6 +283,43 @@ fn median(mut v: Vec<f64>) -> f64 {
     pct(&v, 0.5)
 }
 
+/// One measured path: where the client runs, the server's address, and the RPS masks set
+/// for its runs (namespace, device, CPU mask), cleared after each.
+struct Route {
+    name: &'static str,
+    client: String,
+    ip: String,
+    steer: Vec<(String, &'static str, &'static str)>,
+    runs: Vec<Run>,
+}
+
+impl Route {
+    fn med(&self, f: impl Fn(&Run) -> f64) -> f64 {
+        median(self.runs.iter().map(f).collect())
+    }
+    fn gbps(&self) -> f64 {
+        self.med(|r| r.gbps)
+    }
+    /// The path's CPU-seconds per GB (machine busy time minus other processes').
+    fn cpu_gb(&self) -> f64 {
+        self.med(|r| r.cpu.path() / r.gb())
+    }
+    /// CPU-seconds per GB of the benchmark's processes and ksoftirqd (a lower bound).
+    fn procs_gb(&self) -> f64 {
+        self.med(|r| r.cpu.attributed_total() / r.gb())
+    }
+    /// Raw machine busy CPU-seconds per GB (an upper bound).
+    fn machine_gb(&self) -> f64 {
+        self.med(|r| r.cpu.busy_total() / r.gb())
+    }
+    /// `f(run, cpu)` per CPU, medians joined by " / ", with `prec` decimals.
+    fn per_cpu(&self, cpus: usize, prec: usize, f: impl Fn(&Run, usize) -> f64) -> String {
+        (0..cpus)
+            .map(|i| format!("{:.prec$}", self.med(|r| f(r, i))))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    }
+}
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark: scripts/bench-net"]
 async fn bench_throughput() {
@@ -219,42 +328,151 @@ async fn bench_throughput() {
     };
     let secs = env_num("NET_SECS", 5);
     let trials = env_num("NET_TRIALS", 3);
+    let load_start = net_cpu::loadavg();
+    let started = std::time::SystemTime::now();
     let c = net.client(0);
     let server = launch(&c, "srv", 0, &[]).await;
     let same = launch(&c, "same", 0, &[]).await;
     let remote = launch(&c, "remote", 1, &[]).await;
     let sip = server.status.ip.clone().unwrap();
-    let mut srv = iperf_server(&netns_of(&net, 0, &server));
+    let group = net_cpu::Group::new(&format!("nimbus-netbench-{}", net.slot()));
+    let mut srv = iperf_server(&group, &netns_of(&net, 0, &server));
     let pair = VethPair::new(&net.slot().to_string());
-    let mut base_srv = iperf_server(&format!("--net=/run/netns/{}", pair.1));
+    let mut base_srv = iperf_server(&group, &format!("--net=/run/netns/{}", pair.1));
     let base_ns = format!("--net=/run/netns/{}", pair.0);
-    let (mut vx, mut br, mut base) = (Vec::new(), Vec::new(), Vec::new());
-    let mut rounds = Vec::new();
+    let cpus = cpus();
+    let path = |name, client: String, ip: &str, steer| Route {
+        name,
+        client,
+        ip: ip.to_owned(),
+        steer,
+        runs: Vec::new(),
+    };
+    let (h0, h1) = (net.hosts[0].ns.clone(), net.hosts[1].ns.clone());
+    let mut paths = vec![
+        path(
+            "plain veth pair between two namespaces (baseline)",
+            base_ns.clone(),
+            "10.77.0.2",
+            vec![],
+        ),
+        path(
+            "container to container, same host (bridge)",
+            netns_of(&net, 0, &same),
+            &sip,
+            vec![],
+        ),
+        path(
+            "container to container, two hosts (VXLAN)",
+            netns_of(&net, 1, &remote),
+            &sip,
+            vec![],
+        ),
+    ];
+    if cpus > 1 {
+        // Receive processing steered (RPS) to the receiver's CPU: the server's side (its
+        // namespace's device facing the sender) to CPU 1, the client's side (where the ACKs
+        // arrive) to CPU 0, so that each CPU does one end's work, as one host would.
+        paths.push(path(
+            "plain veth pair, receive steered to the receiver's CPU",
+            base_ns.clone(),
+            "10.77.0.2",
+            vec![(pair.1.clone(), "nbvy", "2"), (pair.0.clone(), "nbvx", "1")],
+        ));
+        paths.push(path(
+            "two hosts (VXLAN), each host's underlay receive steered to its own CPU",
+            netns_of(&net, 1, &remote),
+            &sip,
+            vec![(h0, "eth0", "2"), (h1, "eth0", "1")],
+        ));
+    }
     for _ in 0..trials {
-        // Interleaved, so drift of the shared machine hits all three alike.
-        base.push(iperf(&base_ns, "10.77.0.2", secs));
-        vx.push(iperf(&netns_of(&net, 1, &remote), &sip, secs));
-        br.push(iperf(&netns_of(&net, 0, &same), &sip, secs));
-        let (b, v, r) = (base[base.len() - 1], vx[vx.len() - 1], br[br.len() - 1]);
-        rounds.push(format!("{:.2}/{:.2}", v / b, r / b));
+        // Interleaved, so drift of the shared machine hits all paths alike.
+        for p in &mut paths {
+            for (ns, dev, mask) in &p.steer {
+                rps(ns, dev, mask);
+            }
+            p.runs.push(iperf(&group, &p.client, &p.ip, secs));
+            for (ns, dev, _) in &p.steer {
+                rps(ns, dev, "0");
+            }
+        }
     }
     let _ = srv.kill();
     let _ = base_srv.kill();
     let _ = srv.wait();
     let _ = base_srv.wait();
-    let (vx, br, base) = (median(vx), median(br), median(base));
+    let load_end = net_cpu::loadavg();
+    let when = started
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (base_gbps, base_cpu) = (paths[0].gbps(), paths[0].cpu_gb());
+    let cpu_names = (0..cpus)
+        .map(|i| format!("CPU {i}"))
+        .collect::<Vec<_>>()
+        .join(" / ");
+    let mut table = format!(
+        "Started at unix time {when}; 1-minute load average {load_start} at the start, {load_end} at the end; \
+         {cpus} CPUs; {trials} x {secs} s iperf3 per path, interleaved; medians. CPU-s/GB: CPU-seconds per GB \
+         (10^9 bytes received). Path: /proc/stat busy time of all CPUs minus every other process's CPU time in \
+         the same window; processes: the iperf3s' cgroup plus ksoftirqd (lower bound: misses softirq run in \
+         the idle task); machine: raw /proc/stat busy time (upper bound: everyone's work).\n\n\
+         | path | Gbit/s | ratio to veth | CPU-s/GB, path | ratio to veth | CPU-s/GB, processes | CPU-s/GB, machine |\n\
+         |---|---|---|---|---|---|---|\n"
+    );
+    for p in &paths {
+        let _ = writeln!(
+            table,
+            "| {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} |",
+            p.name,
+            p.gbps(),
+            p.gbps() / base_gbps,
+            p.cpu_gb(),
+            p.cpu_gb() / base_cpu,
+            p.procs_gb(),
+            p.machine_gb(),
+        );
+    }
+    report(&table);
+    let mut table = format!(
+        "| per CPU ({cpu_names}), median | busy % (all processes) | processes % | softirq % | steal % | \
+         CPU-s/GB, machine | CPU-s/GB, processes | background before, % of {cpus} CPUs |\n\
+         |---|---|---|---|---|---|---|---|\n"
+    );
+    for p in &paths {
+        let _ = writeln!(
+            table,
+            "| {} | {} | {} | {} | {} | {} | {} | {:.0} |",
+            p.name,
+            p.per_cpu(cpus, 0, |r, i| 100.0 * r.cpu.busy[i] / r.cpu.wall),
+            p.per_cpu(cpus, 0, |r, i| 100.0 * r.cpu.attributed[i] / r.cpu.wall),
+            p.per_cpu(cpus, 0, |r, i| 100.0 * r.cpu.softirq[i] / r.cpu.wall),
+            p.per_cpu(cpus, 0, |r, i| 100.0 * r.cpu.steal[i] / r.cpu.wall),
+            p.per_cpu(cpus, 2, |r, i| r.cpu.busy[i] / r.gb()),
+            p.per_cpu(cpus, 2, |r, i| r.cpu.attributed[i] / r.gb()),
+            p.med(|r| 100.0 * r.cpu.background / cpus as f64),
+        );
+    }
+    report(&table);
+    let rounds: Vec<String> = (0..paths[0].runs.len())
+        .map(|k| {
+            let (b, v, r) = (&paths[0].runs[k], &paths[2].runs[k], &paths[1].runs[k]);
+            let per_gb = |x: &Run| x.cpu.path() / x.gb();
+            format!(
+                "{:.2}/{:.2} ({:.2})",
+                v.gbps / b.gbps,
+                r.gbps / b.gbps,
+                per_gb(v) / per_gb(b)
+            )
+        })
+        .collect();
     report(&format!(
-        "| TCP throughput, {trials} x {secs} s iperf3, median | Gbit/s | ratio to veth pair |\n|---|---|---|\n\
-         | plain veth pair between two namespaces (baseline) | {base:.2} | 1.00 |\n\
-         | container to container, same host (bridge) | {br:.2} | {:.2} |\n\
-         | container to container, two hosts (VXLAN) | {vx:.2} | {:.2} |\n",
-        br / base,
-        vx / base
-    ));
-    report(&format!(
-        "Per round, VXLAN/veth and bridge/veth: {}\n",
+        "Per round, throughput VXLAN/veth and bridge/veth (path CPU-s/GB VXLAN/veth): {}\n",
         rounds.join(", ")
     ));
+    if !group.per_cpu() {
+        report("(cgroup v2: the processes' time is not known per CPU; all of it shows on CPU 0)\n");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
