@@ -28,7 +28,7 @@ use crate::config::{HealthCheckConfig, LbConfig, Protocol};
 /// Top byte of every connection mark nimbus's L4 tables set ('N').
 const MARK_TAG: u32 = 0x4e00_0000;
 /// The bits of a mark that identify one table (tag and table id); the low 12 bits are the slot.
-const MARK_TABLE_MASK: u32 = 0xffff_f000;
+pub(crate) const MARK_TABLE_MASK: u32 = 0xffff_f000;
 /// Most backends one table can address (12-bit slot).
 pub(crate) const MAX_SLOTS: u16 = 4096;
 

@@ -71,6 +71,19 @@ pub async fn remove_stale_tables(prefix: &str, keep: &[String]) -> Vec<String> {
     removed
 }
 
+/// Delete the conntrack entries matching `mark` under `mask` (their flows end at their next
+/// packet).
+async fn cut(mark: u32, mask: u32) {
+    match tokio::task::spawn_blocking(move || crate::conntrack::delete_by_mark(mark, mask)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(
+            mark = format_args!("{mark:#010x}"),
+            "cannot cut drained flows: {e}"
+        ),
+        Err(e) => tracing::warn!("cannot cut drained flows: {e}"),
+    }
+}
+
 /// The backend behind each slot of a table.
 type Slots = Vec<(u16, Arc<Backend>)>;
 
@@ -83,8 +96,9 @@ struct Applied {
 struct Sync {
     table: String,
     slots: HashMap<SocketAddr, u16>,
-    next_slot: u16,
     applied: Option<Applied>,
+    /// Slots of backends that left the table, with the time their flows are cut.
+    draining: Vec<(u16, Instant)>,
     last: BTreeMap<u16, SlotCounters>,
     failing: bool,
     logged_reason: Option<kernel::Ineligible>,
@@ -96,8 +110,8 @@ pub(crate) async fn run(inner: Weak<Inner>, table: String, cancel: CancellationT
     let mut s = Sync {
         table,
         slots: HashMap::new(),
-        next_slot: 0,
         applied: None,
+        draining: Vec::new(),
         last: BTreeMap::new(),
         failing: false,
         logged_reason: None,
@@ -115,9 +129,22 @@ pub(crate) async fn run(inner: Weak<Inner>, table: String, cancel: CancellationT
         };
         s.step(&inner).await;
     }
+    let mut drain = None;
     if let Some(inner) = inner.upgrade() {
         s.stats(&inner).await;
         s.forget(&inner, &[]);
+        drain = Some(Duration::from_millis(
+            inner.snap.load().cfg.limits.drain_timeout_ms,
+        ));
+    }
+    if let (Some(drain), Some(_)) = (drain, &s.applied) {
+        // Like relayed connections of a stopped listener, forwarded flows get the drain
+        // timeout, then end.
+        let base = kernel::mark(&s.table, 0);
+        tokio::spawn(async move {
+            tokio::time::sleep(drain).await;
+            cut(base, kernel::MARK_TABLE_MASK).await;
+        });
     }
     if s.applied.is_some() {
         match nft(&["delete", "table", "ip", &s.table], None).await {
@@ -130,17 +157,21 @@ pub(crate) async fn run(inner: Weak<Inner>, table: String, cancel: CancellationT
 }
 
 impl Sync {
+    /// The slot of a backend address: derived from the address (so an agent restarted over
+    /// live flows gives each backend the slot its flows are marked with), probing past a slot
+    /// another address holds; never reused while this LB lives.
     fn slot(&mut self, addr: SocketAddr) -> u16 {
         if let Some(s) = self.slots.get(&addr) {
             return *s;
         }
-        if self.next_slot >= kernel::MAX_SLOTS {
-            // Slots are never reused while their flows may live; start over when exhausted.
+        if self.slots.len() >= usize::from(kernel::MAX_SLOTS) {
             self.slots.clear();
-            self.next_slot = 0;
         }
-        let s = self.next_slot;
-        self.next_slot += 1;
+        let mut s =
+            (crate::balancer::hash64(addr.to_string().as_bytes()) as u16) % kernel::MAX_SLOTS;
+        while self.slots.values().any(|v| *v == s) {
+            s = (s + 1) % kernel::MAX_SLOTS;
+        }
         self.slots.insert(addr, s);
         s
     }
@@ -204,6 +235,7 @@ impl Sync {
                             }
                             self.failing = false;
                             self.forget(inner, &slots);
+                            self.schedule_cuts(inner, &slots);
                             self.applied = Some(Applied { script, slots });
                             self.last.clear();
                         }
@@ -233,6 +265,40 @@ impl Sync {
         }
         if self.last_stats.elapsed() >= Duration::from_secs(1) {
             self.stats(inner).await;
+        }
+        self.cut_due().await;
+    }
+
+    /// Backends that left the table get their flows cut after the drain timeout.
+    fn schedule_cuts(&mut self, inner: &Inner, keep: &[(u16, Arc<Backend>)]) {
+        let Some(a) = &self.applied else {
+            return;
+        };
+        let due =
+            Instant::now() + Duration::from_millis(inner.snap.load().cfg.limits.drain_timeout_ms);
+        for (slot, _) in &a.slots {
+            if !keep.iter().any(|(k, _)| k == slot) && !self.draining.iter().any(|(d, _)| d == slot)
+            {
+                self.draining.push((*slot, due));
+            }
+        }
+        // A backend that came back keeps its flows.
+        self.draining
+            .retain(|(d, _)| !keep.iter().any(|(k, _)| k == d));
+    }
+
+    async fn cut_due(&mut self) {
+        let now = Instant::now();
+        let due: Vec<u16> = self
+            .draining
+            .iter()
+            .filter(|(_, t)| *t <= now)
+            .map(|(s, _)| *s)
+            .collect();
+        self.draining.retain(|(_, t)| *t > now);
+        for slot in due {
+            tracing::info!(table = %self.table, slot, "drain timeout over: cutting the backend's forwarded flows");
+            cut(kernel::mark(&self.table, slot), u32::MAX).await;
         }
     }
 

@@ -13,6 +13,7 @@ pub mod backend;
 pub mod balancer;
 pub mod cache;
 pub mod config;
+mod conntrack;
 pub mod health;
 mod http;
 mod kernel;
