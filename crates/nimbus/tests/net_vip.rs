@@ -155,11 +155,18 @@ fn cli(net: &Net, args: &[&str]) -> (bool, String, String) {
     )
 }
 
-/// One `GET /` to `vip:80` from the root namespace with short timeouts: the body if 200.
-fn get_blocking(vip: &str) -> Option<String> {
+/// One `GET /` to `vip:80` from the root namespace: the body if 200. `patient`: allow a loaded machine a second to connect
+/// (steady-state checks); otherwise 100 ms, so polling during a takeover moves on quickly.
+fn get_blocking(vip: &str, patient: bool) -> Option<String> {
     let addr: SocketAddr = format!("{vip}:80").parse().ok()?;
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(100)).ok()?;
-    s.set_read_timeout(Some(Duration::from_millis(800))).ok()?;
+    let connect = Duration::from_millis(if patient { 1_000 } else { 100 });
+    let mut s = TcpStream::connect_timeout(&addr, connect).ok()?;
+    s.set_read_timeout(Some(Duration::from_millis(if patient {
+        3_000
+    } else {
+        800
+    })))
+    .ok()?;
     s.write_all(b"GET / HTTP/1.0\r\nHost: vip\r\n\r\n").ok()?;
     let mut buf = String::new();
     s.read_to_string(&mut buf).ok()?;
@@ -175,9 +182,19 @@ fn get_blocking(vip: &str) -> Option<String> {
         })
 }
 
+/// `GET /` on the VIP with short timeouts (polling during a takeover).
 async fn get(vip: &str) -> Option<String> {
+    get_with(vip, false).await
+}
+
+/// `GET /` on the VIP, giving a loaded machine time (for "requests keep succeeding").
+async fn get_patient(vip: &str) -> Option<String> {
+    get_with(vip, true).await
+}
+
+async fn get_with(vip: &str, patient: bool) -> Option<String> {
     let vip = vip.to_string();
-    tokio::task::spawn_blocking(move || get_blocking(&vip))
+    tokio::task::spawn_blocking(move || get_blocking(&vip, patient))
         .await
         .ok()
         .flatten()
@@ -348,7 +365,7 @@ async fn vip_moves_when_its_holder_dies() {
     // Requests keep succeeding and the VIP stays where it is.
     for _ in 0..20 {
         assert!(
-            get(&v.vip).await.is_some(),
+            get_patient(&v.vip).await.is_some(),
             "a request failed after the move"
         );
     }
