@@ -4,7 +4,8 @@
 //!
 //! Every 200 ms the plan is rendered from the current snapshot; when the text differs from what
 //! was applied, the table is replaced in one `nft -f` transaction (counters are read first).
-//! Once a second the counters and `/proc/net/nf_conntrack` are read. If `nft` fails, the
+//! Every 2 s (one `nft` process and one conntrack read per LB, so many LBs stay cheap) the
+//! counters and `/proc/net/nf_conntrack` are read. If `nft` fails, the
 //! user-space listener keeps serving and the sync retries.
 
 use std::collections::{BTreeMap, HashMap};
@@ -83,6 +84,9 @@ async fn cut(mark: u32, mask: u32) {
         Err(e) => tracing::warn!("cannot cut drained flows: {e}"),
     }
 }
+
+/// How often counters and open flows are folded into the metrics.
+const STATS_EVERY: Duration = Duration::from_secs(2);
 
 /// The backend behind each slot of a table.
 type Slots = Vec<(u16, Arc<Backend>)>;
@@ -263,7 +267,7 @@ impl Sync {
                 }
             }
         }
-        if self.last_stats.elapsed() >= Duration::from_secs(1) {
+        if self.last_stats.elapsed() >= STATS_EVERY {
             self.stats(inner).await;
         }
         self.cut_due().await;
