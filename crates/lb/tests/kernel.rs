@@ -56,6 +56,17 @@ async fn who_backend(name: &'static str) -> (SocketAddr, tokio::task::JoinHandle
     (addr, t)
 }
 
+/// Write `text` on an open flow and read its echo.
+async fn echo_line(held: &mut BufReader<TcpStream>, text: &str) -> String {
+    held.get_mut().write_all(text.as_bytes()).await.unwrap();
+    let mut line = String::new();
+    tokio::time::timeout(Duration::from_secs(5), held.read_line(&mut line))
+        .await
+        .expect("flow stalled")
+        .unwrap();
+    line
+}
+
 /// Connect and read the greeting: (backend name, whether the backend saw this very socket,
 /// i.e. the kernel forwarded it), keeping the stream open.
 async fn hello(addr: SocketAddr) -> (String, bool, BufReader<TcpStream>) {
@@ -391,4 +402,88 @@ async fn removed_backend_flows_are_cut_after_the_drain_timeout() {
     );
     lb.shutdown();
     until("the table removed", || !table_exists(&table)).await;
+}
+
+/// The kernel keeps forwarding established flows when the process that programmed it dies
+/// (`kill -9`), and a restarted process with the same config takes the table over without
+/// breaking them.
+#[tokio::test]
+async fn forwarded_flows_survive_kill_9_and_restart_of_the_proxy() {
+    if !nft_available() {
+        return;
+    }
+    let (b0, _t0) = who_backend("b0").await;
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut cfg = kernel_cfg(
+        &format!("kproc{}", std::process::id()),
+        Protocol::Tcp,
+        vec![b0],
+    );
+    cfg.listeners[0].port = port;
+    // Its own prefix: the other tests' tables must not count here.
+    cfg.kernel_l4 = Some(format!("lbp{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("nimbus-lb-kproc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("lb.json");
+    std::fs::write(&path, serde_json::to_vec(&cfg).unwrap()).unwrap();
+    let table = format!("lbp{}_lb", std::process::id());
+    let spawn = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_nimbus-lb-proxy"))
+            .arg(&path)
+            .args(["--workers", "1"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let tables = || {
+        let o = std::process::Command::new("nft")
+            .args(["list", "tables", "ip"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(2).map(str::to_string))
+            .filter(|t| t.starts_with(&table))
+            .collect::<Vec<_>>()
+    };
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let mut proxy = spawn();
+    until("the proxy's table", || tables().len() == 1).await;
+    let (name, kernel, mut held) = hello(addr).await;
+    assert_eq!((name.as_str(), kernel), ("b0", true));
+
+    proxy.kill().unwrap(); // SIGKILL: no cleanup runs
+    proxy.wait().unwrap();
+    assert_eq!(echo_line(&mut held, "after kill\n").await, "after kill\n");
+    assert_eq!(tables().len(), 1, "the table outlives the process");
+
+    let mut proxy = spawn();
+    until("the restarted proxy listening", || {
+        std::net::TcpStream::connect(addr).is_ok()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(600)).await; // at least one sync: table replaced
+    assert_eq!(
+        echo_line(&mut held, "after restart\n").await,
+        "after restart\n"
+    );
+    let (name, kernel, _s) = hello(addr).await;
+    assert_eq!((name.as_str(), kernel), ("b0", true));
+
+    // SIGTERM: the proxy stops and removes its table.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(proxy.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    proxy.wait().unwrap();
+    assert!(
+        tables().is_empty(),
+        "table left after SIGTERM: {:?}",
+        tables()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
