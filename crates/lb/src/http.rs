@@ -1,6 +1,6 @@
 //! L7 reverse proxy: hyper server (HTTP/1.1 + HTTP/2) in front, keep-alive HTTP/1.1
-//! connections to the backends behind, driven in the client connection's task
-//! ([`crate::upstream`]).
+//! connections to the backends behind, used from the client connection's task
+//! ([`crate::upstream`]'s own HTTP/1.1 client).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -27,37 +27,22 @@ use crate::cache::{self, CachedResponse, Lookup};
 use crate::config::Limits;
 use crate::routing;
 use crate::runtime::{Inner, Snapshot};
-use crate::upstream::{Lease, Upstreams};
+use crate::upstream::{UpBody, Upstreams};
 
-/// A body that counts its data bytes and holds the backend's in-flight guard until it ends;
-/// a response body also holds its backend connection, which goes back to the idle list when
-/// the body was read to its end (and is closed otherwise).
+/// A body that counts its data bytes and holds the backend's in-flight guard until it ends
+/// (a response body also holds its backend connection: see [`UpBody`]).
 pub(crate) struct Counted<B: Body> {
     inner: B,
     counter: Counter,
     _guard: Option<ActiveGuard>,
-    lease: Option<Lease>,
-    ended: bool,
 }
 
 impl<B: Body> Counted<B> {
-    fn new(inner: B, counter: Counter, guard: Option<ActiveGuard>, lease: Option<Lease>) -> Self {
+    fn new(inner: B, counter: Counter, guard: Option<ActiveGuard>) -> Self {
         Self {
             inner,
             counter,
             _guard: guard,
-            lease,
-            ended: false,
-        }
-    }
-}
-
-impl<B: Body> Drop for Counted<B> {
-    fn drop(&mut self) {
-        if let Some(l) = self.lease.take() {
-            if self.ended || self.inner.is_end_stream() {
-                l.release();
-            }
         }
     }
 }
@@ -71,14 +56,10 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Counted<B> {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let r = Pin::new(&mut self.inner).poll_frame(cx);
-        match &r {
-            Poll::Ready(Some(Ok(f))) => {
-                if let Some(d) = f.data_ref() {
-                    self.counter.inc_by(d.len() as u64);
-                }
+        if let Poll::Ready(Some(Ok(f))) = &r {
+            if let Some(d) = f.data_ref() {
+                self.counter.inc_by(d.len() as u64);
             }
-            Poll::Ready(None) => self.ended = true,
-            _ => {}
         }
         r
     }
@@ -95,7 +76,7 @@ impl<B: Body<Data = Bytes> + Unpin> Body for Counted<B> {
 /// Body of requests sent to backends.
 pub(crate) type ReqBody = Either<Counted<Incoming>, Full<Bytes>>;
 /// Body of responses sent to clients.
-pub(crate) type RespBody = Either<Counted<Incoming>, Full<Bytes>>;
+pub(crate) type RespBody = Either<Counted<UpBody>, Full<Bytes>>;
 /// The client-facing connection builder for these limits.
 pub(crate) fn server_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
@@ -130,12 +111,12 @@ pub(crate) async fn serve<S>(
     };
     let conns = inner.conns.clone();
     conns.inc();
-    let (ups, mut driver) = Upstreams::new();
+    let ups = Upstreams::new();
     let client = Arc::new(ClientConn {
         peer,
         tls,
         xff: HeaderValue::from_str(&peer.ip().to_string()).ok(),
-        ups,
+        ups: Arc::clone(&ups),
     });
     let svc_inner = Arc::clone(&inner);
     let svc = hyper::service::service_fn(move |req| {
@@ -146,7 +127,7 @@ pub(crate) async fn serve<S>(
     let conn = builder.serve_connection(TokioIo::new(stream), svc);
     tokio::pin!(conn);
     let ended = tokio::select! {
-        r = driver.drive(conn.as_mut()) => Some(r),
+        r = conn.as_mut() => Some(r),
         () = cancel.cancelled() => None,
     };
     match ended {
@@ -156,14 +137,14 @@ pub(crate) async fn serve<S>(
         Some(Ok(())) => {}
         None => {
             conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(drain, driver.drive(conn.as_mut())).await;
+            let _ = tokio::time::timeout(drain, conn.as_mut()).await;
         }
     }
-    driver.release();
+    ups.release();
     conns.dec();
 }
 
-const HOP_BY_HOP: [HeaderName; 8] = [
+static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -420,7 +401,6 @@ async fn proxy(
                 incoming,
                 backend.metrics.bytes_to_backend.clone(),
                 None,
-                None,
             )),
             _ => Either::Right(Full::new(Bytes::new())),
         };
@@ -445,7 +425,7 @@ async fn proxy(
             client.ups.send(backend.addr, breq, connect_timeout),
         )
         .await;
-        let (resp, lease) = match result {
+        let resp = match result {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
                 backend.record(false, &inner.name, &snap.cfg.outlier);
@@ -510,7 +490,6 @@ async fn proxy(
             rbody,
             backend.metrics.bytes_from_backend.clone(),
             Some(guard),
-            Some(lease),
         );
         if let (Some((store, key)), Some(chdrs)) = (&cache_ctx, &client_headers) {
             return cache_fill(
@@ -550,7 +529,7 @@ async fn cache_fill(
     method: &Method,
     stale: Option<&CachedResponse>,
     rparts: http::response::Parts,
-    rbody: Counted<Incoming>,
+    rbody: Counted<UpBody>,
 ) -> Response<RespBody> {
     let lock = || {
         store

@@ -1,0 +1,551 @@
+//! The HTTP/1.1 wire format of backend connections (pure, no I/O): the request head written in
+//! one buffer, the response head parsed with `httparse` into a [`HeaderMap`] whose values share
+//! the read buffer, response body framing (RFC 9112 section 6.3) and the chunked decoder.
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode, Version};
+
+/// Most header fields accepted in a backend response head.
+pub(crate) const MAX_HEADERS: usize = 100;
+/// Largest backend response head accepted.
+pub(crate) const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// Longest chunk-size or trailer line accepted.
+const MAX_LINE: usize = 4096;
+
+/// A malformed backend response.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum ParseError {
+    /// The response head is not valid HTTP/1.x.
+    #[error("invalid response head: {0}")]
+    Head(String),
+    /// The response head exceeds [`MAX_HEAD_BYTES`] or [`MAX_HEADERS`].
+    #[error("response head too large")]
+    TooLarge,
+    /// `Content-Length` is not a number, or two differ.
+    #[error("invalid content-length")]
+    ContentLength,
+    /// The chunked body is malformed.
+    #[error("invalid chunked body")]
+    Chunked,
+    /// The backend answered `101 Switching Protocols`, which the proxy does not relay.
+    #[error("protocol upgrades are not supported")]
+    Upgrade,
+}
+
+/// How the request body is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ReqFraming {
+    /// No body: the headers go out as they are.
+    None,
+    /// A body of this length (`Content-Length` written by the encoder).
+    Length(u64),
+    /// A body of unknown length, sent with the chunked coding.
+    Chunked,
+}
+
+/// Append the request head (`METHOD target HTTP/1.1`, the headers, the blank line) to `out`.
+/// With a body, any `Content-Length` in `headers` is replaced by the framing's.
+pub(crate) fn encode_request_head(
+    out: &mut Vec<u8>,
+    method: &Method,
+    target: &str,
+    headers: &HeaderMap,
+    framing: ReqFraming,
+) {
+    out.extend_from_slice(method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (k, v) in headers {
+        if framing != ReqFraming::None && k == header::CONTENT_LENGTH {
+            continue;
+        }
+        out.extend_from_slice(k.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        ReqFraming::None => {}
+        ReqFraming::Length(n) => {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(n.to_string().as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        ReqFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// How a response body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Framing {
+    /// No body: `HEAD`, 204, 304 or `Content-Length: 0`.
+    Empty,
+    /// Exactly this many bytes.
+    Length(u64),
+    /// The chunked transfer coding.
+    Chunked,
+    /// Until the backend closes the connection.
+    Close,
+}
+
+/// A parsed response head.
+#[derive(Debug)]
+pub(crate) struct Head {
+    /// The status (never 1xx).
+    pub status: StatusCode,
+    /// HTTP/1.0 or HTTP/1.1.
+    pub version: Version,
+    /// The header fields as sent (`Content-Length` removed when `Transfer-Encoding` is present).
+    pub headers: HeaderMap,
+    /// How the body is delimited.
+    pub framing: Framing,
+    /// The connection may carry another request after this response.
+    pub keep_alive: bool,
+}
+
+/// Parse a complete response head at the start of `buf`, skipping (and consuming) interim 1xx
+/// responses. `Ok(None)`: more bytes are needed. On success the head's bytes are consumed
+/// and `buf` holds what follows (the start of the body).
+pub(crate) fn parse_response_head(
+    buf: &mut BytesMut,
+    head_request: bool,
+) -> Result<Option<Head>, ParseError> {
+    loop {
+        // (name start, name end, value start, value end) of each field, as offsets into buf.
+        let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut fields);
+        let base = buf.as_ptr() as usize;
+        let n = match resp.parse(buf) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) => {
+                return if buf.len() > MAX_HEAD_BYTES {
+                    Err(ParseError::TooLarge)
+                } else {
+                    Ok(None)
+                };
+            }
+            Err(httparse::Error::TooManyHeaders) => return Err(ParseError::TooLarge),
+            Err(e) => return Err(ParseError::Head(e.to_string())),
+        };
+        if n > MAX_HEAD_BYTES {
+            return Err(ParseError::TooLarge);
+        }
+        let code = resp.code.unwrap_or(0);
+        let version = if resp.version == Some(0) {
+            Version::HTTP_10
+        } else {
+            Version::HTTP_11
+        };
+        let count = resp.headers.len();
+        for (s, h) in spans.iter_mut().zip(resp.headers.iter()) {
+            let ns = h.name.as_ptr() as usize - base;
+            let vs = h.value.as_ptr() as usize - base;
+            // Offsets are below MAX_HEAD_BYTES (checked above), so they fit.
+            #[allow(clippy::cast_possible_truncation)]
+            {
+                *s = (
+                    ns as u32,
+                    (ns + h.name.len()) as u32,
+                    vs as u32,
+                    (vs + h.value.len()) as u32,
+                );
+            }
+        }
+        if code == 101 {
+            return Err(ParseError::Upgrade);
+        }
+        let status =
+            StatusCode::from_u16(code).map_err(|_| ParseError::Head(format!("status {code}")))?;
+        let raw = buf.split_to(n).freeze();
+        if status.is_informational() {
+            continue; // 100 Continue, 103 Early Hints: the final response follows.
+        }
+        let mut headers = HeaderMap::with_capacity(count);
+        for &(ns, ne, vs, ve) in &spans[..count] {
+            let name = HeaderName::from_bytes(&raw[ns as usize..ne as usize])
+                .map_err(|_| ParseError::Head("invalid header name".into()))?;
+            let value = HeaderValue::from_maybe_shared(raw.slice(vs as usize..ve as usize))
+                .map_err(|_| ParseError::Head("invalid header value".into()))?;
+            headers.append(name, value);
+        }
+        return head(status, version, headers, head_request).map(Some);
+    }
+}
+
+fn head(
+    status: StatusCode,
+    version: Version,
+    mut headers: HeaderMap,
+    head_request: bool,
+) -> Result<Head, ParseError> {
+    let mut close = false;
+    let mut keep = false;
+    for v in headers.get_all(header::CONNECTION) {
+        for t in v.to_str().unwrap_or("").split(',') {
+            let t = t.trim();
+            close |= t.eq_ignore_ascii_case("close");
+            keep |= t.eq_ignore_ascii_case("keep-alive");
+        }
+    }
+    let mut keep_alive = if version == Version::HTTP_11 {
+        !close
+    } else {
+        keep && !close
+    };
+    let te = headers.contains_key(header::TRANSFER_ENCODING);
+    let chunked = te
+        && headers
+            .get_all(header::TRANSFER_ENCODING)
+            .iter()
+            .next_back()
+            .and_then(|v| v.to_str().ok())
+            .and_then(|s| s.rsplit(',').next())
+            .is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"));
+    let length = if te {
+        headers.remove(header::CONTENT_LENGTH);
+        None
+    } else {
+        content_length(&headers)?
+    };
+    let framing =
+        if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+            Framing::Empty
+        } else if te {
+            if chunked {
+                Framing::Chunked
+            } else {
+                Framing::Close
+            }
+        } else {
+            match length {
+                Some(0) => Framing::Empty,
+                Some(n) => Framing::Length(n),
+                None => Framing::Close,
+            }
+        };
+    if framing == Framing::Close {
+        keep_alive = false;
+    }
+    Ok(Head {
+        status,
+        version,
+        headers,
+        framing,
+        keep_alive,
+    })
+}
+
+/// The `Content-Length`, if any: every value (and comma-separated element) must be the same
+/// decimal number.
+fn content_length(headers: &HeaderMap) -> Result<Option<u64>, ParseError> {
+    let mut found = None;
+    for v in headers.get_all(header::CONTENT_LENGTH) {
+        for part in v.as_bytes().split(|&b| b == b',') {
+            let part = part.trim_ascii();
+            if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+                return Err(ParseError::ContentLength);
+            }
+            let n = part.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
+            if found.is_some_and(|f| f != n) {
+                return Err(ParseError::ContentLength);
+            }
+            found = Some(n);
+        }
+    }
+    Ok(found)
+}
+
+/// Where the chunked decoder is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Chunk {
+    /// Expecting a chunk-size line.
+    Size,
+    /// This many data bytes of the current chunk remain.
+    Data(u64),
+    /// Expecting the CRLF after a chunk's data.
+    DataEnd,
+    /// After the last chunk: trailer lines until an empty line.
+    Trailers,
+    /// The body has ended.
+    Done,
+}
+
+/// Consume chunk-size lines, chunk ends and trailers from `buf` until data bytes are next
+/// (`Chunk::Data` with `buf` non-empty), more input is needed, or the body ended.
+pub(crate) fn chunk_advance(state: &mut Chunk, buf: &mut BytesMut) -> Result<(), ParseError> {
+    loop {
+        match *state {
+            Chunk::Data(_) | Chunk::Done => return Ok(()),
+            Chunk::DataEnd => {
+                if buf.starts_with(b"\r\n") {
+                    buf.advance(2);
+                } else if buf.starts_with(b"\n") {
+                    buf.advance(1);
+                } else if buf.is_empty() || &buf[..] == b"\r" {
+                    return Ok(());
+                } else {
+                    return Err(ParseError::Chunked);
+                }
+                *state = Chunk::Size;
+            }
+            Chunk::Size | Chunk::Trailers => {
+                let Some(pos) = buf.iter().position(|&b| b == b'\n') else {
+                    return if buf.len() > MAX_LINE {
+                        Err(ParseError::Chunked)
+                    } else {
+                        Ok(())
+                    };
+                };
+                if pos > MAX_LINE {
+                    return Err(ParseError::Chunked);
+                }
+                let line = buf.split_to(pos + 1);
+                let line = line[..pos].strip_suffix(b"\r").unwrap_or(&line[..pos]);
+                if *state == Chunk::Trailers {
+                    if line.is_empty() {
+                        *state = Chunk::Done;
+                    }
+                    continue; // trailer fields are dropped
+                }
+                let digits = line
+                    .split(|&b| b == b';')
+                    .next()
+                    .unwrap_or_default()
+                    .trim_ascii();
+                if digits.is_empty() || digits.len() > 15 {
+                    return Err(ParseError::Chunked);
+                }
+                let mut size = 0u64;
+                for &d in digits {
+                    let v = match d {
+                        b'0'..=b'9' => d - b'0',
+                        b'a'..=b'f' => d - b'a' + 10,
+                        b'A'..=b'F' => d - b'A' + 10,
+                        _ => return Err(ParseError::Chunked),
+                    };
+                    size = size * 16 + u64::from(v);
+                }
+                *state = if size == 0 {
+                    Chunk::Trailers
+                } else {
+                    Chunk::Data(size)
+                };
+            }
+        }
+    }
+}
+
+/// Take up to `remaining` buffered body bytes.
+pub(crate) fn take_data(buf: &mut BytesMut, remaining: &mut u64) -> Bytes {
+    let n = usize::try_from(*remaining).map_or(buf.len(), |r| r.min(buf.len()));
+    *remaining -= n as u64;
+    buf.split_to(n).freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &[u8], head_req: bool) -> (Result<Option<Head>, ParseError>, BytesMut) {
+        let mut b = BytesMut::from(s);
+        let r = parse_response_head(&mut b, head_req);
+        (r, b)
+    }
+
+    #[test]
+    fn request_heads_are_framed_as_asked() {
+        let mut h = HeaderMap::new();
+        h.insert(header::HOST, HeaderValue::from_static("a.example"));
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
+        let mut out = Vec::new();
+        encode_request_head(&mut out, &Method::GET, "/x?y=1", &h, ReqFraming::None);
+        assert_eq!(
+            out,
+            b"GET /x?y=1 HTTP/1.1\r\nhost: a.example\r\ncontent-length: 5\r\n\r\n"
+        );
+        out.clear();
+        encode_request_head(&mut out, &Method::POST, "/", &h, ReqFraming::Chunked);
+        assert_eq!(
+            out,
+            b"POST / HTTP/1.1\r\nhost: a.example\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+        out.clear();
+        encode_request_head(&mut out, &Method::PUT, "/", &h, ReqFraming::Length(7));
+        assert_eq!(
+            out,
+            b"PUT / HTTP/1.1\r\nhost: a.example\r\ncontent-length: 7\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn response_heads_give_status_headers_framing_and_keep_alive() {
+        let (r, rest) = parse(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nX-A: 1\r\nX-A: 2\r\n\r\nabcNEXT",
+            false,
+        );
+        let h = r.unwrap().unwrap();
+        assert_eq!(h.status, 200);
+        assert_eq!(h.framing, Framing::Length(3));
+        assert!(h.keep_alive);
+        assert_eq!(h.headers.get_all("x-a").iter().count(), 2);
+        assert_eq!(&rest[..], b"abcNEXT");
+        // Partial heads ask for more.
+        assert!(parse(b"HTTP/1.1 200 OK\r\nContent-Le", false)
+            .0
+            .unwrap()
+            .is_none());
+        // Chunked wins over Content-Length, which is removed.
+        let h = parse(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+            false,
+        )
+        .0
+        .unwrap()
+        .unwrap();
+        assert_eq!(h.framing, Framing::Chunked);
+        assert!(!h.headers.contains_key(header::CONTENT_LENGTH));
+        // No length: until close, not reusable.
+        let h = parse(b"HTTP/1.1 200 OK\r\n\r\n", false).0.unwrap().unwrap();
+        assert_eq!((h.framing, h.keep_alive), (Framing::Close, false));
+        // HEAD, 204 and 304 have no body whatever their headers say.
+        let h = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n", true)
+            .0
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.framing, Framing::Empty);
+        for s in [&b"204 No Content"[..], b"304 Not Modified"] {
+            let raw = [b"HTTP/1.1 ", s, b"\r\nContent-Length: 9\r\n\r\n"].concat();
+            let h = parse(&raw, false).0.unwrap().unwrap();
+            assert_eq!((h.framing, h.keep_alive), (Framing::Empty, true));
+        }
+        // Connection: close, and HTTP/1.0 without keep-alive.
+        let h = parse(
+            b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+            false,
+        )
+        .0
+        .unwrap()
+        .unwrap();
+        assert!(!h.keep_alive);
+        let h = parse(b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", false)
+            .0
+            .unwrap()
+            .unwrap();
+        assert_eq!((h.version, h.keep_alive), (Version::HTTP_10, false));
+        let h = parse(
+            b"HTTP/1.0 200 OK\r\nConnection: keep-alive\r\nContent-Length: 1\r\n\r\n",
+            false,
+        )
+        .0
+        .unwrap()
+        .unwrap();
+        assert!(h.keep_alive);
+    }
+
+    #[test]
+    fn interim_responses_are_skipped_and_bad_heads_refused() {
+        let (r, rest) = parse(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n",
+            false,
+        );
+        assert_eq!(r.unwrap().unwrap().status, 201);
+        assert!(rest.is_empty());
+        // Only the interim response so far: it is consumed, the final one is awaited.
+        let (r, rest) = parse(b"HTTP/1.1 100 Continue\r\n\r\n", false);
+        assert!(r.unwrap().is_none());
+        assert!(rest.is_empty());
+        assert_eq!(
+            parse(b"HTTP/1.1 101 Switching\r\n\r\n", false)
+                .0
+                .unwrap_err(),
+            ParseError::Upgrade
+        );
+        assert!(matches!(
+            parse(b"NOPE\r\n\r\n", false).0,
+            Err(ParseError::Head(_))
+        ));
+        for cl in ["abc", "1, 2", "-1", "99999999999999999999"] {
+            let raw = format!("HTTP/1.1 200 OK\r\nContent-Length: {cl}\r\n\r\n");
+            assert_eq!(
+                parse(raw.as_bytes(), false).0.unwrap_err(),
+                ParseError::ContentLength,
+                "{cl}"
+            );
+        }
+        let h = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 4, 4\r\n\r\n", false)
+            .0
+            .unwrap()
+            .unwrap();
+        assert_eq!(h.framing, Framing::Length(4));
+        let many = (0..=MAX_HEADERS)
+            .map(|i| format!("x-{i}: v\r\n"))
+            .collect::<Vec<_>>()
+            .concat();
+        let raw = format!("HTTP/1.1 200 OK\r\n{many}\r\n");
+        assert_eq!(
+            parse(raw.as_bytes(), false).0.unwrap_err(),
+            ParseError::TooLarge
+        );
+        let mut huge = BytesMut::from(&b"HTTP/1.1 200 OK\r\nx: "[..]);
+        huge.extend_from_slice(&vec![b'a'; MAX_HEAD_BYTES + 1]);
+        assert_eq!(
+            parse_response_head(&mut huge, false).unwrap_err(),
+            ParseError::TooLarge
+        );
+    }
+
+    /// Decode `input` fed in pieces of `step` bytes.
+    fn decode(input: &[u8], step: usize) -> Result<(Vec<u8>, Chunk, usize), ParseError> {
+        let mut st = Chunk::Size;
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        for piece in input.chunks(step) {
+            buf.extend_from_slice(piece);
+            loop {
+                chunk_advance(&mut st, &mut buf)?;
+                match st {
+                    Chunk::Data(mut n) if !buf.is_empty() => {
+                        out.extend_from_slice(&take_data(&mut buf, &mut n));
+                        st = if n == 0 {
+                            Chunk::DataEnd
+                        } else {
+                            Chunk::Data(n)
+                        };
+                    }
+                    _ => break,
+                }
+            }
+        }
+        Ok((out, st, buf.len()))
+    }
+
+    #[test]
+    fn chunked_bodies_decode_in_any_split() {
+        let body =
+            b"5\r\nhello\r\n1;ext=1\r\n,\r\nA\r\n0123456789\r\n0\r\nx-trailer: 1\r\n\r\nNEXT";
+        for step in [1, 2, 3, 7, body.len()] {
+            let (out, st, left) = decode(body, step).unwrap();
+            assert_eq!(out, b"hello,0123456789", "step {step}");
+            assert_eq!(st, Chunk::Done);
+            assert_eq!(left, 4, "bytes after the body stay in the buffer");
+        }
+        let (_, st, _) = decode(b"5\r\nhel", 2).unwrap();
+        assert_eq!(st, Chunk::Data(2));
+        for bad in [
+            &b"zz\r\n"[..],
+            b"5\r\nhelloXX",
+            b"\r\n",
+            b"fffffffffffffffff\r\n",
+        ] {
+            assert_eq!(decode(bad, 1).unwrap_err(), ParseError::Chunked);
+        }
+        assert_eq!(
+            decode(&vec![b'1'; MAX_LINE + 2], MAX_LINE + 2).unwrap_err(),
+            ParseError::Chunked
+        );
+    }
+}
