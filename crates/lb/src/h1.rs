@@ -98,7 +98,10 @@ pub(crate) struct Head {
     pub status: StatusCode,
     /// HTTP/1.0 or HTTP/1.1.
     pub version: Version,
-    /// The header fields as sent (`Content-Length` removed when `Transfer-Encoding` is present).
+    /// The end-to-end header fields: hop-by-hop ones (`Connection` and the names it lists,
+    /// `Keep-Alive`, `Transfer-Encoding`, `TE`, `Trailer`, `Upgrade`, `Proxy-Connection`,
+    /// `Proxy-Authenticate`) are dropped, and `Content-Length` too when `Transfer-Encoding` was
+    /// present.
     pub headers: HeaderMap,
     /// How the body is delimited.
     pub framing: Framing,
@@ -165,14 +168,66 @@ pub(crate) fn parse_response_head(
             continue; // 100 Continue, 103 Early Hints: the final response follows.
         }
         let mut headers = HeaderMap::with_capacity(count);
+        let mut hop = Hop::default();
         for &(ns, ne, vs, ve) in &spans[..count] {
             let name = HeaderName::from_bytes(&raw[ns as usize..ne as usize])
                 .map_err(|_| ParseError::Head("invalid header name".into()))?;
+            let value = &raw[vs as usize..ve as usize];
+            if hop.note(&name, value) {
+                continue;
+            }
             let value = HeaderValue::from_maybe_shared(raw.slice(vs as usize..ve as usize))
                 .map_err(|_| ParseError::Head("invalid header value".into()))?;
             headers.append(name, value);
         }
-        return head(status, version, headers, head_request).map(Some);
+        for n in &hop.listed {
+            headers.remove(n);
+        }
+        return head(status, version, headers, &hop, head_request).map(Some);
+    }
+}
+
+/// What the hop-by-hop fields of a response said; the fields themselves are not kept.
+#[derive(Default)]
+struct Hop {
+    close: bool,
+    keep_alive: bool,
+    te: bool,
+    chunked: bool,
+    /// Other names listed in `Connection` (hop-by-hop too).
+    listed: Vec<HeaderName>,
+}
+
+impl Hop {
+    /// Note a field; true if it is hop-by-hop (not to be relayed).
+    fn note(&mut self, name: &HeaderName, value: &[u8]) -> bool {
+        match name.as_str() {
+            "connection" => {
+                for t in value.split(|&b| b == b',') {
+                    let t = t.trim_ascii();
+                    if t.eq_ignore_ascii_case(b"close") {
+                        self.close = true;
+                    } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                        self.keep_alive = true;
+                    } else if let Ok(n) = HeaderName::from_bytes(t) {
+                        self.listed.push(n);
+                    }
+                }
+                true
+            }
+            "transfer-encoding" => {
+                // The last coding of the last field decides.
+                self.te = true;
+                self.chunked = value
+                    .rsplit(|&b| b == b',')
+                    .next()
+                    .is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+                true
+            }
+            "keep-alive" | "proxy-connection" | "proxy-authenticate" | "te" | "trailer"
+            | "upgrade" => true,
+            _ => false,
+        }
     }
 }
 
@@ -180,31 +235,15 @@ fn head(
     status: StatusCode,
     version: Version,
     mut headers: HeaderMap,
+    hop: &Hop,
     head_request: bool,
 ) -> Result<Head, ParseError> {
-    let mut close = false;
-    let mut keep = false;
-    for v in headers.get_all(header::CONNECTION) {
-        for t in v.to_str().unwrap_or("").split(',') {
-            let t = t.trim();
-            close |= t.eq_ignore_ascii_case("close");
-            keep |= t.eq_ignore_ascii_case("keep-alive");
-        }
-    }
     let mut keep_alive = if version == Version::HTTP_11 {
-        !close
+        !hop.close
     } else {
-        keep && !close
+        hop.keep_alive && !hop.close
     };
-    let te = headers.contains_key(header::TRANSFER_ENCODING);
-    let chunked = te
-        && headers
-            .get_all(header::TRANSFER_ENCODING)
-            .iter()
-            .next_back()
-            .and_then(|v| v.to_str().ok())
-            .and_then(|s| s.rsplit(',').next())
-            .is_some_and(|c| c.trim().eq_ignore_ascii_case("chunked"));
+    let (te, chunked) = (hop.te, hop.chunked);
     let length = if te {
         headers.remove(header::CONTENT_LENGTH);
         None
@@ -408,6 +447,18 @@ mod tests {
         .unwrap();
         assert_eq!(h.framing, Framing::Chunked);
         assert!(!h.headers.contains_key(header::CONTENT_LENGTH));
+        assert!(!h.headers.contains_key(header::TRANSFER_ENCODING));
+        // Hop-by-hop fields, and those `Connection` names, are not kept.
+        let h = parse(
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Hop\r\nKeep-Alive: timeout=5\r\nX-Hop: 1\r\nUpgrade: h2c\r\nX-Kept: 2\r\nContent-Length: 0\r\n\r\n",
+            false,
+        )
+        .0
+        .unwrap()
+        .unwrap();
+        let names: Vec<&str> = h.headers.keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["x-kept", "content-length"]);
+        assert!(h.keep_alive);
         // No length: until close, not reusable.
         let h = parse(b"HTTP/1.1 200 OK\r\n\r\n", false).0.unwrap().unwrap();
         assert_eq!((h.framing, h.keep_alive), (Framing::Close, false));

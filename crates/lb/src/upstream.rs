@@ -37,8 +37,10 @@ use crate::h1::{self, Chunk, Framing, ParseError, ReqFraming};
 pub(crate) const POOL_MAX: usize = 256;
 /// How long a backend connection may sit in the worker pool.
 pub(crate) const POOL_IDLE: Duration = Duration::from_secs(60);
-/// Read buffer space made available before each read from a backend.
+/// Read buffer space made available before each read of a response head.
 const READ_CHUNK: usize = 8 * 1024;
+/// Read buffer space made available before each read of a response body.
+const BODY_READ_CHUNK: usize = 64 * 1024;
 
 /// Why a request to a backend failed.
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +74,8 @@ struct UpConn {
     addr: SocketAddr,
     io: TcpStream,
     buf: BytesMut,
+    /// Where request heads are encoded.
+    wbuf: Vec<u8>,
 }
 
 impl UpConn {
@@ -178,6 +182,7 @@ impl Upstreams {
             addr,
             io,
             buf: BytesMut::new(),
+            wbuf: Vec::with_capacity(1024),
         })
     }
 
@@ -204,8 +209,6 @@ impl Upstreams {
                 .map_or(ReqFraming::Chunked, ReqFraming::Length)
         };
         let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let mut head = Vec::with_capacity(256 + parts.headers.len() * 48);
-        h1::encode_request_head(&mut head, &parts.method, target, &parts.headers, framing);
         let head_request = parts.method == Method::HEAD;
         loop {
             let (mut c, reused) = match self.take(addr) {
@@ -213,7 +216,13 @@ impl Upstreams {
                 None => (Self::connect(addr, connect_timeout).await?, false),
             };
             let retry = reused && framing == ReqFraming::None;
-            if let Err(e) = c.io.write_all(&head).await {
+            // The connection's write buffer is reused from request to request.
+            let mut head = std::mem::take(&mut c.wbuf);
+            head.clear();
+            h1::encode_request_head(&mut head, &parts.method, target, &parts.headers, framing);
+            let written = c.io.write_all(&head).await;
+            c.wbuf = head;
+            if let Err(e) = written {
                 if retry {
                     continue;
                 }
@@ -414,7 +423,7 @@ impl Body for UpBody {
             let Some(c) = this.conn.as_mut() else {
                 return Poll::Ready(None);
             };
-            c.buf.reserve(READ_CHUNK);
+            c.buf.reserve(BODY_READ_CHUNK);
             let n = match ready!(tokio_util::io::poll_read_buf(
                 Pin::new(&mut c.io),
                 cx,
