@@ -5,9 +5,14 @@
 //! loss/delay on its link (`tc netem` on both ends of its veth).
 //!
 //! Layout of slot `s` (a file lock under `/tmp/nimbus-testkit` keeps concurrent runs apart):
-//! bridge `nha<s>` in the root namespace at `10.250.<s>.254/24`, host `i` in namespace
-//! `nha<s>-<i>` at `10.250.<s>.<i+1>`, its veth `nha<s>v<i>` on the bridge. The test process
-//! reaches every host through the bridge. Everything is removed on drop (also on panic), and
+//! the underlay is a bridge `br0` in its own namespace `nha<s>-sw` (the switch), where bridge
+//! netfilter is off (`net.bridge.bridge-nf-call-*`, per namespace): a physical switch does not
+//! run the machine's firewall and connection tracking on the traffic between hosts, and a bridge
+//! in the root namespace would (this machine's root namespace has br_netfilter on for every
+//! bridge, with conntrack and other tenants' forward chains). Host `i` lives in namespace
+//! `nha<s>-<i>` at `10.250.<s>.<i+1>`, its link a veth whose switch end `nha<s>v<i>` is a port of
+//! `br0`. The test process reaches every host through the veth `nha<s>` (root end, at
+//! `10.250.<s>.254/24`), whose other end is a port of the switch too. Everything is removed on drop (also on panic), and
 //! leftovers of a crashed run in the same slot are removed before use.
 //!
 //! Needs root, iproute2 (`ip`, `tc`), `nft` and util-linux's `nsenter` (processes enter only
@@ -149,6 +154,8 @@ fn kill(child: &mut Option<Child>) {
 
 /// A set of hosts on one underlay bridge.
 pub struct Net {
+    /// The switch's network namespace (holds the underlay bridge and the hosts' switch ports).
+    switch: String,
     /// The hosts.
     pub hosts: Vec<Host>,
     /// The shared admin token.
@@ -169,12 +176,15 @@ impl Net {
         let s = slot.index;
         let tmp = tempfile::Builder::new().prefix("nimbus-ha-").tempdir()?;
         let bridge = format!("nha{s}");
+        let switch = format!("nha{s}-sw");
         // Leftovers of a crashed run in this slot.
         for i in 0..16 {
             run_quiet(&["ip", "netns", "del", &format!("nha{s}-{i}")]);
             run_quiet(&["ip", "link", "del", &format!("nha{s}v{i}")]);
         }
+        run_quiet(&["ip", "netns", "del", &switch]);
         run_quiet(&["ip", "link", "del", &bridge]);
+        run_quiet(&["ip", "link", "del", &format!("nha{s}u")]);
         let admin_token = format!("{:032x}{:032x}", rand_u128(), rand_u128());
         let node_token = format!("{:032x}{:032x}", rand_u128(), rand_u128());
         let admin_token_file = tmp.path().join("admin.tok");
@@ -182,6 +192,7 @@ impl Net {
         std::fs::write(&admin_token_file, &admin_token)?;
         std::fs::write(&node_token_file, &node_token)?;
         let mut net = Self {
+            switch: switch.clone(),
             hosts: Vec::new(),
             admin_token,
             node_token_file,
@@ -191,7 +202,31 @@ impl Net {
             bin: bin.to_owned(),
             tmp,
         };
-        run(&["ip", "link", "add", &bridge, "type", "bridge"])?;
+        run(&["ip", "netns", "add", &switch])?;
+        for family in ["iptables", "ip6tables", "arptables"] {
+            // Absent when br_netfilter is not loaded: then bridges run no netfilter anyway.
+            run_quiet(&[
+                "ip",
+                "netns",
+                "exec",
+                &switch,
+                "sysctl",
+                "-qw",
+                &format!("net.bridge.bridge-nf-call-{family}=0"),
+            ]);
+        }
+        run(&["ip", "-n", &switch, "link", "add", "br0", "type", "bridge"])?;
+        run(&["ip", "-n", &switch, "link", "set", "br0", "up"])?;
+        // Interface names are unique per slot also while still in the root namespace
+        // (concurrent nets).
+        let uplink = format!("nha{s}u");
+        run(&[
+            "ip", "link", "add", &bridge, "type", "veth", "peer", "name", &uplink,
+        ])?;
+        run(&["ip", "link", "set", &uplink, "netns", &switch])?;
+        run(&[
+            "ip", "-n", &switch, "link", "set", &uplink, "master", "br0", "up",
+        ])?;
         run(&[
             "ip",
             "addr",
@@ -211,7 +246,10 @@ impl Net {
                 "ip", "link", "add", &veth, "type", "veth", "peer", "name", &peer,
             ])?;
             run(&["ip", "link", "set", &peer, "netns", &ns])?;
-            run(&["ip", "link", "set", &veth, "master", &bridge, "up"])?;
+            run(&["ip", "link", "set", &veth, "netns", &switch])?;
+            run(&[
+                "ip", "-n", &switch, "link", "set", &veth, "master", "br0", "up",
+            ])?;
             run(&["ip", "-n", &ns, "link", "set", &peer, "name", "eth0"])?;
             run(&[
                 "ip",
@@ -437,12 +475,28 @@ impl Net {
 
     /// Takes host `i`'s link down (it can reach nobody, nobody can reach it).
     pub fn cut_link(&self, i: usize) -> Result<(), KitError> {
-        run(&["ip", "link", "set", &self.hosts[i].veth, "down"])
+        run(&[
+            "ip",
+            "-n",
+            &self.switch,
+            "link",
+            "set",
+            &self.hosts[i].veth,
+            "down",
+        ])
     }
 
     /// Brings host `i`'s link back.
     pub fn restore_link(&self, i: usize) -> Result<(), KitError> {
-        run(&["ip", "link", "set", &self.hosts[i].veth, "up"])
+        run(&[
+            "ip",
+            "-n",
+            &self.switch,
+            "link",
+            "set",
+            &self.hosts[i].veth,
+            "up",
+        ])
     }
 
     /// Drops all traffic between host `i` and the other hosts (nftables in its namespace);
@@ -509,7 +563,19 @@ impl Net {
             "loss",
             loss.as_str(),
         ];
-        let mut a = vec!["tc", "qdisc", "replace", "dev", &h.veth, "root", "netem"];
+        let mut a = vec![
+            "ip",
+            "netns",
+            "exec",
+            &self.switch,
+            "tc",
+            "qdisc",
+            "replace",
+            "dev",
+            &h.veth,
+            "root",
+            "netem",
+        ];
         a.extend_from_slice(&netem);
         if run(&a).is_ok() {
             let mut b = vec![
@@ -543,7 +609,18 @@ impl Net {
             "latency",
             "50ms",
         ];
-        let mut a = vec!["tc", "qdisc", "replace", "dev", &h.veth, "root"];
+        let mut a = vec![
+            "ip",
+            "netns",
+            "exec",
+            &self.switch,
+            "tc",
+            "qdisc",
+            "replace",
+            "dev",
+            &h.veth,
+            "root",
+        ];
         a.extend_from_slice(&tbf);
         run(&a)?;
         let mut b = vec![
@@ -557,7 +634,18 @@ impl Net {
     /// Removes the impairments of host `i`.
     pub fn clear_impair(&self, i: usize) {
         let h = &self.hosts[i];
-        run_quiet(&["tc", "qdisc", "del", "dev", &h.veth, "root"]);
+        run_quiet(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.switch,
+            "tc",
+            "qdisc",
+            "del",
+            "dev",
+            &h.veth,
+            "root",
+        ]);
         run_quiet(&[
             "ip", "netns", "exec", &h.ns, "tc", "qdisc", "del", "dev", "eth0", "root",
         ]);
@@ -659,8 +747,9 @@ impl Net {
         self.remove_containers();
         for h in &self.hosts {
             run_quiet(&["ip", "netns", "del", &h.ns]);
-            run_quiet(&["ip", "link", "del", &h.veth]);
         }
+        // The switch's namespace holds the bridge and every switch-side veth end.
+        run_quiet(&["ip", "netns", "del", &self.switch]);
         run_quiet(&["ip", "link", "del", &self.bridge]);
     }
 }
