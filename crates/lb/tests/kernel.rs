@@ -103,8 +103,28 @@ async fn until<F: FnMut() -> bool>(what: &str, mut f: F) {
     }
 }
 
-async fn wait_table(lb: &LoadBalancer) -> String {
-    let table = lb.kernel_table().expect("kernel path enabled").to_string();
+/// An LB's table name; deletes the table when dropped, so a test that fails before its
+/// shutdown leaves no DNAT rules behind (after a clean shutdown it is already gone).
+struct Table(String);
+
+impl std::ops::Deref for Table {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Drop for Table {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("nft")
+            .args(["delete", "table", "ip", &self.0])
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+async fn wait_table(lb: &LoadBalancer) -> Table {
+    let table = Table(lb.kernel_table().expect("kernel path enabled").to_string());
     until("the L4 table", || table_exists(&table)).await;
     table
 }
@@ -404,6 +424,16 @@ async fn removed_backend_flows_are_cut_after_the_drain_timeout() {
     until("the table removed", || !table_exists(&table)).await;
 }
 
+/// A child process killed (and reaped) when dropped, also when a test panics.
+struct Proc(std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// The kernel keeps forwarding established flows when the process that programmed it dies
 /// (`kill -9`), and a restarted process with the same config takes the table over without
 /// breaking them.
@@ -436,6 +466,7 @@ async fn forwarded_flows_survive_kill_9_and_restart_of_the_proxy() {
             .args(["--workers", "1"])
             .stdout(std::process::Stdio::null())
             .spawn()
+            .map(Proc)
             .unwrap()
     };
     let tables = || {
@@ -455,8 +486,8 @@ async fn forwarded_flows_survive_kill_9_and_restart_of_the_proxy() {
     let (name, kernel, mut held) = hello(addr).await;
     assert_eq!((name.as_str(), kernel), ("b0", true));
 
-    proxy.kill().unwrap(); // SIGKILL: no cleanup runs
-    proxy.wait().unwrap();
+    proxy.0.kill().unwrap(); // SIGKILL: no cleanup runs
+    proxy.0.wait().unwrap();
     assert_eq!(echo_line(&mut held, "after kill\n").await, "after kill\n");
     assert_eq!(tables().len(), 1, "the table outlives the process");
 
@@ -475,11 +506,11 @@ async fn forwarded_flows_survive_kill_9_and_restart_of_the_proxy() {
 
     // SIGTERM: the proxy stops and removes its table.
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(proxy.id() as i32),
+        nix::unistd::Pid::from_raw(proxy.0.id() as i32),
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    proxy.wait().unwrap();
+    proxy.0.wait().unwrap();
     assert!(
         tables().is_empty(),
         "table left after SIGTERM: {:?}",
