@@ -45,6 +45,15 @@ fn run(args: &[&str]) -> Result<(), KitError> {
     }
 }
 
+/// `tc qdisc VERB dev DEV root SPEC...` inside network namespace `ns`.
+fn qdisc(ns: &str, dev: &str, verb: &str, spec: &[&str]) -> Result<(), KitError> {
+    let mut a = vec![
+        "ip", "netns", "exec", ns, "tc", "qdisc", verb, "dev", dev, "root",
+    ];
+    a.extend_from_slice(spec);
+    run(&a)
+}
+
 fn run_quiet(args: &[&str]) {
     let _ = Command::new(args[0])
         .args(&args[1..])
@@ -557,33 +566,15 @@ impl Net {
         let delay = format!("{delay_ms}ms");
         let jitter = format!("{}ms", delay_ms / 2);
         let netem = [
+            "netem",
             "delay",
             delay.as_str(),
             jitter.as_str(),
             "loss",
             loss.as_str(),
         ];
-        let mut a = vec![
-            "ip",
-            "netns",
-            "exec",
-            &self.switch,
-            "tc",
-            "qdisc",
-            "replace",
-            "dev",
-            &h.veth,
-            "root",
-            "netem",
-        ];
-        a.extend_from_slice(&netem);
-        if run(&a).is_ok() {
-            let mut b = vec![
-                "ip", "netns", "exec", &h.ns, "tc", "qdisc", "replace", "dev", "eth0", "root",
-                "netem",
-            ];
-            b.extend_from_slice(&netem);
-            run(&b)?;
+        if qdisc(&self.switch, &h.veth, "replace", &netem).is_ok() {
+            qdisc(&h.ns, "eth0", "replace", &netem)?;
             return Ok("netem");
         }
         let rules = format!(
@@ -609,46 +600,16 @@ impl Net {
             "latency",
             "50ms",
         ];
-        let mut a = vec![
-            "ip",
-            "netns",
-            "exec",
-            &self.switch,
-            "tc",
-            "qdisc",
-            "replace",
-            "dev",
-            &h.veth,
-            "root",
-        ];
-        a.extend_from_slice(&tbf);
-        run(&a)?;
-        let mut b = vec![
-            "ip", "netns", "exec", &h.ns, "tc", "qdisc", "replace", "dev", "eth0", "root",
-        ];
-        b.extend_from_slice(&tbf);
-        run(&b)?;
+        qdisc(&self.switch, &h.veth, "replace", &tbf)?;
+        qdisc(&h.ns, "eth0", "replace", &tbf)?;
         Ok("nft-loss+tbf")
     }
 
     /// Removes the impairments of host `i`.
     pub fn clear_impair(&self, i: usize) {
         let h = &self.hosts[i];
-        run_quiet(&[
-            "ip",
-            "netns",
-            "exec",
-            &self.switch,
-            "tc",
-            "qdisc",
-            "del",
-            "dev",
-            &h.veth,
-            "root",
-        ]);
-        run_quiet(&[
-            "ip", "netns", "exec", &h.ns, "tc", "qdisc", "del", "dev", "eth0", "root",
-        ]);
+        let _ = qdisc(&self.switch, &h.veth, "del", &[]);
+        let _ = qdisc(&h.ns, "eth0", "del", &[]);
         run_quiet(&[
             "ip",
             "netns",
