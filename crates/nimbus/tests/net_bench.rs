@@ -18,6 +18,11 @@
 //!   one end's work (the veth pair's receiver, and the VXLAN receiving host's underlay device,
 //!   to CPU 1; the sender's side to CPU 0): their per-CPU figures split the path's cost
 //!   between the two ends, an estimate of what one host of a real two-machine setup carries.
+//!   With `NET_VARIANTS` set, two attribution-only VXLAN paths follow (configurations nimbus
+//!   never runs): bridge netfilter off on both hosts (no security groups), and traffic within
+//!   the VPCs untracked and accepted (br_netfilter on, no conntrack). With `NET_HOLD` set, the
+//!   cluster stays up after setup, with the paths' namespaces and addresses in
+//!   `/tmp/net-hold.env`, until that file is removed (for profiling by hand).
 //! - `bench_rule_propagation`: with `NET_RULES` (1000) rules in a group whose members run on
 //!   all three hosts, the time from the API call adding a rule until every host's kernel has
 //!   the rule's nftables element (`nft get element`, polled by one thread per host, so a figure
@@ -235,6 +240,21 @@ fn rps(ns: &str, dev: &str, mask: &str) {
     ]);
 }
 
+/// `NET_VARIANTS`: bridged IPv4 skips netfilter (the sysctl and every bridge's own flag).
+const BRNF_OFF: &str = "sysctl -qw net.bridge.bridge-nf-call-iptables=0; \
+    for f in /sys/class/net/*/bridge/nf_call_iptables; do [ -e $f ] && echo 0 > $f; done; true";
+/// Undoes [`BRNF_OFF`] (what the agent configures).
+const BRNF_ON: &str = "sysctl -qw net.bridge.bridge-nf-call-iptables=1; \
+    for f in /sys/class/net/*/bridge/nf_call_iptables; do [ -e $f ] && echo 1 > $f; done; true";
+/// `NET_VARIANTS`: traffic within the VPCs skips conntrack and the security-group chains.
+const UNTRACK_ON: &str = "nft insert rule inet nimbus raw_pre ip saddr @vpc_cidrs ip daddr \
+    @vpc_cidrs notrack comment netbench && nft insert rule inet nimbus filter_forward \
+    ip saddr @vpc_cidrs ip daddr @vpc_cidrs accept comment netbench";
+/// Undoes [`UNTRACK_ON`].
+const UNTRACK_OFF: &str = "for c in raw_pre filter_forward; do nft -a list chain inet nimbus $c \
+    | sed -n 's/.*comment \"netbench\" # handle //p' | while read h; do \
+    nft delete rule inet nimbus $c handle $h; done; done";
+
 fn sh(args: &[&str]) {
     let out = Command::new(args[0])
         .args(&args[1..])
@@ -290,6 +310,8 @@ struct Route {
     client: String,
     ip: String,
     steer: Vec<(String, &'static str, &'static str)>,
+    /// Shell commands run in the two hosts' namespaces before (`.0`) and after (`.1`) every run.
+    tweak: Option<(&'static str, &'static str)>,
     runs: Vec<Run>,
 }
 
@@ -346,6 +368,7 @@ async fn bench_throughput() {
         client,
         ip: ip.to_owned(),
         steer,
+        tweak: None,
         runs: Vec::new(),
     };
     let (h0, h1) = (net.hosts[0].ns.clone(), net.hosts[1].ns.clone());
@@ -386,15 +409,55 @@ async fn bench_throughput() {
             vec![(h0, "eth0", "2"), (h1, "eth0", "1")],
         ));
     }
+    if std::env::var_os("NET_HOLD").is_some() {
+        // Manual inspection: the paths' namespaces and addresses, kept until the file is removed.
+        let hold = "/tmp/net-hold.env";
+        let text: String = paths
+            .iter()
+            .enumerate()
+            .map(|(i, p)| format!("P{i}_NS={} P{i}_IP={}\n", p.client, p.ip))
+            .collect();
+        std::fs::write(hold, text).expect("hold file");
+        while Path::new(hold).exists() {
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+    if std::env::var_os("NET_VARIANTS").is_some() {
+        // Attribution only (not configurations nimbus runs): the VXLAN path with the bridges'
+        // netfilter off on both hosts (no security groups at all), and with the instances'
+        // flows untracked and accepted (br_netfilter still on, no conntrack).
+        let vx = |name, tweak| Route {
+            tweak: Some(tweak),
+            ..path(name, netns_of(&net, 1, &remote), &sip, vec![])
+        };
+        paths.push(vx(
+            "two hosts (VXLAN), bridge netfilter off on both hosts (attribution only)",
+            (BRNF_OFF, BRNF_ON),
+        ));
+        paths.push(vx(
+            "two hosts (VXLAN), instance flows untracked on both hosts (attribution only)",
+            (UNTRACK_ON, UNTRACK_OFF),
+        ));
+    }
     for _ in 0..trials {
         // Interleaved, so drift of the shared machine hits all paths alike.
         for p in &mut paths {
             for (ns, dev, mask) in &p.steer {
                 rps(ns, dev, mask);
             }
+            if let Some((on, _)) = p.tweak {
+                net.hosts[..2]
+                    .iter()
+                    .for_each(|h| sh(&["ip", "netns", "exec", &h.ns, "sh", "-c", on]));
+            }
             p.runs.push(iperf(&group, &p.client, &p.ip, secs));
             for (ns, dev, _) in &p.steer {
                 rps(ns, dev, "0");
+            }
+            if let Some((_, off)) = p.tweak {
+                net.hosts[..2]
+                    .iter()
+                    .for_each(|h| sh(&["ip", "netns", "exec", &h.ns, "sh", "-c", off]));
             }
         }
     }
