@@ -412,11 +412,10 @@ async fn bench_throughput() {
     if std::env::var_os("NET_HOLD").is_some() {
         // Manual inspection: the paths' namespaces and addresses, kept until the file is removed.
         let hold = "/tmp/net-hold.env";
-        let text: String = paths
-            .iter()
-            .enumerate()
-            .map(|(i, p)| format!("P{i}_NS={} P{i}_IP={}\n", p.client, p.ip))
-            .collect();
+        let mut text = String::new();
+        for (i, p) in paths.iter().enumerate() {
+            let _ = writeln!(text, "P{i}_NS={} P{i}_IP={}", p.client, p.ip);
+        }
         std::fs::write(hold, text).expect("hold file");
         while Path::new(hold).exists() {
             std::thread::sleep(Duration::from_secs(1));
