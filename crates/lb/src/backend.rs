@@ -71,6 +71,17 @@ impl Drop for ActiveGuard {
     }
 }
 
+/// [`ActiveGuard`] borrowing its backend (no reference count change).
+#[derive(Debug)]
+pub(crate) struct ActiveRef<'a>(&'a Backend);
+
+impl Drop for ActiveRef<'_> {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+        self.0.metrics.active.dec();
+    }
+}
+
 impl Backend {
     /// A new backend, healthy until probes say otherwise.
     pub fn new(name: String, addr: SocketAddr, metrics: BackendMetrics) -> Arc<Self> {
@@ -116,6 +127,13 @@ impl Backend {
         self.active.fetch_add(1, Ordering::Relaxed);
         self.metrics.active.inc();
         ActiveGuard(Arc::clone(self))
+    }
+
+    /// Like [`Backend::begin`], for a caller that holds the backend for the guard's life.
+    pub(crate) fn begin_ref(&self) -> ActiveRef<'_> {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        self.metrics.active.inc();
+        ActiveRef(self)
     }
 
     /// Record a request outcome for passive outlier detection.

@@ -203,25 +203,13 @@ impl Hop {
     fn note(&mut self, name: &HeaderName, value: &[u8]) -> bool {
         match name.as_str() {
             "connection" => {
-                for t in value.split(|&b| b == b',') {
-                    let t = t.trim_ascii();
-                    if t.eq_ignore_ascii_case(b"close") {
-                        self.close = true;
-                    } else if t.eq_ignore_ascii_case(b"keep-alive") {
-                        self.keep_alive = true;
-                    } else if let Ok(n) = HeaderName::from_bytes(t) {
-                        self.listed.push(n);
-                    }
-                }
+                hop_connection(self, value);
                 true
             }
             "transfer-encoding" => {
                 // The last coding of the last field decides.
                 self.te = true;
-                self.chunked = value
-                    .rsplit(|&b| b == b',')
-                    .next()
-                    .is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+                self.chunked = last_coding_chunked(value);
                 true
             }
             "keep-alive" | "proxy-connection" | "proxy-authenticate" | "te" | "trailer"
@@ -238,23 +226,40 @@ fn head(
     hop: &Hop,
     head_request: bool,
 ) -> Result<Head, ParseError> {
-    let mut keep_alive = if version == Version::HTTP_11 {
-        !hop.close
-    } else {
-        hop.keep_alive && !hop.close
-    };
-    let (te, chunked) = (hop.te, hop.chunked);
-    let length = if te {
+    let length = if hop.te {
         headers.remove(header::CONTENT_LENGTH);
         None
     } else {
         content_length(&headers)?
     };
+    let (framing, keep_alive) = framing(status, version, hop, length, head_request);
+    Ok(Head {
+        status,
+        version,
+        headers,
+        framing,
+        keep_alive,
+    })
+}
+
+/// The body framing (RFC 9112 section 6.3) and whether the connection may be reused.
+fn framing(
+    status: StatusCode,
+    version: Version,
+    hop: &Hop,
+    length: Option<u64>,
+    head_request: bool,
+) -> (Framing, bool) {
+    let keep_alive = if version == Version::HTTP_11 {
+        !hop.close
+    } else {
+        hop.keep_alive && !hop.close
+    };
     let framing =
         if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
             Framing::Empty
-        } else if te {
-            if chunked {
+        } else if hop.te {
+            if hop.chunked {
                 Framing::Chunked
             } else {
                 Framing::Close
@@ -266,16 +271,180 @@ fn head(
                 None => Framing::Close,
             }
         };
-    if framing == Framing::Close {
-        keep_alive = false;
+    (framing, keep_alive && framing != Framing::Close)
+}
+
+/// A response head parsed by [`parse_response_relay`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RelayHead {
+    /// The status (never 1xx).
+    pub status: StatusCode,
+    /// How the body is delimited.
+    pub framing: Framing,
+    /// The backend connection may carry another request after this response.
+    pub keep_alive: bool,
+    /// The `Content-Length` (absent when `Transfer-Encoding` was present).
+    pub length: Option<u64>,
+    /// The backend sent a `Date` field.
+    pub has_date: bool,
+}
+
+/// Like [`parse_response_head`], but instead of building a [`HeaderMap`] append the head to
+/// relay to an HTTP/1.1 client to `out`: the status line and the end-to-end fields as they
+/// came (hop-by-hop ones, the names `Connection` lists, `Content-Length` and `X-Request-Id`
+/// left out), without the closing blank line: the caller adds its own fields, the framing
+/// field and the blank line. Nothing is appended unless a final head is complete.
+pub(crate) fn parse_response_relay(
+    buf: &mut BytesMut,
+    head_request: bool,
+    out: &mut Vec<u8>,
+) -> Result<Option<RelayHead>, ParseError> {
+    loop {
+        let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut resp = httparse::Response::new(&mut fields);
+        let n = match resp.parse(buf) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) => {
+                return if buf.len() > MAX_HEAD_BYTES {
+                    Err(ParseError::TooLarge)
+                } else {
+                    Ok(None)
+                };
+            }
+            Err(httparse::Error::TooManyHeaders) => return Err(ParseError::TooLarge),
+            Err(e) => return Err(ParseError::Head(e.to_string())),
+        };
+        if n > MAX_HEAD_BYTES {
+            return Err(ParseError::TooLarge);
+        }
+        let code = resp.code.unwrap_or(0);
+        if code == 101 {
+            return Err(ParseError::Upgrade);
+        }
+        let status =
+            StatusCode::from_u16(code).map_err(|_| ParseError::Head(format!("status {code}")))?;
+        if status.is_informational() {
+            buf.advance(n);
+            continue; // 100 Continue, 103 Early Hints: the final response follows.
+        }
+        let version = if resp.version == Some(0) {
+            Version::HTTP_10
+        } else {
+            Version::HTTP_11
+        };
+        // First pass: the hop-by-hop fields and the framing.
+        let mut hop = Hop::default();
+        let mut length: Option<u64> = None;
+        let mut has_date = false;
+        for h in resp.headers.iter() {
+            let name = h.name;
+            if name.eq_ignore_ascii_case("connection") {
+                hop_connection(&mut hop, h.value);
+            } else if name.eq_ignore_ascii_case("transfer-encoding") {
+                hop.te = true;
+                hop.chunked = last_coding_chunked(h.value);
+            } else if name.eq_ignore_ascii_case("content-length") {
+                let n = parse_length(h.value)?;
+                if length.is_some_and(|l| l != n) {
+                    return Err(ParseError::ContentLength);
+                }
+                length = Some(n);
+            } else if name.eq_ignore_ascii_case("date") {
+                has_date = true;
+            }
+        }
+        if hop.te {
+            length = None;
+        }
+        // Second pass: the fields relayed.
+        let reason = resp
+            .reason
+            .filter(|r| !r.is_empty())
+            .or_else(|| status.canonical_reason())
+            .unwrap_or("");
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(status.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(reason.as_bytes());
+        out.extend_from_slice(b"\r\n");
+        for h in resp.headers.iter() {
+            if relayed(h.name, &hop) {
+                out.extend_from_slice(h.name.as_bytes());
+                out.extend_from_slice(b": ");
+                out.extend_from_slice(h.value);
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+        let (framing, keep_alive) = framing(status, version, &hop, length, head_request);
+        buf.advance(n);
+        return Ok(Some(RelayHead {
+            status,
+            framing,
+            keep_alive,
+            length,
+            has_date,
+        }));
     }
-    Ok(Head {
-        status,
-        version,
-        headers,
-        framing,
-        keep_alive,
-    })
+}
+
+/// Whether a response field is relayed to the client by [`parse_response_relay`].
+fn relayed(name: &str, hop: &Hop) -> bool {
+    const DROPPED: [&str; 10] = [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+        "x-request-id",
+    ];
+    !DROPPED.iter().any(|d| name.eq_ignore_ascii_case(d))
+        && !hop
+            .listed
+            .iter()
+            .any(|l| name.eq_ignore_ascii_case(l.as_str()))
+}
+
+/// Note the tokens of a `Connection` field.
+fn hop_connection(hop: &mut Hop, value: &[u8]) {
+    for t in value.split(|&b| b == b',') {
+        let t = t.trim_ascii();
+        if t.eq_ignore_ascii_case(b"close") {
+            hop.close = true;
+        } else if t.eq_ignore_ascii_case(b"keep-alive") {
+            hop.keep_alive = true;
+        } else if let Ok(n) = HeaderName::from_bytes(t) {
+            hop.listed.push(n);
+        }
+    }
+}
+
+/// The last coding of a `Transfer-Encoding` field is `chunked`.
+fn last_coding_chunked(value: &[u8]) -> bool {
+    value
+        .rsplit(|&b| b == b',')
+        .next()
+        .is_some_and(|c| c.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+}
+
+/// One `Content-Length` field: every comma-separated element the same decimal number.
+fn parse_length(value: &[u8]) -> Result<u64, ParseError> {
+    let mut found = None;
+    for part in value.split(|&b| b == b',') {
+        let part = part.trim_ascii();
+        if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+            return Err(ParseError::ContentLength);
+        }
+        let n = part.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
+        if found.is_some_and(|f| f != n) {
+            return Err(ParseError::ContentLength);
+        }
+        found = Some(n);
+    }
+    found.ok_or(ParseError::ContentLength)
 }
 
 /// The `Content-Length`, if any: every value (and comma-separated element) must be the same
@@ -283,17 +452,11 @@ fn head(
 fn content_length(headers: &HeaderMap) -> Result<Option<u64>, ParseError> {
     let mut found = None;
     for v in headers.get_all(header::CONTENT_LENGTH) {
-        for part in v.as_bytes().split(|&b| b == b',') {
-            let part = part.trim_ascii();
-            if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
-                return Err(ParseError::ContentLength);
-            }
-            let n = part.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
-            if found.is_some_and(|f| f != n) {
-                return Err(ParseError::ContentLength);
-            }
-            found = Some(n);
+        let n = parse_length(v.as_bytes())?;
+        if found.is_some_and(|f| f != n) {
+            return Err(ParseError::ContentLength);
         }
+        found = Some(n);
     }
     Ok(found)
 }

@@ -92,7 +92,8 @@ pub(crate) fn server_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
 }
 
 /// Serve one client connection until it closes; on listener stop, shut it down gracefully and
-/// give it the drain timeout.
+/// give it the drain timeout. Requests start on the fast path ([`crate::fast`]), which hands
+/// the connection to hyper for what it does not serve.
 pub(crate) async fn serve<S>(
     inner: Arc<Inner>,
     stream: S,
@@ -102,23 +103,45 @@ pub(crate) async fn serve<S>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (builder, drain) = {
-        let snap = inner.snap.load();
-        (
-            snap.http.clone(),
-            Duration::from_millis(snap.cfg.limits.drain_timeout_ms),
-        )
-    };
+    let drain = Duration::from_millis(inner.snap.load().cfg.limits.drain_timeout_ms);
+    // Its own token: waiting on the listener's would lock that token's waiter list, shared by
+    // every connection of every worker, on each wake-up of this task.
+    let cancel = cancel.child_token();
     let conns = inner.conns.clone();
     conns.inc();
     let ups = Upstreams::new();
+    let client = crate::fast::Client {
+        peer,
+        peer_ip: peer.ip().to_string(),
+        tls,
+    };
+    if let Some(rest) = crate::fast::serve(&inner, stream, &client, &ups, &cancel, drain).await {
+        serve_hyper(&inner, rest, peer, tls, &ups, &cancel, drain).await;
+    }
+    ups.release();
+    conns.dec();
+}
+
+/// Serve the rest of a client connection with hyper (HTTP/1.1 and HTTP/2).
+async fn serve_hyper<S>(
+    inner: &Arc<Inner>,
+    stream: crate::fast::Rewind<S>,
+    peer: SocketAddr,
+    tls: bool,
+    ups: &Arc<Upstreams>,
+    cancel: &CancellationToken,
+    drain: Duration,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let builder = inner.snap.load().http.clone();
     let client = Arc::new(ClientConn {
         peer,
         tls,
         xff: HeaderValue::from_str(&peer.ip().to_string()).ok(),
-        ups: Arc::clone(&ups),
+        ups: Arc::clone(ups),
     });
-    let svc_inner = Arc::clone(&inner);
+    let svc_inner = Arc::clone(inner);
     let svc = hyper::service::service_fn(move |req| {
         let inner = Arc::clone(&svc_inner);
         let client = Arc::clone(&client);
@@ -140,8 +163,6 @@ pub(crate) async fn serve<S>(
             let _ = tokio::time::timeout(drain, conn.as_mut()).await;
         }
     }
-    ups.release();
-    conns.dec();
 }
 
 static HOP_BY_HOP: [HeaderName; 8] = [

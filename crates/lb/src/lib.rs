@@ -14,6 +14,7 @@ pub mod balancer;
 pub mod cache;
 pub mod config;
 mod conntrack;
+mod fast;
 mod h1;
 pub mod health;
 mod http;

@@ -70,7 +70,7 @@ impl UpstreamError {
 }
 
 /// One backend connection and what has been read from it but not consumed.
-struct UpConn {
+pub(crate) struct UpConn {
     addr: SocketAddr,
     io: TcpStream,
     buf: BytesMut,
@@ -231,7 +231,7 @@ impl Upstreams {
             if framing != ReqFraming::None {
                 send_body(&mut c.io, &mut body, framing == ReqFraming::Chunked).await?;
             }
-            let h = match read_head(&mut c, head_request).await {
+            let h = match read_head(&mut c, |b| h1::parse_response_head(b, head_request)).await {
                 Ok(h) => h,
                 Err(ReadHeadError::Nothing(_)) if retry => continue,
                 Err(ReadHeadError::Nothing(e) | ReadHeadError::Other(e)) => return Err(e),
@@ -242,6 +242,50 @@ impl Upstreams {
             *resp.headers_mut() = h.headers;
             return Ok(resp);
         }
+    }
+}
+
+impl Upstreams {
+    /// Send a complete request head without a body (`head`, as encoded by the caller) to the
+    /// backend at `addr` over an idle keep-alive connection or a new one, and read the
+    /// response head with `parse` (which sees the connection's read buffer and consumes the
+    /// head from it). A reused connection that turns out closed before any response byte
+    /// arrived is replaced transparently. The connection is returned with the parsed head; make
+    /// it a body with [`Upstreams::body`].
+    pub(crate) async fn send_head<T>(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        head: &[u8],
+        connect_timeout: Duration,
+        mut parse: impl FnMut(&mut BytesMut) -> Result<Option<T>, ParseError>,
+    ) -> Result<(UpConn, T), UpstreamError> {
+        loop {
+            let (mut c, reused) = match self.take(addr) {
+                Some(c) => (c, true),
+                None => (Self::connect(addr, connect_timeout).await?, false),
+            };
+            if let Err(e) = c.io.write_all(head).await {
+                if reused {
+                    continue;
+                }
+                return Err(e.into());
+            }
+            match read_head(&mut c, &mut parse).await {
+                Ok(h) => return Ok((c, h)),
+                Err(ReadHeadError::Nothing(_)) if reused => {}
+                Err(ReadHeadError::Nothing(e) | ReadHeadError::Other(e)) => return Err(e),
+            }
+        }
+    }
+
+    /// The body of a response whose head [`Upstreams::send_head`] read from `conn`.
+    pub(crate) fn body(
+        self: &Arc<Self>,
+        conn: UpConn,
+        framing: Framing,
+        keep_alive: bool,
+    ) -> UpBody {
+        UpBody::new(self, conn, framing, keep_alive)
     }
 }
 
@@ -282,12 +326,15 @@ enum ReadHeadError {
     Other(UpstreamError),
 }
 
-async fn read_head(c: &mut UpConn, head_request: bool) -> Result<h1::Head, ReadHeadError> {
+async fn read_head<T>(
+    c: &mut UpConn,
+    mut parse: impl FnMut(&mut BytesMut) -> Result<Option<T>, ParseError>,
+) -> Result<T, ReadHeadError> {
     let mut received = false;
     loop {
         if !c.buf.is_empty() {
             received = true;
-            match h1::parse_response_head(&mut c.buf, head_request) {
+            match parse(&mut c.buf) {
                 Ok(Some(h)) => return Ok(h),
                 Ok(None) => {}
                 Err(e) => return Err(ReadHeadError::Other(e.into())),
