@@ -206,7 +206,17 @@ fn cpus() -> usize {
     std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
 }
 
-fn iperf_server(g: &net_cpu::Group, ns: &str) -> std::process::Child {
+/// An iperf3 server, killed on drop (so that a failing benchmark leaves none behind).
+struct Server(std::process::Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn iperf_server(g: &net_cpu::Group, ns: &str) -> Server {
     let child = g
         .wrap(&[
             "nsenter",
@@ -224,7 +234,7 @@ fn iperf_server(g: &net_cpu::Group, ns: &str) -> std::process::Child {
         .spawn()
         .expect("iperf3 -s");
     std::thread::sleep(Duration::from_millis(300));
-    child
+    Server(child)
 }
 
 /// Sets the RPS CPU mask of `dev`'s receive queue in network namespace `ns` (`0` = off).
@@ -358,9 +368,9 @@ async fn bench_throughput() {
     let remote = launch(&c, "remote", 1, &[]).await;
     let sip = server.status.ip.clone().unwrap();
     let group = net_cpu::Group::new(&format!("nimbus-netbench-{}", net.slot()));
-    let mut srv = iperf_server(&group, &netns_of(&net, 0, &server));
+    let srv = iperf_server(&group, &netns_of(&net, 0, &server));
     let pair = VethPair::new(&net.slot().to_string());
-    let mut base_srv = iperf_server(&group, &format!("--net=/run/netns/{}", pair.1));
+    let base_srv = iperf_server(&group, &format!("--net=/run/netns/{}", pair.1));
     let base_ns = format!("--net=/run/netns/{}", pair.0);
     let cpus = cpus();
     let path = |name, client: String, ip: &str, steer| Route {
@@ -460,10 +470,7 @@ async fn bench_throughput() {
             }
         }
     }
-    let _ = srv.kill();
-    let _ = base_srv.kill();
-    let _ = srv.wait();
-    let _ = base_srv.wait();
+    drop((srv, base_srv));
     let load_end = net_cpu::loadavg();
     let when = started
         .duration_since(std::time::UNIX_EPOCH)
