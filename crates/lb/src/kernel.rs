@@ -5,7 +5,10 @@
 //! docs/benchmarks.md). Real L4 balancers (IPVS, kube-proxy's nftables mode) let the kernel
 //! forward instead, and so does nimbus where a listener's features allow it: the first packet of
 //! a connection passes a `nat` chain that picks a backend (`numgen inc` over ranges sized by the
-//! weights, which gives round robin or weighted round robin) and DNATs it; conntrack keeps every
+//! weights, which gives round robin or weighted round robin; for `ip_hash` and `consistent_hash`
+//! a `jhash` of the client address over [`BUCKETS`] buckets, each given to a backend by
+//! weighted rendezvous hashing, so a backend leaving or returning moves only its own buckets'
+//! clients) and DNATs it; conntrack keeps every
 //! established flow on its backend, so configuration changes and health flips never break one.
 //! Traffic DNATed here towards another host is masqueraded so that replies come back through this
 //! node. Per-backend counters (new connections, IP bytes each way) live in the table; open
@@ -31,6 +34,10 @@ const MARK_TAG: u32 = 0x4e00_0000;
 pub(crate) const MARK_TABLE_MASK: u32 = 0xffff_f000;
 /// Most backends one table can address (12-bit slot).
 pub(crate) const MAX_SLOTS: u16 = 4096;
+/// Buckets of the client-address hash (`ip_hash`, `consistent_hash`).
+pub(crate) const BUCKETS: u32 = 256;
+/// Seed of the client-address hash (fixed, so a table replaced keeps every client's bucket).
+const HASH_SEED: u32 = 0x4e69_6d62;
 
 /// One backend as the kernel sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,6 +61,8 @@ pub(crate) struct KernelPlan {
     pub listeners: Vec<(Protocol, SocketAddrV4)>,
     /// Backends of the default pool in configuration order.
     pub backends: Vec<KernelBackend>,
+    /// Pick by the client's address (`ip_hash`, `consistent_hash`) instead of in turn.
+    pub by_client: bool,
 }
 
 /// Why a configuration stays on the user-space proxy.
@@ -97,7 +106,7 @@ pub(crate) fn eligible(cfg: &LbConfig) -> Result<bool, Ineligible> {
     let Some(pool) = cfg.pools.first() else {
         return Ok(false);
     };
-    if !matches!(pool.algorithm, Algorithm::RoundRobin | Algorithm::Weighted) {
+    if pool.algorithm == Algorithm::LeastConnections {
         return Err(Ineligible::Algorithm(pool.algorithm));
     }
     if pool.backends.len() > usize::from(MAX_SLOTS) {
@@ -138,7 +147,7 @@ pub(crate) fn effective_health_check(cfg: &LbConfig) -> Option<HealthCheckConfig
 
 /// The weight a backend gets under `algorithm`.
 pub(crate) fn weight(algorithm: Algorithm, configured: u32) -> u32 {
-    if algorithm == Algorithm::Weighted {
+    if matches!(algorithm, Algorithm::Weighted | Algorithm::ConsistentHash) {
         configured.max(1)
     } else {
         1
@@ -236,24 +245,10 @@ impl KernelPlan {
             "type nat hook output priority -100; policy accept;",
             &out,
         );
-        let mut ranges = Vec::new();
-        let mut next: u64 = 0;
-        for b in self.backends.iter().filter(|b| b.available) {
-            let w = u64::from(b.weight.max(1));
-            ranges.push(if w == 1 {
-                format!("{next} : jump b{}", b.slot)
-            } else {
-                format!("{next}-{} : jump b{}", next + w - 1, b.slot)
-            });
-            next += w;
-        }
-        let pick = if ranges.is_empty() {
-            Vec::new()
+        let pick = if self.by_client {
+            self.pick_by_client()
         } else {
-            vec![format!(
-                "numgen inc mod {next} vmap {{ {} }}",
-                ranges.join(", ")
-            )]
+            self.pick_in_turn()
         };
         chain(&mut s, "pick", "", &pick);
         for b in &self.backends {
@@ -297,6 +292,90 @@ impl KernelPlan {
         );
         s.push_str("}\n");
         s
+    }
+}
+
+impl KernelPlan {
+    /// `numgen inc` over one range per available backend, as wide as its weight.
+    fn pick_in_turn(&self) -> Vec<String> {
+        let mut ranges = Vec::new();
+        let mut next: u64 = 0;
+        for b in self.backends.iter().filter(|b| b.available) {
+            let w = u64::from(b.weight.max(1));
+            ranges.push(if w == 1 {
+                format!("{next} : jump b{}", b.slot)
+            } else {
+                format!("{next}-{} : jump b{}", next + w - 1, b.slot)
+            });
+            next += w;
+        }
+        if ranges.is_empty() {
+            return Vec::new();
+        }
+        vec![format!(
+            "numgen inc mod {next} vmap {{ {} }}",
+            ranges.join(", ")
+        )]
+    }
+
+    /// `jhash` of the client address over [`BUCKETS`] buckets, runs of buckets of one backend
+    /// merged into ranges.
+    fn pick_by_client(&self) -> Vec<String> {
+        let owners = self.bucket_owners();
+        let mut ranges = Vec::new();
+        let mut start = 0;
+        for k in 1..=owners.len() {
+            if k == owners.len() || owners[k] != owners[start] {
+                if let Some(slot) = owners[start] {
+                    ranges.push(if k - start == 1 {
+                        format!("{start} : jump b{slot}")
+                    } else {
+                        format!("{start}-{} : jump b{slot}", k - 1)
+                    });
+                }
+                start = k;
+            }
+        }
+        if ranges.is_empty() {
+            return Vec::new();
+        }
+        vec![format!(
+            "jhash ip saddr mod {BUCKETS} seed {HASH_SEED:#010x} vmap {{ {} }}",
+            ranges.join(", ")
+        )]
+    }
+
+    /// The slot of the backend each bucket's clients go to (`None`: no backend available).
+    /// Weighted rendezvous hashing: bucket `k` goes to the available backend with the highest
+    /// `-weight / ln(u)`, `u` uniform in (0, 1) from the bucket and the backend's address, so
+    /// shares follow the weights and a change of one backend moves only buckets it gains or
+    /// loses.
+    pub(crate) fn bucket_owners(&self) -> Vec<Option<u16>> {
+        let keys: Vec<(u64, &KernelBackend)> = self
+            .backends
+            .iter()
+            .filter(|b| b.available)
+            .map(|b| (crate::balancer::hash64(b.addr.to_string().as_bytes()), b))
+            .collect();
+        (0..BUCKETS)
+            .map(|k| {
+                let kh = crate::balancer::hash64(&k.to_le_bytes());
+                keys.iter()
+                    .map(|(key, b)| {
+                        let h = crate::balancer::hash64(&(kh ^ key).to_le_bytes());
+                        // (0, 1]: 53 random bits, never 0.
+                        let u = ((h >> 11) + 1) as f64 / (1u64 << 53) as f64;
+                        let score = if u >= 1.0 {
+                            f64::INFINITY
+                        } else {
+                            -f64::from(b.weight.max(1)) / u.ln()
+                        };
+                        (score, b.slot)
+                    })
+                    .max_by(|a, b| a.0.total_cmp(&b.0))
+                    .map(|(_, slot)| slot)
+            })
+            .collect()
     }
 }
 

@@ -17,6 +17,7 @@ use tokio::io::AsyncWriteExt;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::Backend;
+use crate::balancer::Algorithm;
 use crate::kernel::{self, KernelBackend, KernelPlan, SlotCounters};
 use crate::runtime::Inner;
 
@@ -222,6 +223,7 @@ impl Sync {
             table: self.table.clone(),
             listeners,
             backends,
+            by_client: matches!(pc.algorithm, Algorithm::IpHash | Algorithm::ConsistentHash),
         };
         Some((plan, slots))
     }

@@ -18,6 +18,7 @@ fn plan(listeners: &[(Protocol, &str)], backends: Vec<KernelBackend>) -> KernelP
             .map(|(p, a)| (*p, a.parse().unwrap()))
             .collect(),
         backends,
+        by_client: false,
     }
 }
 
@@ -119,16 +120,17 @@ fn eligibility() {
         eligible(&cfg(Algorithm::RoundRobin, "127.0.0.1", &["127.0.0.1:9"])),
         Ok(true)
     );
-    for alg in [
-        Algorithm::LeastConnections,
-        Algorithm::IpHash,
-        Algorithm::ConsistentHash,
-    ] {
-        assert_eq!(
-            eligible(&cfg(alg, "0.0.0.0", &["10.0.0.2:80"])),
-            Err(Ineligible::Algorithm(alg))
-        );
+    for alg in [Algorithm::IpHash, Algorithm::ConsistentHash] {
+        assert_eq!(eligible(&cfg(alg, "0.0.0.0", &["10.0.0.2:80"])), Ok(true));
     }
+    assert_eq!(
+        eligible(&cfg(
+            Algorithm::LeastConnections,
+            "0.0.0.0",
+            &["10.0.0.2:80"]
+        )),
+        Err(Ineligible::Algorithm(Algorithm::LeastConnections))
+    );
     assert_eq!(
         eligible(&cfg(Algorithm::RoundRobin, "::", &["10.0.0.2:80"])),
         Err(Ineligible::Ipv6)
@@ -156,9 +158,81 @@ fn eligibility() {
 }
 
 #[test]
+fn client_hash_covers_every_bucket_in_ranges() {
+    let mut p = plan(
+        &[(Protocol::Tcp, "0.0.0.0:80")],
+        vec![
+            be(3, "10.0.0.2:80", 1, true),
+            be(9, "10.0.0.3:80", 1, true),
+            be(5, "10.0.0.4:80", 1, false),
+        ],
+    );
+    p.by_client = true;
+    let script = p.script();
+    let rule = script
+        .lines()
+        .find(|l| l.contains("jhash"))
+        .expect("a jhash rule")
+        .trim()
+        .to_string();
+    assert!(
+        rule.starts_with("jhash ip saddr mod 256 seed 0x4e696d62 vmap { 0"),
+        "{rule}"
+    );
+    assert!(!rule.contains("jump b5"), "unavailable backend in {rule}");
+    // The ranges cover 0..=255 exactly once, in order.
+    let body = rule.split_once('{').unwrap().1.trim_end_matches('}');
+    let mut next = 0;
+    for e in body.split(',') {
+        let (range, _) = e.split_once(':').unwrap();
+        let (a, b) = range
+            .trim()
+            .split_once('-')
+            .map_or((range.trim(), range.trim()), |(a, b)| (a, b));
+        assert_eq!(a.parse::<u32>().unwrap(), next, "{rule}");
+        next = b.parse::<u32>().unwrap() + 1;
+    }
+    assert_eq!(next, BUCKETS);
+    p.backends.iter_mut().for_each(|b| b.available = false);
+    assert!(!p.script().contains("jhash"));
+}
+
+#[test]
+fn client_hash_follows_weights_and_moves_only_what_changed() {
+    let backends = vec![
+        be(0, "10.0.0.2:80", 1, true),
+        be(1, "10.0.0.3:80", 1, true),
+        be(2, "10.0.0.4:80", 2, true),
+    ];
+    let mut p = plan(&[(Protocol::Tcp, "0.0.0.0:80")], backends);
+    p.by_client = true;
+    let before = p.bucket_owners();
+    let share = |o: &[Option<u16>], s: u16| o.iter().filter(|x| **x == Some(s)).count();
+    // Weight 2 gets about half of the buckets, weight 1 about a quarter each.
+    assert!((96..=160).contains(&share(&before, 2)), "{before:?}");
+    assert!((40..=90).contains(&share(&before, 0)), "{before:?}");
+    assert!((40..=90).contains(&share(&before, 1)), "{before:?}");
+    // Backend 1 leaves: only its buckets move, and they spread over the others.
+    p.backends[1].available = false;
+    let after = p.bucket_owners();
+    for (b, a) in before.iter().zip(&after) {
+        if *b == Some(1) {
+            assert!(matches!(a, Some(0 | 2)));
+        } else {
+            assert_eq!(b, a);
+        }
+    }
+    // It returns: exactly the old assignment.
+    p.backends[1].available = true;
+    assert_eq!(p.bucket_owners(), before);
+}
+
+#[test]
 fn round_robin_ignores_weights() {
     assert_eq!(weight(Algorithm::RoundRobin, 7), 1);
     assert_eq!(weight(Algorithm::Weighted, 7), 7);
+    assert_eq!(weight(Algorithm::IpHash, 7), 1);
+    assert_eq!(weight(Algorithm::ConsistentHash, 7), 7);
 }
 
 #[test]

@@ -8,13 +8,13 @@
 mod common;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use common::{listener, start_lb, udp_echo};
 use nimbus_lb::{Algorithm, HealthCheckConfig, HealthProbe, LbConfig, LoadBalancer, Protocol};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
 
 /// Whether `nft` runs here; in CI its absence fails the test instead of skipping it.
 fn nft_available() -> bool {
@@ -70,7 +70,14 @@ async fn echo_line(held: &mut BufReader<TcpStream>, text: &str) -> String {
 /// Connect and read the greeting: (backend name, whether the backend saw this very socket,
 /// i.e. the kernel forwarded it), keeping the stream open.
 async fn hello(addr: SocketAddr) -> (String, bool, BufReader<TcpStream>) {
-    let s = TcpStream::connect(addr).await.unwrap();
+    hello_from(addr, Ipv4Addr::LOCALHOST).await
+}
+
+/// [`hello`] from a socket bound to `src` (any 127/8 address is this host's).
+async fn hello_from(addr: SocketAddr, src: Ipv4Addr) -> (String, bool, BufReader<TcpStream>) {
+    let sock = TcpSocket::new_v4().unwrap();
+    sock.bind(SocketAddr::from((src, 0))).unwrap();
+    let s = sock.connect(addr).await.unwrap();
     let local = s.local_addr().unwrap();
     let mut r = BufReader::new(s);
     let mut line = String::new();
@@ -321,6 +328,72 @@ async fn udp_in_kernel() {
     .await;
     lb.shutdown();
     until("the table removed", || !table_exists(&table)).await;
+}
+
+/// Each of 12 client addresses' connections (3 each) all reach one backend, in the kernel.
+async fn owners(addr: SocketAddr) -> Vec<String> {
+    let mut owners = Vec::new();
+    for k in 2..14 {
+        let src = Ipv4Addr::new(127, 0, 0, k);
+        let mut names = Vec::new();
+        for _ in 0..3 {
+            let (name, kernel, _s) = hello_from(addr, src).await;
+            assert!(kernel, "{src}: relayed in user space, not forwarded");
+            names.push(name);
+        }
+        assert!(names.iter().all(|n| *n == names[0]), "{src}: {names:?}");
+        owners.push(names.swap_remove(0));
+    }
+    owners
+}
+
+#[tokio::test]
+async fn client_address_hashing_in_kernel_is_sticky_and_consistent() {
+    if !nft_available() {
+        return;
+    }
+    for (name, alg) in [
+        ("kiphash", Algorithm::IpHash),
+        ("kconsistent", Algorithm::ConsistentHash),
+    ] {
+        let (b0, _t0) = who_backend("b0").await;
+        let (b1, _t1) = who_backend("b1").await;
+        let (b2, _t2) = who_backend("b2").await;
+        let mut cfg = kernel_cfg(name, Protocol::Tcp, vec![b0, b1, b2]);
+        cfg.pools[0].algorithm = alg;
+        let (lb, _) = start_lb(cfg.clone()).await;
+        let addr = lb.addr(Protocol::Tcp).unwrap();
+        let table = wait_table(&lb).await;
+        let before = owners(addr).await;
+        let mut used = before.clone();
+        used.sort();
+        used.dedup();
+        assert!(
+            used.len() >= 2,
+            "{alg:?}: 12 clients on one backend: {before:?}"
+        );
+
+        // The first client's backend leaves: its clients move, every other client stays.
+        let gone = before[0].clone();
+        let gone_addr = [b0, b1, b2][usize::from(gone.as_bytes()[1] - b'0')];
+        cfg.pools[0].backends.retain(|b| b.addr != gone_addr);
+        lb.update(cfg).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while hello_from(addr, Ipv4Addr::new(127, 0, 0, 2)).await.0 == gone {
+            assert!(Instant::now() < deadline, "{alg:?}: update not applied");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let after = owners(addr).await;
+        for (b, a) in before.iter().zip(&after) {
+            if *b == gone {
+                assert_ne!(a, &gone, "{alg:?}: {before:?} -> {after:?}");
+            } else {
+                assert_eq!(a, b, "{alg:?}: a client moved: {before:?} -> {after:?}");
+            }
+        }
+        lb.shutdown();
+        until("the table removed", || !table_exists(&table)).await;
+    }
 }
 
 #[tokio::test]
