@@ -10,12 +10,17 @@
 //! outlier detection, metrics and the error responses are the same as on the hyper path
 //! ([`crate::http`]).
 //!
+//! A protocol upgrade (a `GET` with `Connection: upgrade` and `Upgrade`, e.g. WebSocket; not
+//! h2c) is forwarded with those two fields; on `101 Switching Protocols` the head is relayed
+//! and the client and backend connections are spliced both ways until either closes (any other
+//! answer is an ordinary response).
+//!
 //! Anything else is handed to hyper for the rest of the connection, with the bytes read so
 //! far replayed ([`Rewind`]): a request with a body (`Content-Length` other than 0 or
-//! `Transfer-Encoding`), `Expect`, `Upgrade`, HTTP/1.0, a request target that is not in origin
+//! `Transfer-Encoding`), `Expect`, another `Upgrade`, HTTP/1.0, a request target that is not in origin
 //! form, a missing or non-ASCII `Host`, a head hyper would refuse (malformed, too large: hyper
 //! answers 400/431 as before), the HTTP/2 preface, and every request once the load balancer
-//! has a cache. So every request is served as before, and the common one without hyper's
+//! has a cache (except upgrades). So every request is served as before, and the common one without hyper's
 //! per-request work (its header maps, its header-read timer, its dispatcher).
 //!
 //! Timers: one per connection. It is armed once and re-armed only when it fires before the
@@ -198,6 +203,8 @@ struct Req {
     head: bool,
     idempotent: bool,
     close: bool,
+    /// A protocol upgrade is asked for.
+    upgrade: bool,
     pool: usize,
     sticky: Option<usize>,
     hash_key: Option<Vec<u8>>,
@@ -291,6 +298,7 @@ where
             close,
             &mut bufs,
             &mut deadline,
+            &mut rbuf,
         )
         .await;
         if !done || close {
@@ -303,9 +311,6 @@ where
 /// Parse the request head at the start of `buf`; when it is one for the fast path, encode the
 /// backend's request head into `bufs.up` and the request id into `bufs.rid`.
 fn parse_request(buf: &[u8], snap: &Snapshot, client: &Client, bufs: &mut Bufs) -> Parsed {
-    if snap.cache.is_some() {
-        return Parsed::HandOff;
-    }
     let max = snap.cfg.limits.max_header_bytes.max(8192);
     let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
     let mut req = httparse::Request::new(&mut fields);
@@ -328,6 +333,8 @@ fn parse_request(buf: &[u8], snap: &Snapshot, client: &Client, bufs: &mut Bufs) 
     let mut n_listed = 0;
     let mut xff: Option<&[u8]> = None;
     let mut rid: Option<&[u8]> = None;
+    let mut upgrade: Option<&[u8]> = None;
+    let mut conn_upgrade = false;
     for h in headers {
         let n = h.name;
         if n.eq_ignore_ascii_case("host") {
@@ -343,16 +350,20 @@ fn parse_request(buf: &[u8], snap: &Snapshot, client: &Client, bufs: &mut Bufs) 
             if h.value.trim_ascii() != b"0" {
                 return Parsed::HandOff;
             }
-        } else if n.eq_ignore_ascii_case("transfer-encoding")
-            || n.eq_ignore_ascii_case("expect")
-            || n.eq_ignore_ascii_case("upgrade")
-        {
+        } else if n.eq_ignore_ascii_case("transfer-encoding") || n.eq_ignore_ascii_case("expect") {
             return Parsed::HandOff;
+        } else if n.eq_ignore_ascii_case("upgrade") {
+            if upgrade.is_some() {
+                return Parsed::HandOff;
+            }
+            upgrade = Some(h.value);
         } else if n.eq_ignore_ascii_case("connection") {
             for t in h.value.split(|&b| b == b',') {
                 let t = t.trim_ascii();
                 if t.eq_ignore_ascii_case(b"close") {
                     close = true;
+                } else if t.eq_ignore_ascii_case(b"upgrade") {
+                    conn_upgrade = true;
                 } else if !t.is_empty() && !t.eq_ignore_ascii_case(b"keep-alive") {
                     if n_listed == listed.len() {
                         return Parsed::HandOff;
@@ -370,6 +381,21 @@ fn parse_request(buf: &[u8], snap: &Snapshot, client: &Client, bufs: &mut Bufs) 
     let Some(host) = host else {
         return Parsed::HandOff;
     };
+    // A protocol upgrade (WebSocket) is relayed here, then both connections are spliced; an
+    // `Upgrade` that is not one (no `Connection: upgrade`, not a GET, h2c, whose settings
+    // field is hop-by-hop) is hyper's, which ignores it.
+    let upgrade = match upgrade {
+        None => None,
+        Some(v)
+            if conn_upgrade && method == "GET" && !v.trim_ascii().eq_ignore_ascii_case(b"h2c") =>
+        {
+            Some(v)
+        }
+        Some(_) => return Parsed::HandOff,
+    };
+    if snap.cache.is_some() && upgrade.is_none() {
+        return Parsed::HandOff;
+    }
     let path = target.split_once('?').map_or(target, |(p, _)| p);
     let field = |name: &str| {
         headers
@@ -449,6 +475,10 @@ fn parse_request(buf: &[u8], snap: &Snapshot, client: &Client, bufs: &mut Bufs) 
         b"\r\nx-forwarded-proto: http\r\nx-request-id: "
     });
     up.extend_from_slice(&bufs.rid);
+    if let Some(v) = upgrade {
+        up.extend_from_slice(b"\r\nconnection: upgrade\r\nupgrade: ");
+        up.extend_from_slice(v);
+    }
     up.extend_from_slice(b"\r\n\r\n");
     Parsed::Request(Req {
         len,
@@ -458,6 +488,7 @@ fn parse_request(buf: &[u8], snap: &Snapshot, client: &Client, bufs: &mut Bufs) 
             "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE" | "TRACE"
         ),
         close,
+        upgrade: upgrade.is_some(),
         pool,
         sticky,
         hash_key,
@@ -501,9 +532,10 @@ async fn exchange<S>(
     close: bool,
     bufs: &mut Bufs,
     deadline: &mut Deadline,
+    rbuf: &mut BytesMut,
 ) -> bool
 where
-    S: AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
 {
     let Some(pool) = snap.pools.get(req.pool) else {
         inner.none_backend.count_status(503);
@@ -533,7 +565,7 @@ where
         let result = {
             let out = &mut bufs.out;
             let mut send = pin!(ups.send_head(backend.addr, &bufs.up, connect_timeout, |b| {
-                h1::parse_response_relay(b, req.head, out)
+                h1::parse_response_relay(b, req.head, req.upgrade, out)
             }));
             poll_fn(|cx| {
                 if let Poll::Ready(r) = send.as_mut().poll(cx) {
@@ -591,6 +623,13 @@ where
                 out.extend_from_slice(b"; Path=/; HttpOnly; SameSite=Lax\r\n");
             }
         }
+        if head.status == http::StatusCode::SWITCHING_PROTOCOLS {
+            finish_head(out, &head, &bufs.rid, false);
+            let (up, up_buf) = conn.into_parts();
+            splice(io, up, up_buf, rbuf, out, &backend.metrics).await;
+            drop(guard);
+            return false;
+        }
         let chunked = finish_head(out, &head, &bufs.rid, close);
         let mut body = ups.body(conn, head.framing, head.keep_alive);
         let ok = relay_body(
@@ -618,6 +657,36 @@ where
     reply(io, 503, msg, &bufs.rid, close).await
 }
 
+/// After a `101 Switching Protocols`: send its head and what each side sent beyond its head
+/// to the other, then relay both ways until either side closes.
+async fn splice<S>(
+    io: &mut S,
+    mut up: tokio::net::TcpStream,
+    up_buf: BytesMut,
+    client_buf: &mut BytesMut,
+    head: &mut Vec<u8>,
+    metrics: &crate::metrics::BackendMetrics,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    metrics.bytes_from_backend.inc_by(up_buf.len() as u64);
+    metrics.bytes_to_backend.inc_by(client_buf.len() as u64);
+    head.extend_from_slice(&up_buf);
+    if io.write_all(head).await.is_err() || io.flush().await.is_err() {
+        return;
+    }
+    if !client_buf.is_empty() {
+        if up.write_all(client_buf).await.is_err() {
+            return;
+        }
+        client_buf.clear();
+    }
+    if let Ok((to_backend, from_backend)) = tokio::io::copy_bidirectional(io, &mut up).await {
+        metrics.bytes_to_backend.inc_by(to_backend);
+        metrics.bytes_from_backend.inc_by(from_backend);
+    }
+}
+
 /// Close the response head in `out`: `X-Request-Id`, `Date` if the backend sent none, the
 /// framing field, `Connection: close` when closing, the blank line. True: the body goes to
 /// the client with the chunked coding.
@@ -629,6 +698,10 @@ fn finish_head(out: &mut Vec<u8>, head: &RelayHead, rid: &[u8], close: bool) -> 
         push_date(out);
     }
     let mut chunked = false;
+    if head.status == http::StatusCode::SWITCHING_PROTOCOLS {
+        out.extend_from_slice(b"\r\n");
+        return false;
+    }
     match head.framing {
         Framing::Length(n) => push_length(out, n),
         Framing::Chunked | Framing::Close => {

@@ -28,7 +28,8 @@ pub(crate) enum ParseError {
     /// The chunked body is malformed.
     #[error("invalid chunked body")]
     Chunked,
-    /// The backend answered `101 Switching Protocols`, which the proxy does not relay.
+    /// The backend answered `101 Switching Protocols` to a request that asked for no upgrade
+    /// (or on the hyper path, which relays no upgrades).
     #[error("protocol upgrades are not supported")]
     Upgrade,
 }
@@ -294,9 +295,15 @@ pub(crate) struct RelayHead {
 /// came (hop-by-hop ones, the names `Connection` lists, `Content-Length` and `X-Request-Id`
 /// left out), without the closing blank line: the caller adds its own fields, the framing
 /// field and the blank line. Nothing is appended unless a final head is complete.
+///
+/// With `upgrade` (the request asked for a protocol upgrade), a `101 Switching Protocols` is a
+/// final head: relayed with its `Upgrade` field and `Connection: upgrade`, framing
+/// [`Framing::Empty`], not `keep_alive` (the connection now carries the new protocol).
+/// Otherwise a 101 is [`ParseError::Upgrade`].
 pub(crate) fn parse_response_relay(
     buf: &mut BytesMut,
     head_request: bool,
+    upgrade: bool,
     out: &mut Vec<u8>,
 ) -> Result<Option<RelayHead>, ParseError> {
     loop {
@@ -318,12 +325,13 @@ pub(crate) fn parse_response_relay(
             return Err(ParseError::TooLarge);
         }
         let code = resp.code.unwrap_or(0);
-        if code == 101 {
+        let switching = code == 101;
+        if switching && !upgrade {
             return Err(ParseError::Upgrade);
         }
         let status =
             StatusCode::from_u16(code).map_err(|_| ParseError::Head(format!("status {code}")))?;
-        if status.is_informational() {
+        if status.is_informational() && !switching {
             buf.advance(n);
             continue; // 100 Continue, 103 Early Hints: the final response follows.
         }
@@ -375,7 +383,19 @@ pub(crate) fn parse_response_relay(
                 out.extend_from_slice(b"\r\n");
             }
         }
-        let (framing, keep_alive) = framing(status, version, &hop, length, head_request);
+        let (framing, keep_alive) = if switching {
+            let proto = resp
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case("upgrade"))
+                .ok_or_else(|| ParseError::Head("101 without Upgrade".into()))?;
+            out.extend_from_slice(b"upgrade: ");
+            out.extend_from_slice(proto.value);
+            out.extend_from_slice(b"\r\nconnection: upgrade\r\n");
+            (Framing::Empty, false)
+        } else {
+            framing(status, version, &hop, length, head_request)
+        };
         buf.advance(n);
         return Ok(Some(RelayHead {
             status,
@@ -770,5 +790,63 @@ mod tests {
             decode(&vec![b'1'; MAX_LINE + 2], MAX_LINE + 2).unwrap_err(),
             ParseError::Chunked
         );
+    }
+
+    #[test]
+    fn relayed_heads_drop_hop_by_hop_fields_and_reframe() {
+        let relay = |raw: &[u8], head_req: bool, upgrade: bool| {
+            let mut buf = BytesMut::from(raw);
+            let mut out = Vec::new();
+            let r = parse_response_relay(&mut buf, head_req, upgrade, &mut out);
+            (r, String::from_utf8(out).unwrap(), buf)
+        };
+        let (r, out, rest) = relay(
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 Fine\r\nConnection: X-A, close\r\nX-A: 1\r\n\
+              Keep-Alive: t\r\nContent-Length: 3\r\nX-Request-Id: b\r\nX-B: 2\r\n\r\nabc",
+            false,
+            false,
+        );
+        let h = r.unwrap().unwrap();
+        assert_eq!(out, "HTTP/1.1 200 Fine\r\nX-B: 2\r\n");
+        assert_eq!(
+            (h.framing, h.keep_alive, h.length),
+            (Framing::Length(3), false, Some(3))
+        );
+        assert!(!h.has_date);
+        assert_eq!(&rest[..], b"abc");
+        // Transfer-Encoding wins over Content-Length; HEAD has no body; partial heads wait.
+        let (r, out, _) = relay(
+            b"HTTP/1.1 200 OK\r\nDate: d\r\nTransfer-Encoding: chunked\r\nContent-Length: 9\r\n\r\n",
+            false,
+            false,
+        );
+        let h = r.unwrap().unwrap();
+        assert_eq!(out, "HTTP/1.1 200 OK\r\nDate: d\r\n");
+        assert_eq!(
+            (h.framing, h.length, h.has_date),
+            (Framing::Chunked, None, true)
+        );
+        let (r, _, _) = relay(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n", true, false);
+        assert_eq!(r.unwrap().unwrap().framing, Framing::Empty);
+        let (r, out, _) = relay(b"HTTP/1.1 200 OK\r\nContent-", false, false);
+        assert_eq!((r, out.as_str()), (Ok(None), ""));
+        let (r, _, _) = relay(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1, 2\r\n\r\n",
+            false,
+            false,
+        );
+        assert_eq!(r, Err(ParseError::ContentLength));
+        // 101: refused unless the request asked for an upgrade, then relayed with its protocol.
+        let switching = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-X: 1\r\n\r\nframe";
+        let (r, _, _) = relay(switching, false, false);
+        assert_eq!(r, Err(ParseError::Upgrade));
+        let (r, out, rest) = relay(switching, false, true);
+        let h = r.unwrap().unwrap();
+        assert_eq!(
+            out,
+            "HTTP/1.1 101 Switching Protocols\r\nSec-X: 1\r\nupgrade: websocket\r\nconnection: upgrade\r\n"
+        );
+        assert_eq!((h.framing, h.keep_alive), (Framing::Empty, false));
+        assert_eq!(&rest[..], b"frame");
     }
 }

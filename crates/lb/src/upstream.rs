@@ -79,6 +79,12 @@ pub(crate) struct UpConn {
 }
 
 impl UpConn {
+    /// The socket and what was read from it beyond the response head (a connection that
+    /// switched protocols).
+    pub(crate) fn into_parts(self) -> (TcpStream, BytesMut) {
+        (self.io, self.buf)
+    }
+
     /// Still usable: the backend has not closed it nor sent anything unasked. Costs no system
     /// call unless the socket is marked readable.
     fn idle_ok(&self) -> bool {

@@ -2,7 +2,8 @@
 //! both sides: request and response heads rewritten in one pass (hop-by-hop fields and the
 //! names `Connection` lists dropped, forwarding headers set, the request id relayed), one keep-
 //! alive connection mixing fast-path requests, pipelined ones and requests handed to hyper,
-//! HTTP/1.0 and `Connection: close`, and the response timeout of its per-connection timer.
+//! HTTP/1.0 and `Connection: close`, the response timeout of its per-connection timer, and
+//! protocol upgrades (WebSocket-style: 101 relayed, both connections spliced).
 #![allow(missing_docs)]
 
 mod common;
@@ -259,4 +260,155 @@ async fn response_timeout_is_504_and_the_connection_serves_on() {
         );
         a.delay_ms.store(0, std::sync::atomic::Ordering::SeqCst);
     }
+}
+
+/// A raw-TCP backend that accepts a WebSocket-style upgrade on `/ws` (answering 101, then
+/// echoing every byte back prefixed by `>`, after sending `hello` first) and answers a plain
+/// 200 to anything else. Each request head it got is sent on `heads`.
+async fn upgrade_backend(heads: tokio::sync::mpsc::UnboundedSender<String>) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let heads = heads.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = vec![0u8; 4096];
+                loop {
+                    let end = loop {
+                        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break i + 4;
+                        }
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                    buf.drain(..end);
+                    let _ = heads.send(head.clone());
+                    if !head.starts_with("GET /ws ") {
+                        let _ = s
+                            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nplain")
+                            .await;
+                        continue;
+                    }
+                    // 101 and the first bytes of the new protocol in one write.
+                    let _ = s
+                        .write_all(
+                            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+                              Connection: Upgrade\r\nSec-WebSocket-Accept: acc\r\n\r\nhello",
+                        )
+                        .await;
+                    // Echo what follows (including bytes that came with the head).
+                    let mut pending = std::mem::take(&mut buf);
+                    loop {
+                        if !pending.is_empty() {
+                            let mut out = b">".to_vec();
+                            out.append(&mut pending);
+                            if s.write_all(&out).await.is_err() {
+                                return;
+                            }
+                        }
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => pending.extend_from_slice(&chunk[..n]),
+                        }
+                        if pending.ends_with(b"bye") {
+                            return; // the backend ends the session
+                        }
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+async fn read_exact_text(s: &mut TcpStream, want: &str) {
+    let mut got = vec![0u8; want.len()];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got))
+        .await
+        .expect("bytes within 5 s")
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&got), want);
+}
+
+#[tokio::test]
+async fn upgrades_are_relayed_and_both_connections_spliced() {
+    let (tx, mut heads) = tokio::sync::mpsc::unbounded_channel();
+    let be = upgrade_backend(tx).await;
+    let (_lb, addr) = lb_to(be).await;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    // A refused upgrade is a normal response and the connection serves on.
+    s.write_all(
+        b"GET /plain HTTP/1.1\r\nHost: h\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut buf = Vec::new();
+    let (head, body) = read_response(&mut s, &mut buf).await;
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    assert_eq!(body, "plain");
+    let sent = heads.recv().await.unwrap();
+    assert_eq!(field(&sent, "upgrade"), ["websocket"], "{sent}");
+    // The upgrade, with the first client frame right behind the head.
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: h\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Key: k\r\nSec-WebSocket-Version: 13\r\n\r\nearly",
+    )
+    .await
+    .unwrap();
+    let sent = heads.recv().await.unwrap();
+    assert_eq!(field(&sent, "upgrade"), ["websocket"], "{sent}");
+    assert_eq!(field(&sent, "connection"), ["upgrade"], "{sent}");
+    assert_eq!(field(&sent, "sec-websocket-key"), ["k"], "{sent}");
+    assert_eq!(field(&sent, "x-forwarded-for"), ["127.0.0.1"], "{sent}");
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        s.read_exact(&mut b).await.unwrap();
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_string();
+    assert!(
+        head.starts_with("HTTP/1.1 101 Switching Protocols\r\n"),
+        "{head}"
+    );
+    assert_eq!(field(&head, "upgrade"), ["websocket"], "{head}");
+    assert_eq!(field(&head, "connection"), ["upgrade"], "{head}");
+    assert_eq!(field(&head, "sec-websocket-accept"), ["acc"], "{head}");
+    assert!(field(&head, "content-length").is_empty(), "{head}");
+    assert!(field(&head, "transfer-encoding").is_empty(), "{head}");
+    // Both ways, raw bytes (what the backend sent with its 101 first).
+    read_exact_text(&mut s, "hello>early").await;
+    s.write_all(b"\x01\x02hi").await.unwrap();
+    read_exact_text(&mut s, ">\x01\x02hi").await;
+    // The backend ends the session: the client connection closes.
+    s.write_all(b"bye").await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+        .await
+        .expect("closed after the backend closed")
+        .unwrap();
+    assert!(rest.is_empty(), "{rest:?}");
+}
+
+#[tokio::test]
+async fn a_101_to_a_request_that_asked_no_upgrade_is_still_refused() {
+    let (tx, _heads) = tokio::sync::mpsc::unbounded_channel();
+    let be = upgrade_backend(tx).await;
+    let (_lb, addr) = lb_to(be).await;
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /ws HTTP/1.1\r\nHost: h\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let (head, body) = read_response(&mut s, &mut buf).await;
+    // A failed backend response: a bodyless GET is tried on the other backends (none), 503.
+    assert!(head.starts_with("HTTP/1.1 503 "), "{head}");
+    assert!(
+        body.contains("all backends") && body.contains("connection failed"),
+        "{body}"
+    );
 }
