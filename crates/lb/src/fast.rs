@@ -288,7 +288,6 @@ where
             }
         };
         rbuf.advance(req.len);
-        let close = req.close || ctl.closing.load(Ordering::Relaxed);
         let done = exchange(
             inner,
             &snap,
@@ -296,13 +295,13 @@ where
             &mut io,
             ups,
             &req,
-            close,
+            &ctl.closing,
             &mut bufs,
             &mut deadline,
             &mut rbuf,
         )
         .await;
-        if !done || close {
+        if !done || req.close || ctl.closing.load(Ordering::Relaxed) {
             let _ = io.shutdown().await;
             return None;
         }
@@ -530,7 +529,7 @@ async fn exchange<S>(
     io: &mut S,
     ups: &Arc<Upstreams>,
     req: &Req,
-    close: bool,
+    closing: &AtomicBool,
     bufs: &mut Bufs,
     deadline: &mut Deadline,
     rbuf: &mut BytesMut,
@@ -538,9 +537,11 @@ async fn exchange<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    // The listener may stop while the backend answers: the response then ends the connection.
+    let close = || req.close || closing.load(Ordering::Relaxed);
     let Some(pool) = snap.pools.get(req.pool) else {
         inner.none_backend.count_status(503);
-        return reply(io, 503, "no backend pool".into(), &bufs.rid, close).await;
+        return reply(io, 503, "no backend pool".into(), &bufs.rid, close()).await;
     };
     let ctx = PickContext {
         client_ip: Some(client.peer.ip()),
@@ -595,7 +596,7 @@ where
                 }
                 inner.none_backend.count_status(502);
                 let msg = format!("502 Bad Gateway: backend {} failed: {e}", backend.name);
-                return reply(io, 502, msg, &bufs.rid, close).await;
+                return reply(io, 502, msg, &bufs.rid, close()).await;
             }
             None => {
                 backend.record(false, &inner.name, &snap.cfg.outlier);
@@ -604,7 +605,7 @@ where
                     "504 Gateway Timeout: backend {} did not answer within {} ms",
                     backend.name, snap.cfg.limits.response_timeout_ms
                 );
-                return reply(io, 504, msg, &bufs.rid, close).await;
+                return reply(io, 504, msg, &bufs.rid, close()).await;
             }
         };
         let status = head.status.as_u16();
@@ -631,7 +632,7 @@ where
             drop(guard);
             return false;
         }
-        let chunked = finish_head(out, &head, &bufs.rid, close);
+        let chunked = finish_head(out, &head, &bufs.rid, close());
         let mut body = ups.body(conn, head.framing, head.keep_alive);
         let ok = relay_body(
             io,
@@ -655,5 +656,5 @@ where
             inner.name
         ),
     };
-    reply(io, 503, msg, &bufs.rid, close).await
+    reply(io, 503, msg, &bufs.rid, close()).await
 }

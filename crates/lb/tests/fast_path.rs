@@ -2,8 +2,9 @@
 //! both sides: request and response heads rewritten in one pass (hop-by-hop fields and the
 //! names `Connection` lists dropped, forwarding headers set, the request id relayed), one keep-
 //! alive connection mixing fast-path requests, pipelined ones and requests handed to hyper,
-//! HTTP/1.0 and `Connection: close`, the response timeout of its per-connection timer, and
-//! protocol upgrades (WebSocket-style: 101 relayed, both connections spliced).
+//! HTTP/1.0 and `Connection: close`, the response timeout of its per-connection timer,
+//! protocol upgrades (WebSocket-style: 101 relayed, both connections spliced), and stopping
+//! (idle connections closed at once, a request in flight answered with `Connection: close`).
 #![allow(missing_docs)]
 
 mod common;
@@ -411,4 +412,46 @@ async fn a_101_to_a_request_that_asked_no_upgrade_is_still_refused() {
         body.contains("all backends") && body.contains("connection failed"),
         "{body}"
     );
+}
+
+#[tokio::test]
+async fn stopping_closes_idle_connections_and_finishes_requests_in_flight() {
+    let a = TestBackend::start("a").await;
+    let mut cfg = LbConfig::simple("fast-stop", listener(Protocol::Http), vec![a.addr]);
+    cfg.limits.drain_timeout_ms = 5_000;
+    let (lb, _) = start_lb(cfg).await;
+    let addr = lb.addr(Protocol::Http).unwrap();
+    let mut idle = TcpStream::connect(addr).await.unwrap();
+    let mut buf = Vec::new();
+    idle.write_all(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        .await
+        .unwrap();
+    let (head, _) = read_response(&mut idle, &mut buf).await;
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    a.delay_ms.store(700, std::sync::atomic::Ordering::SeqCst);
+    let mut busy = TcpStream::connect(addr).await.unwrap();
+    busy.write_all(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stopped = Instant::now();
+    lb.shutdown();
+    // The idle keep-alive connection is closed at once, without a response.
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(2), idle.read_to_end(&mut rest))
+        .await
+        .expect("the idle connection is closed at once")
+        .unwrap();
+    assert!(rest.is_empty(), "{rest:?}");
+    assert!(stopped.elapsed() < Duration::from_millis(400));
+    // The request in flight gets its response, marked as the connection's last.
+    let mut all = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), busy.read_to_end(&mut all))
+        .await
+        .expect("the busy connection is closed after its response")
+        .unwrap();
+    let all = String::from_utf8_lossy(&all);
+    assert!(all.starts_with("HTTP/1.1 200 OK\r\n"), "{all}");
+    assert_eq!(field(&all, "connection"), ["close"], "{all}");
+    assert!(all.ends_with("\r\n\r\na"), "{all}");
 }
