@@ -583,15 +583,7 @@ where
                 backend.record(false, &inner.name, &snap.cfg.outlier);
                 if e.is_connect() || req.idempotent {
                     tracing::debug!(lb = %inner.name, backend = %backend.name, error = %e, "backend request failed, trying another");
-                    last_err = Some(format!(
-                        "{}: {}",
-                        backend.name,
-                        if e.is_connect() {
-                            "connect failed"
-                        } else {
-                            "connection failed"
-                        }
-                    ));
+                    last_err = Some(e.retry_reason(&backend.name));
                     continue;
                 }
                 inner.none_backend.count_status(502);

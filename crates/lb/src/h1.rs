@@ -110,6 +110,22 @@ pub(crate) struct Head {
     pub keep_alive: bool,
 }
 
+/// Parse the response head at the start of `buf` into `resp`: its length, `Ok(None)` while
+/// incomplete, an error when malformed or over [`MAX_HEAD_BYTES`] (or [`MAX_HEADERS`] fields).
+fn parse_head<'b>(
+    resp: &mut httparse::Response<'_, 'b>,
+    buf: &'b [u8],
+) -> Result<Option<usize>, ParseError> {
+    match resp.parse(buf) {
+        Ok(httparse::Status::Complete(n)) if n > MAX_HEAD_BYTES => Err(ParseError::TooLarge),
+        Ok(httparse::Status::Complete(n)) => Ok(Some(n)),
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD_BYTES => Err(ParseError::TooLarge),
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(httparse::Error::TooManyHeaders) => Err(ParseError::TooLarge),
+        Err(e) => Err(ParseError::Head(e.to_string())),
+    }
+}
+
 /// Parse a complete response head at the start of `buf`, skipping (and consuming) interim 1xx
 /// responses. `Ok(None)`: more bytes are needed. On success the head's bytes are consumed
 /// and `buf` holds what follows (the start of the body).
@@ -123,21 +139,9 @@ pub(crate) fn parse_response_head(
         let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut resp = httparse::Response::new(&mut fields);
         let base = buf.as_ptr() as usize;
-        let n = match resp.parse(buf) {
-            Ok(httparse::Status::Complete(n)) => n,
-            Ok(httparse::Status::Partial) => {
-                return if buf.len() > MAX_HEAD_BYTES {
-                    Err(ParseError::TooLarge)
-                } else {
-                    Ok(None)
-                };
-            }
-            Err(httparse::Error::TooManyHeaders) => return Err(ParseError::TooLarge),
-            Err(e) => return Err(ParseError::Head(e.to_string())),
+        let Some(n) = parse_head(&mut resp, buf)? else {
+            return Ok(None);
         };
-        if n > MAX_HEAD_BYTES {
-            return Err(ParseError::TooLarge);
-        }
         let code = resp.code.unwrap_or(0);
         let version = if resp.version == Some(0) {
             Version::HTTP_10
@@ -309,21 +313,9 @@ pub(crate) fn parse_response_relay(
     loop {
         let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
         let mut resp = httparse::Response::new(&mut fields);
-        let n = match resp.parse(buf) {
-            Ok(httparse::Status::Complete(n)) => n,
-            Ok(httparse::Status::Partial) => {
-                return if buf.len() > MAX_HEAD_BYTES {
-                    Err(ParseError::TooLarge)
-                } else {
-                    Ok(None)
-                };
-            }
-            Err(httparse::Error::TooManyHeaders) => return Err(ParseError::TooLarge),
-            Err(e) => return Err(ParseError::Head(e.to_string())),
+        let Some(n) = parse_head(&mut resp, buf)? else {
+            return Ok(None);
         };
-        if n > MAX_HEAD_BYTES {
-            return Err(ParseError::TooLarge);
-        }
         let code = resp.code.unwrap_or(0);
         let switching = code == 101;
         if switching && !upgrade {

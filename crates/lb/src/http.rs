@@ -464,15 +464,7 @@ async fn proxy(
                 // body (e.g. on a pooled connection the backend just closed) is safe to resend.
                 if e.is_connect() || (bodyless && idempotent) {
                     tracing::debug!(lb = %inner.name, backend = %backend.name, error = %e, "backend request failed, trying another");
-                    last_err = Some(format!(
-                        "{}: {}",
-                        backend.name,
-                        if e.is_connect() {
-                            "connect failed"
-                        } else {
-                            "connection failed"
-                        }
-                    ));
+                    last_err = Some(e.retry_reason(&backend.name));
                     continue;
                 }
                 inner.none_backend.count_status(502);

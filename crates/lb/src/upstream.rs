@@ -67,6 +67,17 @@ impl UpstreamError {
     pub(crate) fn is_connect(&self) -> bool {
         matches!(self, Self::Connect(_))
     }
+
+    /// Why a backend was given up for another: `<backend>: connect failed` or `connection failed`
+    /// (the text of the 502/503 body when every backend failed).
+    pub(crate) fn retry_reason(&self, backend: &str) -> String {
+        let what = if self.is_connect() {
+            "connect failed"
+        } else {
+            "connection failed"
+        };
+        format!("{backend}: {what}")
+    }
 }
 
 /// One backend connection and what has been read from it but not consumed.

@@ -482,30 +482,20 @@ impl Net {
         self.start_server(i)
     }
 
+    /// Sets host `i`'s switch port `up` or `down`.
+    fn set_link(&self, i: usize, state: &str) -> Result<(), KitError> {
+        let port = &self.hosts[i].veth;
+        run(&["ip", "-n", &self.switch, "link", "set", port, state])
+    }
+
     /// Takes host `i`'s link down (it can reach nobody, nobody can reach it).
     pub fn cut_link(&self, i: usize) -> Result<(), KitError> {
-        run(&[
-            "ip",
-            "-n",
-            &self.switch,
-            "link",
-            "set",
-            &self.hosts[i].veth,
-            "down",
-        ])
+        self.set_link(i, "down")
     }
 
     /// Brings host `i`'s link back.
     pub fn restore_link(&self, i: usize) -> Result<(), KitError> {
-        run(&[
-            "ip",
-            "-n",
-            &self.switch,
-            "link",
-            "set",
-            &self.hosts[i].veth,
-            "up",
-        ])
+        self.set_link(i, "up")
     }
 
     /// Drops all traffic between host `i` and the other hosts (nftables in its namespace);
