@@ -439,7 +439,7 @@ impl Agent {
                 Ok(r)
             }
             DesiredState::Stopped => match state {
-                RuntimeState::Running { .. } => {
+                RuntimeState::Running { .. } | RuntimeState::Starting { .. } => {
                     d.stop(&a.id, self.cfg.stop_grace).await?;
                     let code = match d.state(&a.id).await? {
                         RuntimeState::Exited { code } => code,
@@ -502,7 +502,9 @@ impl Agent {
                         r
                     }
                     RuntimeState::Created => self.start_instance(d, a, l).await,
-                    RuntimeState::Running { pid } if restart_requested => {
+                    RuntimeState::Running { pid } | RuntimeState::Starting { pid }
+                        if restart_requested =>
+                    {
                         tracing::info!(instance = %a.name, pid, "restarting on request");
                         d.stop(&a.id, self.cfg.stop_grace).await?;
                         self.start_instance(d, a, l).await
@@ -512,6 +514,17 @@ impl Agent {
                         Ok(Self::report(
                             a,
                             InstanceState::Running,
+                            l,
+                            Some(pid),
+                            None,
+                            String::new(),
+                        ))
+                    }
+                    RuntimeState::Starting { pid } => {
+                        l.pid = Some(pid);
+                        Ok(Self::report(
+                            a,
+                            InstanceState::Starting,
                             l,
                             Some(pid),
                             None,

@@ -50,6 +50,12 @@ pub struct RuntimeSpec {
 pub enum RuntimeState {
     /// Created (resources exist) but not started.
     Created,
+    /// The main process runs but the instance does not serve yet (a VM whose guest agent has
+    /// not answered): reported as `starting`, stopped and restarted like a running one.
+    Starting {
+        /// PID of the main process (QEMU).
+        pid: u32,
+    },
     /// Main process running.
     Running {
         /// PID of the main process (container init, QEMU).

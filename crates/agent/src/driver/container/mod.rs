@@ -408,7 +408,7 @@ impl ContainerDriver {
             && self.runc.state(id).await?.is_none();
         if !fresh {
             match self.state_inner(id).await? {
-                RuntimeState::Running { pid } => return Ok(pid),
+                RuntimeState::Running { pid } | RuntimeState::Starting { pid } => return Ok(pid),
                 RuntimeState::Absent => return Err(DriverError::NotFound(id.to_string())),
                 RuntimeState::Created | RuntimeState::Exited { .. } => {}
             }
