@@ -83,6 +83,9 @@ pub struct ClusterInfo {
     pub leader_id: Option<u64>,
     /// The servers.
     pub members: Vec<ClusterMember>,
+    /// The last log index the answering server applied.
+    #[serde(default)]
+    pub applied_index: u64,
 }
 
 /// A client bound to a server URL, a token and a project.

@@ -184,3 +184,45 @@ async fn drain_moves_containers_and_failover_fences_the_dead_node() {
     running_on(&c, "ha", "node1").await;
     cloud.shutdown();
 }
+
+/// Heartbeats (every 2 s) and interface counters are leases and telemetry in the leader's
+/// memory: a cloud at rest writes nothing to its Raft log (at most one utilisation snapshot per
+/// 30 s), while the node stays ready with a fresh `last_heartbeat` and its counters shown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeats_and_counters_stay_out_of_the_raft_log() {
+    if !deps() {
+        return;
+    }
+    let cloud = Cloud::start(bin()).expect("nimbus up");
+    let c = cloud.client();
+    c.create_instance(&req("quiet", RestartPolicy::Never), None)
+        .await
+        .expect("create");
+    let inst = running_on(&c, "quiet", "node1").await;
+    // Let the launch's own writes and the first counters report settle.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = c.cluster_info().await.expect("cluster").applied_index;
+    let hb_before = c.list_nodes().await.expect("nodes")[0]
+        .last_heartbeat
+        .clone();
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let after = c.cluster_info().await.expect("cluster").applied_index;
+    let nodes = c.list_nodes().await.expect("nodes");
+    let node = &nodes[0];
+    assert!(
+        after <= before + 1,
+        "a cloud at rest wrote {} log entries in 12 s (heartbeats every 2 s would be 6)",
+        after - before
+    );
+    assert_eq!(node.state, nimbus_api::NodeState::Ready);
+    assert!(
+        node.last_heartbeat > hb_before,
+        "last_heartbeat did not advance: {hb_before} -> {}",
+        node.last_heartbeat
+    );
+    assert!(
+        node.interfaces.iter().any(|i| i.instance == inst.meta.id),
+        "the instance's counters are not shown on its node: {:?}",
+        node.interfaces
+    );
+}

@@ -56,6 +56,8 @@ pub struct AppState {
     pub blob_http: reqwest::Client,
     /// Blob downloads from peers in progress (one per digest).
     pub blob_fetches: Arc<crate::blobs::BlobFetches>,
+    /// Node leases and telemetry (meaningful on the leader only).
+    pub telemetry: Arc<crate::telemetry::Telemetry>,
 }
 
 pub use crate::proposer::now;

@@ -85,6 +85,10 @@ pub struct ClusterInfo {
     pub leader_id: Option<u64>,
     /// The servers of the membership.
     pub members: Vec<Member>,
+    /// The last log index this server applied (the state revision): a cluster at rest does
+    /// not move it, since heartbeats and telemetry are not written to the log.
+    #[serde(default)]
+    pub applied_index: u64,
 }
 
 /// `POST /v1/cluster/join`: a server asks to be added.
@@ -306,6 +310,7 @@ pub async fn cluster_info(app: &AppState) -> ClusterInfo {
         bootstrap_expect: app.cluster.bootstrap_expect,
         leader_id: app.raft.leader(),
         members: app.raft.members(),
+        applied_index: app.read(|s| s.revision),
     }
 }
 

@@ -1,6 +1,6 @@
-//! Level-triggered controllers run on the leader: node liveness and the retry of placements.
+//! Level-triggered controllers run on the leader: node liveness (leases held in memory, see
+//! [`crate::telemetry`]), the periodic utilisation snapshot, and the retry of placements.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use nimbus_api::{DesiredState, InstanceState, NodeState};
@@ -8,60 +8,86 @@ use nimbus_state::Command;
 use tokio::time::Instant;
 
 use crate::app::AppState;
+use crate::telemetry::{changed_utilizations, Liveness, UTILIZATION_SNAPSHOT_EVERY};
+
+/// How often the leader's controllers run.
+const PASS_EVERY: Duration = Duration::from_millis(500);
 
 /// Starts the controllers.
 pub fn spawn(app: AppState) {
-    tokio::spawn(node_liveness(app));
+    tokio::spawn(leader_loop(app));
 }
 
-/// Marks nodes down when they miss heartbeats for the grace period. Uses the monotonic clock:
-/// a node's deadline restarts whenever its recorded heartbeat changes, and on leadership change.
-async fn node_liveness(app: AppState) {
-    let grace = app.cfg.heartbeat_grace;
-    let mut seen: HashMap<String, (String, Instant)> = HashMap::new();
-    let mut was_leader = false;
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
+/// Runs the leader's passes while this server leads; forgets the leases when it stops.
+async fn leader_loop(app: AppState) {
+    let ttl = app.cfg.heartbeat_grace;
+    let mut liveness: Option<Liveness> = None;
+    let mut last_snapshot = Instant::now();
+    let mut suppressed: Option<String> = None;
+    let mut tick = tokio::time::interval(PASS_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let leader = app.raft.is_leader();
-        if !leader {
-            was_leader = false;
+        if !app.raft.is_leader() {
+            if liveness.take().is_some() {
+                app.telemetry.clear();
+            }
             continue;
         }
-        if !was_leader {
-            seen.clear();
-            was_leader = true;
-        }
         let now = Instant::now();
-        let nodes: Vec<(String, String, NodeState)> = app.read(|s| {
+        let l = liveness.get_or_insert_with(|| {
+            last_snapshot = now;
+            Liveness::new(now)
+        });
+        let nodes: Vec<(String, NodeState)> = app.read(|s| {
             s.nodes
                 .values()
-                .map(|n| (n.meta.name.clone(), n.last_heartbeat.clone(), n.state))
+                .map(|n| (n.meta.name.clone(), n.state))
                 .collect()
         });
-        for (name, hb, state) in nodes {
-            let entry = seen
-                .entry(name.clone())
-                .or_insert_with(|| (hb.clone(), now));
-            if entry.0 != hb {
-                *entry = (hb, now);
-                continue;
+        let verdict = l.pass(now, &nodes, &app.telemetry.last_seen(), ttl);
+        if verdict.suppressed != suppressed {
+            if let Some(why) = &verdict.suppressed {
+                tracing::error!("node liveness: {why}");
             }
-            if state == NodeState::Ready && now.duration_since(entry.1) > grace {
-                let reason = format!("no heartbeat for {}s", grace.as_secs());
-                tracing::warn!(node = %name, "marking node down: {reason}");
-                if let Err(e) = app
-                    .propose(Command::MarkNodeDown {
-                        name: name.clone(),
-                        reason,
-                    })
-                    .await
-                {
-                    tracing::warn!(node = %name, "cannot mark node down: {}", e.message);
-                }
+            suppressed.clone_from(&verdict.suppressed);
+        }
+        for name in verdict.down {
+            let reason = format!("no heartbeat for {}s", ttl.as_secs());
+            tracing::warn!(node = %name, "marking node down: {reason}");
+            if let Err(e) = app
+                .propose(Command::MarkNodeDown {
+                    name: name.clone(),
+                    reason,
+                })
+                .await
+            {
+                tracing::warn!(node = %name, "cannot mark node down: {}", e.message);
             }
         }
+        if now.duration_since(last_snapshot) >= UTILIZATION_SNAPSHOT_EVERY {
+            last_snapshot = now;
+            utilization_snapshot(&app).await;
+        }
         retry_pending(&app).await;
+    }
+}
+
+/// Commits the measurements that changed since the last snapshot (nothing when none did).
+async fn utilization_snapshot(app: &AppState) {
+    let live = app.telemetry.utilizations();
+    app.telemetry
+        .retain(|n| app.read(|s| s.nodes.contains_key(n)));
+    let changed =
+        app.read(|s| changed_utilizations(&live, &|n| s.nodes.get(n).map(|n| n.utilization)));
+    if changed.is_empty() {
+        return;
+    }
+    if let Err(e) = app
+        .propose(Command::UtilizationSnapshot { nodes: changed })
+        .await
+    {
+        tracing::warn!("cannot commit the utilisation snapshot: {}", e.message);
     }
 }
 

@@ -107,6 +107,57 @@ impl Forwarder {
             .map_err(|e| CallError::Unknown(format!("reading the leader's answer: {e}")))
     }
 
+    /// The leader's URL, `None` when this server leads; `Err` when no leader is known.
+    pub fn leader_url(&self) -> Result<Option<String>, String> {
+        match self.leader() {
+            Leader::Local => Ok(None),
+            Leader::Remote(url) => Ok(Some(url)),
+            Leader::Unknown => Err("no leader is elected".into()),
+        }
+    }
+
+    /// Sends an internal request (cluster secret) to the server at `url` and decodes its JSON
+    /// answer (`None` for 204).
+    pub async fn internal<B: serde::Serialize + Sync, R: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        url: &str,
+        path: &str,
+        body: Option<&B>,
+    ) -> Result<Option<R>, String> {
+        let mut rb = self
+            .http
+            .request(method, format!("{}{path}", url.trim_end_matches('/')))
+            .bearer_auth(&self.secret);
+        if let Some(b) = body {
+            rb = rb.json(b);
+        }
+        let resp = rb
+            .send()
+            .await
+            .map_err(|e| format!("the leader at {url} did not answer: {e}"))?;
+        let status = resp.status();
+        if status == reqwest::StatusCode::NO_CONTENT {
+            return Ok(None);
+        }
+        if !status.is_success() {
+            let text = resp.text().await.unwrap_or_default();
+            return Err(format!(
+                "the leader at {url} answered HTTP {status}: {}",
+                text.chars().take(200).collect::<String>()
+            ));
+        }
+        resp.json()
+            .await
+            .map(Some)
+            .map_err(|e| format!("reading the leader's answer: {e}"))
+    }
+
+    /// Whether `token` is the cluster secret (constant time).
+    pub fn is_cluster_secret(&self, token: &str) -> bool {
+        crate::auth::constant_time_eq(token.as_bytes(), self.secret.as_bytes())
+    }
+
     /// Writes `env` through the leader (locally if this server has become leader meanwhile).
     pub async fn write(&self, env: CommandEnvelope) -> Result<CommandResult, WriteError> {
         let deadline = Instant::now() + FORWARD_DEADLINE;

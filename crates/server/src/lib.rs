@@ -7,9 +7,11 @@ pub mod blobs;
 pub mod cluster;
 pub mod controllers;
 pub mod error;
+pub mod fleet;
 pub mod forward;
 pub mod proposer;
 pub mod routes;
+pub mod telemetry;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -183,9 +185,11 @@ impl Server {
                 .map_err(|e| StartError::NotReady(e.to_string()))?,
             blob_http: blobs::http_client(),
             blob_fetches: Arc::default(),
+            telemetry: Arc::default(),
         };
         let router = routes::router(app.clone())
             .merge(cluster::router(app.clone()))
+            .merge(fleet::internal_router(app.clone()))
             .merge(nimbus_state::raft::raft_router(raft.clone()));
         let serve = tokio::spawn(async move {
             if let Err(e) = axum::serve(

@@ -70,13 +70,27 @@ pub enum Command {
     },
     /// Register or re-register a node.
     RegisterNode(RegisterNodeRequest),
-    /// Record a heartbeat (and the node's measured utilisation, if it sent one).
+    /// Record a heartbeat (and the node's measured utilisation, if it sent one). Written by
+    /// older builds only: heartbeats are leader-held leases now (see `MarkNodeReady` and
+    /// `UtilizationSnapshot`); kept so their log entries still apply.
     NodeHeartbeat {
         /// Node.
         name: String,
         /// Measured utilisation (absent in entries of older builds).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         utilization: Option<nimbus_api::NodeUtilization>,
+    },
+    /// A down node's heartbeats resumed (decided by the leader, which holds the leases).
+    MarkNodeReady {
+        /// Node.
+        name: String,
+    },
+    /// The nodes' measured utilisation as the leader last heard it, for the nodes whose
+    /// measurement changed since the previous snapshot (at most one such entry per 30 s);
+    /// placement and the adaptive weights read only these.
+    UtilizationSnapshot {
+        /// Node -> measurement.
+        nodes: BTreeMap<String, nimbus_api::NodeUtilization>,
     },
     /// Mark nodes down that missed heartbeats (decided by the leader's controller).
     MarkNodeDown {

@@ -248,6 +248,11 @@ impl StateMachine {
             Command::DeleteProject { name } => self.delete_project(env, name),
             Command::RegisterNode(req) => self.register_node(env, req),
             Command::NodeHeartbeat { name, utilization } => self.heartbeat(env, name, *utilization),
+            Command::MarkNodeReady { name } => self.mark_node_ready(env, name),
+            Command::UtilizationSnapshot { nodes } => {
+                self.utilization_snapshot(env, nodes);
+                Ok(CommandOutput::None)
+            }
             Command::MarkNodeDown { name, reason } => self.mark_node_down(env, name, reason),
             Command::DrainNode { name } => self.drain(env, name),
             Command::SetNodeCordon {

@@ -365,11 +365,26 @@ fn node_down_fails_its_instances_and_heartbeat_revives() {
         h.create("b", 1 << 20, None).unwrap_err().code,
         ErrorCode::Unschedulable
     );
+    h.ok(Command::MarkNodeReady { name: "n1".into() });
+    assert_eq!(h.sm.nodes["n1"].state, nimbus_api::NodeState::Ready);
+    assert!(h.sm.events.iter().any(|e| e.reason == "Ready"));
+    // Entries of older builds (a heartbeat per log entry) still apply.
+    h.ok(Command::MarkNodeDown {
+        name: "n1".into(),
+        reason: "missed heartbeats".into(),
+    });
     h.ok(Command::NodeHeartbeat {
         name: "n1".into(),
         utilization: None,
     });
     assert_eq!(h.sm.nodes["n1"].state, nimbus_api::NodeState::Ready);
+    assert_eq!(
+        h.err(Command::MarkNodeReady {
+            name: "nope".into()
+        })
+        .code,
+        ErrorCode::NotFound
+    );
 }
 
 #[test]

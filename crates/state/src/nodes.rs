@@ -83,6 +83,39 @@ impl StateMachine {
         Ok(CommandOutput::None)
     }
 
+    pub(crate) fn mark_node_ready(&mut self, env: &CommandEnvelope, name: &str) -> CommandResult {
+        let node = self
+            .nodes
+            .get_mut(name)
+            .ok_or_else(|| ApiError::not_found("node", name))?;
+        node.last_heartbeat.clone_from(&env.time);
+        if node.state == NodeState::Down {
+            node.state = NodeState::Ready;
+            touch(&mut node.meta, env);
+            self.event(env, "", "node", name, "Ready", "heartbeats resumed".into());
+        }
+        Ok(CommandOutput::None)
+    }
+
+    /// Records the leader's utilisation snapshot (unknown nodes are skipped: they may have
+    /// been removed since) and steps the adaptive weights once.
+    pub(crate) fn utilization_snapshot(
+        &mut self,
+        env: &CommandEnvelope,
+        nodes: &std::collections::BTreeMap<String, nimbus_api::NodeUtilization>,
+    ) {
+        let mut any = false;
+        for (name, u) in nodes {
+            if let Some(n) = self.nodes.get_mut(name) {
+                n.utilization = Some(*u);
+                any = true;
+            }
+        }
+        if any {
+            self.adapt_weights(env);
+        }
+    }
+
     pub(crate) fn mark_node_down(
         &mut self,
         env: &CommandEnvelope,

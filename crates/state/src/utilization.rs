@@ -1,18 +1,20 @@
 //! Measured utilisation and adaptive score weights inside `apply`.
 //!
-//! Agents report node CPU, memory and network utilisation with their heartbeats
-//! (`Command::NodeHeartbeat { utilization }`); the node keeps the last measurement and the
-//! scheduler snapshot (`placement::nodes`) uses it as each node's measured load (a node's load
-//! per dimension is `max(reserved / limit, measured)`).
+//! Agents send node CPU, memory and network utilisation with their heartbeats to the leader,
+//! which keeps them in memory and commits one `Command::UtilizationSnapshot` with the
+//! measurements that changed at most every 30 s (`crates/server/src/telemetry.rs`). Each node
+//! keeps the last committed measurement and the scheduler snapshot (`placement::nodes`) uses it
+//! as the node's measured load (a node's load per dimension is `max(reserved / limit,
+//! measured)`), so `apply` stays deterministic.
 //!
 //! The adaptive weights of the scheduler (`nimbus_scheduler::AdaptiveWeights`, control law in
 //! `crates/scheduler/src/adaptive.rs`) are part of the replicated state, so every server places
-//! identically: on a heartbeat that carries a measurement, at most once per
-//! [`ADAPT_PERIOD_MS`] of log time (the proposer's timestamps, so replay gives the same
-//! result), the controller takes one step with the cluster-wide pressure (mean load of the
-//! ready, uncordoned nodes). Every placement scores with the weights it holds. A change of the
-//! boosted dimensions is recorded as a `WeightsAdapted` event. Changing the policy's base
-//! weights or control parameters starts a new controller.
+//! identically: on a snapshot (or, in logs of older builds, a heartbeat) that carries a
+//! measurement, at most once per [`ADAPT_PERIOD_MS`] of log time (the proposer's timestamps,
+//! so replay gives the same result), the controller takes one step with the cluster-wide
+//! pressure (mean load of the ready, uncordoned nodes). Every placement scores with the
+//! weights it holds. A change of the boosted dimensions is recorded as a `WeightsAdapted`
+//! event. Changing the policy's base weights or control parameters starts a new controller.
 
 use nimbus_scheduler::{AdaptiveWeights, Cluster, Pressure, Weights};
 use serde::{Deserialize, Serialize};

@@ -8,27 +8,25 @@ use crate::Command;
 
 const GIB: u64 = 1 << 30;
 
-fn heartbeat(h: &mut H, at: &str, node: &str, network_permille: u32) {
-    h.run_at(
-        at,
-        Command::NodeHeartbeat {
-            name: node.into(),
-            utilization: Some(NodeUtilization {
-                cpu_permille: 50,
-                memory_permille: 100,
-                network_permille,
-                network_mbps: 1000,
-            }),
-        },
-    )
-    .expect("heartbeat");
+fn measured(network_permille: u32) -> NodeUtilization {
+    NodeUtilization {
+        cpu_permille: 50,
+        memory_permille: 100,
+        network_permille,
+        network_mbps: 1000,
+    }
 }
 
-/// Both nodes report, `secs` into the minute.
+/// Both nodes' measurements in one leader snapshot, `secs` into the minute.
 fn round(h: &mut H, secs: u32, n1: u32, n2: u32) {
     let at = format!("2026-01-01T00:{:02}:{:02}Z", secs / 60, secs % 60);
-    heartbeat(h, &at, "n1", n1);
-    heartbeat(h, &at, "n2", n2);
+    h.run_at(
+        &at,
+        Command::UtilizationSnapshot {
+            nodes: [("n1".into(), measured(n1)), ("n2".into(), measured(n2))].into(),
+        },
+    )
+    .expect("snapshot");
 }
 
 fn probe(h: &mut H, name: &str) -> String {
@@ -122,15 +120,15 @@ fn measured_network_pressure_moves_the_weights_and_the_placements() {
 }
 
 #[test]
-fn a_heartbeat_without_measurement_keeps_the_last_one() {
+fn a_snapshot_without_a_node_keeps_its_last_measurement() {
     let mut h = H::new();
     h.node("n1", false);
-    heartbeat(&mut h, "2026-01-01T00:00:00Z", "n1", 300);
+    h.node("n2", false);
+    round(&mut h, 0, 300, 100);
     h.run_at(
-        "2026-01-01T00:00:02Z",
-        Command::NodeHeartbeat {
-            name: "n1".into(),
-            utilization: None,
+        "2026-01-01T00:00:30Z",
+        Command::UtilizationSnapshot {
+            nodes: [("n2".into(), measured(200)), ("gone".into(), measured(1))].into(),
         },
     )
     .unwrap();
@@ -138,5 +136,9 @@ fn a_heartbeat_without_measurement_keeps_the_last_one() {
         h.sm.nodes["n1"].utilization.map(|u| u.network_permille),
         Some(300)
     );
-    assert_eq!(h.sm.nodes["n1"].last_heartbeat, "2026-01-01T00:00:02Z");
+    assert_eq!(
+        h.sm.nodes["n2"].utilization.map(|u| u.network_permille),
+        Some(200)
+    );
+    assert!(!h.sm.nodes.contains_key("gone"));
 }

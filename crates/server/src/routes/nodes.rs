@@ -17,6 +17,7 @@ use serde::Deserialize;
 
 use crate::app::AppState;
 use crate::error::{ApiJson, HttpResult};
+use crate::fleet::Beat;
 
 /// Register (or re-register) a node.
 #[utoipa::path(post, path = "/v1/nodes", request_body = RegisterNodeRequest, responses((status = 200, body = Node)))]
@@ -34,17 +35,19 @@ pub async fn register(
 #[utoipa::path(get, path = "/v1/nodes", responses((status = 200, body = [Node])))]
 pub async fn list(State(app): State<AppState>) -> HttpResult<Json<Vec<Node>>> {
     app.barrier().await?;
-    Ok(Json(app.read(|s| s.nodes.values().cloned().collect())))
+    let nodes = app.read(|s| s.nodes.values().cloned().collect());
+    Ok(Json(app.with_telemetry(nodes).await))
 }
 
 /// Get a node.
 #[utoipa::path(get, path = "/v1/nodes/{name}", params(("name" = String, Path)), responses((status = 200, body = Node)))]
 pub async fn get(State(app): State<AppState>, Path(name): Path<String>) -> HttpResult<Json<Node>> {
     app.barrier().await?;
-    Ok(Json(
-        app.read(|s| s.nodes.get(&name).cloned())
-            .ok_or_else(|| ApiError::not_found("node", &name))?,
-    ))
+    let node = app
+        .read(|s| s.nodes.get(&name).cloned())
+        .ok_or_else(|| ApiError::not_found("node", &name))?;
+    let mut shown = app.with_telemetry(vec![node]).await;
+    Ok(Json(shown.remove(0)))
 }
 
 /// Cordon / uncordon.
@@ -82,21 +85,29 @@ pub async fn drain(
     }
 }
 
-/// Heartbeat.
+/// Heartbeat: renews the node's lease in the leader's memory (no Raft write unless the node
+/// was down).
 #[utoipa::path(post, path = "/v1/nodes/{name}/heartbeat", request_body = HeartbeatRequest, params(("name" = String, Path)), responses((status = 204)))]
 pub async fn heartbeat(
     State(app): State<AppState>,
     Path(name): Path<String>,
     ApiJson(req): ApiJson<HeartbeatRequest>,
 ) -> HttpResult<StatusCode> {
-    let memory = app.read(|s| s.nodes.get(&name).map_or(0, |n| n.capacity.memory_bytes));
+    let memory = app
+        .read(|s| s.nodes.get(&name).map(|n| n.capacity.memory_bytes))
+        .ok_or_else(|| ApiError::not_found("node", &name))?;
     let utilization = nimbus_api::validate::heartbeat(&req, memory)?;
-    app.propose(Command::NodeHeartbeat { name, utilization })
-        .await?;
+    app.record_beats(vec![Beat {
+        node: name,
+        utilization,
+        interfaces: None,
+    }])
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Status reports.
+/// Status reports: instance state transitions go through Raft; interface counters are
+/// telemetry and stay in the leader's memory.
 #[utoipa::path(post, path = "/v1/nodes/{name}/status", request_body = StatusReport, params(("name" = String, Path)), responses((status = 204)))]
 pub async fn status(
     State(app): State<AppState>,
@@ -106,11 +117,19 @@ pub async fn status(
     if !app.read(|s| s.nodes.contains_key(&name)) {
         return Err(ApiError::not_found("node", &name).into());
     }
-    if !req.instances.is_empty() || !req.interfaces.is_empty() {
+    if !req.interfaces.is_empty() {
+        app.record_beats(vec![Beat {
+            node: name.clone(),
+            utilization: None,
+            interfaces: Some(req.interfaces),
+        }])
+        .await?;
+    }
+    if !req.instances.is_empty() {
         app.propose(Command::ReportStatus {
             node: name,
             reports: req.instances,
-            interfaces: req.interfaces,
+            interfaces: Vec::new(),
         })
         .await?;
     }
