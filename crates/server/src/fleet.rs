@@ -13,31 +13,20 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use nimbus_api::{ApiError, ErrorCode, InterfaceCounters, Node, NodeState, NodeUtilization};
+use nimbus_api::lb::LoadBalancer;
+use nimbus_api::{ApiError, ErrorCode, Node, NodeState};
 use nimbus_state::Command;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use tokio::time::Instant;
 
 use crate::app::AppState;
+pub use crate::telemetry::Beat;
 use crate::telemetry::TelemetryView;
 
 /// Internal route: heartbeats a follower forwards.
 pub const PATH_BEATS: &str = "/raft/fleet/beats";
 /// Internal route: the leader's telemetry.
 pub const PATH_TELEMETRY: &str = "/raft/fleet/telemetry";
-
-/// One node's sign of life.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Beat {
-    /// Node name.
-    pub node: String,
-    /// Its measurement, if it sent one.
-    #[serde(default)]
-    pub utilization: Option<NodeUtilization>,
-    /// Its instances' interface counters, if it sent them.
-    #[serde(default)]
-    pub interfaces: Option<Vec<InterfaceCounters>>,
-}
 
 fn unavailable(message: String) -> ApiError {
     ApiError::new(ErrorCode::Unavailable, message)
@@ -70,8 +59,7 @@ impl AppState {
         let now = Instant::now();
         let at = crate::app::now();
         for b in beats {
-            self.telemetry
-                .beat(&b.node, b.utilization, b.interfaces.clone(), now, &at);
+            self.telemetry.beat(b, now, &at);
         }
         let revived: Vec<String> = self.read(|s| {
             beats
@@ -131,6 +119,16 @@ impl AppState {
             }
         }
         nodes
+    }
+
+    /// Load balancers as the API shows them: backend health from the leader's telemetry of
+    /// their serving nodes.
+    pub async fn with_lb_health(&self, mut lbs: Vec<LoadBalancer>) -> Vec<LoadBalancer> {
+        let views = self.telemetry_views(None).await;
+        for lb in &mut lbs {
+            crate::telemetry::apply_lb(lb, &views);
+        }
+        lbs
     }
 }
 

@@ -21,6 +21,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use nimbus_api::lb::{LbBackendHealth, LoadBalancer};
 use nimbus_api::{InterfaceCounters, Node, NodeState, NodeUtilization};
 use tokio::time::Instant;
 
@@ -51,6 +52,25 @@ pub struct TelemetryView {
     /// When the counters were reported, RFC 3339.
     #[serde(default)]
     pub counters_at: Option<String>,
+    /// Backend health of the load balancers the node serves, by LB id.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub loadbalancers: BTreeMap<String, Vec<LbBackendHealth>>,
+}
+
+/// One node's sign of life, with whatever telemetry it carried.
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+pub struct Beat {
+    /// Node name.
+    pub node: String,
+    /// Its measurement, if it sent one.
+    #[serde(default)]
+    pub utilization: Option<NodeUtilization>,
+    /// Its instances' interface counters, if it sent them.
+    #[serde(default)]
+    pub interfaces: Option<Vec<InterfaceCounters>>,
+    /// Backend health of the LBs it serves (by LB id), if it sent it.
+    #[serde(default)]
+    pub loadbalancers: Option<BTreeMap<String, Vec<LbBackendHealth>>>,
 }
 
 /// One node's entry: the lease (monotonic) and the telemetry.
@@ -73,30 +93,26 @@ impl Telemetry {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Renews a node's lease; a measurement replaces the previous one, counters too.
-    pub fn beat(
-        &self,
-        name: &str,
-        utilization: Option<NodeUtilization>,
-        interfaces: Option<Vec<InterfaceCounters>>,
-        now: Instant,
-        at: &str,
-    ) {
+    /// Renews a node's lease; what the beat carries replaces the previous values.
+    pub fn beat(&self, b: &Beat, now: Instant, at: &str) {
         let mut nodes = self.lock();
         let t = nodes
-            .entry(name.to_string())
+            .entry(b.node.clone())
             .or_insert_with(|| NodeTelemetry {
                 seen: now,
                 view: TelemetryView::default(),
             });
         t.seen = now;
         at.clone_into(&mut t.view.seen_at);
-        if utilization.is_some() {
-            t.view.utilization = utilization;
+        if b.utilization.is_some() {
+            t.view.utilization = b.utilization;
         }
-        if let Some(i) = interfaces {
-            t.view.interfaces = i;
+        if let Some(i) = &b.interfaces {
+            t.view.interfaces.clone_from(i);
             t.view.counters_at = Some(at.to_string());
+        }
+        if let Some(l) = &b.loadbalancers {
+            t.view.loadbalancers.clone_from(l);
         }
     }
 
@@ -154,6 +170,26 @@ pub fn apply(node: &mut Node, t: &TelemetryView) {
     if t.utilization.is_some() {
         node.utilization = t.utilization;
     }
+}
+
+/// Shows the backend health the LB's serving nodes reported in its status.
+pub fn apply_lb(lb: &mut LoadBalancer, views: &std::collections::HashMap<String, TelemetryView>) {
+    let mut backends: Vec<LbBackendHealth> = lb
+        .status
+        .nodes
+        .iter()
+        .filter_map(|n| Some((n, views.get(n)?.loadbalancers.get(&lb.meta.id)?)))
+        .flat_map(|(n, r)| {
+            r.iter().map(move |b| LbBackendHealth {
+                node: n.clone(),
+                ..b.clone()
+            })
+        })
+        .collect();
+    backends.sort_by(|a, b| {
+        (a.instance.as_str(), a.node.as_str()).cmp(&(b.instance.as_str(), b.node.as_str()))
+    });
+    lb.status.backends = backends;
 }
 
 /// The liveness controller's memory between passes (pure; see [`Liveness::pass`]).

@@ -154,7 +154,7 @@ impl StateMachine {
         let lb = self.loadbalancers[&key(project, name)].clone();
         self.bump_all_nodes();
         self.event(env, project, "loadbalancer", name, "Created", String::new());
-        Ok(CommandOutput::LoadBalancer(Box::new(self.with_status(lb))))
+        Ok(CommandOutput::LoadBalancer(Box::new(lb)))
     }
 
     pub(crate) fn update_lb(
@@ -195,7 +195,7 @@ impl StateMachine {
         let lb = self.loadbalancers[&key(project, name)].clone();
         self.bump_all_nodes();
         self.event(env, project, "loadbalancer", name, "Updated", String::new());
-        Ok(CommandOutput::LoadBalancer(Box::new(self.with_status(lb))))
+        Ok(CommandOutput::LoadBalancer(Box::new(lb)))
     }
 
     pub(crate) fn delete_lb(
@@ -232,11 +232,6 @@ impl StateMachine {
                 (a.instance.as_str(), a.node.as_str()).cmp(&(b.instance.as_str(), b.node.as_str()))
             });
         }
-    }
-
-    /// The LB as shown to users (its status, serving nodes included, is stored).
-    pub fn with_status(&self, lb: LoadBalancer) -> LoadBalancer {
-        lb
     }
 
     /// Running instances a selector picks, with their IPs and weights.

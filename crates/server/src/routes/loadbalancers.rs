@@ -69,22 +69,22 @@ pub async fn list(
         app.barrier().await?;
     }
     check_project(&app, &project)?;
-    Ok(Json(app.read(|s| {
+    let lbs = app.read(|s| {
         s.loadbalancers
             .values()
             .filter(|l| l.meta.project == project)
-            .map(|l| s.with_status(l.clone()))
+            .cloned()
             .collect()
-    })))
+    });
+    Ok(Json(app.with_lb_health(lbs).await))
 }
 
-fn find(app: &AppState, project: &str, name: &str) -> Result<LoadBalancer, ApiError> {
+async fn find(app: &AppState, project: &str, name: &str) -> Result<LoadBalancer, ApiError> {
     check_project(app, project)?;
-    app.read(|s| {
-        s.loadbalancer(project, name)
-            .map(|l| s.with_status(l.clone()))
-    })
-    .ok_or_else(|| ApiError::not_found("load balancer", name))
+    let lb = app
+        .read(|s| s.loadbalancer(project, name).cloned())
+        .ok_or_else(|| ApiError::not_found("load balancer", name))?;
+    Ok(app.with_lb_health(vec![lb]).await.remove(0))
 }
 
 /// Get one load balancer.
@@ -94,7 +94,7 @@ pub async fn get(
     Path((project, name)): Path<(String, String)>,
 ) -> HttpResult<Json<LoadBalancer>> {
     app.barrier().await?;
-    Ok(Json(find(&app, &project, &name)?))
+    Ok(Json(find(&app, &project, &name).await?))
 }
 
 /// Replace a load balancer's spec.
@@ -136,6 +136,6 @@ pub async fn backends(
     Path((project, name)): Path<(String, String)>,
 ) -> HttpResult<Json<Vec<LbBackendHealth>>> {
     app.barrier().await?;
-    let l = find(&app, &project, &name)?;
+    let l = find(&app, &project, &name).await?;
     Ok(Json(l.status.backends))
 }

@@ -100,7 +100,7 @@ pub async fn heartbeat(
     app.record_beats(vec![Beat {
         node: name,
         utilization,
-        interfaces: None,
+        ..Beat::default()
     }])
     .await?;
     Ok(StatusCode::NO_CONTENT)
@@ -120,8 +120,8 @@ pub async fn status(
     if !req.interfaces.is_empty() {
         app.record_beats(vec![Beat {
             node: name.clone(),
-            utilization: None,
             interfaces: Some(req.interfaces),
+            ..Beat::default()
         }])
         .await?;
     }
@@ -136,7 +136,7 @@ pub async fn status(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Backend health of the load balancers a node serves.
+/// Backend health of the load balancers a node serves (telemetry in the leader's memory).
 #[utoipa::path(post, path = "/v1/nodes/{name}/lb-health", request_body = LbHealthReport, params(("name" = String, Path)), responses((status = 204)))]
 pub async fn lb_health(
     State(app): State<AppState>,
@@ -146,10 +146,11 @@ pub async fn lb_health(
     if !app.read(|s| s.nodes.contains_key(&name)) {
         return Err(ApiError::not_found("node", &name).into());
     }
-    app.propose(Command::ReportLbHealth {
+    app.record_beats(vec![Beat {
         node: name,
-        reports: req.loadbalancers,
-    })
+        loadbalancers: Some(req.loadbalancers),
+        ..Beat::default()
+    }])
     .await?;
     Ok(StatusCode::NO_CONTENT)
 }
