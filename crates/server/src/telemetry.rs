@@ -173,7 +173,10 @@ pub fn apply(node: &mut Node, t: &TelemetryView) {
 }
 
 /// Shows the backend health the LB's serving nodes reported in its status.
-pub fn apply_lb(lb: &mut LoadBalancer, views: &std::collections::HashMap<String, TelemetryView>) {
+pub fn apply_lb<S: std::hash::BuildHasher>(
+    lb: &mut LoadBalancer,
+    views: &HashMap<String, TelemetryView, S>,
+) {
     let mut backends: Vec<LbBackendHealth> = lb
         .status
         .nodes
