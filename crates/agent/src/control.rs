@@ -93,13 +93,44 @@ impl Agent {
                 .await
             {
                 Ok(resp) => {
+                    let map = {
+                        let mut held = self.net_map.lock().expect("net map lock");
+                        match (resp.network, &resp.network_delta) {
+                            (Some(map), _) => Some(map),
+                            (None, Some(delta)) => {
+                                let mut map = held.clone().unwrap_or_default();
+                                match map.apply(delta) {
+                                    Ok(()) => Some(map),
+                                    Err(e) => {
+                                        // Ask for the whole map next time.
+                                        tracing::warn!("{e}; asking for the whole map");
+                                        *held = None;
+                                        net_after = 0;
+                                        None
+                                    }
+                                }
+                            }
+                            (None, None) => None,
+                        }
+                    };
+                    if let Some(map) = map {
+                        if first || map.revision != net_after {
+                            net_after = map.revision;
+                            *self.net_map.lock().expect("net map lock") = Some(map);
+                            net_tx.send_replace(net_after);
+                        }
+                    }
                     // In-kernel L4 tables live next to the datapath's (same prefix); a hollow
                     // node has no datapath.
                     let kernel_l4 = (!self.cfg.hollow).then(|| {
-                        self.cfg
-                            .nft_table
-                            .clone()
-                            .unwrap_or_else(|| resp.network.prefix.clone())
+                        self.cfg.nft_table.clone().unwrap_or_else(|| {
+                            self.net_map
+                                .lock()
+                                .expect("net map lock")
+                                .as_ref()
+                                .map(|m| m.prefix.clone())
+                                .unwrap_or_default()
+                        })
                     });
                     self.lbs
                         .reconcile(&resp.loadbalancers, kernel_l4.as_deref())
@@ -114,11 +145,6 @@ impl Agent {
                         *self.assignments.lock().expect("assignments lock") = map;
                         after = resp.revision;
                         let _ = tx.send(Some(after));
-                    }
-                    if first || resp.network.revision != net_after {
-                        net_after = resp.network.revision;
-                        *self.net_map.lock().expect("net map lock") = Some(resp.network);
-                        net_tx.send_replace(net_after);
                     }
                     first = false;
                 }

@@ -144,7 +144,8 @@ impl ServerLink {
 
     /// Long-polls assignments and the network map: returns when the node's assignments
     /// change past `after` or the network map past `net_after` (`None`: network changes do
-    /// not wake the poll), or after `wait` seconds.
+    /// not wake the poll), or after `wait` seconds. The map comes as a delta against the one
+    /// at `net_after` when the server can make one.
     pub async fn assignments(
         &self,
         node: &str,
@@ -153,7 +154,7 @@ impl ServerLink {
         wait: u64,
     ) -> Result<AssignmentsResponse, LinkError> {
         let net = net_after
-            .map(|n| format!("&net_after={n}"))
+            .map(|n| format!("&net_after={n}&delta=true"))
             .unwrap_or_default();
         self.call::<(), AssignmentsResponse>(
             reqwest::Method::GET,

@@ -121,9 +121,14 @@ pub struct AssignmentsResponse {
     /// Load balancers the node serves, with backends resolved to instance IPs.
     #[serde(default)]
     pub loadbalancers: Vec<LbAssignment>,
-    /// What the node's datapath must look like (networks, tunnels, security groups, NAT).
-    #[serde(default)]
-    pub network: NetworkMap,
+    /// What the node's datapath must look like (networks, tunnels, security groups, NAT):
+    /// the whole map, when asked for (`net_after`) and no delta is sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkMap>,
+    /// The changes since the map the agent holds (`net_after` and `delta=true`), instead of
+    /// the whole map.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_delta: Option<crate::netmap_delta::NetworkMapDelta>,
 }
 
 /// The datapath a node must converge to: the networks with instances on it, the remote
@@ -132,7 +137,7 @@ pub struct AssignmentsResponse {
 /// `net_after=` the revision they hold.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
 pub struct NetworkMap {
-    /// State revision at which the cluster's networking last changed.
+    /// State revision at which this node's map last changed.
     pub revision: u64,
     /// Name prefix of the node's datapath objects; also the nftables table (`inet <prefix>`).
     pub prefix: String,
@@ -148,8 +153,8 @@ pub struct NetworkMap {
     pub security_groups: Vec<GroupPlan>,
     /// This node's instances.
     pub instances: Vec<InstancePlan>,
-    /// The underlay addresses of the other nodes (their own traffic, like this node's, is not
-    /// subject to the security groups).
+    /// The underlay addresses of the peers: the other nodes hosting instances of this node's
+    /// networks (their own traffic, like this node's, is not subject to the security groups).
     #[serde(default)]
     pub nodes: Vec<String>,
 }

@@ -7,6 +7,7 @@ pub mod error;
 pub mod lb;
 pub mod lb_place;
 mod lb_tls;
+pub mod netmap_delta;
 pub mod network;
 pub mod requests;
 pub mod resources;

@@ -58,6 +58,8 @@ pub struct AppState {
     pub blob_fetches: Arc<crate::blobs::BlobFetches>,
     /// Node leases and telemetry (meaningful on the leader only).
     pub telemetry: Arc<crate::telemetry::Telemetry>,
+    /// The network map last sent to each node (for deltas).
+    pub net_maps: Arc<crate::fleet::SentMaps>,
 }
 
 pub use crate::proposer::now;

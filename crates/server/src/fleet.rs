@@ -178,3 +178,25 @@ async fn telemetry(
     let names: Option<Vec<String>> = q.nodes.map(|n| n.split(',').map(str::to_string).collect());
     Json(app.telemetry.views(names.as_deref()))
 }
+
+/// The network map last sent to each node, so the next long-poll that names its revision can
+/// be answered with a delta (`nimbus_api::netmap_delta`). In memory only: after a restart, or
+/// on another server, agents get the whole map once.
+#[derive(Debug, Default)]
+pub struct SentMaps {
+    maps: std::sync::Mutex<HashMap<String, nimbus_api::agent::NetworkMap>>,
+}
+
+impl SentMaps {
+    /// Records `map` as sent to `node` and returns the map sent before it.
+    pub fn sent(
+        &self,
+        node: &str,
+        map: nimbus_api::agent::NetworkMap,
+    ) -> Option<nimbus_api::agent::NetworkMap> {
+        self.maps
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(node.to_string(), map)
+    }
+}

@@ -186,6 +186,7 @@ impl Server {
             blob_http: blobs::http_client(),
             blob_fetches: Arc::default(),
             telemetry: Arc::default(),
+            net_maps: Arc::default(),
         };
         let router = routes::router(app.clone())
             .merge(cluster::router(app.clone()))

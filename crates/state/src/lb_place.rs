@@ -65,10 +65,11 @@ pub fn place(
 }
 
 impl StateMachine {
-    /// Re-place every LB after a command; bumps the assignment revision of the nodes whose set
-    /// of LBs changed.
+    /// Re-places every LB after a command that changed nodes or load balancers (placement
+    /// depends on nothing else); the settle step wakes the nodes whose set of LBs changed.
     pub(crate) fn place_lbs(&mut self) {
-        if self.loadbalancers.is_empty() {
+        if self.loadbalancers.is_empty() || !(self.nodes.changed() || self.loadbalancers.changed())
+        {
             return;
         }
         let ready: BTreeSet<String> = self
@@ -83,18 +84,17 @@ impl StateMachine {
             .filter(|n| n.state == NodeState::Ready && !n.cordoned)
             .map(|n| n.meta.name.clone())
             .collect();
-        let mut changed: BTreeSet<String> = BTreeSet::new();
-        for (key, lb) in &mut self.loadbalancers {
-            let next = place(key, &lb.spec, &ready, &uncordoned, &lb.status.nodes);
-            if next != lb.status.nodes {
-                changed.extend(next.iter().cloned());
-                changed.extend(lb.status.nodes.drain(..));
+        let moved: Vec<(String, Vec<String>)> = self
+            .loadbalancers
+            .iter()
+            .filter_map(|(key, lb)| {
+                let next = place(key, &lb.spec, &ready, &uncordoned, &lb.status.nodes);
+                (next != lb.status.nodes).then(|| (key.clone(), next))
+            })
+            .collect();
+        for (key, next) in moved {
+            if let Some(lb) = self.loadbalancers.get_mut(&key) {
                 lb.status.nodes = next;
-            }
-        }
-        for n in changed {
-            if self.nodes.contains_key(&n) {
-                self.bump_assignments(&n);
             }
         }
     }

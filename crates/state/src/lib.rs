@@ -2,6 +2,7 @@
 //! openraft + redb runtime that orders them through a Raft log.
 
 pub mod command;
+pub mod index;
 pub mod lb_place;
 mod loadbalancers;
 pub mod machine;
@@ -12,6 +13,7 @@ pub mod placement;
 pub mod preemption;
 pub mod raft;
 mod scheduling;
+pub mod tracked;
 pub mod utilization;
 pub mod vip;
 pub mod vpc;
@@ -19,8 +21,10 @@ pub mod vpc;
 pub use command::{
     Command, CommandEnvelope, CommandOutput, CommandResult, InstanceAction, COMMAND_FORMAT_VERSION,
 };
-pub use machine::StateMachine;
+pub use machine::{StateData, StateMachine};
 
+#[cfg(test)]
+mod index_tests;
 #[cfg(test)]
 mod lb_tests;
 #[cfg(test)]

@@ -25,11 +25,11 @@ impl StateMachine {
         self.loadbalancers.get(&key(project, name))
     }
 
-    /// Bump every node's assignment revision (LB config is served by every node).
-    pub(crate) fn bump_all_nodes(&mut self) {
+    /// Bump every node's network revision (the cluster's datapath settings changed).
+    pub(crate) fn bump_all_networks(&mut self) {
         let names: Vec<String> = self.nodes.keys().cloned().collect();
         for n in names {
-            self.bump_assignments(&n);
+            self.bump_network_of(&n);
         }
     }
 
@@ -79,9 +79,9 @@ impl StateMachine {
         }
         let check = |field: &str, b: &LbBackends| -> Result<(), ApiError> {
             if let Some(g) = &b.group {
-                let exists = self.instances.values().any(|i| {
-                    i.meta.project == project && i.spec.spread_group.as_deref() == Some(g)
-                });
+                let exists = self
+                    .project_instances(project, None)
+                    .any(|i| i.spec.spread_group.as_deref() == Some(g));
                 if !exists {
                     return Err(ApiError::invalid(
                         format!("{field}.group"),
@@ -152,7 +152,6 @@ impl StateMachine {
         self.loadbalancers.insert(key(project, name), lb);
         self.place_lbs();
         let lb = self.loadbalancers[&key(project, name)].clone();
-        self.bump_all_nodes();
         self.event(env, project, "loadbalancer", name, "Created", String::new());
         Ok(CommandOutput::LoadBalancer(Box::new(lb)))
     }
@@ -193,7 +192,6 @@ impl StateMachine {
         touch(&mut lb.meta, env);
         self.place_lbs();
         let lb = self.loadbalancers[&key(project, name)].clone();
-        self.bump_all_nodes();
         self.event(env, project, "loadbalancer", name, "Updated", String::new());
         Ok(CommandOutput::LoadBalancer(Box::new(lb)))
     }
@@ -207,7 +205,6 @@ impl StateMachine {
         if self.loadbalancers.remove(&key(project, name)).is_none() {
             return Err(ApiError::not_found("load balancer", name));
         }
-        self.bump_all_nodes();
         self.event(env, project, "loadbalancer", name, "Deleted", String::new());
         Ok(CommandOutput::None)
     }
@@ -236,9 +233,7 @@ impl StateMachine {
 
     /// Running instances a selector picks, with their IPs and weights.
     pub fn resolve_backends(&self, project: &str, b: &LbBackends) -> Vec<LbResolvedBackend> {
-        let running = |i: &nimbus_api::Instance| {
-            i.meta.project == project && i.status.state == InstanceState::Running
-        };
+        let running = |i: &nimbus_api::Instance| i.status.state == InstanceState::Running;
         let mut out: Vec<LbResolvedBackend> = Vec::new();
         let mut push = |i: &nimbus_api::Instance, weight: u32| {
             if let Some(ip) = &i.status.ip {
@@ -251,13 +246,19 @@ impl StateMachine {
         };
         if let Some(sel) = &b.label {
             let (k, v) = sel.split_once('=').unwrap_or((sel, ""));
-            for i in self.instances.values().filter(|&i| running(i)) {
+            for i in self
+                .project_instances(project, None)
+                .filter(|&i| running(i))
+            {
                 if i.meta.labels.get(k).map(String::as_str) == Some(v) {
                     push(i, 1);
                 }
             }
         } else if let Some(g) = &b.group {
-            for i in self.instances.values().filter(|&i| running(i)) {
+            for i in self
+                .project_instances(project, None)
+                .filter(|&i| running(i))
+            {
                 if i.spec.spread_group.as_deref() == Some(g.as_str()) {
                     push(i, 1);
                 }

@@ -5,7 +5,7 @@
 //! runs inside `apply` through the pure scheduler, so concurrent creates can never double-book
 //! a node.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
@@ -19,23 +19,24 @@ use crate::command::{
     Command, CommandEnvelope, CommandOutput, CommandResult, InstanceAction, COMMAND_FORMAT_VERSION,
 };
 use crate::network;
+use crate::tracked::Tracked;
 
 /// How many events are kept.
 pub const EVENT_HISTORY: usize = 10_000;
 
-/// All replicated state. Serialized whole as the snapshot.
+/// All replicated state, serialized whole as the snapshot.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct StateMachine {
+pub struct StateData {
     /// Last applied log index (the state revision).
     pub revision: u64,
     /// Projects by name.
     pub projects: BTreeMap<String, Project>,
     /// Nodes by name.
-    pub nodes: BTreeMap<String, Node>,
+    pub nodes: Tracked<String, Node>,
     /// Images by name.
     pub images: BTreeMap<String, Image>,
     /// Instances by id.
-    pub instances: BTreeMap<String, Instance>,
+    pub instances: Tracked<String, Instance>,
     /// Idempotency keys: `project/key` -> instance id.
     pub idempotency: BTreeMap<String, String>,
     /// Recent events (bounded to [`EVENT_HISTORY`]).
@@ -53,26 +54,78 @@ pub struct StateMachine {
     pub assignment_revisions: BTreeMap<String, u64>,
     /// Load balancers by `project/name`.
     #[serde(default)]
-    pub loadbalancers: BTreeMap<String, nimbus_api::lb::LoadBalancer>,
+    pub loadbalancers: Tracked<String, nimbus_api::lb::LoadBalancer>,
     /// The adaptive score weights (see `utilization.rs`), once a node reported utilisation.
     #[serde(default)]
     pub adaptive: Option<crate::utilization::AdaptiveState>,
     /// Networks by `project/name`.
     #[serde(default)]
-    pub networks: BTreeMap<String, Network>,
+    pub networks: Tracked<String, Network>,
     /// Security groups by `project/name`.
     #[serde(default)]
-    pub security_groups: BTreeMap<String, SecurityGroup>,
+    pub security_groups: Tracked<String, SecurityGroup>,
     /// Address allocations per network (`project/name`): address -> instance id.
     #[serde(default)]
     pub ipam: BTreeMap<String, BTreeMap<String, String>>,
     /// The next VXLAN id to hand out.
     #[serde(default)]
     pub next_vni: u32,
-    /// The revision at which the cluster's networking (networks, groups, instance placement)
-    /// last changed; agents long-poll it for their network map.
+    /// Per node: the revision at which its network map last changed (agents long-poll it).
     #[serde(default)]
-    pub network_revision: u64,
+    pub network_revisions: BTreeMap<String, u64>,
+}
+
+/// The replicated state ([`StateData`], which it dereferences to) with its derived indexes,
+/// rebuilt when it is loaded and kept current by `apply` (see `index.rs`).
+#[derive(Debug, Clone, Default)]
+pub struct StateMachine {
+    pub(crate) data: StateData,
+    pub(crate) index: crate::index::Index,
+    /// Nodes whose assignment or network revision moved since [`StateMachine::take_woken`].
+    woken: BTreeSet<String>,
+}
+
+impl std::ops::Deref for StateMachine {
+    type Target = StateData;
+    fn deref(&self) -> &StateData {
+        &self.data
+    }
+}
+
+impl std::ops::DerefMut for StateMachine {
+    fn deref_mut(&mut self) -> &mut StateData {
+        &mut self.data
+    }
+}
+
+impl PartialEq for StateMachine {
+    fn eq(&self, other: &Self) -> bool {
+        self.data == other.data
+    }
+}
+
+impl Serialize for StateMachine {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.data.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for StateMachine {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(Self::from(StateData::deserialize(d)?))
+    }
+}
+
+impl From<StateData> for StateMachine {
+    fn from(data: StateData) -> Self {
+        let mut sm = Self {
+            data,
+            index: crate::index::Index::default(),
+            woken: BTreeSet::new(),
+        };
+        sm.rebuild_index();
+        sm
+    }
 }
 
 /// The scheduling policy kept in the state (so every replica places identically).
@@ -167,26 +220,19 @@ impl StateMachine {
             ));
         }
         let result = self.apply_command(index, env);
-        // Backend sets follow instance placement and state: every node re-reads its LBs.
-        if result.is_ok()
-            && !self.loadbalancers.is_empty()
-            && matches!(
-                env.command,
-                Command::CreateInstance { .. }
-                    | Command::SetInstanceDesired { .. }
-                    | Command::ScheduleInstance { .. }
-                    | Command::ReportStatus { .. }
-                    | Command::DrainNode { .. }
-                    | Command::MarkNodeDown { .. }
-                    | Command::RegisterNode(_)
-            )
-        {
-            self.bump_all_nodes();
-        }
         if result.is_ok() {
             self.place_lbs();
         }
+        if !matches!(env.command, Command::Batch { .. }) {
+            self.settle();
+        }
         result
+    }
+
+    /// Nodes whose assignments or network map changed since the last call (the runtime wakes
+    /// their agents' long-polls).
+    pub fn take_woken(&mut self) -> BTreeSet<String> {
+        std::mem::take(&mut self.woken)
     }
 
     fn apply_command(&mut self, index: u64, env: &CommandEnvelope) -> CommandResult {
@@ -237,7 +283,7 @@ impl StateMachine {
                     ));
                 }
                 self.network = want;
-                self.bump_network();
+                self.bump_all_networks();
                 Ok(CommandOutput::None)
             }
             Command::CreateProject {
@@ -393,25 +439,23 @@ impl StateMachine {
         }
     }
 
-    /// Finds an instance by project and name.
-    pub fn instance_by_name(&self, project: &str, name: &str) -> Option<&Instance> {
-        self.instances
-            .values()
-            .find(|i| i.meta.project == project && i.meta.name == name)
-    }
-
-    /// Instances assigned to a node.
-    pub fn instances_on(&self, node: &str) -> impl Iterator<Item = &Instance> {
-        let node = node.to_string();
-        self.instances
-            .values()
-            .filter(move |i| i.status.node.as_deref() == Some(node.as_str()))
-    }
-
     /// Records that the assignments of `node` changed at this revision.
     pub(crate) fn bump_assignments(&mut self, node: &str) {
-        self.assignment_revisions
-            .insert(node.to_string(), self.revision);
+        let rev = self.revision;
+        self.assignment_revisions.insert(node.to_string(), rev);
+        self.woken.insert(node.to_string());
+    }
+
+    /// Records that the network map of `node` changed at this revision.
+    pub(crate) fn bump_network_of(&mut self, node: &str) {
+        let rev = self.revision;
+        self.network_revisions.insert(node.to_string(), rev);
+        self.woken.insert(node.to_string());
+    }
+
+    /// The revision at which `node`'s network map last changed.
+    pub fn network_revision(&self, node: &str) -> u64 {
+        self.network_revisions.get(node).copied().unwrap_or(0)
     }
 
     /// The revision at which `node`'s assignments last changed.
@@ -429,8 +473,9 @@ impl StateMachine {
         message: String,
     ) {
         self.next_event_seq += 1;
+        let seq = self.next_event_seq;
         self.events.push_back(Event {
-            seq: self.next_event_seq,
+            seq,
             time: env.time.clone(),
             project: project.to_string(),
             kind: kind.to_string(),
@@ -486,11 +531,7 @@ impl StateMachine {
         if name == "default" {
             return Err(ApiError::conflict("the default project cannot be deleted"));
         }
-        let n = self
-            .instances
-            .values()
-            .filter(|i| i.meta.project == name)
-            .count();
+        let n = self.project_instance_count(name);
         if n > 0 {
             return Err(ApiError::conflict(format!(
                 "project {name:?} still has {n} instance(s); delete them first"

@@ -2,10 +2,11 @@
 //! attachment of each assigned instance and the node's [`NetworkMap`] (networks with local
 //! instances, remote endpoints for the VXLAN FDB, security groups, published ports).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use nimbus_api::agent::{
-    GroupPlan, InstancePlan, NetworkAttachment, NetworkMap, NetworkPlan, RemoteEndpoint, SubnetPlan,
+    Assignment, AssignmentsResponse, GroupPlan, ImageRef, InstancePlan, NetworkAttachment,
+    NetworkMap, NetworkPlan, RemoteEndpoint, SubnetPlan,
 };
 use nimbus_api::cidr::Cidr;
 use nimbus_api::{bridge_name, instance_mac, DesiredState, Instance};
@@ -36,7 +37,10 @@ pub fn attachment(sm: &StateMachine, inst: &Instance) -> Option<NetworkAttachmen
     })
 }
 
-/// The network map of `node`.
+/// The network map of `node`. Built from the indexes: O(the instances of the networks and
+/// groups it shows). Canonical order (networks by project and name, remote endpoints by
+/// address, groups by key, members sorted, instances by id), so equal states give equal maps
+/// and a delta applied to the previous map gives exactly this one.
 pub fn network_map(sm: &StateMachine, node: &str) -> NetworkMap {
     let underlay = sm
         .nodes
@@ -54,6 +58,7 @@ pub fn network_map(sm: &StateMachine, node: &str) -> NetworkMap {
         .filter(|i| i.status.ip.is_some())
         .collect();
     let mut networks = Vec::new();
+    let mut peers: BTreeSet<String> = BTreeSet::new();
     let net_keys: BTreeSet<String> = local
         .iter()
         .map(|i| key(&i.meta.project, &i.spec.network))
@@ -62,14 +67,9 @@ pub fn network_map(sm: &StateMachine, node: &str) -> NetworkMap {
         let Some(net) = sm.networks.get(k) else {
             continue;
         };
-        let remote = sm
-            .instances
-            .values()
-            .filter(|i| {
-                i.meta.project == net.meta.project
-                    && i.spec.network == net.meta.name
-                    && i.spec.desired != DesiredState::Deleted
-            })
+        let mut remote: Vec<RemoteEndpoint> = sm
+            .network_instances(k)
+            .filter(|i| i.spec.desired != DesiredState::Deleted)
             .filter_map(|i| {
                 let n = i.status.node.as_deref()?;
                 let u = underlay_of(n);
@@ -85,6 +85,8 @@ pub fn network_map(sm: &StateMachine, node: &str) -> NetworkMap {
                 })
             })
             .collect();
+        remote.sort_by(|a, b| a.ip.cmp(&b.ip));
+        peers.extend(remote.iter().map(|r| r.underlay_ip.clone()));
         networks.push(NetworkPlan {
             id: net.meta.id.clone(),
             project: net.meta.project.clone(),
@@ -102,6 +104,7 @@ pub fn network_map(sm: &StateMachine, node: &str) -> NetworkMap {
             remote,
         });
     }
+    networks.sort_by(|a, b| (&a.project, &a.name).cmp(&(&b.project, &b.name)));
     // Groups of local instances, then the groups their rules name.
     let mut group_keys: BTreeSet<String> = local
         .iter()
@@ -122,23 +125,6 @@ pub fn network_map(sm: &StateMachine, node: &str) -> NetworkMap {
             }
         }
     }
-    let mut members: BTreeMap<&str, Vec<String>> = BTreeMap::new();
-    let wanted: BTreeSet<&str> = group_keys.iter().map(String::as_str).collect();
-    let keyed: Vec<(String, &Instance)> = sm
-        .instances
-        .values()
-        .flat_map(|i| {
-            i.spec
-                .security_groups
-                .iter()
-                .map(move |g| (key(&i.meta.project, g), i))
-        })
-        .collect();
-    for (k, i) in &keyed {
-        if let (Some(w), Some(ip)) = (wanted.get(k.as_str()), &i.status.ip) {
-            members.entry(w).or_default().push(ip.clone());
-        }
-    }
     let security_groups = group_keys
         .iter()
         .filter_map(|k| {
@@ -152,13 +138,16 @@ pub fn network_map(sm: &StateMachine, node: &str) -> NetworkMap {
                     r
                 })
                 .collect();
-            let mut m = members.remove(k.as_str()).unwrap_or_default();
-            m.sort();
-            m.dedup();
+            let mut members: Vec<String> = sm
+                .group_instances(k)
+                .filter_map(|i| i.status.ip.clone())
+                .collect();
+            members.sort();
+            members.dedup();
             Some(GroupPlan {
                 key: k.clone(),
                 rules,
-                members: m,
+                members,
             })
         })
         .collect();
@@ -182,17 +171,10 @@ pub fn network_map(sm: &StateMachine, node: &str) -> NetworkMap {
             })
         })
         .collect();
-    let nodes = sm
-        .nodes
-        .values()
-        .map(|n| n.underlay_ip.clone())
-        .filter(|u| !u.is_empty() && *u != underlay)
-        .collect::<BTreeSet<String>>()
-        .into_iter()
-        .collect();
     NetworkMap {
-        nodes,
-        revision: sm.network_revision,
+        // The peers: nodes hosting instances of this node's networks.
+        nodes: peers.into_iter().collect(),
+        revision: sm.network_revision(node),
         prefix: sm.network.prefix.clone(),
         mtu: sm.network.mtu,
         vxlan_port: sm.network.vxlan_port,
@@ -200,5 +182,44 @@ pub fn network_map(sm: &StateMachine, node: &str) -> NetworkMap {
         networks,
         security_groups,
         instances,
+    }
+}
+
+/// A node's assignments (its instances with their images and attachments) and load
+/// balancers; its network map too when `with_network` (agents that program a datapath).
+pub fn assignments_of(sm: &StateMachine, node: &str, with_network: bool) -> AssignmentsResponse {
+    let assignments = sm
+        .instances_on(node)
+        .filter_map(|i| {
+            let image = sm
+                .images
+                .values()
+                .find(|im| im.digest == i.spec.image_digest)?;
+            Some(Assignment {
+                id: i.meta.id.clone(),
+                name: i.meta.name.clone(),
+                project: i.meta.project.clone(),
+                generation: i.status.generation,
+                desired: i.spec.desired,
+                restart_nonce: i.spec.restart_nonce,
+                spec: i.spec.clone(),
+                image: ImageRef {
+                    name: image.meta.name.clone(),
+                    digest: image.digest.clone(),
+                    layers: image.layers.clone(),
+                    default_command: image.default_command.clone(),
+                    default_env: image.default_env.clone(),
+                    working_dir: image.working_dir.clone(),
+                },
+                network: attachment(sm, i)?,
+            })
+        })
+        .collect();
+    AssignmentsResponse {
+        revision: sm.assignment_revision(node),
+        assignments,
+        loadbalancers: sm.lb_assignments(node),
+        network: with_network.then(|| network_map(sm, node)),
+        network_delta: None,
     }
 }

@@ -36,12 +36,6 @@ impl StateMachine {
             utilization: None,
         };
         node.meta.labels.clone_from(&req.labels);
-        if existed
-            .as_ref()
-            .is_none_or(|o| o.underlay_ip != node.underlay_ip)
-        {
-            self.bump_network();
-        }
         let message = if let Some(old) = existed {
             node.interfaces = old.interfaces;
             node.counters_at = old.counters_at;

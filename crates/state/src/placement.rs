@@ -1,7 +1,5 @@
 //! Builds scheduler inputs from the state.
 
-use std::collections::BTreeMap;
-
 use nimbus_api::{DesiredState, Instance, InstanceType, NodeState};
 use nimbus_scheduler::{NodeView, Request, Resources};
 
@@ -25,28 +23,23 @@ pub fn request(i: &Instance) -> Request {
 }
 
 /// Scheduler views of all nodes; `exclude` is an instance whose own reservation is ignored
-/// (when it is being re-placed).
+/// (when it is being re-placed). O(nodes): reservations come from the index.
 pub fn node_views(sm: &StateMachine, exclude: Option<&str>) -> Vec<NodeView> {
-    let mut alloc: BTreeMap<&str, (Resources, u32)> = BTreeMap::new();
-    for i in sm.instances.values() {
-        if Some(i.meta.id.as_str()) == exclude
-            || i.spec.desired == DesiredState::Deleted && i.status.node.is_none()
-        {
-            continue;
-        }
-        if let Some(n) = &i.status.node {
-            let e = alloc.entry(n.as_str()).or_default();
-            let r = resources(i);
-            e.0.cpu_millis += r.cpu_millis;
-            e.0.memory_bytes += r.memory_bytes;
-            e.0.disk_bytes += r.disk_bytes;
-            e.1 += 1;
-        }
-    }
+    let excluded = exclude
+        .and_then(|id| sm.instances.get(id))
+        .and_then(|i| Some((i.status.node.as_deref()?, resources(i))));
     sm.nodes
         .values()
         .map(|n| {
-            let (allocated, count) = alloc.get(n.meta.name.as_str()).copied().unwrap_or_default();
+            let (mut allocated, mut count) = sm
+                .node_alloc(&n.meta.name)
+                .map_or((Resources::default(), 0), |a| (a.reserved, a.count));
+            if let Some((_, r)) = excluded.filter(|(node, _)| *node == n.meta.name) {
+                allocated.cpu_millis -= r.cpu_millis;
+                allocated.memory_bytes -= r.memory_bytes;
+                allocated.disk_bytes -= r.disk_bytes;
+                count -= 1;
+            }
             NodeView {
                 name: n.meta.name.clone(),
                 ready: n.state == NodeState::Ready,
@@ -68,19 +61,11 @@ pub fn node_views(sm: &StateMachine, exclude: Option<&str>) -> Vec<NodeView> {
 /// Full scheduler nodes (zone, labels, measured utilisation, spread-group counts) for the
 /// placement engine.
 pub fn nodes(sm: &StateMachine, exclude: Option<&str>) -> Vec<nimbus_scheduler::Node> {
-    let mut groups: BTreeMap<&str, BTreeMap<String, u32>> = BTreeMap::new();
-    for i in sm.instances.values() {
-        if Some(i.meta.id.as_str()) == exclude || i.spec.desired == DesiredState::Deleted {
-            continue;
-        }
-        if let (Some(n), Some(g)) = (&i.status.node, &i.spec.spread_group) {
-            *groups
-                .entry(n.as_str())
-                .or_default()
-                .entry(format!("{}/{g}", i.meta.project))
-                .or_default() += 1;
-        }
-    }
+    let excluded = exclude.and_then(|id| sm.instances.get(id)).and_then(|i| {
+        let g = i.spec.spread_group.as_ref()?;
+        (i.spec.desired != DesiredState::Deleted)
+            .then(|| (i.status.node.clone(), format!("{}/{g}", i.meta.project)))
+    });
     node_views(sm, exclude)
         .iter()
         .map(|v| {
@@ -97,7 +82,19 @@ pub fn nodes(sm: &StateMachine, exclude: Option<&str>) -> Vec<nimbus_scheduler::
                     n.network_mbps = u.network_mbps;
                 }
             }
-            n.groups = groups.get(v.name.as_str()).cloned().unwrap_or_default();
+            if let Some(a) = sm.node_alloc(&v.name) {
+                n.groups.clone_from(&a.spread);
+                if let Some((Some(node), g)) = &excluded {
+                    if *node == v.name {
+                        if let Some(c) = n.groups.get_mut(g) {
+                            *c -= 1;
+                            if *c == 0 {
+                                n.groups.remove(g);
+                            }
+                        }
+                    }
+                }
+            }
             n
         })
         .collect()

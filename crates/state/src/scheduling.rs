@@ -147,7 +147,6 @@ impl StateMachine {
         self.instances.insert(id.to_string(), inst);
         self.bump_assignments(&old);
         self.bump_assignments(&node);
-        self.bump_network();
         self.event(
             env,
             &p,
@@ -175,7 +174,6 @@ impl StateMachine {
         let (p, n) = (inst.meta.project.clone(), inst.meta.name.clone());
         self.instances.insert(id.to_string(), inst.clone());
         self.bump_assignments(&node);
-        self.bump_network();
         self.event(
             env,
             &p,

@@ -70,11 +70,6 @@ fn next_rule_id(g: &SecurityGroup) -> String {
 }
 
 impl StateMachine {
-    /// Records that the cluster's networking changed at this revision (agents long-poll it).
-    pub(crate) fn bump_network(&mut self) {
-        self.network_revision = self.revision;
-    }
-
     /// A network by project and name.
     pub fn network_by_name(&self, project: &str, name: &str) -> Option<&Network> {
         self.networks.get(&key(project, name))
@@ -172,7 +167,6 @@ impl StateMachine {
         let msg = format!("{} (vni {})", n.cidr, n.vni);
         self.networks.insert(key(&p, &name), n);
         self.event(env, &p, "network", &name, "Created", msg);
-        self.bump_network();
     }
 
     fn new_group(env: &CommandEnvelope, id: String, project: &str, name: &str) -> SecurityGroup {
@@ -193,7 +187,6 @@ impl StateMachine {
         let (p, name) = (g.meta.project.clone(), g.meta.name.clone());
         self.security_groups.insert(key(&p, &name), g);
         self.event(env, &p, "security_group", &name, "Created", String::new());
-        self.bump_network();
     }
 
     fn check_project(&self, project: &str) -> Result<(), ApiError> {
@@ -227,9 +220,7 @@ impl StateMachine {
             return Err(ApiError::not_found("network", name));
         }
         let users: Vec<&str> = self
-            .instances
-            .values()
-            .filter(|i| i.meta.project == project && i.spec.network == name)
+            .network_instances(&k)
             .map(|i| i.meta.name.as_str())
             .collect();
         if !users.is_empty() {
@@ -242,7 +233,6 @@ impl StateMachine {
         self.networks.remove(&k);
         self.ipam.remove(&k);
         self.event(env, project, "network", name, "Deleted", String::new());
-        self.bump_network();
         Ok(CommandOutput::None)
     }
 
@@ -280,11 +270,8 @@ impl StateMachine {
             return Err(ApiError::not_found("security group", name));
         }
         let users: Vec<&str> = self
-            .instances
-            .values()
-            .filter(|i| {
-                i.meta.project == project && i.spec.security_groups.iter().any(|g| g == name)
-            })
+            .project_instances(project, None)
+            .filter(|i| i.spec.security_groups.iter().any(|g| g == name))
             .map(|i| i.meta.name.as_str())
             .collect();
         if !users.is_empty() {
@@ -313,7 +300,6 @@ impl StateMachine {
             "Deleted",
             String::new(),
         );
-        self.bump_network();
         Ok(CommandOutput::None)
     }
 
@@ -362,7 +348,6 @@ impl StateMachine {
         touch(&mut g.meta, env);
         let out = g.clone();
         self.event(env, project, "security_group", group, "RuleAdded", msg);
-        self.bump_network();
         Ok(CommandOutput::SecurityGroup(Box::new(out)))
     }
 
@@ -394,7 +379,6 @@ impl StateMachine {
             "RuleDeleted",
             rule_id.to_string(),
         );
-        self.bump_network();
         Ok(CommandOutput::SecurityGroup(Box::new(out)))
     }
 
@@ -514,7 +498,6 @@ impl StateMachine {
             .entry(a.network_key)
             .or_default()
             .insert(a.ip, inst.meta.id.clone());
-        self.bump_network();
     }
 
     /// Removes an instance from the state and frees its address.
@@ -526,20 +509,15 @@ impl StateMachine {
                 m.remove(ip);
             }
         }
-        self.bump_network();
         Some(inst)
     }
 
     /// Removes a project's networks and security groups (the project has no instances left).
     pub(crate) fn drop_project_networks(&mut self, project: &str) {
         let prefix = format!("{project}/");
-        let before = (self.networks.len(), self.security_groups.len());
         self.networks.retain(|k, _| !k.starts_with(&prefix));
         self.ipam.retain(|k, _| !k.starts_with(&prefix));
         self.security_groups.retain(|k, _| !k.starts_with(&prefix));
-        if before != (self.networks.len(), self.security_groups.len()) {
-            self.bump_network();
-        }
     }
 
     /// Why `inst` cannot run on `node`: a host port it publishes is already published there

@@ -99,7 +99,7 @@ fn first_launch_creates_the_default_network_and_group() {
     assert_eq!(a.spec.security_groups, vec!["default".to_string()]);
     let g = h.sm.security_group_by_name("default", "default").unwrap();
     assert_eq!(g.rules.len(), 2);
-    assert_eq!(h.sm.network_revision, h.sm.revision);
+    assert_eq!(h.sm.network_revision("n1"), h.sm.revision);
     // A second project gets its own network with another CIDR and VNI.
     h.ok(Command::CreateProject {
         name: "other".into(),

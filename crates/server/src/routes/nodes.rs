@@ -7,12 +7,11 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
 use nimbus_api::agent::{
-    Assignment, AssignmentsResponse, HeartbeatRequest, ImageRef, LbHealthReport,
-    RegisterNodeRequest, StatusReport,
+    AssignmentsResponse, HeartbeatRequest, LbHealthReport, RegisterNodeRequest, StatusReport,
 };
 use nimbus_api::lb::{VipLeaseRequest, VipLeaseResponse};
 use nimbus_api::{ApiError, Node, UpdateNodeRequest};
-use nimbus_state::{netmap, Command, CommandOutput, StateMachine};
+use nimbus_state::{netmap, Command, CommandOutput};
 use serde::Deserialize;
 
 use crate::app::AppState;
@@ -203,18 +202,22 @@ pub struct PollOpts {
     /// Return once the node's assignment revision is above this.
     #[serde(default)]
     pub after: u64,
-    /// Also return once the cluster's network revision is above this (agents that program a
-    /// datapath pass the revision of the network map they hold).
+    /// Also return once the node's network-map revision is above this (agents that program a
+    /// datapath pass the revision of the map they hold); the answer then carries the map.
     #[serde(default)]
     pub net_after: Option<u64>,
+    /// Answer with the changes since the map at `net_after` when this server can (it sent
+    /// that map), instead of the whole map.
+    #[serde(default)]
+    pub delta: bool,
     /// Longest wait in seconds (default 30, at most 60).
     #[serde(default)]
     pub wait: Option<u64>,
 }
 
-/// The node's assignments and network map; blocks until either changes past `after` /
-/// `net_after` or `wait` elapses.
-#[utoipa::path(get, path = "/v1/nodes/{name}/assignments", params(("name" = String, Path), ("after" = Option<u64>, Query), ("net_after" = Option<u64>, Query), ("wait" = Option<u64>, Query)), responses((status = 200, body = AssignmentsResponse)))]
+/// The node's assignments and network map (or its delta); blocks until either changes past
+/// `after` / `net_after` or `wait` elapses. Only changes that concern this node wake it.
+#[utoipa::path(get, path = "/v1/nodes/{name}/assignments", params(("name" = String, Path), ("after" = Option<u64>, Query), ("net_after" = Option<u64>, Query), ("delta" = Option<bool>, Query), ("wait" = Option<u64>, Query)), responses((status = 200, body = AssignmentsResponse)))]
 pub async fn assignments(
     State(app): State<AppState>,
     Path(name): Path<String>,
@@ -223,56 +226,36 @@ pub async fn assignments(
     if !app.read(|s| s.nodes.contains_key(&name)) {
         return Err(ApiError::not_found("node", &name).into());
     }
-    let mut watch = app.raft.applied_watch();
+    let mut woken = app.raft.wakeups().subscribe(&name);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(o.wait.unwrap_or(30).min(60));
     loop {
-        let (rev, net_rev) = app.read(|s| (s.assignment_revision(&name), s.network_revision));
+        let (rev, net_rev) =
+            app.read(|s| (s.assignment_revision(&name), s.network_revision(&name)));
         if rev > o.after || o.net_after.is_some_and(|n| net_rev > n) || o.wait == Some(0) {
             break;
         }
-        if tokio::time::timeout_at(deadline, watch.changed())
+        if tokio::time::timeout_at(deadline, woken.changed())
             .await
             .is_err()
         {
             break;
         }
     }
-    Ok(Json(app.read(|s| assignments_of(s, &name))))
-}
-
-/// Builds the assignments and the network map of a node from the state.
-pub fn assignments_of(s: &StateMachine, node: &str) -> AssignmentsResponse {
-    let assignments = s
-        .instances_on(node)
-        .filter_map(|i| {
-            let image = s
-                .images
-                .values()
-                .find(|im| im.digest == i.spec.image_digest)?;
-            Some(Assignment {
-                id: i.meta.id.clone(),
-                name: i.meta.name.clone(),
-                project: i.meta.project.clone(),
-                generation: i.status.generation,
-                desired: i.spec.desired,
-                restart_nonce: i.spec.restart_nonce,
-                spec: i.spec.clone(),
-                image: ImageRef {
-                    name: image.meta.name.clone(),
-                    digest: image.digest.clone(),
-                    layers: image.layers.clone(),
-                    default_command: image.default_command.clone(),
-                    default_env: image.default_env.clone(),
-                    working_dir: image.working_dir.clone(),
-                },
-                network: netmap::attachment(s, i)?,
-            })
-        })
-        .collect();
-    AssignmentsResponse {
-        revision: s.assignment_revision(node),
-        assignments,
-        loadbalancers: s.lb_assignments(node),
-        network: netmap::network_map(s, node),
+    let mut resp = app.read(|s| netmap::assignments_of(s, &name, o.net_after.is_some()));
+    if let Some(map) = resp.network.take() {
+        let delta = app
+            .net_maps
+            .sent(&name, map.clone())
+            .filter(|_| o.delta)
+            .and_then(|prev| {
+                o.net_after
+                    .filter(|h| *h == prev.revision)
+                    .and_then(|_| prev.diff(&map))
+            });
+        match delta {
+            Some(d) => resp.network_delta = Some(d),
+            None => resp.network = Some(map),
+        }
     }
+    Ok(Json(resp))
 }

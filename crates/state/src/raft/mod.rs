@@ -43,6 +43,7 @@ pub mod membership;
 pub mod network;
 pub mod node;
 pub mod sm_store;
+pub mod wakeups;
 
 mod db;
 mod log_writer;

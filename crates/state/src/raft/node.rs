@@ -253,6 +253,7 @@ struct Inner {
     raft: Raft<TypeConfig>,
     shared: SharedState,
     applied_rx: watch::Receiver<u64>,
+    wakeups: Arc<super::wakeups::Wakeups>,
     secret: String,
     advertise_url: String,
     /// Fails `changed()` once every storage task has let go of the database after shutdown.
@@ -294,6 +295,7 @@ impl RaftNode {
         let db_closed = log.closed_signal();
         let shared = sm.shared();
         let applied_rx = sm.applied_watch();
+        let wakeups = sm.wakeups();
         let network = HttpNetworkFactory::new(cfg.cluster_secret.clone());
         let raft = Raft::new(cfg.node_id, raft_cfg, network, log, sm)
             .await
@@ -305,6 +307,7 @@ impl RaftNode {
                 raft,
                 shared,
                 applied_rx,
+                wakeups,
                 secret: cfg.cluster_secret,
                 advertise_url: cfg.advertise_url,
                 db_closed,
@@ -483,6 +486,11 @@ impl RaftNode {
     /// so it can be ahead of `StateMachine::revision`). Changes after every applied batch.
     pub fn applied_watch(&self) -> watch::Receiver<u64> {
         self.inner.applied_rx.clone()
+    }
+
+    /// Per-node wake-ups: changes when a node's assignments or network map may have changed.
+    pub fn wakeups(&self) -> &super::wakeups::Wakeups {
+        &self.inner.wakeups
     }
 
     /// The last applied Raft log index.

@@ -134,6 +134,7 @@ pub struct StateMachineStore {
     shared: SharedState,
     applied_tx: watch::Sender<u64>,
     snapshot_seq: Arc<AtomicU64>,
+    wakeups: Arc<super::wakeups::Wakeups>,
 }
 
 impl std::fmt::Debug for StateMachineStore {
@@ -152,7 +153,13 @@ impl StateMachineStore {
             shared: Arc::new(RwLock::new(applied)),
             applied_tx,
             snapshot_seq: Arc::new(AtomicU64::new(0)),
+            wakeups: Arc::default(),
         }
+    }
+
+    /// The per-node wake-ups of long-polls.
+    pub fn wakeups(&self) -> Arc<super::wakeups::Wakeups> {
+        self.wakeups.clone()
     }
 
     /// The shared applied state.
@@ -234,7 +241,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I::IntoIter: OptionalSend,
     {
         let mut results = Vec::new();
-        let last = {
+        let (last, woken) = {
             let mut g = write_lock(&self.shared);
             for entry in entries {
                 let index = entry.log_id.index;
@@ -249,9 +256,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 };
                 results.push(res);
             }
-            g.last_applied
+            (g.last_applied, g.state.take_woken())
         };
         if let Some(last) = last {
+            if !woken.is_empty() {
+                self.wakeups.notify(Some(woken), last.index);
+            }
             self.publish(last.index);
         }
         Ok(results)
@@ -302,7 +312,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             g.last_applied = meta.last_log_id;
             g.membership = meta.last_membership.clone();
         }
-        self.publish(meta.last_log_id.map_or(0, |l| l.index));
+        let index = meta.last_log_id.map_or(0, |l| l.index);
+        self.wakeups.notify(None, index);
+        self.publish(index);
         Ok(())
     }
 
