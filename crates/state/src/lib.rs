@@ -14,6 +14,7 @@ pub mod raft;
 mod scheduling;
 pub mod utilization;
 pub mod vip;
+mod vm_probe;
 pub mod vpc;
 
 pub use command::{
@@ -29,3 +30,5 @@ mod machine_tests;
 mod preemption_tests;
 #[cfg(test)]
 mod utilization_tests;
+#[cfg(test)]
+mod vm_probe_tests;
