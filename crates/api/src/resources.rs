@@ -72,6 +72,10 @@ pub struct NodeCapabilities {
     /// Why VMs are not supported, if they are not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vm_unavailable_reason: Option<String>,
+    /// The node is still probing its VM accelerator: `vms` may turn true. VM creates that only
+    /// lack a VM-capable node wait for it (`pending`) instead of being refused.
+    #[serde(default)]
+    pub vm_probe_pending: bool,
 }
 
 /// A machine running `nimbus agent`.

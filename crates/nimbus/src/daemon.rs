@@ -69,8 +69,9 @@ pub(crate) fn hostname() -> String {
     s
 }
 
-/// The node's drivers, its capabilities now, and the VM driver if it may be usable (its
-/// accelerator probe runs after registration; see [`probe_vms`]).
+/// The node's drivers, its capabilities now, and the VM driver if its accelerator must still be
+/// probed (after registration; see [`probe_vms`]). A configured accelerator or a verdict cached
+/// on this host makes the node VM-capable from its first registration.
 fn drivers(
     agent_dir: &Path,
     scope: Option<&str>,
@@ -97,10 +98,22 @@ fn drivers(
     let vm = match VmDriver::new(VmConfig::from_env(agent_dir.join("vms"))) {
         Ok(d) => match d.capability() {
             Ok(()) => {
-                caps.vm_unavailable_reason = Some("probing the VM accelerator".into());
                 let d = Arc::new(d);
                 drivers.push(d.clone());
-                Some(d)
+                if let Some(known) = d.known_accelerator() {
+                    tracing::info!(
+                        accelerator = known.accel.as_str(),
+                        "VMs available: {}",
+                        known.reason
+                    );
+                    caps.vms = true;
+                    caps.accelerator = Some(known.accel.as_str().to_owned());
+                    None
+                } else {
+                    caps.vm_unavailable_reason = Some("probing the VM accelerator".into());
+                    caps.vm_probe_pending = true;
+                    Some(d)
+                }
             }
             Err(reason) => {
                 tracing::warn!("VMs unavailable on this node: {reason}");
@@ -118,9 +131,11 @@ fn drivers(
 }
 
 /// Runs the VM accelerator probe (KVM only if a guest really boots under it, else TCG) and then
-/// tells the control plane the node can run VMs.
+/// tells the control plane whether the node can run VMs (VM creates waiting for the probe are
+/// placed, or fail with the reason).
 fn probe_vms(agent: Arc<Agent>, vm: Arc<VmDriver>, mut caps: NodeCapabilities) {
     tokio::spawn(async move {
+        caps.vm_probe_pending = false;
         match vm.accelerator().await {
             Ok(accel) => {
                 let why = vm.accelerator_reason().await.unwrap_or_default();

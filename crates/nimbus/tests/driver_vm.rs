@@ -1,9 +1,11 @@
 //! The VM driver against real QEMU guests (TCG here, KVM where it works).
 //!
 //! One scenario boots one VM and reuses it for most checks (each TCG boot costs seconds):
-//! user-data on the console, exec, HTTP from the host, re-attach by a fresh driver, a file
-//! surviving stop/start, user-data running once, delete leaving nothing. Smaller tests cover the
-//! accelerator probe, a main command's exit code, QEMU start failures and a too-small disk.
+//! `Starting` until the guest agent answered then `Running`, user-data on the console, exec,
+//! HTTP from the host, re-attach by a fresh driver, a file surviving stop/start, user-data
+//! running once, delete leaving nothing. Smaller tests cover the accelerator probe and its
+//! host-wide cache, stale probes of an earlier run, a main command's exit code, QEMU start
+//! failures and a too-small disk.
 
 mod vm_support;
 
@@ -66,11 +68,31 @@ async fn vm_lifecycle_network_user_data_reattach_and_delete() {
     assert_eq!(d.state(id).await.unwrap(), RuntimeState::Created);
     assert_eq!(d.list().await.unwrap(), vec![id.to_owned()]);
     let pid = d.start(id).await.expect("start");
-    assert_eq!(d.state(id).await.unwrap(), RuntimeState::Running { pid });
+    // Booting: starting until the guest agent answered (TCG takes seconds), then running.
+    assert_eq!(d.state(id).await.unwrap(), RuntimeState::Starting { pid });
     assert_eq!(
         d.start(id).await.unwrap(),
         pid,
-        "start of a running VM returns its pid"
+        "start of a starting VM returns its pid"
+    );
+    let running = eventually(BOOT, || {
+        (futures_lite_state(&d, id) == RuntimeState::Running { pid }).then_some(())
+    })
+    .await;
+    assert!(
+        running.is_some(),
+        "never running: {:?}\n{}",
+        d.state(id).await,
+        console(&d.log_path(id))
+    );
+    // Running means the guest agent answers now, not after a wait.
+    let t = std::time::Instant::now();
+    let argv: Vec<String> = ["true"].map(str::to_owned).to_vec();
+    assert_eq!(d.exec(id, &argv, BOOT).await.unwrap().exit_code, 0);
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "exec on a running VM took {:?}",
+        t.elapsed()
     );
 
     // Exec through the guest agent (waits for readiness).
@@ -214,6 +236,11 @@ async fn vm_lifecycle_network_user_data_reattach_and_delete() {
     let pid2 = d.start(id).await.expect("restart");
     assert_ne!(pid, pid2);
     assert_eq!(
+        d.state(id).await.unwrap(),
+        RuntimeState::Starting { pid: pid2 },
+        "a restarted VM boots again: readiness is per QEMU"
+    );
+    assert_eq!(
         exec_ok(&d, id, &["cat", "/root/keep"]).await.trim(),
         "persist-me"
     );
@@ -345,6 +372,94 @@ async fn auto_accel_picks_a_working_accelerator() {
     let t = std::time::Instant::now();
     assert_eq!(d2.accelerator().await.unwrap(), accel);
     assert!(t.elapsed() < Duration::from_secs(2));
+    // Host-wide: a driver on another state directory (another data dir) sharing the cache
+    // knows the verdict before probing, and no probe runs for it.
+    let other = tempfile::tempdir().unwrap();
+    let d3 = vm_support::driver_with_cache(other.path(), Accel::Auto, &tmp.path().join("cache"));
+    let known = d3.known_accelerator().expect("cached host-wide");
+    assert_eq!(known.accel.as_str(), accel);
+    let t = std::time::Instant::now();
+    assert_eq!(d3.accelerator().await.unwrap(), accel);
+    assert!(t.elapsed() < Duration::from_secs(2));
+    assert!(
+        !other
+            .path()
+            .join("initramfs")
+            .read_dir()
+            .unwrap()
+            .any(|_| true),
+        "no probe initramfs was built for the cached verdict"
+    );
+}
+
+/// PIDs whose command line contains `needle`.
+fn pids_with(needle: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let pid = e.file_name().to_string_lossy().parse::<u32>().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            String::from_utf8_lossy(&cmdline)
+                .contains(needle)
+                .then_some(pid)
+        })
+        .collect()
+}
+
+/// Starts a stand-in for a probe QEMU an earlier process left behind (re-parented: not our
+/// child), whose initramfs lies in `initramfs_dir`; returns its PID.
+async fn fake_stale_probe(initramfs_dir: &Path) -> u32 {
+    let initrd = initramfs_dir.join("initramfs-test.cpio");
+    let status = std::process::Command::new("setsid")
+        .args([
+            "-f",
+            "sh",
+            "-c",
+            "while sleep 0.2; do :; done",
+            "qemu-system-x86_64",
+        ])
+        .args(["-kernel", "/nonexistent/vmlinuz", "-initrd"])
+        .arg(&initrd)
+        .args(["-append", "console=ttyS0 panic=-1 nimbus.probe=1"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let needle = initrd.to_string_lossy().into_owned();
+    let pids = eventually(Duration::from_secs(5), || {
+        Some(pids_with(&needle)).filter(|p| p.len() == 1)
+    })
+    .await
+    .expect("the stand-in probe runs");
+    pids[0]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_probes_of_this_state_dir_are_killed_at_start_and_no_others() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (mine, other) = (tmp.path().join("mine"), tmp.path().join("mine-other"));
+    let stale = fake_stale_probe(&mine.join("initramfs")).await;
+    let foreign = fake_stale_probe(&other.join("initramfs")).await;
+    let _d = driver(&mine, Accel::Tcg);
+    let killed = eventually(Duration::from_secs(2), || {
+        (!nimbus_testkit::pid_alive(stale)).then_some(())
+    })
+    .await;
+    let foreign_alive = nimbus_testkit::pid_alive(foreign);
+    for pid in [stale, foreign] {
+        let _ = std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status();
+    }
+    assert!(
+        killed.is_some(),
+        "the stale probe of this state dir must be killed"
+    );
+    assert!(
+        foreign_alive,
+        "another state dir's probe must be left alone"
+    );
 }
 
 /// The shared driver conformance suite, with VM-sized timeouts.

@@ -2,6 +2,12 @@
 //! busybox vm1 --vm ...`, user-data, exec, HTTP from the host, stop/start keeping the disk,
 //! SIGKILL of nimbus with the VM re-attached (same QEMU PID), delete leaving nothing. Runs under
 //! TCG here (the `auto` accelerator must pick it: nested KVM does not boot a guest).
+//!
+//! Around the accelerator probe and boot: a VM launched right after `nimbus up` waits for the
+//! probe instead of being refused; the probe's QEMU dies with a SIGKILLed `nimbus up`; a VM is
+//! `starting` until its guest agent answers, so `exec` right after `launch` works; a VM without
+//! a command stays up. Tests that need the probe to run get a fresh, empty probe cache
+//! (`NIMBUS_CACHE_DIR`); the others share the host's.
 
 use std::path::Path;
 use std::time::Duration;
@@ -321,5 +327,280 @@ async fn vm_bad_input() {
         c.list_instances().await.unwrap().is_empty(),
         "nothing was created"
     );
+    cloud.shutdown();
+}
+
+/// PIDs of accelerator probe QEMUs whose command line names `data_dir`.
+fn probe_pids(data_dir: &Path) -> Vec<u32> {
+    let needle = data_dir.to_string_lossy().into_owned();
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let pid = e.file_name().to_string_lossy().parse::<u32>().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            (cmdline.contains("nimbus.probe=1") && cmdline.contains(&needle)).then_some(pid)
+        })
+        .collect()
+}
+
+/// A cloud whose VM accelerator probe starts from an empty cache (it must probe).
+fn cloud_with_fresh_probe_cache(cache: &Path) -> Cloud {
+    let cache = cache.to_string_lossy().into_owned();
+    Cloud::start_with_env(bin(), &[("NIMBUS_CACHE_DIR", cache.as_str())]).expect("nimbus up")
+}
+
+fn cli_ok(out: &std::process::Output, what: &str) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{what}: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_qemu_dies_with_a_sigkilled_nimbus_up() {
+    if !deps() {
+        return;
+    }
+    let cache = tempfile::tempdir().unwrap();
+    let mut cloud = cloud_with_fresh_probe_cache(cache.path());
+    if !Path::new("/dev/kvm").exists() {
+        // Nothing to probe: TCG at once, and no probe QEMU ever.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(probe_pids(&cloud.data_dir).is_empty());
+        return;
+    }
+    let probes = eventually(Duration::from_secs(30), || async {
+        Some(probe_pids(&cloud.data_dir)).filter(|p| !p.is_empty())
+    })
+    .await
+    .expect("the accelerator probe QEMU must run after nimbus up");
+    cloud.kill9();
+    let gone = eventually(Duration::from_secs(2), || async {
+        probe_pids(&cloud.data_dir).is_empty().then_some(())
+    })
+    .await;
+    let left = probe_pids(&cloud.data_dir);
+    for pid in &left {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    assert!(
+        gone.is_some(),
+        "probe QEMU {probes:?} outlived the SIGKILLed nimbus up (left: {left:?})"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_launched_right_after_up_waits_for_the_probe() {
+    if !deps() {
+        return;
+    }
+    let cache = tempfile::tempdir().unwrap();
+    let cloud = cloud_with_fresh_probe_cache(cache.path());
+    let c = cloud.client();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let nodes = c.list_nodes().await.unwrap();
+    let probing = Path::new("/dev/kvm").exists();
+    if probing {
+        assert!(
+            nodes[0].capabilities.vm_probe_pending && !nodes[0].capabilities.vms,
+            "the node reports its probe: {:?}",
+            nodes[0].capabilities
+        );
+    }
+    let started = std::time::Instant::now();
+    let launch = cloud
+        .cli()
+        .args([
+            "launch", "busybox", "early", "--vm", "--cpus", "1", "--memory", "256M", "--",
+        ])
+        .args(["sleep", "100000"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    if probing {
+        // Accepted and waiting, with the reason.
+        let waiting = eventually(Duration::from_secs(5), || async {
+            c.get_instance("early").await.ok()
+        })
+        .await
+        .expect("the VM create is accepted while the probe runs");
+        assert_eq!(waiting.status.state, InstanceState::Pending, "{waiting:?}");
+        assert!(
+            waiting
+                .status
+                .message
+                .contains("probing its VM accelerator"),
+            "{}",
+            waiting.status.message
+        );
+    }
+    let out = tokio::task::spawn_blocking(move || launch.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stdout = cli_ok(&out, "launch right after up");
+    assert!(stdout.contains("early running on node1"), "{stdout}");
+    eprintln!(
+        "launch right after up: running after {:?}",
+        started.elapsed()
+    );
+    let vm = c.get_instance("early").await.unwrap();
+    assert_eq!(vm.status.state, InstanceState::Running);
+    let node = c.list_nodes().await.unwrap().remove(0);
+    assert!(node.capabilities.vms && !node.capabilities.vm_probe_pending);
+    assert_eq!(
+        vm.status.accelerator.as_deref(),
+        node.capabilities.accelerator.as_deref()
+    );
+    cloud.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_is_starting_until_its_guest_agent_answers_so_exec_right_after_launch_works() {
+    if !deps() {
+        return;
+    }
+    let cloud = Cloud::start(bin()).expect("nimbus up");
+    let c = cloud.client();
+    let ready = eventually(Duration::from_secs(120), || async {
+        c.list_nodes()
+            .await
+            .ok()?
+            .into_iter()
+            .find(|n| n.capabilities.vms)
+    })
+    .await;
+    assert!(ready.is_some(), "the node must report VM support");
+    // Watch the states the instance goes through while `launch` waits.
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<InstanceState>::new()));
+    let watcher = {
+        let (c, seen) = (cloud.client(), seen.clone());
+        tokio::spawn(async move {
+            loop {
+                if let Ok(i) = c.get_instance("quick").await {
+                    let mut seen = seen.lock().unwrap();
+                    if seen.last() != Some(&i.status.state) {
+                        seen.push(i.status.state);
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    let out = cloud
+        .cli()
+        .args([
+            "launch", "busybox", "quick", "--vm", "--cpus", "1", "--memory", "256M", "--",
+        ])
+        .args(["sleep", "100000"])
+        .output()
+        .unwrap();
+    cli_ok(&out, "launch");
+    let t = std::time::Instant::now();
+    let exec = cloud
+        .cli()
+        .args([
+            "exec",
+            "quick",
+            "--",
+            "sh",
+            "-c",
+            "echo answer-$((6*7)); exit 5",
+        ])
+        .output()
+        .unwrap();
+    let took = t.elapsed();
+    watcher.abort();
+    assert_eq!(
+        exec.status.code(),
+        Some(5),
+        "exec right after launch: {}{}",
+        String::from_utf8_lossy(&exec.stdout),
+        String::from_utf8_lossy(&exec.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&exec.stdout).trim(), "answer-42");
+    let seen = seen.lock().unwrap().clone();
+    assert!(
+        took < Duration::from_secs(5),
+        "launch returned before the guest agent answered: exec took {took:?} (states seen {seen:?})"
+    );
+    let starting = seen.iter().position(|s| *s == InstanceState::Starting);
+    let running = seen.iter().position(|s| *s == InstanceState::Running);
+    assert!(
+        matches!((starting, running), (Some(s), Some(r)) if s < r),
+        "starting while QEMU boots, then running: {seen:?}"
+    );
+    assert_eq!(
+        seen.iter()
+            .filter(|s| **s == InstanceState::Running)
+            .count(),
+        1,
+        "running once, never back to starting: {seen:?}"
+    );
+    cloud.shutdown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_without_a_command_stays_up_until_stopped() {
+    if !deps() {
+        return;
+    }
+    let cloud = Cloud::start(bin()).expect("nimbus up");
+    let c = cloud.client();
+    let out = cloud
+        .cli()
+        .args([
+            "launch", "busybox", "idle", "--vm", "--cpus", "1", "--memory", "256M",
+        ])
+        .output()
+        .unwrap();
+    cli_ok(&out, "launch without a command");
+    let vm = c.get_instance("idle").await.unwrap();
+    assert_eq!(vm.status.state, InstanceState::Running);
+    let pid = vm.status.pid.unwrap();
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let vm = c.get_instance("idle").await.unwrap();
+    assert_eq!(
+        (vm.status.state, vm.status.pid),
+        (InstanceState::Running, Some(pid)),
+        "still up, same QEMU, after 60 s: {:?}\nconsole:\n{}",
+        vm.status,
+        c.logs("idle", None).await.unwrap_or_default()
+    );
+    assert!(pid_alive(pid));
+    let r = c
+        .exec("idle", vec!["echo".into(), "alive".into()])
+        .await
+        .unwrap();
+    assert_eq!((r.exit_code, r.stdout.trim()), (0, "alive"));
+    // The image's default command (busybox: `sh`) ran as a plain service.
+    let log = c.logs("idle", None).await.unwrap();
+    assert!(
+        log.contains("the VM stays up until it is stopped"),
+        "console:\n{log}"
+    );
+    cli_ok(
+        &cloud.cli().args(["stop", "idle"]).output().unwrap(),
+        "stop",
+    );
+    let stopped = eventually(Duration::from_secs(60), || async {
+        c.get_instance("idle")
+            .await
+            .ok()
+            .filter(|i| i.status.state == InstanceState::Stopped)
+    })
+    .await;
+    assert!(stopped.is_some(), "stop powers it off");
+    assert!(!pid_alive(pid));
     cloud.shutdown();
 }

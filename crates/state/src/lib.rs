@@ -16,6 +16,7 @@ mod scheduling;
 pub mod tracked;
 pub mod utilization;
 pub mod vip;
+mod vm_probe;
 pub mod vpc;
 
 pub use command::{
@@ -33,3 +34,5 @@ mod machine_tests;
 mod preemption_tests;
 #[cfg(test)]
 mod utilization_tests;
+#[cfg(test)]
+mod vm_probe_tests;

@@ -593,8 +593,11 @@ impl StateMachine {
         };
         inst.status = nimbus_api::InstanceStatus::default();
         let attachment = self.plan_attachment(env, &mut inst)?;
-        let (node, preempted) = self.place_or_preempt(env, &inst)?;
-        self.assign(env, &mut inst, &node)?;
+        // `None`: a VM waiting, pending, for a node still probing its accelerator (vm_probe.rs).
+        let placed = self.place_or_await_vm_probe(env, &mut inst)?;
+        if let Some((node, _)) = &placed {
+            self.assign(env, &mut inst, node)?;
+        }
         let id = inst.meta.id.clone();
         if let Some(key) = key {
             self.idempotency
@@ -602,7 +605,16 @@ impl StateMachine {
         }
         self.commit_attachment(env, attachment, &inst);
         self.instances.insert(id, inst.clone());
-        self.bump_assignments(&node);
+        let (reason, message) = match &placed {
+            Some((node, preempted)) => {
+                self.bump_assignments(node);
+                (
+                    "Scheduled",
+                    crate::preemption::scheduled_message(node, preempted),
+                )
+            }
+            None => ("WaitingForVmProbe", inst.status.message.clone()),
+        };
         self.event(
             env,
             &project,
@@ -615,14 +627,7 @@ impl StateMachine {
                 inst.spec.image
             ),
         );
-        self.event(
-            env,
-            &project,
-            "instance",
-            &name,
-            "Scheduled",
-            crate::preemption::scheduled_message(&node, &preempted),
-        );
+        self.event(env, &project, "instance", &name, reason, message);
         Ok(CommandOutput::Instance(Box::new(inst)))
     }
 

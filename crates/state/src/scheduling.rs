@@ -167,7 +167,11 @@ impl StateMachine {
         if inst.spec.desired == DesiredState::Deleted {
             return Ok(CommandOutput::Instance(Box::new(inst)));
         }
-        let (node, preempted) = self.place_or_preempt(env, &inst)?;
+        let (node, preempted) = match self.place_or_preempt(env, &inst) {
+            Ok(placed) => placed,
+            // A VM that waited for an accelerator probe may have nothing left to wait for.
+            Err(e) => return self.unplaceable_pending(env, id, e),
+        };
         let mut inst = inst;
         self.assign(env, &mut inst, &node)?;
         touch(&mut inst.meta, env);

@@ -1,8 +1,10 @@
 //! nimbus guest agent: PID 1 inside a nimbus VM.
 //!
 //! It mounts the API filesystems, applies metadata (hostname, SSH keys), grows the root
-//! filesystem, runs the first-boot user-data script once, runs the image's command as the main
-//! service, reaps zombies, and serves the node agent over the virtio-serial port
+//! filesystem, runs the first-boot user-data script once, runs the instance's command as the
+//! main service (config `command`) or the image's default command as a plain service (config
+//! `service`, when no command was given), reaps zombies, and serves the node agent over the
+//! virtio-serial port
 //! `org.nimbus.agent.0` with newline-delimited JSON:
 //!
 //! ```text
@@ -14,7 +16,8 @@
 //! ```
 //! Failures answer `{"id":N,"ok":false,"error":"..."}`. When the main service exits, its code
 //! is written as `{"event":"exit","code":N}` to the port `org.nimbus.status.0` (a file on the
-//! host) and the VM powers off, like a container whose main process exits.
+//! host) and the VM powers off, like a container whose main process exits. A plain service's exit
+//! is only logged: a VM without a main service stays up until it is stopped.
 
 mod boot;
 mod reaper;
@@ -203,11 +206,40 @@ fn stats() -> Value {
     json!({"ok": true, "cpu_nanos": busy * 10_000_000, "memory_bytes": total.saturating_sub(available), "memory_total": total})
 }
 
-/// Runs the image's command as the main service; when it exits, reports and powers off.
+/// Runs the main service (config `command`); when it exits, reports and powers off. Without
+/// one, runs the plain service (config `service`) if any and keeps the VM up.
 fn run_main_service(cfg: &Value, main_pid: &Arc<Mutex<Option<i32>>>) {
     let argv = boot::strings(cfg, "command");
-    let Some((prog, args)) = argv.split_first() else {
+    if argv.is_empty() {
+        let service = boot::strings(cfg, "service");
+        if !service.is_empty() {
+            log(&format!("starting service {service:?}"));
+            let code = run_service(cfg, &service, |_| {});
+            log(&format!(
+                "service exited with code {code}; the VM stays up until it is stopped"
+            ));
+        }
         return;
+    }
+    log(&format!("starting main service {argv:?}"));
+    let code = run_service(cfg, &argv, |pid| *main_pid.lock().unwrap() = pid);
+    log(&format!("main service exited with code {code}"));
+    if SHUTTING_DOWN.load(std::sync::atomic::Ordering::SeqCst) {
+        return;
+    }
+    if let Some(path) = find_port(STATUS_PORT) {
+        if let Ok(mut f) = OpenOptions::new().write(true).open(path) {
+            let _ = f.write_all(format!("{}\n", json!({"event": "exit", "code": code})).as_bytes());
+        }
+    }
+    shutdown(main_pid);
+}
+
+/// Runs `argv` with the config's environment and working directory until it exits; returns its
+/// exit code (127 if it cannot start). `track` is told its PID, then `None` once it exited.
+fn run_service(cfg: &Value, argv: &[String], track: impl Fn(Option<i32>)) -> i32 {
+    let Some((prog, args)) = argv.split_first() else {
+        return 0;
     };
     let mut cmd = Command::new(prog);
     cmd.args(args).stdin(Stdio::null());
@@ -223,10 +255,9 @@ fn run_main_service(cfg: &Value, main_pid: &Arc<Mutex<Option<i32>>>) {
     {
         cmd.current_dir(dir);
     }
-    log(&format!("starting main service {argv:?}"));
     let code = match reaper::spawn(&mut cmd) {
         Ok(p) => {
-            *main_pid.lock().unwrap() = Some(p.pid);
+            track(Some(p.pid));
             reaper::wait(p.pid, None).unwrap_or(-1)
         }
         Err(e) => {
@@ -234,17 +265,8 @@ fn run_main_service(cfg: &Value, main_pid: &Arc<Mutex<Option<i32>>>) {
             127
         }
     };
-    *main_pid.lock().unwrap() = None;
-    log(&format!("main service exited with code {code}"));
-    if SHUTTING_DOWN.load(std::sync::atomic::Ordering::SeqCst) {
-        return;
-    }
-    if let Some(path) = find_port(STATUS_PORT) {
-        if let Ok(mut f) = OpenOptions::new().write(true).open(path) {
-            let _ = f.write_all(format!("{}\n", json!({"event": "exit", "code": code})).as_bytes());
-        }
-    }
-    shutdown(main_pid);
+    track(None);
+    code
 }
 
 /// Keeps a root shell on the serial console (`nimbus console` attaches to it), using the

@@ -67,8 +67,14 @@ pub fn guest_agent() -> PathBuf {
     target.join("x86_64-unknown-linux-gnu/release/nimbus-guest-agent")
 }
 
-/// A driver on `state_dir` with TCG (or `accel`).
+/// A driver on `state_dir` with TCG (or `accel`); accelerator verdicts are cached in
+/// `state_dir/cache` (a fresh state dir probes anew).
 pub fn driver(state_dir: &Path, accel: Accel) -> VmDriver {
+    driver_with_cache(state_dir, accel, &state_dir.join("cache"))
+}
+
+/// A driver on `state_dir` caching accelerator verdicts in `cache_dir`.
+pub fn driver_with_cache(state_dir: &Path, accel: Accel, cache_dir: &Path) -> VmDriver {
     VmDriver::new(VmConfig {
         state_dir: state_dir.to_path_buf(),
         qemu: PathBuf::from("/usr/bin/qemu-system-x86_64"),
@@ -76,6 +82,7 @@ pub fn driver(state_dir: &Path, accel: Accel) -> VmDriver {
         accel,
         guest_agent: guest_agent(),
         cgroup_parent: "nimbus-test".into(),
+        cache_dir: cache_dir.to_path_buf(),
     })
     .expect("VmDriver::new")
 }

@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
+pub use super::accel::default_cache_dir;
 use super::{Accel, DEFAULT_KERNEL_DIR};
 
 /// Configuration of [`VmDriver`].
@@ -19,12 +20,15 @@ pub struct VmConfig {
     pub guest_agent: PathBuf,
     /// Cgroup parent: each QEMU runs in `/<cgroup_parent>/<id>`.
     pub cgroup_parent: String,
+    /// Host-wide cache directory (the accelerator probe's verdict; see `accel`).
+    pub cache_dir: PathBuf,
 }
 
 impl VmConfig {
     /// Defaults for a node: `qemu-system-x86_64` from `PATH`, the kernel dir from
     /// `NIMBUS_KERNEL_DIR` (default `/var/lib/nimbus/kernel`), accelerator from `NIMBUS_VM_ACCEL`
-    /// (`auto`|`kvm`|`tcg`), the guest agent from [`default_guest_agent`], cgroup parent `nimbus`.
+    /// (`auto`|`kvm`|`tcg`), the guest agent from [`default_guest_agent`], cgroup parent `nimbus`,
+    /// the cache directory from [`default_cache_dir`] (`NIMBUS_CACHE_DIR`).
     pub fn from_env(state_dir: PathBuf) -> Self {
         let accel = match std::env::var("NIMBUS_VM_ACCEL").as_deref() {
             Ok("kvm") => Accel::Kvm,
@@ -39,6 +43,7 @@ impl VmConfig {
             accel,
             guest_agent: default_guest_agent(),
             cgroup_parent: "nimbus".into(),
+            cache_dir: default_cache_dir(),
         }
     }
 }

@@ -1,9 +1,18 @@
 //! The VM driver: one QEMU process per instance, driven over QMP, booting Debian's cloud kernel
 //! with nimbus's own initramfs and the instance's image as an ext4 disk.
 //!
+//! A VM is `Starting` while QEMU boots and `Running` once its guest agent answered (see
+//! `ready`). A VM whose command is its image's default (no command given: the agent resolves
+//! the default) runs that command as a service whose exit is logged and leaves the VM up until
+//! it is stopped; an explicit command is the main service: its exit powers the VM off and is the
+//! instance's exit code, like a container's main process. (A command given explicitly but
+//! equal to the image's default counts as the default.)
+//!
+//! The accelerator verdict (`Accel::Auto`) is cached host-wide, outside the state directory
+//! (see `accel`).
+//!
 //! Layout under the state directory:
 //! ```text
-//! accel.json                      cached accelerator probe verdict
 //! initramfs/initramfs-<kver>-<hash>.cpio   base initramfs (busybox, modules, guest agent, /init)
 //! images/<digest>.ext4            base disk per image digest (shared, read-only backing file)
 //! vms/<id>/spec.json              the instance (its presence means "created")
@@ -13,6 +22,7 @@
 //! vms/<id>/console.log            serial console log (the instance log)
 //! vms/<id>/qemu.pid, qemu.stderr  the QEMU process
 //! vms/<id>/status, exit_code      exit status from the guest / recorded at stop
+//! vms/<id>/ready                  the QEMU PID whose guest agent answered
 //! ```
 //! Every method rebuilds what it needs from these files, so a new driver on the same state
 //! directory re-attaches to running VMs (same QEMU PID) instead of restarting them.
@@ -27,6 +37,7 @@ mod initramfs;
 mod net;
 mod process;
 mod qmp;
+mod ready;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -40,8 +51,8 @@ use nimbus_api::{ExecResponse, InstanceType};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-pub use accel::{Accel, ProbeResult, PROBE_DEADLINE};
-pub use config::{default_guest_agent, default_kernel_dir, VmConfig};
+pub use accel::{Accel, ProbeResult, PROBE_DEADLINE, PROBE_FLAG};
+pub use config::{default_cache_dir, default_guest_agent, default_kernel_dir, VmConfig};
 use config::{find_in_path, is_static_elf};
 pub use error::VmError;
 pub use initramfs::{Cpio, PROBE_MARKER};
@@ -76,6 +87,9 @@ struct VmSpec {
     network: NetworkAttachment,
     user_data: Option<String>,
     ssh_keys: Vec<String>,
+    /// The command is the image's default (none was given): a service, not the main one.
+    #[serde(default)]
+    command_is_image_default: bool,
 }
 
 /// The cached base initramfs for this configuration.
@@ -95,9 +109,17 @@ fn write_initrd(config: &VmConfig, spec: &VmSpec, paths: &VmPaths) -> Result<(),
     let base = base_initramfs(config)?;
     let mut bytes =
         std::fs::read(&base).map_err(|e| VmError::io(format!("reading {}", base.display()), e))?;
+    // The guest agent runs `command` as the main service (its exit powers the VM off) and
+    // `service` as a plain one (its exit is logged).
+    let (command, service): (&[String], &[String]) = if spec.command_is_image_default {
+        (&[], &spec.command)
+    } else {
+        (&spec.command, &[])
+    };
     let config = json!({
         "hostname": spec.name,
-        "command": spec.command,
+        "command": command,
+        "service": service,
         "env": spec.env,
         "working_dir": spec.working_dir,
         "user_data": spec.user_data,
@@ -126,21 +148,31 @@ pub struct VmDriver {
     config: VmConfig,
     accel: tokio::sync::OnceCell<ProbeResult>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    waiters: ready::Waiters,
 }
 
 impl VmDriver {
-    /// A driver on `config.state_dir` (created if missing). Nothing is started or killed:
-    /// running VMs from an earlier driver are re-attached on use.
+    /// A driver on `config.state_dir` (created if missing). Running VMs from an earlier driver
+    /// are re-attached on use; only accelerator probes an earlier process left running on this
+    /// state directory are killed (see `accel`).
     pub fn new(config: VmConfig) -> Result<Self, DriverError> {
         for d in ["vms", "images", "initramfs"] {
             let p = config.state_dir.join(d);
             std::fs::create_dir_all(&p)
                 .map_err(DriverError::io(format!("creating {}", p.display())))?;
         }
+        let initramfs = config.state_dir.join("initramfs");
+        accel::kill_stale_probes(&initramfs);
+        if let Ok(canonical) = initramfs.canonicalize() {
+            if canonical != initramfs {
+                accel::kill_stale_probes(&canonical);
+            }
+        }
         Ok(Self {
             config,
             accel: tokio::sync::OnceCell::new(),
             locks: Mutex::new(HashMap::new()),
+            waiters: ready::Waiters::default(),
         })
     }
 
@@ -201,42 +233,64 @@ impl VmDriver {
         Ok(())
     }
 
+    /// The accelerator if it is known without probing: configured (`kvm`, `tcg`), or the
+    /// host-wide cached verdict of `auto`. `None` means [`VmDriver::accelerator`] will probe.
+    pub fn known_accelerator(&self) -> Option<ProbeResult> {
+        if let Some(r) = self.accel.get() {
+            return Some(r.clone());
+        }
+        match self.config.accel {
+            Accel::Auto => {
+                let version = initramfs::kernel_version(&self.config.kernel_dir).ok()?;
+                let key = accel::probe_key(&self.config.qemu, &version);
+                accel::cached(&self.config.cache_dir, &key)
+            }
+            forced => Some(Self::configured(forced)),
+        }
+    }
+
+    fn configured(accel: Accel) -> ProbeResult {
+        ProbeResult {
+            accel,
+            reason: "configured".into(),
+            key: String::new(),
+        }
+    }
+
     async fn probe(&self) -> Result<&ProbeResult, VmError> {
         self.accel
             .get_or_try_init(|| async {
-                match self.config.accel {
-                    Accel::Auto => {}
-                    forced => {
-                        return Ok(ProbeResult {
-                            accel: forced,
-                            reason: "configured".into(),
-                            key: String::new(),
-                        });
-                    }
+                if self.config.accel != Accel::Auto {
+                    return Ok(Self::configured(self.config.accel));
                 }
-                let this_initrd = {
+                let version = initramfs::kernel_version(&self.config.kernel_dir)?;
+                let qemu = self.config.qemu.clone();
+                let key = tokio::task::spawn_blocking(move || accel::probe_key(&qemu, &version))
+                    .await
+                    .map_err(|e| VmError::Kernel(e.to_string()))?;
+                if let Some(hit) = accel::cached(&self.config.cache_dir, &key) {
+                    return Ok(hit);
+                }
+                let initrd = {
                     let cfg = self.config.clone();
                     tokio::task::spawn_blocking(move || base_initramfs(&cfg))
                         .await
                         .map_err(|e| VmError::Kernel(e.to_string()))??
                 };
-                let version = initramfs::kernel_version(&self.config.kernel_dir)?;
-                let qemu_size = std::fs::metadata(&self.config.qemu).map_or(0, |m| m.len());
-                let key = format!("v1 {version} {} {qemu_size}", self.config.qemu.display());
-                accel::resolve(
-                    &self.config.state_dir.join("accel.json"),
-                    &key,
-                    &self.config.qemu,
-                    &self.config.kernel_dir.join("vmlinuz"),
-                    &this_initrd,
-                )
+                accel::resolve(accel::ProbeInputs {
+                    cache_dir: self.config.cache_dir.clone(),
+                    key,
+                    qemu: self.config.qemu.clone(),
+                    kernel: self.config.kernel_dir.join("vmlinuz"),
+                    initrd,
+                })
                 .await
             })
             .await
     }
 
     /// The accelerator VMs use on this node, `"kvm"` or `"tcg"` (probing once under
-    /// [`Accel::Auto`]; the verdict is cached in the state directory).
+    /// [`Accel::Auto`]; the verdict is cached host-wide).
     pub async fn accelerator(&self) -> Result<&'static str, DriverError> {
         Ok(self.probe().await?.accel.as_str())
     }
@@ -302,10 +356,12 @@ impl VmDriver {
     /// Waits until the guest agent answers.
     pub async fn wait_ready(&self, id: &str, timeout: Duration) -> Result<(), DriverError> {
         let paths = self.paths(id);
-        if process::running_pid(&paths).is_none() {
+        let Some(pid) = process::running_pid(&paths) else {
             return Err(DriverError::NotRunning(id.into()));
-        }
-        Ok(guest::wait_ready(&paths.guest_agent(), timeout).await?)
+        };
+        guest::wait_ready(&paths.guest_agent(), timeout).await?;
+        ready::mark_ready(&paths, pid);
+        Ok(())
     }
 
     /// Guest CPU and memory use as the guest sees it (from the guest agent).
@@ -469,6 +525,7 @@ impl VmDriver {
         for f in [paths.status(), paths.exit_code()] {
             let _ = std::fs::remove_file(f);
         }
+        ready::clear(&paths);
         let args = self.qemu_args(&spec, &paths, accel);
         let started = Instant::now();
         let pid = process::launch(&self.config.qemu, &args, &procs, &paths, LAUNCH_TIMEOUT).await?;
@@ -480,6 +537,7 @@ impl VmDriver {
             }
         }
         tracing::info!(id, pid, accel = accel.as_str(), elapsed = ?started.elapsed(), "VM started");
+        self.waiters.watch(id, &paths, pid);
         Ok(pid)
     }
 
@@ -613,6 +671,7 @@ impl Driver for VmDriver {
             network: spec.network.clone(),
             user_data: spec.user_data.clone(),
             ssh_keys: spec.ssh_keys.clone(),
+            command_is_image_default: spec.command == spec.image.default_command,
         };
         let text = serde_json::to_string_pretty(&vm).unwrap_or_default();
         let tmp = paths.spec().with_extension("tmp");
@@ -641,7 +700,12 @@ impl Driver for VmDriver {
             return Ok(RuntimeState::Absent);
         }
         if let Some(pid) = process::running_pid(&paths) {
-            return Ok(RuntimeState::Running { pid });
+            if ready::is_ready(&paths, pid) {
+                return Ok(RuntimeState::Running { pid });
+            }
+            // Booting (or re-attached before the answer was recorded): wait for the answer.
+            self.waiters.watch(id, &paths, pid);
+            return Ok(RuntimeState::Starting { pid });
         }
         if !paths.pidfile().exists() {
             return Ok(RuntimeState::Created);
@@ -661,11 +725,14 @@ impl Driver for VmDriver {
         if !paths.spec().exists() {
             return Err(DriverError::NotFound(id.into()));
         }
-        if process::running_pid(&paths).is_none() {
+        let Some(pid) = process::running_pid(&paths) else {
             return Err(DriverError::NotRunning(id.into()));
-        }
+        };
         let deadline = Instant::now() + timeout;
-        guest::wait_ready(&paths.guest_agent(), timeout).await?;
+        if !ready::is_ready(&paths, pid) {
+            guest::wait_ready(&paths.guest_agent(), timeout).await?;
+            ready::mark_ready(&paths, pid);
+        }
         let left = deadline
             .saturating_duration_since(Instant::now())
             .max(Duration::from_millis(100));

@@ -67,6 +67,10 @@ impl VmPaths {
     pub fn exit_code(&self) -> PathBuf {
         self.dir.join("exit_code")
     }
+    /// The QEMU PID whose guest agent answered (see `ready`).
+    pub fn ready(&self) -> PathBuf {
+        self.dir.join("ready")
+    }
     /// QEMU's PID.
     pub fn pidfile(&self) -> PathBuf {
         self.dir.join("qemu.pid")
