@@ -88,6 +88,26 @@ pub struct ClusterInfo {
     pub applied_index: u64,
 }
 
+/// Items per page when a list is read whole.
+pub const PAGE_SIZE: u32 = 500;
+
+/// The target of a `Link` header's `rel="next"` entry.
+fn next_link(header: &str) -> Option<String> {
+    header.split(',').find_map(|part| {
+        let (target, params) = part.split_once(';')?;
+        params
+            .split(';')
+            .any(|p| p.trim() == "rel=\"next\"")
+            .then(|| {
+                target
+                    .trim()
+                    .trim_start_matches('<')
+                    .trim_end_matches('>')
+                    .to_string()
+            })
+    })
+}
+
 /// A client bound to a server URL, a token and a project.
 #[derive(Clone, Debug)]
 pub struct Client {
@@ -194,6 +214,28 @@ impl Client {
         self.json(rb).await
     }
 
+    /// Every item of a paginated list route, following its `Link: rel="next"` pages of
+    /// [`PAGE_SIZE`].
+    pub async fn list_all<T: DeserializeOwned>(&self, path: &str) -> Result<Vec<T>> {
+        let sep = if path.contains('?') { '&' } else { '?' };
+        let mut next = Some(format!("{path}{sep}limit={PAGE_SIZE}"));
+        let mut all = Vec::new();
+        while let Some(p) = next.take() {
+            let resp = self.send(self.req(Method::GET, &p)).await?;
+            next = resp
+                .headers()
+                .get(reqwest::header::LINK)
+                .and_then(|v| v.to_str().ok())
+                .and_then(next_link);
+            let page: Vec<T> = resp.json().await.map_err(|e| ClientError::Protocol {
+                url: self.base.clone(),
+                message: e.to_string(),
+            })?;
+            all.extend(page);
+        }
+        Ok(all)
+    }
+
     fn ipath(&self, rest: &str) -> String {
         format!("/v1/projects/{}/instances{rest}", self.project)
     }
@@ -216,9 +258,9 @@ impl Client {
         self.json(rb).await
     }
 
-    /// Lists instances.
+    /// Lists instances (all pages).
     pub async fn list_instances(&self) -> Result<Vec<Instance>> {
-        self.call::<(), _>(Method::GET, &self.ipath(""), None).await
+        self.list_all(&self.ipath("")).await
     }
 
     /// Gets an instance.
@@ -338,9 +380,9 @@ impl Client {
             .map(|_| ())
     }
 
-    /// Nodes.
+    /// Nodes (all pages).
     pub async fn list_nodes(&self) -> Result<Vec<Node>> {
-        self.call::<(), _>(Method::GET, "/v1/nodes", None).await
+        self.list_all("/v1/nodes").await
     }
 
     /// Cordons or uncordons a node.

@@ -26,7 +26,9 @@
 use std::collections::{BTreeMap, HashMap};
 
 use crate::constraint::ZONE_KEY;
-use crate::{Constraint, InstanceRequest, Node, Policy, Reason, Strategy, Unschedulable, Weights};
+use crate::{
+    Constraint, InstanceRequest, Node, Policy, Reason, Resources, Strategy, Unschedulable, Weights,
+};
 
 mod index;
 
@@ -732,6 +734,33 @@ impl Cluster {
     /// Removes a previously committed `req` from node `i` (instance stopped or moved).
     pub fn release(&mut self, i: usize, req: &InstanceRequest) {
         self.apply(i, req, -1);
+    }
+
+    /// Adds (`add`) or removes the reservation of one instance on node `i` (its resources and
+    /// its count), without touching spread groups: for a caller that keeps the engine in step
+    /// with a changing state. Unlike [`Cluster::commit`] it never retunes binpack weights, so
+    /// a maintained engine stays equal to one built afresh from the same nodes (spread).
+    pub fn reserve(&mut self, i: usize, r: Resources, add: bool) {
+        let r = r.to_array();
+        for (d, &want) in r.iter().enumerate() {
+            self.alloc[i][d] = if add {
+                self.alloc[i][d].saturating_add(want)
+            } else {
+                self.alloc[i][d].saturating_sub(want)
+            };
+        }
+        if add {
+            self.hot[i].count += 1;
+        } else {
+            self.hot[i].count = self.hot[i].count.saturating_sub(1);
+        }
+        self.refresh(i);
+    }
+
+    /// Adds (`add`) or removes a member of spread group `group` on node `i`.
+    pub fn spread_member(&mut self, i: usize, group: &str, add: bool) {
+        let gid = self.group_id(group);
+        self.group_member(gid, i, if add { 1 } else { -1 });
     }
 
     /// Cordons or uncordons node `i` (drain = cordon, then move its instances elsewhere).

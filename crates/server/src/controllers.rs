@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use nimbus_api::{DesiredState, InstanceState, NodeState};
+use nimbus_api::NodeState;
 use nimbus_state::Command;
 use tokio::time::Instant;
 
@@ -93,17 +93,7 @@ async fn utilization_snapshot(app: &AppState) {
 
 /// Instances that are pending without a node (never placed) get another placement attempt.
 async fn retry_pending(app: &AppState) {
-    let pending: Vec<String> = app.read(|s| {
-        s.instances
-            .values()
-            .filter(|i| {
-                i.status.node.is_none()
-                    && i.status.state == InstanceState::Pending
-                    && i.spec.desired != DesiredState::Deleted
-            })
-            .map(|i| i.meta.id.clone())
-            .collect()
-    });
+    let pending: Vec<String> = app.read(|s| s.pending_instances().map(String::from).collect());
     for id in pending {
         let _ = app
             .propose(Command::ScheduleInstance {

@@ -82,3 +82,39 @@ fn json_rejection(rej: &JsonRejection) -> ApiError {
         field,
     }
 }
+
+/// `Query<T>` whose rejections are `bad_request` API errors (JSON, like every error).
+pub struct ApiQuery<T>(pub T);
+
+impl<S, T> axum::extract::FromRequestParts<S> for ApiQuery<T>
+where
+    T: DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = HttpError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(v)) => Ok(Self(v)),
+            Err(rej) => {
+                let text = rej.body_text();
+                // "Failed to deserialize query string: limit: invalid digit found in string"
+                let field = text
+                    .split("query string: ")
+                    .nth(1)
+                    .and_then(|s| s.split(':').next())
+                    .map(str::trim)
+                    .filter(|f| !f.contains(' '))
+                    .map(String::from);
+                Err(HttpError(ApiError {
+                    code: ErrorCode::BadRequest,
+                    message: text,
+                    field,
+                }))
+            }
+        }
+    }
+}

@@ -59,6 +59,8 @@ pub struct Index {
     pub(crate) pending: BTreeSet<Id>,
     /// Node -> reservations.
     pub(crate) alloc: HashMap<String, NodeAlloc>,
+    /// The placement engine kept warm (see `engine.rs`).
+    pub(crate) engine: crate::engine::EngineSlot,
 }
 
 fn inc(m: &mut BTreeMap<String, u32>, k: &str) {
@@ -284,7 +286,7 @@ fn underlay_changed(a: Option<&Node>, b: Option<&Node>) -> bool {
 impl StateMachine {
     /// Rebuilds the indexes from the state (after loading it).
     pub(crate) fn rebuild_index(&mut self) {
-        let ix = Index::build(self.instances.values());
+        let ix = Index::build(self.instances.values().map(|i| &**i));
         self.index = ix;
         // Whatever was remembered belongs to the state before the load.
         let _ = self.data.instances.take_changes();
@@ -319,11 +321,12 @@ impl StateMachine {
         let mut lbs: BTreeSet<String> = BTreeSet::new();
 
         for (id, before) in &instances {
-            let after = self.data.instances.get(id);
-            if before.as_ref() == after {
+            let after = self.data.instances.get(id).map(|i| &**i);
+            let before = before.as_deref();
+            if before == after {
                 continue;
             }
-            let views = [before.as_ref(), after];
+            let views = [before, after];
             let facts = views.map(|v| v.map(NetFacts::of));
             if facts[0] != facts[1] {
                 for i in views.into_iter().flatten() {
@@ -363,6 +366,20 @@ impl StateMachine {
             if let Some(a) = after {
                 self.index.account(a, true);
             }
+            let mut engine = self.index.engine.lock();
+            if let Some(e) = engine.as_mut() {
+                let kept = before.is_none_or(|b| e.account(b, false))
+                    && after.is_none_or(|a| e.account(a, true));
+                if !kept {
+                    *engine = None;
+                }
+            }
+        }
+        if nodes_changed
+            .iter()
+            .any(|(name, before)| before.as_ref() != self.data.nodes.get(name))
+        {
+            self.drop_engine();
         }
 
         for (name, before) in &nodes_changed {
@@ -429,6 +446,11 @@ impl StateMachine {
             .collect()
     }
 
+    /// Mutable access to an instance (copied first if a snapshot still shares it).
+    pub(crate) fn instance_mut(&mut self, id: &str) -> Option<&mut Instance> {
+        self.data.instances.get_mut(id).map(Arc::make_mut)
+    }
+
     /// Instances placed on `node`, by id.
     pub fn instances_on<'a>(&'a self, node: &str) -> impl Iterator<Item = &'a Instance> + 'a {
         self.index
@@ -436,7 +458,7 @@ impl StateMachine {
             .get(node)
             .into_iter()
             .flatten()
-            .filter_map(|id| self.data.instances.get(&**id))
+            .filter_map(|id| self.data.instances.get(&**id).map(|i| &**i))
     }
 
     /// Finds an instance by project and name.
@@ -445,7 +467,7 @@ impl StateMachine {
             .index
             .by_name
             .get(&(project.to_string(), name.to_string()))?;
-        self.data.instances.get(&**id)
+        self.data.instances.get(&**id).map(|i| &**i)
     }
 
     /// A project's instances in name order, starting after `after` (a name).
@@ -464,7 +486,7 @@ impl StateMachine {
             .by_name
             .range((start, Bound::Unbounded))
             .take_while(move |((proj, _), _)| *proj == p)
-            .filter_map(|(_, id)| self.data.instances.get(&**id))
+            .filter_map(|(_, id)| self.data.instances.get(&**id).map(|i| &**i))
     }
 
     /// How many instances a project has.
@@ -479,7 +501,7 @@ impl StateMachine {
             .get(net)
             .into_iter()
             .flatten()
-            .filter_map(|id| self.data.instances.get(&**id))
+            .filter_map(|id| self.data.instances.get(&**id).map(|i| &**i))
     }
 
     /// Instances with an address in a security group (`project/name`), by id.
@@ -489,7 +511,7 @@ impl StateMachine {
             .get(group)
             .into_iter()
             .flatten()
-            .filter_map(|id| self.data.instances.get(&**id))
+            .filter_map(|id| self.data.instances.get(&**id).map(|i| &**i))
     }
 
     /// Ids of instances waiting for a placement.
@@ -505,7 +527,7 @@ impl StateMachine {
     /// The indexes rebuilt from scratch equal the maintained ones (tests).
     #[cfg(test)]
     pub(crate) fn index_is_consistent(&self) -> bool {
-        let fresh = Index::build(self.data.instances.values());
+        let fresh = Index::build(self.data.instances.values().map(|i| &**i));
         fresh.by_name == self.index.by_name
             && fresh.by_node == self.index.by_node
             && fresh.by_network == self.index.by_network

@@ -36,7 +36,7 @@ pub struct StateData {
     /// Images by name.
     pub images: BTreeMap<String, Image>,
     /// Instances by id.
-    pub instances: Tracked<String, Instance>,
+    pub instances: Tracked<String, std::sync::Arc<Instance>>,
     /// Idempotency keys: `project/key` -> instance id.
     pub idempotency: BTreeMap<String, String>,
     /// Recent events (bounded to [`EVENT_HISTORY`]).
@@ -563,7 +563,7 @@ impl StateMachine {
             if let Some(id) = self.idempotency.get(&format!("{project}/{key}")) {
                 if let Some(i) = self.instances.get(id) {
                     if i.meta.name == name {
-                        return Ok(CommandOutput::Instance(Box::new(i.clone())));
+                        return Ok(CommandOutput::Instance(Box::new((**i).clone())));
                     }
                     return Err(ApiError::conflict(format!(
                         "idempotency key {key:?} was already used to create instance {:?}",
@@ -604,7 +604,7 @@ impl StateMachine {
                 .insert(format!("{project}/{key}"), id.clone());
         }
         self.commit_attachment(env, attachment, &inst);
-        self.instances.insert(id, inst.clone());
+        self.instances.insert(id, std::sync::Arc::new(inst.clone()));
         let (reason, message) = match &placed {
             Some((node, preempted)) => {
                 self.bump_assignments(node);
@@ -661,7 +661,7 @@ impl StateMachine {
                 return self.start_unplaced(env, &id);
             }
         }
-        let i = self.instances.get_mut(&id).expect("found above");
+        let i = self.instance_mut(&id).expect("found above");
         if i.spec.desired == DesiredState::Deleted {
             return Err(ApiError::not_found("instance", name));
         }
@@ -728,7 +728,7 @@ impl StateMachine {
     }
 
     fn apply_report(&mut self, env: &CommandEnvelope, node: &str, r: &InstanceReport) {
-        let Some(i) = self.instances.get_mut(&r.id) else {
+        let Some(i) = self.instance_mut(&r.id) else {
             return;
         };
         // Fencing: only the node holding the current generation may report.

@@ -138,7 +138,7 @@ impl StateMachine {
                     Err(e) => self.event(env, &p, "instance", &n, "FailoverFailed", e.message),
                 }
             }
-            let i = self.instances.get_mut(&id).expect("listed above");
+            let i = self.instance_mut(&id).expect("listed above");
             if matches!(
                 i.status.state,
                 InstanceState::Running | InstanceState::Starting | InstanceState::Scheduled

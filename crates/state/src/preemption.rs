@@ -84,7 +84,7 @@ impl StateMachine {
     pub(crate) fn evict_for(&mut self, env: &CommandEnvelope, inst: &Instance, p: &Preemption) {
         let by = format!("{}/{}", inst.meta.project, inst.meta.name);
         for id in &p.victims {
-            let Some(v) = self.instances.get_mut(id) else {
+            let Some(v) = self.instance_mut(id) else {
                 continue;
             };
             let message = format!(

@@ -8,11 +8,16 @@ use crate::machine::touch;
 use crate::StateMachine;
 
 impl StateMachine {
-    /// Runs the scheduler for `inst` against the current nodes.
+    /// Runs the scheduler for `inst` against the current nodes: on the warm engine (see
+    /// `engine.rs`), or on one built for this decision when the strategy is binpack or
+    /// nodes must be left out for a published port.
     pub(crate) fn place(&self, inst: &Instance) -> Result<String, ApiError> {
+        let policy = self.policy.scheduler.unwrap_or_default();
+        if inst.spec.publish.is_empty() && policy.strategy == nimbus_scheduler::Strategy::Spread {
+            return self.place_warm(inst, policy);
+        }
         let mut nodes = crate::placement::nodes(self, Some(&inst.meta.id));
         let req = crate::placement::instance_request(inst)?;
-        let policy = self.policy.scheduler.unwrap_or_default();
         if !nodes.is_empty() {
             // Validated against every node: constraints are about the cluster, not about the
             // nodes a published port leaves.
@@ -31,16 +36,10 @@ impl StateMachine {
                 None => true,
             });
         }
-        let port_conflict = |other: Option<String>| {
-            let why = port_taken.clone().unwrap_or_default();
-            let message = match other {
-                Some(o) => format!("{o}; and {why}"),
-                None => why,
-            };
-            ApiError::conflict(message).with_field("publish")
-        };
-        if nodes.is_empty() && port_taken.is_some() {
-            return Err(port_conflict(None));
+        if nodes.is_empty() {
+            if let Some(why) = port_taken {
+                return Err(ApiError::conflict(why).with_field("publish"));
+            }
         }
         let mut cluster = nimbus_scheduler::Cluster::new(&nodes, policy);
         if policy.strategy == nimbus_scheduler::Strategy::Spread {
@@ -50,25 +49,39 @@ impl StateMachine {
         cluster
             .place(&req)
             .map(|idx| nodes[idx].name.clone())
-            .map_err(|u| {
-                let mut msg = u.to_string();
-                if inst.spec.instance_type == InstanceType::Vm
-                    && u.reasons.len() == 1
-                    && u.reasons
-                        .contains_key(&nimbus_scheduler::Reason::NoVmSupport)
-                {
-                    msg = format!("no node can run VMs: {msg}");
-                }
-                if port_taken.is_some() {
-                    // The nodes left out for a published port matter as much as the rest.
-                    return port_conflict(Some(msg));
-                }
-                ApiError {
-                    code: ErrorCode::Unschedulable,
-                    message: msg,
-                    field: None,
-                }
-            })
+            .map_err(|u| unschedulable(inst, &u, port_taken))
+    }
+
+    /// [`StateMachine::place`] on the warm engine. The instance's own reservation (when it is
+    /// being moved) is left out for the decision and put back after it.
+    fn place_warm(
+        &self,
+        inst: &Instance,
+        policy: nimbus_scheduler::Policy,
+    ) -> Result<String, ApiError> {
+        let req = crate::placement::instance_request(inst)?;
+        let mut slot = self.index.engine.lock();
+        if self.nodes.changed() || self.instances.changed() {
+            // This command already changed a node (a drain cordons before it moves instances)
+            // or placed an instance: the engine catches up only after the command.
+            *slot = None;
+        }
+        let engine = slot.get_or_insert_with(|| crate::engine::Engine::build(self, policy));
+        if !engine.cluster.is_empty() {
+            engine
+                .cluster
+                .validate_request(&req)
+                .map_err(|e| ApiError::invalid(e.field, e.message))?;
+        }
+        engine.set_weights(self.score_weights());
+        let own = engine.account(inst, false);
+        let placed = engine.cluster.place(&req);
+        if own {
+            engine.account(inst, true);
+        }
+        placed
+            .map(|i| engine.cluster.name(i).to_string())
+            .map_err(|u| unschedulable(inst, &u, None))
     }
 
     pub(crate) fn assign(
@@ -137,6 +150,7 @@ impl StateMachine {
             .instances
             .get(id)
             .ok_or_else(|| ApiError::not_found("instance", id))?
+            .as_ref()
             .clone();
         let old = inst.status.node.clone().unwrap_or_default();
         let node = self.place(&inst)?;
@@ -144,7 +158,8 @@ impl StateMachine {
         inst.status.exit_code = None;
         touch(&mut inst.meta, env);
         let (p, n) = (inst.meta.project.clone(), inst.meta.name.clone());
-        self.instances.insert(id.to_string(), inst);
+        self.instances
+            .insert(id.to_string(), std::sync::Arc::new(inst));
         self.bump_assignments(&old);
         self.bump_assignments(&node);
         self.event(
@@ -163,6 +178,7 @@ impl StateMachine {
             .instances
             .get(id)
             .ok_or_else(|| ApiError::not_found("instance", id))?
+            .as_ref()
             .clone();
         if inst.spec.desired == DesiredState::Deleted {
             return Ok(CommandOutput::Instance(Box::new(inst)));
@@ -176,7 +192,8 @@ impl StateMachine {
         self.assign(env, &mut inst, &node)?;
         touch(&mut inst.meta, env);
         let (p, n) = (inst.meta.project.clone(), inst.meta.name.clone());
-        self.instances.insert(id.to_string(), inst.clone());
+        self.instances
+            .insert(id.to_string(), std::sync::Arc::new(inst.clone()));
         self.bump_assignments(&node);
         self.event(
             env,
@@ -197,6 +214,7 @@ impl StateMachine {
             .instances
             .get(id)
             .ok_or_else(|| ApiError::not_found("instance", id))?
+            .as_ref()
             .clone();
         let (node, preempted) = self.place_or_preempt(env, &inst)?;
         inst.spec.desired = DesiredState::Running;
@@ -204,7 +222,8 @@ impl StateMachine {
         inst.status.exit_code = None;
         touch(&mut inst.meta, env);
         let (p, n) = (inst.meta.project.clone(), inst.meta.name.clone());
-        self.instances.insert(id.to_string(), inst.clone());
+        self.instances
+            .insert(id.to_string(), std::sync::Arc::new(inst.clone()));
         self.bump_assignments(&node);
         self.event(env, &p, "instance", &n, "StartRequested", String::new());
         self.event(
@@ -216,5 +235,31 @@ impl StateMachine {
             crate::preemption::scheduled_message(&node, &preempted),
         );
         Ok(CommandOutput::Instance(Box::new(inst)))
+    }
+}
+
+/// The error of a placement that found no node (`port_taken`: why nodes were left out for a
+/// published port).
+fn unschedulable(
+    inst: &Instance,
+    u: &nimbus_scheduler::Unschedulable,
+    port_taken: Option<String>,
+) -> ApiError {
+    let mut msg = u.to_string();
+    if inst.spec.instance_type == InstanceType::Vm
+        && u.reasons.len() == 1
+        && u.reasons
+            .contains_key(&nimbus_scheduler::Reason::NoVmSupport)
+    {
+        msg = format!("no node can run VMs: {msg}");
+    }
+    if let Some(why) = port_taken {
+        // The nodes left out for a published port matter as much as the rest.
+        return ApiError::conflict(format!("{msg}; and {why}")).with_field("publish");
+    }
+    ApiError {
+        code: ErrorCode::Unschedulable,
+        message: msg,
+        field: None,
     }
 }

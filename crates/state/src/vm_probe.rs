@@ -135,7 +135,7 @@ impl StateMachine {
         if !unavailable.is_empty() {
             message = format!("{message}; VMs unavailable on {}", unavailable.join("; "));
         }
-        let Some(inst) = self.instances.get_mut(id) else {
+        let Some(inst) = self.instance_mut(id) else {
             return Err(ApiError::not_found("instance", id));
         };
         inst.status.state = InstanceState::Failed;

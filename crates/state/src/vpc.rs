@@ -502,7 +502,7 @@ impl StateMachine {
 
     /// Removes an instance from the state and frees its address.
     pub(crate) fn remove_instance(&mut self, id: &str) -> Option<Instance> {
-        let inst = self.instances.remove(id)?;
+        let inst = std::sync::Arc::unwrap_or_clone(self.instances.remove(id)?);
         let k = key(&inst.meta.project, &inst.spec.network);
         if let (Some(ip), Some(m)) = (&inst.status.ip, self.ipam.get_mut(&k)) {
             if m.get(ip).is_some_and(|owner| owner == id) {

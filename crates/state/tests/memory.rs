@@ -69,10 +69,21 @@ impl Log {
 /// With `nodes` hollow-sized nodes and `projects` projects: heap bytes per instance over
 /// `n` creates, and microseconds per create.
 fn measure(nodes: usize, projects: usize, n: u64) -> (f64, f64) {
+    // One measurement at a time: the counter is process-wide.
+    static ONE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = ONE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let mut log = Log {
         sm: StateMachine::default(),
         index: 0,
     };
+    log.run(Command::ConfigureNetwork {
+        pool: "10.0.0.0/8".into(),
+        prefix: "nbmem".into(),
+        mtu: 0,
+        vxlan_port: 0,
+    });
     let digest = format!("sha256:{}", "a".repeat(64));
     log.run(Command::PutImage(Image {
         meta: meta("busybox", ""),
@@ -169,4 +180,18 @@ fn state_memory_and_create_cost_per_instance() {
 fn state_memory_and_create_cost_at_scale() {
     let (bytes, micros) = measure(10_000, 400, 100_000);
     println!("{bytes:.0} heap bytes per instance, {micros:.0} µs per create (10,000 nodes, 100,000 instances)");
+}
+
+#[test]
+#[ignore = "debug"]
+fn sizes() {
+    println!(
+        "Instance {} Meta {} Spec {} Status {}",
+        std::mem::size_of::<Instance>(),
+        std::mem::size_of::<Meta>(),
+        std::mem::size_of::<InstanceSpec>(),
+        std::mem::size_of::<InstanceStatus>()
+    );
+    let (bytes, _) = measure(10, 10, 2000);
+    println!("{bytes}");
 }

@@ -13,7 +13,8 @@ use nimbus_state::{Command, CommandOutput, InstanceAction};
 use serde::Deserialize;
 
 use crate::app::AppState;
-use crate::error::{ApiJson, HttpResult};
+use crate::error::{ApiJson, ApiQuery, HttpResult};
+use crate::routes::page::{ListOpts, Page};
 
 fn instance(out: CommandOutput) -> Result<Instance, ApiError> {
     match out {
@@ -163,26 +164,29 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(instance(out)?)))
 }
 
-/// List instances.
-#[utoipa::path(get, path = "/v1/projects/{project}/instances", params(("project" = String, Path)), responses((status = 200, body = [Instance])))]
+/// List instances, in name order; `limit` and `continue` page through them.
+#[utoipa::path(get, path = "/v1/projects/{project}/instances", params(("project" = String, Path), crate::routes::page::ListOpts),
+    responses((status = 200, body = [Instance], headers(("Link" = String, description = "<next page>; rel=\"next\" when more remain"))),
+        (status = 400, body = nimbus_api::ErrorBody), (status = 404, body = nimbus_api::ErrorBody), (status = 422, body = nimbus_api::ErrorBody)))]
 pub async fn list(
     State(app): State<AppState>,
     Path(project): Path<String>,
-    Query(o): Query<ReadOpts>,
-) -> HttpResult<Json<Vec<Instance>>> {
+    ApiQuery(o): ApiQuery<ListOpts>,
+) -> HttpResult<Page<Instance>> {
+    let after = o.start_after()?;
     if !o.stale {
         app.barrier().await?;
     }
     check_project(&app, &project)?;
-    let mut v: Vec<Instance> = app.read(|s| {
-        s.instances
-            .values()
-            .filter(|i| i.meta.project == project)
-            .cloned()
-            .collect()
-    });
-    v.sort_by(|a, b| a.meta.name.cmp(&b.meta.name));
-    Ok(Json(v))
+    let path = format!("/v1/projects/{project}/instances");
+    Ok(app.read(|s| {
+        Page::take(
+            s.project_instances(&project, after.as_deref()).cloned(),
+            |i| &i.meta.name,
+            &o,
+            &path,
+        )
+    }))
 }
 
 /// Get one instance.

@@ -14,6 +14,7 @@ pub mod instances;
 pub mod loadbalancers;
 pub mod networks;
 pub mod nodes;
+pub mod page;
 pub mod projects;
 
 /// The OpenAPI document.

@@ -15,8 +15,9 @@ use nimbus_state::{netmap, Command, CommandOutput};
 use serde::Deserialize;
 
 use crate::app::AppState;
-use crate::error::{ApiJson, HttpResult};
+use crate::error::{ApiJson, ApiQuery, HttpResult};
 use crate::fleet::Beat;
+use crate::routes::page::{ListOpts, Page};
 
 /// Register (or re-register) a node.
 #[utoipa::path(post, path = "/v1/nodes", request_body = RegisterNodeRequest, responses((status = 200, body = Node)))]
@@ -30,12 +31,34 @@ pub async fn register(
     }
 }
 
-/// List nodes.
-#[utoipa::path(get, path = "/v1/nodes", responses((status = 200, body = [Node])))]
-pub async fn list(State(app): State<AppState>) -> HttpResult<Json<Vec<Node>>> {
-    app.barrier().await?;
-    let nodes = app.read(|s| s.nodes.values().cloned().collect());
-    Ok(Json(app.with_telemetry(nodes).await))
+/// List nodes, in name order; `limit` and `continue` page through them.
+#[utoipa::path(get, path = "/v1/nodes", params(crate::routes::page::ListOpts),
+    responses((status = 200, body = [Node], headers(("Link" = String, description = "<next page>; rel=\"next\" when more remain"))),
+        (status = 400, body = nimbus_api::ErrorBody), (status = 422, body = nimbus_api::ErrorBody)))]
+pub async fn list(
+    State(app): State<AppState>,
+    ApiQuery(o): ApiQuery<ListOpts>,
+) -> HttpResult<Page<Node>> {
+    use std::ops::Bound;
+    let after = o.start_after()?;
+    if !o.stale {
+        app.barrier().await?;
+    }
+    let page = app.read(|s| {
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        Page::take(
+            s.nodes
+                .range((start, Bound::Unbounded))
+                .map(|(_, n)| n.clone()),
+            |n| &n.meta.name,
+            &o,
+            "/v1/nodes",
+        )
+    });
+    Ok(Page {
+        items: app.with_telemetry(page.items).await,
+        next: page.next,
+    })
 }
 
 /// Get a node.
