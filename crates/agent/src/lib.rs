@@ -4,6 +4,7 @@
 pub mod config;
 mod control;
 pub mod driver;
+pub mod fleet;
 pub mod http;
 pub mod lb_host;
 pub mod local;

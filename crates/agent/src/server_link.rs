@@ -213,6 +213,68 @@ impl ServerLink {
         })
     }
 
+    /// Registers many nodes (a hollow fleet); returns the refused ones.
+    pub async fn register_fleet(
+        &self,
+        req: &nimbus_api::agent::FleetRegisterRequest,
+    ) -> Result<nimbus_api::agent::FleetRegisterResponse, LinkError> {
+        self.call(
+            reqwest::Method::POST,
+            "/v1/fleet/register",
+            Some(req),
+            Duration::from_secs(60),
+        )
+        .await?
+        .ok_or_else(|| LinkError::NotNimbus(self.servers.join(","), "empty answer".into()))
+    }
+
+    /// Heartbeats for many nodes.
+    pub async fn heartbeat_fleet(
+        &self,
+        req: &nimbus_api::agent::FleetHeartbeatRequest,
+    ) -> Result<(), LinkError> {
+        self.call::<_, serde_json::Value>(
+            reqwest::Method::POST,
+            "/v1/fleet/heartbeats",
+            Some(req),
+            Duration::from_secs(10),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Status reports of many nodes.
+    pub async fn report_fleet(
+        &self,
+        req: &nimbus_api::agent::FleetStatusRequest,
+    ) -> Result<(), LinkError> {
+        self.call::<_, serde_json::Value>(
+            reqwest::Method::POST,
+            "/v1/fleet/status",
+            Some(req),
+            Duration::from_secs(30),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Long-polls the assignments of a fleet's nodes changed after `since`.
+    pub async fn watch_fleet(
+        &self,
+        fleet: &str,
+        since: u64,
+        wait: u64,
+    ) -> Result<nimbus_api::agent::FleetWatchResponse, LinkError> {
+        self.call::<(), _>(
+            reqwest::Method::GET,
+            &format!("/v1/fleet/{fleet}/watch?since={since}&wait={wait}"),
+            None,
+            Duration::from_secs(wait + 30),
+        )
+        .await?
+        .ok_or_else(|| LinkError::NotNimbus(self.servers.join(","), "empty answer".into()))
+    }
+
     /// Downloads a blob into `dest` (a writer).
     pub async fn blob(&self, digest: &str) -> Result<bytes::Bytes, LinkError> {
         let mut last = String::new();

@@ -306,3 +306,51 @@ pub struct StatusReport {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub interfaces: Vec<crate::InterfaceCounters>,
 }
+
+/// The label that marks the nodes of one fleet of hollow nodes (`nimbus agent --hollow`),
+/// which talk to the control plane through the `/v1/fleet/...` routes: one connection and a
+/// few requests for all of them instead of a long-poll per node.
+pub const FLEET_LABEL: &str = "nimbus.fleet";
+
+/// `POST /v1/fleet/register`: registers (or re-registers) many nodes at once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FleetRegisterRequest {
+    /// The nodes (at most 10,000 per request; mind the 1 MiB body limit).
+    pub nodes: Vec<RegisterNodeRequest>,
+}
+
+/// The answer to a fleet registration: the nodes that were refused, with why.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, Default)]
+pub struct FleetRegisterResponse {
+    /// Node name -> the error that refused it.
+    #[serde(default)]
+    pub refused: std::collections::BTreeMap<String, crate::ApiError>,
+}
+
+/// `POST /v1/fleet/heartbeats`: renews the leases of many nodes (they measure nothing).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FleetHeartbeatRequest {
+    /// Node names.
+    pub nodes: Vec<String>,
+}
+
+/// `GET /v1/fleet/{fleet}/watch?since=REV`: the assignments (without network maps) of the
+/// fleet's nodes whose assignments changed after revision `since` (all of them for 0); blocks
+/// until one did or the wait ends.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, Default)]
+pub struct FleetWatchResponse {
+    /// The state revision the answer reflects; pass it as `since` next time.
+    pub revision: u64,
+    /// Node name -> its assignments.
+    pub nodes: std::collections::BTreeMap<String, AssignmentsResponse>,
+}
+
+/// `POST /v1/fleet/status`: status reports of many nodes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FleetStatusRequest {
+    /// Node name -> reports of its instances whose observed state changed.
+    pub nodes: std::collections::BTreeMap<String, Vec<InstanceReport>>,
+}

@@ -1,15 +1,14 @@
-//! `nimbus agent --hollow`: hollow nodes for scale tests (like Kubernetes' kubemark). Each
-//! registers with the control plane, heartbeats and reports its instances as running through
-//! the real agent runtime, with the in-memory `HollowDriver` instead of runc or QEMU, no image
-//! pulls and no utilisation measurement. Never the default; it says so in its log.
+//! `nimbus agent --hollow`: hollow nodes for scale tests (like Kubernetes' kubemark), run as one
+//! fleet per process over the batched fleet protocol (`nimbus_agent::fleet`): they register,
+//! heartbeat and report their instances as running, and run nothing. Never the default; it
+//! says so in its log.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{Context, Result};
-use nimbus_agent::driver::hollow::HollowDriver;
-use nimbus_agent::driver::Driver;
-use nimbus_agent::{Agent, AgentConfig};
+use nimbus_agent::fleet::HollowFleet;
+use nimbus_agent::server_link::ServerLink;
+use nimbus_api::agent::RegisterNodeRequest;
 use nimbus_api::{Capacity, NodeCapabilities};
 
 use crate::cli::AgentArgs;
@@ -39,62 +38,52 @@ pub async fn run(
             disk_bytes: 1 << 40,
         })
     };
+    let capacity = capacity.unwrap_or_else(|| Capacity {
+        cpu_millis: std::thread::available_parallelism().map_or(1, std::num::NonZero::get) as u64
+            * 1000,
+        memory_bytes: machine_memory(),
+        disk_bytes: 1 << 40,
+    });
     let caps = NodeCapabilities {
         containers: true,
         vms: false,
         vm_unavailable_reason: Some("hollow node".into()),
         ..NodeCapabilities::default()
     };
-    let mut handles = Vec::new();
-    for k in 0..args.hollow_count {
-        let name = if args.hollow_count == 1 {
-            base.clone()
-        } else {
-            format!("{base}-{k}")
-        };
-        let listen = if args.hollow_count == 1 {
-            args.listen
-        } else {
-            std::net::SocketAddr::new(args.listen.ip(), 0)
-        };
-        let driver: Arc<dyn Driver> = Arc::new(HollowDriver::new());
-        let data_dir = args.data_dir.join(&name);
-        let handle = Agent::start(
-            AgentConfig {
-                name: name.clone(),
-                servers: args.servers.clone(),
-                token: token.clone(),
-                image_dir: data_dir.join("images"),
-                data_dir,
-                listen,
-                advertise_url: None,
-                zone: args.zone.clone(),
-                labels: labels.clone(),
-                heartbeat_every: Duration::from_secs(2),
-                stop_grace: Duration::from_secs(1),
-                hollow: true,
-                capacity,
-                underlay_ip: Some(std::net::Ipv4Addr::LOCALHOST),
-                nft_table: None,
+    let nodes: Vec<RegisterNodeRequest> = (0..args.hollow_count)
+        .map(|k| RegisterNodeRequest {
+            name: if args.hollow_count == 1 {
+                base.clone()
+            } else {
+                format!("{base}-{k}")
             },
-            vec![driver],
-            caps.clone(),
-        )
+            // Nothing listens: the control plane knows hollow nodes by their fleet label.
+            agent_url: "http://127.0.0.1:1".into(),
+            capacity,
+            capabilities: caps.clone(),
+            zone: args.zone.clone(),
+            labels: labels.clone(),
+            agent_version: env!("CARGO_PKG_VERSION").into(),
+            underlay_ip: String::new(),
+        })
+        .collect();
+    let link = ServerLink::new(args.servers.clone(), token);
+    let fleet = Arc::new(HollowFleet::new(link, &base, nodes));
+    fleet
+        .register()
         .await
-        .with_context(|| format!("starting hollow node {name}"))?;
-        handles.push(handle);
-    }
+        .context("registering the hollow nodes")?;
     tracing::warn!(
-        nodes = handles.len(),
+        nodes = args.hollow_count,
         "HOLLOW test mode: these nodes run no workloads (nimbus agent --hollow)"
     );
     println!(
         "nimbus agent ready: {} hollow node(s) (test mode, no workloads)",
-        handles.len()
+        args.hollow_count
     );
-    crate::daemon::wait_for_signal().await;
-    for h in handles {
-        h.stop();
+    tokio::select! {
+        () = fleet.run() => {}
+        () = crate::daemon::wait_for_signal() => {}
     }
     Ok(())
 }

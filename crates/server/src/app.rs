@@ -59,7 +59,7 @@ pub struct AppState {
     /// Node leases and telemetry (meaningful on the leader only).
     pub telemetry: Arc<crate::telemetry::Telemetry>,
     /// The network map last sent to each node (for deltas).
-    pub net_maps: Arc<crate::fleet::SentMaps>,
+    pub net_maps: Arc<crate::beats::SentMaps>,
 }
 
 pub use crate::proposer::now;

@@ -48,6 +48,7 @@ pub async fn require_token(State(app): State<AppState>, req: Request, next: Next
     if constant_time_eq(token.as_bytes(), app.node_token.as_bytes()) {
         let operator_only = req.method() == axum::http::Method::PATCH || path.ends_with("/drain");
         if (path.starts_with("/v1/nodes") && !operator_only)
+            || path.starts_with("/v1/fleet/")
             || path.starts_with("/v1/images/blobs/")
         {
             return next.run(req).await;

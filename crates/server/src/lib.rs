@@ -3,11 +3,11 @@
 
 pub mod app;
 pub mod auth;
+pub mod beats;
 pub mod blobs;
 pub mod cluster;
 pub mod controllers;
 pub mod error;
-pub mod fleet;
 pub mod forward;
 pub mod proposer;
 pub mod routes;
@@ -190,7 +190,7 @@ impl Server {
         };
         let router = routes::router(app.clone())
             .merge(cluster::router(app.clone()))
-            .merge(fleet::internal_router(app.clone()))
+            .merge(beats::internal_router(app.clone()))
             .merge(nimbus_state::raft::raft_router(raft.clone()));
         let serve = tokio::spawn(async move {
             if let Err(e) = axum::serve(

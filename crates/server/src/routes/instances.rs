@@ -292,8 +292,21 @@ fn agent_of(app: &AppState, inst: &Instance) -> Result<String, ApiError> {
             inst.meta.name
         ))
     })?;
-    app.read(|s| s.nodes.get(&node).map(|n| n.agent_url.clone()))
-        .ok_or_else(|| ApiError::new(ErrorCode::Unavailable, format!("node {node} is unknown")))
+    let (url, hollow) = app
+        .read(|s| {
+            s.nodes.get(&node).map(|n| {
+                let hollow = n.meta.labels.contains_key(nimbus_api::agent::FLEET_LABEL);
+                (n.agent_url.clone(), hollow)
+            })
+        })
+        .ok_or_else(|| ApiError::new(ErrorCode::Unavailable, format!("node {node} is unknown")))?;
+    if hollow {
+        return Err(ApiError::conflict(format!(
+            "instance {} runs on hollow node {node} (a test mode that runs nothing)",
+            inst.meta.name
+        )));
+    }
+    Ok(url)
 }
 
 /// Run a command in a running instance.

@@ -9,6 +9,7 @@ use utoipa::OpenApi;
 use crate::app::AppState;
 
 pub mod events;
+pub mod fleet;
 pub mod images;
 pub mod instances;
 pub mod loadbalancers;
@@ -56,6 +57,10 @@ pub mod projects;
         nodes::heartbeat,
         nodes::status,
         nodes::assignments,
+        fleet::register,
+        fleet::heartbeats,
+        fleet::status,
+        fleet::watch,
         images::import,
         images::list,
         images::get,
@@ -187,6 +192,10 @@ pub fn router(app: AppState) -> Router {
         .route("/v1/nodes/{name}/drain", post(nodes::drain))
         .route("/v1/nodes/{name}/status", post(nodes::status))
         .route("/v1/nodes/{name}/assignments", get(nodes::assignments))
+        .route("/v1/fleet/register", post(fleet::register))
+        .route("/v1/fleet/heartbeats", post(fleet::heartbeats))
+        .route("/v1/fleet/status", post(fleet::status))
+        .route("/v1/fleet/{fleet}/watch", get(fleet::watch))
         .route("/v1/images", get(images::list))
         .route("/v1/images/{name}", get(images::get).delete(images::delete))
         .route("/v1/images/blobs/{digest}", get(images::blob))

@@ -15,8 +15,8 @@ use nimbus_state::{netmap, Command, CommandOutput};
 use serde::Deserialize;
 
 use crate::app::AppState;
+use crate::beats::Beat;
 use crate::error::{ApiJson, ApiQuery, HttpResult};
-use crate::fleet::Beat;
 use crate::routes::page::{ListOpts, Page};
 
 /// Register (or re-register) a node.
