@@ -60,6 +60,8 @@ pub struct AppState {
     pub telemetry: Arc<crate::telemetry::Telemetry>,
     /// The network map last sent to each node (for deltas).
     pub net_maps: Arc<crate::beats::SentMaps>,
+    /// When this leader first saw each load-balancer drain (its timeout clock).
+    pub drain_clock: Arc<std::sync::Mutex<std::collections::HashMap<String, tokio::time::Instant>>>,
 }
 
 pub use crate::proposer::now;

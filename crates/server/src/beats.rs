@@ -61,6 +61,9 @@ impl AppState {
         for b in beats {
             self.telemetry.beat(b, now, &at);
         }
+        if beats.iter().any(|b| b.acked.is_some()) {
+            crate::controllers::finish_drains(self).await;
+        }
         let revived: Vec<String> = self.read(|s| {
             beats
                 .iter()

@@ -69,7 +69,53 @@ async fn leader_loop(app: AppState) {
             last_snapshot = now;
             utilization_snapshot(&app).await;
         }
+        finish_drains(&app).await;
         retry_pending(&app).await;
+    }
+}
+
+/// Finishes the drains whose load-balancer nodes all applied the change (or went down, or
+/// belong to a hollow fleet, which runs no load balancer), or that waited
+/// [`DRAIN_TIMEOUT_MS`](nimbus_state::drain::DRAIN_TIMEOUT_MS) on this leader's clock.
+pub async fn finish_drains(app: &AppState) {
+    if !app.raft.is_leader() {
+        return;
+    }
+    let acked = app.telemetry.acked();
+    let now = Instant::now();
+    let timeout = Duration::from_millis(nimbus_state::drain::DRAIN_TIMEOUT_MS);
+    let done: Vec<String> = {
+        let mut first_seen = app
+            .drain_clock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let done = app.read(|s| {
+            first_seen.retain(|id, _| s.drains.contains_key(id));
+            s.drains
+                .iter()
+                .filter(|(id, d)| {
+                    let seen = *first_seen.entry((*id).clone()).or_insert(now);
+                    now.duration_since(seen) >= timeout
+                        || d.nodes.iter().all(|n| {
+                            acked.get(n).is_some_and(|a| *a >= d.since)
+                                || s.nodes.get(n).is_none_or(|n| {
+                                    n.state != NodeState::Ready
+                                        || n.meta
+                                            .labels
+                                            .contains_key(nimbus_api::agent::FLEET_LABEL)
+                                })
+                        })
+                })
+                .map(|(id, _)| id.clone())
+                .collect::<Vec<_>>()
+        });
+        done
+    };
+    if done.is_empty() {
+        return;
+    }
+    if let Err(e) = app.propose(Command::FinishDrain { ids: done }).await {
+        tracing::warn!("cannot finish load-balancer drains: {}", e.message);
     }
 }
 

@@ -187,6 +187,7 @@ impl Server {
             blob_fetches: Arc::default(),
             telemetry: Arc::default(),
             net_maps: Arc::default(),
+            drain_clock: Arc::default(),
         };
         let router = routes::router(app.clone())
             .merge(cluster::router(app.clone()))

@@ -71,12 +71,17 @@ pub struct Beat {
     /// Backend health of the LBs it serves (by LB id), if it sent it.
     #[serde(default)]
     pub loadbalancers: Option<BTreeMap<String, Vec<LbBackendHealth>>>,
+    /// The assignment revision it has applied (it polled for what comes after it).
+    #[serde(default)]
+    pub acked: Option<u64>,
 }
 
 /// One node's entry: the lease (monotonic) and the telemetry.
 #[derive(Debug, Clone)]
 struct NodeTelemetry {
     seen: Instant,
+    /// The highest assignment revision the node said it applied.
+    acked: u64,
     view: TelemetryView,
 }
 
@@ -100,9 +105,11 @@ impl Telemetry {
             .entry(b.node.clone())
             .or_insert_with(|| NodeTelemetry {
                 seen: now,
+                acked: 0,
                 view: TelemetryView::default(),
             });
         t.seen = now;
+        t.acked = t.acked.max(b.acked.unwrap_or(0));
         at.clone_into(&mut t.view.seen_at);
         if b.utilization.is_some() {
             t.view.utilization = b.utilization;
@@ -121,6 +128,14 @@ impl Telemetry {
         self.lock()
             .iter()
             .map(|(n, t)| (n.clone(), t.seen))
+            .collect()
+    }
+
+    /// The assignment revision each node has applied.
+    pub fn acked(&self) -> HashMap<String, u64> {
+        self.lock()
+            .iter()
+            .map(|(n, t)| (n.clone(), t.acked))
             .collect()
     }
 

@@ -92,6 +92,12 @@ pub enum Command {
         /// Node -> measurement.
         nodes: BTreeMap<String, nimbus_api::NodeUtilization>,
     },
+    /// Load-balancer backends are out of rotation everywhere (decided by the leader, see
+    /// `drain.rs`): their nodes may stop them now.
+    FinishDrain {
+        /// Instance ids.
+        ids: Vec<String>,
+    },
     /// Mark nodes down that missed heartbeats (decided by the leader's controller).
     MarkNodeDown {
         /// Node.

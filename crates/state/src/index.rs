@@ -270,7 +270,8 @@ pub fn selects(b: &LbBackends, i: &Instance) -> bool {
     }
 }
 
-fn lb_selects(lb: &LoadBalancer, i: &Instance) -> bool {
+/// Whether a load balancer picks `i` (running or not) for its default pool or a route.
+pub(crate) fn lb_selects(lb: &LoadBalancer, i: &Instance) -> bool {
     lb.meta.project == i.meta.project
         && (selects(&lb.spec.backends, i) || lb.spec.routes.iter().any(|r| selects(&r.backends, i)))
 }

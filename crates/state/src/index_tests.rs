@@ -192,6 +192,10 @@ fn step(h: &mut H, rng: &mut Lcg, names: &mut Vec<(String, String)>) {
                 })
             };
         }
+        8 if !h.sm.drains.is_empty() && rng.next(2) == 0 => {
+            let ids = h.sm.drains.keys().cloned().collect();
+            h.run(Command::FinishDrain { ids }).expect("finish drains");
+        }
         8 => {
             let _ = if h.sm.loadbalancers.is_empty() {
                 h.run(Command::CreateLoadBalancer {

@@ -460,3 +460,94 @@ fn placement_replicas_follow_nodes_and_gate_assignments_and_vip() {
     assert!(held(h.run(vip(other))));
     assert!(!h.sm.vip_lease_refused("default", "web", other, 0));
 }
+
+#[test]
+fn a_stopped_backend_drains_out_of_its_lbs_before_its_node_stops_it() {
+    let mut h = H::new();
+    h.node("n1", false);
+    h.node("n2", false);
+    let id = running(&mut h, "web1", "web");
+    running(&mut h, "web2", "web");
+    let lone = running(&mut h, "db1", "db");
+    h.ok(create("web", spec(80, label("app=web"))));
+    let node = h.sm.instances[&id].status.node.clone().unwrap();
+    let asg = |h: &H, id: &str| {
+        crate::netmap::assignments_of(&h.sm, &node, false)
+            .assignments
+            .into_iter()
+            .find(|a| a.id == id)
+    };
+    h.ok(Command::SetInstanceDesired {
+        project: "default".into(),
+        name: "web1".into(),
+        action: crate::InstanceAction::Stop,
+        version: None,
+    });
+    let d = h.sm.drains[&id].clone();
+    assert_eq!(d.since, h.sm.revision);
+    assert_eq!(d.nodes, ["n1", "n2"]);
+    // Out of rotation at once, on every LB node...
+    for n in ["n1", "n2"] {
+        let names: Vec<String> = h.sm.lb_assignments(n)[0]
+            .backends
+            .iter()
+            .map(|b| b.instance.clone())
+            .collect();
+        assert_eq!(names, ["web2"], "{n}");
+        assert_eq!(h.sm.assignment_revision(n), h.sm.revision, "{n} woken");
+    }
+    // ...while its own node keeps it running, and its reports do not put it back.
+    assert_eq!(
+        asg(&h, &id).unwrap().desired,
+        nimbus_api::DesiredState::Running
+    );
+    let gen = h.sm.instances[&id].status.generation;
+    h.ok(Command::ReportStatus {
+        node: node.clone(),
+        reports: vec![InstanceReport {
+            id: id.clone(),
+            generation: gen,
+            state: InstanceState::Running,
+            pid: Some(7),
+            exit_code: None,
+            message: String::new(),
+            restart_count: 0,
+            accelerator: None,
+            deleted: false,
+        }],
+        interfaces: vec![],
+    });
+    assert_eq!(h.sm.instances[&id].status.state, InstanceState::Stopping);
+    h.ok(Command::FinishDrain {
+        ids: vec![id.clone()],
+    });
+    assert!(h.sm.drains.is_empty());
+    assert_eq!(
+        asg(&h, &id).unwrap().desired,
+        nimbus_api::DesiredState::Stopped
+    );
+    assert_eq!(h.sm.assignment_revision(&node), h.sm.revision);
+    // An instance no LB sends traffic to stops at once.
+    h.ok(Command::SetInstanceDesired {
+        project: "default".into(),
+        name: "db1".into(),
+        action: crate::InstanceAction::Delete,
+        version: None,
+    });
+    assert!(!h.sm.drains.contains_key(&lone));
+    // Starting it again ends a drain; a drain of a deleted instance is forgotten.
+    h.ok(Command::SetInstanceDesired {
+        project: "default".into(),
+        name: "web2".into(),
+        action: crate::InstanceAction::Stop,
+        version: None,
+    });
+    assert_eq!(h.sm.drains.len(), 1);
+    h.ok(Command::SetInstanceDesired {
+        project: "default".into(),
+        name: "web2".into(),
+        action: crate::InstanceAction::Start,
+        version: None,
+    });
+    assert!(h.sm.drains.is_empty());
+}

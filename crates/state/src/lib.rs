@@ -2,6 +2,7 @@
 //! openraft + redb runtime that orders them through a Raft log.
 
 pub mod command;
+pub mod drain;
 pub mod engine;
 pub mod index;
 pub mod lb_place;

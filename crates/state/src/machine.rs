@@ -73,6 +73,9 @@ pub struct StateData {
     /// Per node: the revision at which its network map last changed (agents long-poll it).
     #[serde(default)]
     pub network_revisions: BTreeMap<String, u64>,
+    /// Load-balancer backends being taken out of rotation before they stop, by instance id.
+    #[serde(default)]
+    pub drains: BTreeMap<String, crate::drain::Drain>,
 }
 
 /// The replicated state ([`StateData`], which it dereferences to) with its derived indexes,
@@ -224,6 +227,7 @@ impl StateMachine {
             self.place_lbs();
         }
         if !matches!(env.command, Command::Batch { .. }) {
+            self.prune_drains();
             self.settle();
         }
         result
@@ -295,6 +299,10 @@ impl StateMachine {
             Command::RegisterNode(req) => self.register_node(env, req),
             Command::NodeHeartbeat { name, utilization } => self.heartbeat(env, name, *utilization),
             Command::MarkNodeReady { name } => self.mark_node_ready(env, name),
+            Command::FinishDrain { ids } => {
+                self.finish_drains(env, ids);
+                Ok(CommandOutput::None)
+            }
             Command::UtilizationSnapshot { nodes } => {
                 self.utilization_snapshot(env, nodes);
                 Ok(CommandOutput::None)
@@ -661,6 +669,7 @@ impl StateMachine {
                 return self.start_unplaced(env, &id);
             }
         }
+        let before = self.instances[&id].clone();
         let i = self.instance_mut(&id).expect("found above");
         if i.spec.desired == DesiredState::Deleted {
             return Err(ApiError::not_found("instance", name));
@@ -711,6 +720,15 @@ impl StateMachine {
         if let Some(n) = &out.status.node {
             self.bump_assignments(n);
         }
+        match action {
+            InstanceAction::Stop | InstanceAction::Delete if !node_down => {
+                self.begin_drain(&before);
+            }
+            InstanceAction::Start => {
+                self.drains.remove(&id);
+            }
+            _ => {}
+        }
         self.event(env, project, "instance", name, reason, String::new());
         if action == InstanceAction::Delete && node_down {
             // Nothing runs it (never placed, or its node is gone): remove it now.
@@ -728,7 +746,7 @@ impl StateMachine {
     }
 
     fn apply_report(&mut self, env: &CommandEnvelope, node: &str, r: &InstanceReport) {
-        let Some(i) = self.instance_mut(&r.id) else {
+        let Some(i) = self.instances.get(&r.id) else {
             return;
         };
         // Fencing: only the node holding the current generation may report.
@@ -745,8 +763,14 @@ impl StateMachine {
             return;
         }
         let before = i.status.clone();
-        // While a delete is pending, the observed state stays `deleting`.
-        if i.spec.desired != DesiredState::Deleted {
+        // While a delete is pending, the observed state stays `deleting`; while a stop drains
+        // the backend out of its load balancers, `stopping`.
+        let draining = self
+            .drains
+            .get(&r.id)
+            .is_some_and(|d| d.generation == r.generation);
+        let i = self.instance_mut(&r.id).expect("found above");
+        if i.spec.desired != DesiredState::Deleted && !draining {
             i.status.state = r.state;
         }
         i.status.pid = r.pid;

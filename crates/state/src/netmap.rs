@@ -195,14 +195,18 @@ pub fn assignments_of(sm: &StateMachine, node: &str, with_network: bool) -> Assi
                 .images
                 .values()
                 .find(|im| im.digest == i.spec.image_digest)?;
+            // A backend draining out of its load balancers keeps running until it is out.
+            let desired = sm.assigned_desired(i);
+            let mut spec = i.spec.clone();
+            spec.desired = desired;
             Some(Assignment {
                 id: i.meta.id.clone(),
                 name: i.meta.name.clone(),
                 project: i.meta.project.clone(),
                 generation: i.status.generation,
-                desired: i.spec.desired,
+                desired,
                 restart_nonce: i.spec.restart_nonce,
-                spec: i.spec.clone(),
+                spec,
                 image: ImageRef {
                     name: image.meta.name.clone(),
                     digest: image.digest.clone(),

@@ -249,6 +249,18 @@ pub async fn assignments(
     if !app.read(|s| s.nodes.contains_key(&name)) {
         return Err(ApiError::not_found("node", &name).into());
     }
+    if o.after > 0 {
+        // Polling for what comes after `after` says everything up to it is applied (agents
+        // reconcile their load balancers before they poll again): drains wait for that.
+        let ack = Beat {
+            node: name.clone(),
+            acked: Some(o.after),
+            ..Beat::default()
+        };
+        if let Err(e) = app.record_beats(vec![ack]).await {
+            tracing::debug!(node = %name, "recording an assignment ack: {}", e.message);
+        }
+    }
     let mut woken = app.raft.wakeups().subscribe(&name);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(o.wait.unwrap_or(30).min(60));
     loop {
