@@ -29,10 +29,13 @@ pub struct CreateInstanceRequest {
     /// `container` (default) or `vm`.
     #[serde(default, rename = "type")]
     pub instance_type: InstanceType,
-    /// vCPUs (default 1).
+    /// vCPUs, reserved on the node and the container's CPU limit. A container without it
+    /// reserves no CPU and has no CPU limit (best effort: placed by measured use); a VM gets 1.
     #[serde(default)]
     pub cpus: Option<f64>,
-    /// Memory: bytes as a number or a size string (`512M`, `1G`). Default 256M (512M for VMs).
+    /// Memory: bytes as a number or a size string (`512M`, `1G`), reserved on the node and the
+    /// container's memory limit. A container without it reserves none and has no limit beyond
+    /// the node's (best effort); a VM gets 512M.
     #[serde(default)]
     pub memory: Option<serde_json::Value>,
     /// Disk: like memory. Default 1G (VMs: 2G).
@@ -86,6 +89,33 @@ pub struct CreateInstanceRequest {
     /// Node ports to forward to the instance: `HOSTPORT:PORT[/tcp|udp]`.
     #[serde(default)]
     pub publish: Vec<String>,
+}
+
+/// A validated create: everything `apply` needs to make the instance (it resolves the image,
+/// places it and gives it an address). Made by [`crate::validate::create_instance`] only.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceDraft {
+    /// Name.
+    pub name: String,
+    /// Project.
+    pub project: String,
+    /// Labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// The spec: defaults filled in, priority resolved; `image` names the image (a name or a
+    /// digest) and `image_digest` is empty until `apply` resolves it.
+    pub spec: crate::InstanceSpec,
+}
+
+impl From<crate::Instance> for InstanceDraft {
+    fn from(i: crate::Instance) -> Self {
+        Self {
+            name: i.meta.name,
+            project: i.meta.project,
+            labels: i.meta.labels,
+            spec: i.spec,
+        }
+    }
 }
 
 /// `POST /v1/projects/{project}/instances/{name}/{action}` body (optional).

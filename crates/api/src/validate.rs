@@ -1,6 +1,6 @@
 //! Validation in one place: names, sizes, resources.
 
-use crate::{ApiError, CreateInstanceRequest, InstanceType};
+use crate::{ApiError, CreateInstanceRequest, InstanceDraft, InstanceType};
 
 pub mod net;
 
@@ -78,10 +78,11 @@ pub fn parse_size(field: &str, value: &str) -> Result<u64, ApiError> {
 pub fn json_size(field: &str, value: &serde_json::Value) -> Result<u64, ApiError> {
     match value {
         serde_json::Value::Number(n) => match n.as_u64() {
-            Some(v) if v > 0 => Ok(v),
+            // The same bound as size strings.
+            Some(v) if v > 0 && v <= 1_000_000_000_000_000_000 => Ok(v),
             _ => Err(ApiError::invalid(
                 field,
-                format!("{field} must be a positive number of bytes"),
+                format!("{field} must be a positive number of bytes below 1 EiB"),
             )),
         },
         serde_json::Value::String(s) => parse_size(field, s),
@@ -113,41 +114,36 @@ pub fn format_size(bytes: u64) -> String {
     format!("{bytes}B")
 }
 
-/// A create request after validation and defaults.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ValidInstance {
-    /// vCPUs.
-    pub cpus: f64,
-    /// Memory bytes.
-    pub memory_bytes: u64,
-    /// Disk bytes.
-    pub disk_bytes: u64,
-    /// pids limit.
-    pub pids_limit: u64,
-    /// Network name.
-    pub network: String,
-    /// Subnet name (empty: the network's first).
-    pub subnet: String,
-    /// Security group names.
-    pub security_groups: Vec<String>,
-    /// Published ports.
-    pub publish: Vec<crate::PublishedPort>,
-}
+/// The largest process limit (Linux's highest `pid_max`).
+pub const MAX_PIDS_LIMIT: u64 = 4_194_304;
 
-/// Validates an instance create request and fills defaults.
-pub fn create_instance(req: &CreateInstanceRequest) -> Result<ValidInstance, ApiError> {
+/// Validates an instance create request for `project` and fills in its defaults: the one
+/// place where a create is checked before `apply` (which checks what depends on the state:
+/// the project, the image, the name, the network and groups, room on a node).
+pub fn create_instance(
+    project: &str,
+    req: &CreateInstanceRequest,
+) -> Result<InstanceDraft, ApiError> {
     name("name", &req.name)?;
     if req.image.trim().is_empty() {
         return Err(ApiError::invalid("image", "image must not be empty"));
     }
     let vm = req.instance_type == InstanceType::Vm;
-    let cpus = req.cpus.unwrap_or(1.0);
-    if !cpus.is_finite() || cpus <= 0.0 {
-        return Err(ApiError::invalid(
-            "cpus",
-            format!("cpus must be positive, got {cpus}"),
-        ));
-    }
+    let cpus = match req.cpus {
+        Some(c) => {
+            // Reservations and CPU quotas count milli-CPUs.
+            if !c.is_finite() || c < 0.001 {
+                return Err(ApiError::invalid(
+                    "cpus",
+                    format!("cpus must be at least 0.001, got {c}"),
+                ));
+            }
+            (c * 1000.0).round() / 1000.0
+        }
+        None if vm => 1.0,
+        // A container without a size is best effort: no reservation, no limit.
+        None => 0.0,
+    };
     if cpus > 256.0 {
         return Err(ApiError::invalid("cpus", "cpus must be at most 256"));
     }
@@ -158,9 +154,18 @@ pub fn create_instance(req: &CreateInstanceRequest) -> Result<ValidInstance, Api
         ));
     }
     let memory_bytes = match &req.memory {
-        Some(v) => json_size("memory", v)?,
+        Some(v) => {
+            let m = json_size("memory", v)?;
+            if m < MIN_CONTAINER_MEMORY {
+                return Err(ApiError::invalid(
+                    "memory",
+                    format!("memory must be at least 4M, got {}", format_size(m)),
+                ));
+            }
+            m
+        }
         None if vm => 512 << 20,
-        None => 256 << 20,
+        None => 0,
     };
     if vm && memory_bytes < MIN_VM_MEMORY {
         return Err(ApiError::invalid(
@@ -171,25 +176,16 @@ pub fn create_instance(req: &CreateInstanceRequest) -> Result<ValidInstance, Api
             ),
         ));
     }
-    if memory_bytes < MIN_CONTAINER_MEMORY {
-        return Err(ApiError::invalid(
-            "memory",
-            format!(
-                "memory must be at least 4M, got {}",
-                format_size(memory_bytes)
-            ),
-        ));
-    }
     let disk_bytes = match &req.disk {
         Some(v) => json_size("disk", v)?,
         None if vm => 2 << 30,
         None => 1 << 30,
     };
     let pids_limit = req.pids_limit.unwrap_or(1024);
-    if pids_limit == 0 {
+    if pids_limit == 0 || pids_limit > MAX_PIDS_LIMIT {
         return Err(ApiError::invalid(
             "pids_limit",
-            "pids_limit must be positive",
+            format!("pids_limit must be between 1 and {MAX_PIDS_LIMIT}"),
         ));
     }
     if let Some(ud) = &req.user_data {
@@ -217,6 +213,23 @@ pub fn create_instance(req: &CreateInstanceRequest) -> Result<ValidInstance, Api
             "command must not contain NUL bytes",
         ));
     }
+    nimbus_scheduler::Constraint::parse_all(&req.constraints)
+        .map_err(|e| ApiError::invalid(e.field, e.message))?;
+    if let Some(g) = &req.spread_group {
+        name("spread_group", g)?;
+    }
+    if req.anti_affinity && req.spread_group.is_none() {
+        return Err(ApiError::invalid(
+            "anti_affinity",
+            "anti_affinity needs a spread_group",
+        ));
+    }
+    let priority = match &req.priority_class {
+        Some(c) => nimbus_scheduler::PriorityClasses::default()
+            .resolve(c)
+            .map_err(|e| ApiError::invalid("priority_class", e.message))?,
+        None => 0,
+    };
     let network = req
         .network
         .clone()
@@ -237,15 +250,39 @@ pub fn create_instance(req: &CreateInstanceRequest) -> Result<ValidInstance, Api
         security_groups.push(crate::DEFAULT_SECURITY_GROUP.to_string());
     }
     let publish = net::publish_list(&req.publish)?;
-    Ok(ValidInstance {
-        cpus,
-        memory_bytes,
-        disk_bytes,
-        pids_limit,
-        network,
-        subnet,
-        security_groups,
-        publish,
+    Ok(InstanceDraft {
+        name: req.name.clone(),
+        project: project.to_string(),
+        labels: req.labels.clone(),
+        spec: crate::InstanceSpec {
+            instance_type: req.instance_type,
+            image: req.image.clone(),
+            image_digest: String::new(),
+            cpus,
+            memory_bytes,
+            disk_bytes,
+            command: req.command.clone(),
+            env: req.env.clone(),
+            restart: req.restart,
+            pids_limit,
+            user_data: req.user_data.clone(),
+            ssh_keys: req.ssh_keys.clone(),
+            desired: if req.start.unwrap_or(true) {
+                crate::DesiredState::Running
+            } else {
+                crate::DesiredState::Stopped
+            },
+            restart_nonce: 0,
+            constraints: req.constraints.clone(),
+            spread_group: req.spread_group.clone(),
+            anti_affinity: req.anti_affinity,
+            priority_class: req.priority_class.clone(),
+            priority,
+            network,
+            subnet,
+            security_groups,
+            publish,
+        },
     })
 }
 
@@ -336,26 +373,74 @@ mod tests {
             image: "busybox".into(),
             ..Default::default()
         };
-        let v = create_instance(&r).unwrap();
-        assert_eq!(v.memory_bytes, 256 << 20);
-        r.cpus = Some(0.0);
-        assert_eq!(
-            create_instance(&r).unwrap_err().field.as_deref(),
-            Some("cpus")
-        );
-        r.cpus = Some(-1.0);
-        assert!(create_instance(&r).is_err());
+        let v = create_instance("team", &r).unwrap();
+        // A container without sizes is best effort: no reservation, no limit.
+        assert_eq!((v.spec.cpus, v.spec.memory_bytes), (0.0, 0));
+        assert_eq!(v.project, "team");
+        assert_eq!(v.spec.image, "busybox");
+        assert!(v.spec.image_digest.is_empty(), "apply resolves the image");
+        assert_eq!(v.spec.security_groups, vec!["default".to_string()]);
+        for bad in [0.0, -1.0, 1e-300, f64::NAN, 257.0] {
+            r.cpus = Some(bad);
+            assert_eq!(
+                create_instance("team", &r).unwrap_err().field.as_deref(),
+                Some("cpus"),
+                "{bad}"
+            );
+        }
+        r.cpus = Some(0.123_456);
+        assert!((create_instance("team", &r).unwrap().spec.cpus - 0.123).abs() < 1e-12);
         r.cpus = None;
+        for bad in [
+            serde_json::json!(u64::MAX),
+            serde_json::json!(0),
+            serde_json::json!("2M"),
+        ] {
+            r.memory = Some(bad.clone());
+            assert_eq!(
+                create_instance("team", &r).unwrap_err().field.as_deref(),
+                Some("memory"),
+                "{bad}"
+            );
+        }
+        r.memory = None;
+        r.pids_limit = Some(9_223_372_036_854_775_807);
+        assert_eq!(
+            create_instance("team", &r).unwrap_err().field.as_deref(),
+            Some("pids_limit")
+        );
+        r.pids_limit = None;
+        r.constraints = vec!["zone in (".into()];
+        assert!(create_instance("team", &r)
+            .unwrap_err()
+            .field
+            .unwrap()
+            .starts_with("constraints"));
+        r.constraints = Vec::new();
+        r.anti_affinity = true;
+        assert_eq!(
+            create_instance("team", &r).unwrap_err().field.as_deref(),
+            Some("anti_affinity")
+        );
+        r.anti_affinity = false;
+        r.priority_class = Some("urgent-ish".into());
+        assert_eq!(
+            create_instance("team", &r).unwrap_err().field.as_deref(),
+            Some("priority_class")
+        );
+        r.priority_class = None;
         r.instance_type = InstanceType::Vm;
+        let vm = create_instance("team", &r).unwrap();
+        assert_eq!((vm.spec.cpus, vm.spec.memory_bytes), (1.0, 512 << 20));
         r.memory = Some(serde_json::json!("64M"));
         assert_eq!(
-            create_instance(&r).unwrap_err().field.as_deref(),
+            create_instance("team", &r).unwrap_err().field.as_deref(),
             Some("memory")
         );
         r.memory = None;
         r.user_data = Some("x".repeat(MAX_USER_DATA + 1));
         assert_eq!(
-            create_instance(&r).unwrap_err().field.as_deref(),
+            create_instance("team", &r).unwrap_err().field.as_deref(),
             Some("user_data")
         );
     }

@@ -317,10 +317,12 @@ pub struct LaunchArgs {
     pub image: String,
     /// Instance name.
     pub name: String,
-    /// vCPUs.
+    /// vCPUs reserved and the CPU limit (a container without it is best effort: no
+    /// reservation, no limit; a VM gets 1).
     #[arg(long)]
     pub cpus: Option<f64>,
-    /// Memory (e.g. 512M).
+    /// Memory reserved and the memory limit, e.g. 512M (a container without it is best
+    /// effort: no reservation, no limit beyond the node's; a VM gets 512M).
     #[arg(long)]
     pub memory: Option<String>,
     /// Disk (e.g. 2G).

@@ -193,8 +193,8 @@ pub async fn list(c: &Client, o: Output) -> Result<()> {
                 state: i.status.state.as_str().into(),
                 node: i.status.node.clone().unwrap_or_else(|| "-".into()),
                 ip: i.status.ip.clone().unwrap_or_else(|| "-".into()),
-                cpus: i.spec.cpus.to_string(),
-                memory: format_size(i.spec.memory_bytes),
+                cpus: cpus_text(i.spec.cpus),
+                memory: memory_text(i.spec.memory_bytes),
                 image: i.spec.image.clone(),
             })
             .collect(),
@@ -239,8 +239,8 @@ pub async fn show(c: &Client, name: &str, o: Output) -> Result<()> {
         ),
         ("message", s.message.clone()),
         ("image", i.spec.image.clone()),
-        ("cpus", i.spec.cpus.to_string()),
-        ("memory", format_size(i.spec.memory_bytes)),
+        ("cpus", cpus_text(i.spec.cpus)),
+        ("memory", memory_text(i.spec.memory_bytes)),
         ("disk", format_size(i.spec.disk_bytes)),
         (
             "restart policy",
@@ -621,4 +621,22 @@ pub async fn console(c: &Client, name: &str) -> Result<()> {
     drop(raw);
     eprintln!("\r\nDetached from {name}.");
     Ok(())
+}
+
+/// A reservation as shown: `best effort` when none was asked for.
+fn cpus_text(cpus: f64) -> String {
+    if cpus == 0.0 {
+        "best effort".into()
+    } else {
+        cpus.to_string()
+    }
+}
+
+/// A memory limit as shown: `best effort` when none was asked for.
+fn memory_text(bytes: u64) -> String {
+    if bytes == 0 {
+        "best effort".into()
+    } else {
+        format_size(bytes)
+    }
 }

@@ -274,3 +274,141 @@ async fn hollow_nodes_register_heartbeat_and_run_nothing() {
     let _ = agent.wait();
     cloud.shutdown();
 }
+
+/// A `nimbus agent --hollow` fleet joined to `cloud`; killed on drop.
+struct Hollow(std::process::Child);
+
+impl Drop for Hollow {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn hollow(
+    cloud: &Cloud,
+    name: &str,
+    count: u32,
+    cpus: u32,
+    memory: &str,
+) -> (Hollow, tempfile::TempDir) {
+    let tmp = tempfile::tempdir().expect("tmp");
+    let mut child = Command::new(bin())
+        .args([
+            "agent",
+            "--hollow",
+            "--hollow-count",
+            &count.to_string(),
+            "--name",
+            name,
+        ])
+        .args([
+            "--hollow-cpus",
+            &cpus.to_string(),
+            "--hollow-memory",
+            memory,
+        ])
+        .args(["--server", &cloud.url, "--token-file"])
+        .arg(cloud.data_dir.join("node.token"))
+        .arg("--data-dir")
+        .arg(tmp.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("hollow agent");
+    let stdout = child.stdout.take().expect("stdout");
+    let ready = std::io::BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .find(|l| l.contains("ready"))
+        .unwrap_or_default();
+    assert!(ready.contains("hollow node"), "{ready}");
+    (Hollow(child), tmp)
+}
+
+fn best_effort(name: &str) -> CreateInstanceRequest {
+    CreateInstanceRequest {
+        name: name.into(),
+        image: "busybox".into(),
+        command: vec!["sleep".into(), "3600".into()],
+        ..Default::default()
+    }
+}
+
+/// Containers launched without sizes are best effort (no reservation), so a 1-CPU node takes
+/// many; explicit sizes are still reservations. Lists page with `limit`/`continue` and the
+/// client follows the pages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn best_effort_containers_reserve_nothing_and_lists_page() {
+    if !require("root", nix::unistd::geteuid().is_root()) {
+        return;
+    }
+    let cloud = Cloud::start(bin()).expect("nimbus up");
+    let c = cloud.client();
+    c.cordon_node("node1", true)
+        .await
+        .expect("cordon the real node");
+    let (_fleet, _dir) = hollow(&cloud, "small", 1, 1, "1G");
+    let t = std::time::Instant::now();
+    for k in 0..120 {
+        let i = c
+            .create_instance(&best_effort(&format!("be{k:03}")), None)
+            .await
+            .unwrap_or_else(|e| panic!("best-effort container {k} refused: {e}"));
+        assert_eq!((i.spec.cpus, i.spec.memory_bytes), (0.0, 0));
+        assert_eq!(i.status.node.as_deref(), Some("small"));
+    }
+    eprintln!("120 creates took {:?}", t.elapsed());
+    // 1 CPU overcommitted 4 times takes 4 CPUs of reservations, not 5.
+    let mut sized = best_effort("sized");
+    sized.cpus = Some(5.0);
+    let e = c
+        .create_instance(&sized, None)
+        .await
+        .expect_err("5 CPUs on a 1-CPU node");
+    assert!(e.to_string().contains("insufficient cpu"), "{e}");
+    // Pages of 50: 50 + 50 + 20, linked by `Link: rel="next"`.
+    let http = reqwest::Client::new();
+    let mut url = format!("{}/v1/projects/default/instances?limit=50", cloud.url);
+    let mut pages = Vec::new();
+    loop {
+        let resp = http
+            .get(&url)
+            .bearer_auth(&cloud.token)
+            .send()
+            .await
+            .expect("list");
+        assert!(resp.status().is_success());
+        let next = resp
+            .headers()
+            .get("link")
+            .map(|v| v.to_str().unwrap().to_string());
+        let page: Vec<nimbus_api::Instance> = resp.json().await.expect("page");
+        pages.push(page.len());
+        let Some(link) = next else { break };
+        let target = link.split(['<', '>']).nth(1).expect("link target");
+        assert!(link.ends_with("rel=\"next\""), "{link}");
+        url = format!("{}{target}", cloud.url);
+    }
+    assert_eq!(pages, [50, 50, 20]);
+    let all = c.list_instances().await.expect("all pages");
+    assert_eq!(all.len(), 120);
+    assert!(all.windows(2).all(|w| w[0].meta.name < w[1].meta.name));
+    // Bad paging parameters are JSON errors naming the parameter.
+    for (q, status, field) in [
+        ("limit=0", 422, "limit"),
+        ("limit=abc", 400, "limit"),
+        ("continue=not-a-token", 400, "continue"),
+    ] {
+        let resp = http
+            .get(format!("{}/v1/projects/default/instances?{q}", cloud.url))
+            .bearer_auth(&cloud.token)
+            .send()
+            .await
+            .expect("list");
+        assert_eq!(resp.status().as_u16(), status, "{q}");
+        let body: nimbus_api::ErrorBody = resp.json().await.expect("JSON error");
+        assert_eq!(body.error.field.as_deref(), Some(field), "{q}");
+    }
+    cloud.shutdown();
+}

@@ -126,10 +126,12 @@ pub enum Command {
         /// Name.
         name: String,
     },
-    /// Create an instance (spec already validated; image resolved).
+    /// Create an instance from a validated draft (`nimbus_api::validate::create_instance`);
+    /// apply resolves the image, places it and gives it an address. Entries of older builds
+    /// carry a whole instance, which reads as a draft.
     CreateInstance {
-        /// The instance as proposed (id, timestamps and version are set by apply).
-        instance: Box<Instance>,
+        /// The validated request.
+        instance: Box<nimbus_api::InstanceDraft>,
         /// Idempotency key.
         idempotency_key: Option<String>,
     },

@@ -148,7 +148,7 @@ mod tests {
                 }
                 let out = h
                     .run(Command::CreateInstance {
-                        instance: Box::new(i),
+                        instance: Box::new(i.into()),
                         idempotency_key: None,
                     })
                     .expect("placed");

@@ -99,7 +99,7 @@ fn step(h: &mut H, rng: &mut Lcg, names: &mut Vec<(String, String)>) {
             }
             i.spec.constraints = vec![format!("host={}", NODES[rng.next(4)])];
             if h.run(Command::CreateInstance {
-                instance: Box::new(i),
+                instance: Box::new(i.into()),
                 idempotency_key: None,
             })
             .is_ok()

@@ -56,7 +56,7 @@ fn running(h: &mut H, name: &str, app: &str) -> String {
     i.meta.labels.insert("app".into(), app.into());
     i.spec.spread_group = Some(format!("{app}-group"));
     let i = inst(h.ok(Command::CreateInstance {
-        instance: Box::new(i),
+        instance: Box::new(i.into()),
         idempotency_key: None,
     }));
     h.ok(Command::ReportStatus {

@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 
 use nimbus_api::agent::InstanceReport;
 use nimbus_api::{
-    ApiError, DesiredState, ErrorCode, Event, Image, Instance, InstanceState, Meta, Network, Node,
-    NodeState, Project, SecurityGroup,
+    ApiError, DesiredState, ErrorCode, Event, Image, Instance, InstanceDraft, InstanceState,
+    InstanceType, Meta, Network, Node, NodeState, Project, SecurityGroup,
 };
 
 use crate::command::{
@@ -559,11 +559,11 @@ impl StateMachine {
     fn create_instance(
         &mut self,
         env: &CommandEnvelope,
-        proposed: &Instance,
+        draft: &InstanceDraft,
         key: Option<&str>,
     ) -> CommandResult {
-        let project = proposed.meta.project.clone();
-        let name = proposed.meta.name.clone();
+        let project = draft.project.clone();
+        let name = draft.name.clone();
         if !self.projects.contains_key(&project) {
             return Err(ApiError::not_found("project", &project).with_field("project"));
         }
@@ -584,22 +584,29 @@ impl StateMachine {
         if self.instance_by_name(&project, &name).is_some() {
             return Err(ApiError::already_exists("instance", &name));
         }
-        if !self
-            .images
-            .values()
-            .any(|i| i.digest == proposed.spec.image_digest)
-        {
+        let mut spec = draft.spec.clone();
+        let image = self.resolve_image(&spec)?;
+        spec.image.clone_from(&image.meta.name);
+        spec.image_digest.clone_from(&image.digest);
+        if spec.instance_type == InstanceType::Vm && spec.disk_bytes < image.size_bytes {
             return Err(ApiError::invalid(
-                "image",
-                format!("image {:?} not found", proposed.spec.image),
+                "disk",
+                format!(
+                    "disk {} is smaller than image {} ({})",
+                    nimbus_api::validate::format_size(spec.disk_bytes),
+                    image.meta.name,
+                    nimbus_api::validate::format_size(image.size_bytes)
+                ),
             ));
         }
-        let mut inst = proposed.clone();
-        inst.meta = Meta {
-            labels: proposed.meta.labels.clone(),
-            ..meta(env, &name, &project)
+        let mut inst = Instance {
+            meta: Meta {
+                labels: draft.labels.clone(),
+                ..meta(env, &name, &project)
+            },
+            spec,
+            status: nimbus_api::InstanceStatus::default(),
         };
-        inst.status = nimbus_api::InstanceStatus::default();
         let attachment = self.plan_attachment(env, &mut inst)?;
         // `None`: a VM waiting, pending, for a node still probing its accelerator (vm_probe.rs).
         let placed = self.place_or_await_vm_probe(env, &mut inst)?;
@@ -637,6 +644,25 @@ impl StateMachine {
         );
         self.event(env, &project, "instance", &name, reason, message);
         Ok(CommandOutput::Instance(Box::new(inst)))
+    }
+
+    /// The image a new instance names: by name, else by digest (entries of older builds carry
+    /// the digest already resolved).
+    fn resolve_image(&self, spec: &nimbus_api::InstanceSpec) -> Result<&Image, ApiError> {
+        let by_digest = |d: &str| self.images.values().find(|i| i.digest == d);
+        let found = if spec.image_digest.is_empty() {
+            self.images
+                .get(&spec.image)
+                .or_else(|| by_digest(&spec.image))
+        } else {
+            by_digest(&spec.image_digest)
+        };
+        found.ok_or_else(|| {
+            ApiError::invalid(
+                "image",
+                format!("image {:?} not found; see `nimbus image list`", spec.image),
+            )
+        })
     }
 
     fn set_desired(

@@ -90,7 +90,7 @@ impl H {
         key: Option<&str>,
     ) -> crate::CommandResult {
         self.run(Command::CreateInstance {
-            instance: Box::new(instance(name, mem)),
+            instance: Box::new(instance(name, mem).into()),
             idempotency_key: key.map(String::from),
         })
     }
@@ -180,7 +180,7 @@ fn create_places_and_allocates_unique_ips() {
 fn bad_creates_change_nothing() {
     let mut h = H::new();
     let e = h.err(Command::CreateInstance {
-        instance: Box::new(instance("a", 1 << 30)),
+        instance: Box::new(instance("a", 1 << 30).into()),
         idempotency_key: None,
     });
     assert_eq!(e.code, ErrorCode::Unschedulable);
@@ -189,14 +189,14 @@ fn bad_creates_change_nothing() {
     h.create("a", 1 << 30, None).unwrap();
     assert_eq!(
         h.err(Command::CreateInstance {
-            instance: Box::new(instance("a", 1 << 30)),
+            instance: Box::new(instance("a", 1 << 30).into()),
             idempotency_key: None
         })
         .code,
         ErrorCode::AlreadyExists
     );
     let e = h.err(Command::CreateInstance {
-        instance: Box::new(instance("big", 8 << 30)),
+        instance: Box::new(instance("big", 8 << 30).into()),
         idempotency_key: None,
     });
     assert_eq!(e.code, ErrorCode::Unschedulable);
@@ -205,7 +205,7 @@ fn bad_creates_change_nothing() {
     bad.spec.image_digest = "sha256:nope".into();
     assert_eq!(
         h.err(Command::CreateInstance {
-            instance: Box::new(bad),
+            instance: Box::new(bad.into()),
             idempotency_key: None
         })
         .field
@@ -215,7 +215,7 @@ fn bad_creates_change_nothing() {
     let mut vm = instance("vm", 1 << 30);
     vm.spec.instance_type = InstanceType::Vm;
     let e = h.err(Command::CreateInstance {
-        instance: Box::new(vm),
+        instance: Box::new(vm.into()),
         idempotency_key: None,
     });
     assert!(e.message.contains("no node can run VMs"), "{}", e.message);
@@ -223,7 +223,7 @@ fn bad_creates_change_nothing() {
     other.meta.project = "nope".into();
     assert_eq!(
         h.err(Command::CreateInstance {
-            instance: Box::new(other),
+            instance: Box::new(other.into()),
             idempotency_key: None
         })
         .code,
@@ -520,7 +520,7 @@ fn node_down_fails_over_restart_always_instances() {
     let mut keep = instance("keep", 1 << 20);
     keep.spec.restart = RestartPolicy::Always;
     let keep = inst(h.ok(Command::CreateInstance {
-        instance: Box::new(keep),
+        instance: Box::new(keep.into()),
         idempotency_key: None,
     }));
     let once = inst(h.create("once", 1 << 20, None).unwrap());
@@ -626,7 +626,7 @@ fn every_command_round_trips_through_the_log_encoding() {
             idempotency_key: Some("k".into()),
         },
         Command::CreateInstance {
-            instance: Box::new(instance("a", 1 << 20)),
+            instance: Box::new(instance("a", 1 << 20).into()),
             idempotency_key: None,
         },
         Command::SetInstanceDesired {
@@ -690,7 +690,7 @@ fn constraints_spread_groups_and_validation() {
         i.spec.spread_group = group.map(String::from);
         i.spec.anti_affinity = anti;
         Command::CreateInstance {
-            instance: Box::new(i),
+            instance: Box::new(i.into()),
             idempotency_key: None,
         }
     };
@@ -722,3 +722,51 @@ fn constraints_spread_groups_and_validation() {
 
 #[path = "vpc_tests.rs"]
 mod vpc_tests;
+
+#[test]
+fn creates_resolve_the_image_in_apply_and_old_entries_still_apply() {
+    let mut h = H::new();
+    h.node("n1", true);
+    // A draft names the image; apply resolves its digest.
+    let mut d: nimbus_api::InstanceDraft = instance("byname", 16 << 20).into();
+    d.spec.image_digest.clear();
+    let i = inst(h.ok(Command::CreateInstance {
+        instance: Box::new(d.clone()),
+        idempotency_key: None,
+    }));
+    assert_eq!(i.spec.image_digest, "sha256:aa");
+    d.name = "nope".into();
+    d.spec.image = "missing".into();
+    assert_eq!(
+        h.err(Command::CreateInstance {
+            instance: Box::new(d.clone()),
+            idempotency_key: None,
+        })
+        .field
+        .as_deref(),
+        Some("image")
+    );
+    // A VM disk smaller than its image is refused here, where the image is known.
+    d.spec.image = "busybox".into();
+    d.spec.instance_type = InstanceType::Vm;
+    d.spec.disk_bytes = 0;
+    assert_eq!(
+        h.err(Command::CreateInstance {
+            instance: Box::new(d),
+            idempotency_key: None,
+        })
+        .field
+        .as_deref(),
+        Some("disk")
+    );
+    // A log entry of an older build carries a whole instance with the digest resolved.
+    let old = serde_json::json!({
+        "op": "create_instance",
+        "idempotency_key": null,
+        "instance": serde_json::to_value(instance("legacy", 16 << 20)).unwrap(),
+    });
+    let c: Command = serde_json::from_value(old).expect("an old entry decodes");
+    let i = inst(h.ok(c));
+    assert_eq!(i.meta.name, "legacy");
+    assert_eq!(i.status.node.as_deref(), Some("n1"));
+}

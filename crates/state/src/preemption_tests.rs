@@ -15,7 +15,7 @@ fn create(h: &mut H, name: &str, mem: u64, priority: i32) -> CommandResult {
     i.spec.cpus = 0.1;
     i.spec.priority = priority;
     h.run(Command::CreateInstance {
-        instance: Box::new(i),
+        instance: Box::new(i.into()),
         idempotency_key: None,
     })
 }
@@ -144,7 +144,7 @@ fn equal_priority_never_preempts_and_a_refusal_changes_nothing() {
     let mut same = instance("same", 2 * GIB);
     same.spec.priority = 0;
     let e = h.err(Command::CreateInstance {
-        instance: Box::new(same),
+        instance: Box::new(same.into()),
         idempotency_key: None,
     });
     assert_eq!(e.code, ErrorCode::Unschedulable);
@@ -153,7 +153,7 @@ fn equal_priority_never_preempts_and_a_refusal_changes_nothing() {
     let mut huge = instance("huge", 8 * GIB);
     huge.spec.priority = 1000;
     let e = h.err(Command::CreateInstance {
-        instance: Box::new(huge),
+        instance: Box::new(huge.into()),
         idempotency_key: None,
     });
     assert_eq!(e.code, ErrorCode::Unschedulable);

@@ -34,7 +34,7 @@ fn probe(h: &mut H, name: &str) -> String {
     i.spec.cpus = 0.1;
     let out = h
         .run(Command::CreateInstance {
-            instance: Box::new(i),
+            instance: Box::new(i.into()),
             idempotency_key: None,
         })
         .expect("create");

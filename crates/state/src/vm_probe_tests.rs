@@ -54,7 +54,7 @@ fn vm(name: &str, mem: u64) -> Instance {
 
 fn create(h: &mut H, i: Instance) -> CommandResult {
     h.run(Command::CreateInstance {
-        instance: Box::new(i),
+        instance: Box::new(i.into()),
         idempotency_key: None,
     })
 }
@@ -195,7 +195,7 @@ fn creates_that_waiting_would_not_help_are_refused_and_change_nothing() {
         },
     );
     let e = h.err(Command::CreateInstance {
-        instance: Box::new(vm("v1", GIB)),
+        instance: Box::new(vm("v1", GIB).into()),
         idempotency_key: None,
     });
     assert_eq!(e.code, ErrorCode::Unschedulable);
@@ -204,7 +204,7 @@ fn creates_that_waiting_would_not_help_are_refused_and_change_nothing() {
     // A node probes, but the VM would not fit on it anyway (8 GiB > 4 GiB).
     register(&mut h, "n1", probing());
     let e = h.err(Command::CreateInstance {
-        instance: Box::new(vm("v2", 8 * GIB)),
+        instance: Box::new(vm("v2", 8 * GIB).into()),
         idempotency_key: None,
     });
     assert_eq!(e.code, ErrorCode::Unschedulable);
@@ -216,7 +216,7 @@ fn creates_that_waiting_would_not_help_are_refused_and_change_nothing() {
         version: None,
     });
     let e = h.err(Command::CreateInstance {
-        instance: Box::new(vm("v3", GIB)),
+        instance: Box::new(vm("v3", GIB).into()),
         idempotency_key: None,
     });
     assert_eq!(e.code, ErrorCode::Unschedulable);

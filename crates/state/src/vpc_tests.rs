@@ -15,7 +15,7 @@ fn launch(h: &mut H, name: &str, f: impl FnOnce(&mut Instance)) -> crate::Comman
     let mut i = instance(name, 64 << 20);
     f(&mut i);
     h.run(Command::CreateInstance {
-        instance: Box::new(i),
+        instance: Box::new(i.into()),
         idempotency_key: None,
     })
 }
@@ -109,7 +109,7 @@ fn first_launch_creates_the_default_network_and_group() {
     let mut o = instance("x", 64 << 20);
     o.meta.project = "other".into();
     inst(h.ok(Command::CreateInstance {
-        instance: Box::new(o),
+        instance: Box::new(o.into()),
         idempotency_key: None,
     }));
     let other = h.sm.network_by_name("other", "default").unwrap();
@@ -138,7 +138,7 @@ fn ipam_never_hands_out_an_address_twice_and_survives_a_snapshot() {
             let mut i = instance("overflow", 64 << 20);
             i.spec.network = "small".into();
             let e = h.err(Command::CreateInstance {
-                instance: Box::new(i),
+                instance: Box::new(i.into()),
                 idempotency_key: None,
             });
             assert_eq!(e.field.as_deref(), Some("subnet"));
@@ -228,21 +228,27 @@ fn network_bad_input_is_refused_and_changes_nothing() {
     );
     assert_eq!(a.status.ip.as_deref(), Some("10.50.2.2"));
     let e = h.err(Command::CreateInstance {
-        instance: Box::new({
-            let mut i = instance("bad", 64 << 20);
-            i.spec.network = "web".into();
-            i.spec.subnet = "zzz".into();
-            i
-        }),
+        instance: Box::new(
+            {
+                let mut i = instance("bad", 64 << 20);
+                i.spec.network = "web".into();
+                i.spec.subnet = "zzz".into();
+                i
+            }
+            .into(),
+        ),
         idempotency_key: None,
     });
     assert_eq!(e.field.as_deref(), Some("subnet"));
     let e = h.err(Command::CreateInstance {
-        instance: Box::new({
-            let mut i = instance("bad", 64 << 20);
-            i.spec.network = "nope".into();
-            i
-        }),
+        instance: Box::new(
+            {
+                let mut i = instance("bad", 64 << 20);
+                i.spec.network = "nope".into();
+                i
+            }
+            .into(),
+        ),
         idempotency_key: None,
     });
     assert_eq!(e.field.as_deref(), Some("network"));
@@ -328,11 +334,14 @@ fn security_group_rules_and_bad_input() {
     });
     assert_eq!(e.code, ErrorCode::Conflict);
     let e = h.err(Command::CreateInstance {
-        instance: Box::new({
-            let mut i = instance("b", 64 << 20);
-            i.spec.security_groups = vec!["db".into(), "ghost".into()];
-            i
-        }),
+        instance: Box::new(
+            {
+                let mut i = instance("b", 64 << 20);
+                i.spec.security_groups = vec!["db".into(), "ghost".into()];
+                i
+            }
+            .into(),
+        ),
         idempotency_key: None,
     });
     assert_eq!(e.field.as_deref(), Some("security_groups[1]"));
@@ -361,11 +370,14 @@ fn a_host_port_is_published_once_per_node() {
     };
     inst(launch(&mut h, "a", |i| i.spec.publish = vec![port]).unwrap());
     let e = h.err(Command::CreateInstance {
-        instance: Box::new({
-            let mut i = instance("b", 64 << 20);
-            i.spec.publish = vec![port];
-            i
-        }),
+        instance: Box::new(
+            {
+                let mut i = instance("b", 64 << 20);
+                i.spec.publish = vec![port];
+                i
+            }
+            .into(),
+        ),
         idempotency_key: None,
     });
     assert_eq!(
@@ -399,11 +411,14 @@ fn a_host_port_is_published_once_per_node() {
         version: None,
     });
     let e = h.err(Command::CreateInstance {
-        instance: Box::new({
-            let mut i = instance("c", 64 << 20);
-            i.spec.publish = vec![port];
-            i
-        }),
+        instance: Box::new(
+            {
+                let mut i = instance("c", 64 << 20);
+                i.spec.publish = vec![port];
+                i
+            }
+            .into(),
+        ),
         idempotency_key: None,
     });
     assert_eq!(

@@ -136,7 +136,7 @@ fn measure(nodes: usize, projects: usize, n: u64) -> (f64, f64) {
             status: InstanceStatus::default(),
         };
         log.run(Command::CreateInstance {
-            instance: Box::new(inst),
+            instance: Box::new(inst.into()),
             idempotency_key: Some(format!("key-{k}")),
         });
     }

@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use nimbus_api::{
     validate, ApiError, CreateInstanceRequest, DesiredState, ErrorCode, ExecRequest, ExecResponse,
-    Instance, InstanceActionRequest, InstanceSpec, InstanceStatus, InstanceType, Meta,
+    Instance, InstanceActionRequest,
 };
 use nimbus_state::{Command, CommandOutput, InstanceAction};
 use serde::Deserialize;
@@ -70,94 +70,11 @@ pub async fn create(
     headers: HeaderMap,
     ApiJson(req): ApiJson<CreateInstanceRequest>,
 ) -> HttpResult<(StatusCode, Json<Instance>)> {
-    check_project(&app, &project)?;
-    let v = validate::create_instance(&req)?;
-    nimbus_scheduler::Constraint::parse_all(&req.constraints)
-        .map_err(|e| ApiError::invalid(e.field, e.message))?;
-    if let Some(g) = &req.spread_group {
-        validate::name("spread_group", g)?;
-    }
-    if req.anti_affinity && req.spread_group.is_none() {
-        return Err(
-            ApiError::invalid("anti_affinity", "anti_affinity needs a spread_group").into(),
-        );
-    }
-    let priority = match &req.priority_class {
-        Some(c) => nimbus_scheduler::PriorityClasses::default()
-            .resolve(c)
-            .map_err(|e| ApiError::invalid("priority_class", e.message))?,
-        None => 0,
-    };
+    let draft = validate::create_instance(&project, &req)?;
     let key = idempotency_key(&headers)?;
-    let image = app
-        .read(|s| {
-            s.images
-                .get(&req.image)
-                .cloned()
-                .or_else(|| s.images.values().find(|i| i.digest == req.image).cloned())
-        })
-        .ok_or_else(|| {
-            ApiError::invalid(
-                "image",
-                format!("image {:?} not found; see `nimbus image list`", req.image),
-            )
-        })?;
-    if req.instance_type == InstanceType::Vm && v.disk_bytes < image.size_bytes {
-        return Err(ApiError::invalid(
-            "disk",
-            format!(
-                "disk {} is smaller than image {} ({})",
-                validate::format_size(v.disk_bytes),
-                image.meta.name,
-                validate::format_size(image.size_bytes)
-            ),
-        )
-        .into());
-    }
-    let inst = Instance {
-        meta: Meta {
-            id: String::new(),
-            name: req.name.clone(),
-            project: project.clone(),
-            version: 0,
-            created_at: String::new(),
-            updated_at: String::new(),
-            labels: req.labels.clone(),
-        },
-        spec: InstanceSpec {
-            instance_type: req.instance_type,
-            image: image.meta.name.clone(),
-            image_digest: image.digest.clone(),
-            cpus: v.cpus,
-            memory_bytes: v.memory_bytes,
-            disk_bytes: v.disk_bytes,
-            command: req.command.clone(),
-            env: req.env.clone(),
-            restart: req.restart,
-            pids_limit: v.pids_limit,
-            user_data: req.user_data.clone(),
-            ssh_keys: req.ssh_keys.clone(),
-            desired: if req.start.unwrap_or(true) {
-                DesiredState::Running
-            } else {
-                DesiredState::Stopped
-            },
-            restart_nonce: 0,
-            constraints: req.constraints.clone(),
-            spread_group: req.spread_group.clone(),
-            anti_affinity: req.anti_affinity,
-            priority_class: req.priority_class.clone(),
-            priority,
-            network: v.network.clone(),
-            subnet: v.subnet.clone(),
-            security_groups: v.security_groups.clone(),
-            publish: v.publish.clone(),
-        },
-        status: InstanceStatus::default(),
-    };
     let out = app
         .propose(Command::CreateInstance {
-            instance: Box::new(inst),
+            instance: Box::new(draft),
             idempotency_key: key,
         })
         .await?;
