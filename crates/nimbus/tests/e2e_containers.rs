@@ -467,12 +467,6 @@ async fn bad_input_gets_clear_errors_and_changes_nothing() {
             None,
         ),
         (
-            r#"{"name":"ok","image":"busybox","type":"vm"}"#,
-            409,
-            "unschedulable",
-            None,
-        ),
-        (
             r#"{"name":"ok","image":"busybox","constraints":["gpu=yes"]}"#,
             422,
             "invalid_argument",

@@ -28,6 +28,7 @@ pub struct LogStore {
     pending: Pending,
     committed: CommittedSlot,
     writer: mpsc::Sender<Op>,
+    growth: Arc<super::growth::LogGrowth>,
 }
 
 impl Debug for LogStore {
@@ -51,7 +52,10 @@ fn writer_gone() -> std::io::Error {
 impl LogStore {
     /// A log store over an open database (tables must exist: see `db::open`); starts its
     /// writer thread.
-    pub(crate) fn new(db: Arc<db::Db>) -> std::io::Result<Self> {
+    pub(crate) fn new(
+        db: Arc<db::Db>,
+        growth: Arc<super::growth::LogGrowth>,
+    ) -> std::io::Result<Self> {
         let pending = Pending::default();
         let committed = CommittedSlot::default();
         let writer = log_writer::spawn(db.clone(), pending.clone(), committed.clone())?;
@@ -60,6 +64,7 @@ impl LogStore {
             pending,
             committed,
             writer,
+            growth,
         })
     }
 
@@ -285,6 +290,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         for e in &entries {
             rows.push((e.log_id, Self::encode(e)?));
         }
+        self.growth
+            .appended(rows.iter().map(|(_, r)| r.len() as u64).sum());
         {
             let mut p = log_writer::lock(&self.pending);
             for e in entries {

@@ -10,8 +10,9 @@
 //! # Durability and recovery
 //!
 //! Log entries are fsynced (redb, immediate durability) before openraft counts them; the
-//! state machine lives in memory and is persisted only as snapshots (every
-//! `RaftConfig::snapshot_every` entries, after which the log is purged). On restart the state
+//! state machine lives in memory and is persisted only as snapshots, after which the log is
+//! purged: every `RaftConfig::snapshot_every` entries, and by the log's bytes and age since
+//! the last snapshot ([`growth`]), so restart time does not grow with uptime. On restart the state
 //! is restored from the last snapshot and openraft re-applies the committed log after it.
 //! openraft 0.9 waits for each leader-side append to be flushed before it takes the next
 //! client write, so a leader pays one fsync per write (followers get batches per RPC).
@@ -46,6 +47,7 @@ pub mod sm_store;
 pub mod wakeups;
 
 mod db;
+pub mod growth;
 mod log_writer;
 
 pub use http::raft_router;

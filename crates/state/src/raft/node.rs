@@ -244,8 +244,9 @@ pub fn open_storage(
             applied
         }
     };
-    let log = LogStore::new(db.clone()).map_err(OpenError::Writer)?;
-    Ok((log, StateMachineStore::new(db, applied)))
+    let growth = Arc::new(super::growth::LogGrowth::default());
+    let log = LogStore::new(db.clone(), growth.clone()).map_err(OpenError::Writer)?;
+    Ok((log, StateMachineStore::new(db, applied, growth)))
 }
 
 struct Inner {
@@ -254,6 +255,8 @@ struct Inner {
     shared: SharedState,
     applied_rx: watch::Receiver<u64>,
     wakeups: Arc<super::wakeups::Wakeups>,
+    /// Triggers snapshots by log size and age (see `growth.rs`).
+    snapshot_policy: tokio::task::JoinHandle<()>,
     secret: String,
     advertise_url: String,
     /// Fails `changed()` once every storage task has let go of the database after shutdown.
@@ -296,11 +299,13 @@ impl RaftNode {
         let shared = sm.shared();
         let applied_rx = sm.applied_watch();
         let wakeups = sm.wakeups();
+        let growth = sm.growth();
         let network = HttpNetworkFactory::new(cfg.cluster_secret.clone());
         let raft = Raft::new(cfg.node_id, raft_cfg, network, log, sm)
             .await
             .map_err(|e| OpenError::Start(Box::new(e)))?;
         tracing::info!(node_id = cfg.node_id, data_dir = %cfg.data_dir.display(), "raft node started");
+        let policy = tokio::spawn(snapshot_policy(raft.clone(), growth));
         Ok(Self {
             inner: Arc::new(Inner {
                 id: cfg.node_id,
@@ -308,6 +313,7 @@ impl RaftNode {
                 shared,
                 applied_rx,
                 wakeups,
+                snapshot_policy: policy,
                 secret: cfg.cluster_secret,
                 advertise_url: cfg.advertise_url,
                 db_closed,
@@ -513,6 +519,7 @@ impl RaftNode {
     /// Stops openraft and waits (up to [`SHUTDOWN_TIMEOUT`]) until its storage tasks have
     /// closed the database, so the data dir can be reopened right away.
     pub async fn shutdown(&self) {
+        self.inner.snapshot_policy.abort();
         if let Err(e) = self.raft().shutdown().await {
             tracing::warn!(error = %e, "raft shutdown did not complete cleanly");
         }
@@ -523,5 +530,28 @@ impl RaftNode {
             return;
         }
         tracing::info!(node_id = self.inner.id, "raft node stopped");
+    }
+}
+
+/// Asks openraft for a snapshot whenever the log's growth says one is due.
+async fn snapshot_policy(raft: Raft<TypeConfig>, growth: Arc<super::growth::LogGrowth>) {
+    let mut tick = tokio::time::interval(super::growth::CHECK_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if growth.due() {
+            if let Err(e) = raft.trigger().snapshot().await {
+                tracing::debug!("cannot trigger a snapshot: {e}");
+                return;
+            }
+            // Building it resets the growth; do not ask again meanwhile (nor for long, should
+            // the build fail).
+            for _ in 0..15 {
+                tick.tick().await;
+                if !growth.due() {
+                    break;
+                }
+            }
+        }
     }
 }

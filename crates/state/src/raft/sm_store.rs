@@ -50,7 +50,7 @@ struct SnapshotOut<'a> {
     format: u32,
     last_applied: &'a Option<LogId>,
     membership: &'a StoredMembership,
-    state: &'a StateMachine,
+    state: &'a crate::StateData,
 }
 
 /// Snapshot payload as read.
@@ -135,6 +135,7 @@ pub struct StateMachineStore {
     applied_tx: watch::Sender<u64>,
     snapshot_seq: Arc<AtomicU64>,
     wakeups: Arc<super::wakeups::Wakeups>,
+    growth: Arc<super::growth::LogGrowth>,
 }
 
 impl std::fmt::Debug for StateMachineStore {
@@ -145,7 +146,11 @@ impl std::fmt::Debug for StateMachineStore {
 
 impl StateMachineStore {
     /// A store starting from `applied` (restored from the stored snapshot, or empty).
-    pub(crate) fn new(db: Arc<db::Db>, applied: Applied) -> Self {
+    pub(crate) fn new(
+        db: Arc<db::Db>,
+        applied: Applied,
+        growth: Arc<super::growth::LogGrowth>,
+    ) -> Self {
         let index = applied.last_applied.map_or(0, |l| l.index);
         let (applied_tx, _) = watch::channel(index);
         Self {
@@ -154,7 +159,13 @@ impl StateMachineStore {
             applied_tx,
             snapshot_seq: Arc::new(AtomicU64::new(0)),
             wakeups: Arc::default(),
+            growth,
         }
+    }
+
+    /// The log's growth since the last snapshot.
+    pub fn growth(&self) -> Arc<super::growth::LogGrowth> {
+        self.growth.clone()
     }
 
     /// The per-node wake-ups of long-polls.
@@ -187,9 +198,11 @@ impl StateMachineStore {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        // The replicated data only (instances are shared, so this copy is cheap); the
+        // derived indexes are rebuilt on load.
         let (state, last_applied, membership) = {
             let g = read_lock(&self.shared);
-            (g.state.clone(), g.last_applied, g.membership.clone())
+            (g.state.data.clone(), g.last_applied, g.membership.clone())
         };
         let seq = self.snapshot_seq.fetch_add(1, Ordering::Relaxed);
         let snapshot_id = match last_applied {
@@ -219,6 +232,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         })
         .await
         .map_err(|e| snap_err(&e))?;
+        self.growth.snapshotted();
         tracing::info!(snapshot = %meta, bytes = data.len(), "built raft snapshot");
         Ok(Snapshot {
             meta,
