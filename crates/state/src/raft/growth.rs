@@ -70,7 +70,7 @@ mod tests {
         g.snapshotted();
         assert!(!g.due());
         // Old and grown: due; old and at rest: not.
-        *g.since.lock().unwrap() = Instant::now() - SNAPSHOT_MAX_AGE;
+        *g.since.lock().unwrap() = Instant::now().checked_sub(SNAPSHOT_MAX_AGE).unwrap();
         assert!(!g.due());
         g.appended(10);
         assert!(g.due());
