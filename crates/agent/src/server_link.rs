@@ -81,11 +81,17 @@ impl ServerLink {
                         if status == reqwest::StatusCode::NO_CONTENT {
                             return Ok(None);
                         }
-                        return resp
-                            .json::<R>()
-                            .await
-                            .map(Some)
-                            .map_err(|e| LinkError::NotNimbus(base.clone(), e.to_string()));
+                        // A body cut short (a slow or overloaded server) is worth a retry; a
+                        // whole body that is not ours means this is not a nimbus server.
+                        match resp.bytes().await {
+                            Ok(body) => {
+                                return serde_json::from_slice::<R>(&body).map(Some).map_err(|e| {
+                                    LinkError::NotNimbus(base.clone(), e.to_string())
+                                });
+                            }
+                            Err(e) => last = format!("{base}: reading the answer: {e}"),
+                        }
+                        continue;
                     }
                     let text = resp.text().await.unwrap_or_default();
                     match serde_json::from_str::<ErrorBody>(&text) {

@@ -10,6 +10,7 @@ mod doc;
 mod harness;
 mod launch;
 mod memory;
+mod scale;
 mod schedapi;
 mod stats;
 mod writes;
@@ -35,6 +36,8 @@ enum Cmd {
     Memory(memory::MemoryArgs),
     /// Instances placed per second through the API on hollow nodes (`nimbus agent --hollow`).
     SchedulerApi(schedapi::SchedApiArgs),
+    /// The control plane with thousands of hollow nodes and up to 100,000 instances.
+    Scale(scale::ScaleArgs),
 }
 
 #[tokio::main]
@@ -45,5 +48,6 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Writes(a) => writes::run(&a).await,
         Cmd::Memory(a) => memory::run(&a).await,
         Cmd::SchedulerApi(a) => schedapi::run(&a).await,
+        Cmd::Scale(a) => scale::run(&a).await,
     }
 }

@@ -214,6 +214,25 @@ impl Client {
         self.json(rb).await
     }
 
+    /// One page of a list route (`path` with its `limit` and `continue`), and the route of
+    /// the next page if more remain.
+    pub async fn list_page<T: DeserializeOwned>(
+        &self,
+        path: &str,
+    ) -> Result<(Vec<T>, Option<String>)> {
+        let resp = self.send(self.req(Method::GET, path)).await?;
+        let next = resp
+            .headers()
+            .get(reqwest::header::LINK)
+            .and_then(|v| v.to_str().ok())
+            .and_then(next_link);
+        let page: Vec<T> = resp.json().await.map_err(|e| ClientError::Protocol {
+            url: self.base.clone(),
+            message: e.to_string(),
+        })?;
+        Ok((page, next))
+    }
+
     /// Every item of a paginated list route, following its `Link: rel="next"` pages of
     /// [`PAGE_SIZE`].
     pub async fn list_all<T: DeserializeOwned>(&self, path: &str) -> Result<Vec<T>> {
@@ -221,17 +240,9 @@ impl Client {
         let mut next = Some(format!("{path}{sep}limit={PAGE_SIZE}"));
         let mut all = Vec::new();
         while let Some(p) = next.take() {
-            let resp = self.send(self.req(Method::GET, &p)).await?;
-            next = resp
-                .headers()
-                .get(reqwest::header::LINK)
-                .and_then(|v| v.to_str().ok())
-                .and_then(next_link);
-            let page: Vec<T> = resp.json().await.map_err(|e| ClientError::Protocol {
-                url: self.base.clone(),
-                message: e.to_string(),
-            })?;
+            let (page, more) = self.list_page(&p).await?;
             all.extend(page);
+            next = more;
         }
         Ok(all)
     }

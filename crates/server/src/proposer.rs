@@ -26,6 +26,9 @@ pub const MAX_BATCH: usize = 512;
 /// batch is smaller; 2 showed no clear gain over 1 on the shared benchmark machine, so one.
 pub const MAX_BATCHES_IN_FLIGHT: usize = 1;
 
+/// Longest a write waits for room in a full queue before it is refused.
+pub const QUEUE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Most single-command writes in flight when batching is unavailable.
 pub const MAX_IN_FLIGHT: usize = 256;
 
@@ -83,13 +86,30 @@ impl Proposer {
         Self { tx }
     }
 
-    /// Proposes a command and waits for its result.
+    /// Proposes a command and waits for its result. While the write queue stays full for
+    /// [`QUEUE_WAIT`] the write is refused as `unavailable` (the client retries) instead of
+    /// waiting without bound.
     pub async fn propose(&self, command: Command) -> Result<CommandOutput, ApiError> {
         let (reply, wait) = oneshot::channel();
-        self.tx
-            .send((envelope(command), reply))
-            .await
-            .map_err(|_| ApiError::new(ErrorCode::Unavailable, "the server is shutting down"))?;
+        match tokio::time::timeout(QUEUE_WAIT, self.tx.send((envelope(command), reply))).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => {
+                return Err(ApiError::new(
+                    ErrorCode::Unavailable,
+                    "the server is shutting down",
+                ))
+            }
+            Err(_) => {
+                return Err(ApiError::new(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "the control plane is overloaded ({} writes queued for {}s); retry later",
+                        self.tx.max_capacity(),
+                        QUEUE_WAIT.as_secs()
+                    ),
+                ))
+            }
+        }
         wait.await
             .map_err(|_| ApiError::new(ErrorCode::Unavailable, "the server is shutting down"))?
     }
