@@ -1,4 +1,12 @@
-//! Starts and stops the processes under test: `nimbus up` and a single-member etcd.
+//! Starts and stops the processes under test (`nimbus up`, a single-member etcd) and removes
+//! exactly what they created.
+//!
+//! Other clouds (tests, other benchmark runs, other people's `nimbus up`) run on the same machine
+//! at the same time, so a benchmark cloud owns a [`Slot`]: a file lock under
+//! `/tmp/nimbus-bench` that gives it a datapath prefix `nbb<N>` (bridges `nbb<N>b<vni>`, VXLAN
+//! `nbb<N>v<vni>`, nftables tables `nbb<N>`/`nbb<N>_*`), a node pool `10.<150+N>.0.0/16` and, for
+//! the bare-runc baseline, the names `nbb<N>r*`/`nbb<N>h*` and addresses `10.<140+N>.0.0/16`.
+//! Cleanup removes only those names and the containers listed in the run's own data directory.
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
@@ -9,21 +17,138 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use nimbus_client::Client;
 
-/// Bridge used by the benchmark clouds (distinct from the testkit's `nbt*` and the default).
-pub const BRIDGE: &str = "nbbench0";
-/// Node address pool used by the benchmark clouds.
-pub const POOL: &str = "10.160.0.0/16";
+/// Slots (concurrent benchmark clouds on one machine).
+const SLOTS: u8 = 10;
+
+/// A benchmark run's claim on a datapath prefix and address ranges, held until dropped.
+pub struct Slot {
+    index: u8,
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+impl Slot {
+    /// Takes a free slot (waits while all are taken) and removes what a crashed earlier run in
+    /// it left behind, saying so on stderr.
+    pub fn take() -> anyhow::Result<Self> {
+        let dir = Path::new("/tmp/nimbus-bench");
+        std::fs::create_dir_all(dir)?;
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            for index in 0..SLOTS {
+                let f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(dir.join(format!("slot-{index}.lock")))?;
+                if let Ok(lock) =
+                    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
+                {
+                    let slot = Self { index, _lock: lock };
+                    let left = slot.owned_items();
+                    if !left.is_empty() {
+                        eprintln!(
+                            "bench: removing leftovers of an earlier run in slot {index}: {}",
+                            left.join(", ")
+                        );
+                        slot.remove_owned();
+                    }
+                    return Ok(slot);
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("all {SLOTS} benchmark slots stayed taken for 10 minutes");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// The datapath prefix of `nimbus up --net-prefix` (`nbb<N>`).
+    pub fn prefix(&self) -> String {
+        format!("nbb{}", self.index)
+    }
+
+    /// The node address pool of `nimbus up --network-pool`.
+    pub fn pool(&self) -> String {
+        format!("10.{}.0.0/16", 150 + u32::from(self.index))
+    }
+
+    /// Second octet of the bare-runc baseline's addresses (`10.<octet>.<i>.0/24` per container).
+    pub fn veth_octet(&self) -> u8 {
+        140 + self.index
+    }
+
+    /// Links, network namespaces and nftables tables carrying this slot's names.
+    pub fn owned_items(&self) -> Vec<String> {
+        let prefix = self.prefix();
+        let mut out = Vec::new();
+        let ours = |name: &str| {
+            name.strip_prefix(&prefix).is_some_and(|rest| {
+                rest.is_empty()
+                    || rest.starts_with('_')
+                    || rest
+                        .strip_prefix(['b', 'v', 'r', 'h'])
+                        .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+            })
+        };
+        let text = |args: &[&str]| {
+            Command::new(args[0])
+                .args(&args[1..])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default()
+        };
+        for l in text(&["ip", "-o", "link", "show"]).lines() {
+            if let Some(name) = l.split(": ").nth(1).and_then(|n| n.split('@').next()) {
+                if ours(name) {
+                    out.push(format!("link {name}"));
+                }
+            }
+        }
+        for e in std::fs::read_dir("/run/netns").into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if ours(&name) {
+                out.push(format!("netns {name}"));
+            }
+        }
+        for l in text(&["nft", "list", "tables"]).lines() {
+            let mut w = l.split_whitespace().skip(1);
+            if let (Some(family), Some(name)) = (w.next(), w.next()) {
+                if ours(name) {
+                    out.push(format!("nft table {family} {name}"));
+                }
+            }
+        }
+        out
+    }
+
+    /// Removes this slot's links, network namespaces and nftables tables.
+    pub fn remove_owned(&self) {
+        for item in self.owned_items() {
+            let w: Vec<&str> = item.split(' ').collect();
+            let args: Vec<&str> = match w.as_slice() {
+                ["link", name] => vec!["ip", "link", "del", name],
+                ["netns", name] => vec!["ip", "netns", "del", name],
+                ["nft", "table", family, name] => vec!["nft", "delete", "table", family, name],
+                _ => continue,
+            };
+            let _ = Command::new(args[0])
+                .args(&args[1..])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
 
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// A temporary working directory on the same disk as the product's data (not tmpfs).
+/// A temporary working directory under `$TMPDIR`, else `/var/tmp` (on the same disk as the
+/// product's data, not tmpfs).
 pub fn workdir(prefix: &str) -> anyhow::Result<tempfile::TempDir> {
-    Ok(tempfile::Builder::new()
-        .prefix(prefix)
-        .tempdir_in("/var/tmp")?)
+    let base = std::env::var_os("TMPDIR").map_or_else(|| PathBuf::from("/var/tmp"), PathBuf::from);
+    Ok(tempfile::Builder::new().prefix(prefix).tempdir_in(base)?)
 }
 
 fn tail(path: &Path, n: usize) -> String {
@@ -48,6 +173,65 @@ fn terminate(child: &mut Child) {
     let _ = child.wait();
 }
 
+/// Whether a process's command line, working directory or root lies under `dir`.
+fn process_uses(pid: u32, dir: &Path) -> bool {
+    let dir_s = dir.to_string_lossy();
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    String::from_utf8_lossy(&cmdline).contains(dir_s.as_ref())
+        || ["cwd", "root"].iter().any(|l| {
+            std::fs::read_link(format!("/proc/{pid}/{l}")).is_ok_and(|p| p.starts_with(dir))
+        })
+}
+
+/// Removes what a stopped `nimbus up` with data directory `data_dir` left of its containers
+/// and processes (a clean run leaves nothing: instances are deleted before the stop), and says
+/// what it found on stderr: anything found is a product leak worth reporting.
+pub fn remove_leftovers(data_dir: &Path) {
+    let me = std::process::id();
+    let procs = pids_matching(|_| true)
+        .into_iter()
+        .filter(|p| *p != me && process_uses(*p, data_dir))
+        .collect::<Vec<_>>();
+    for pid in &procs {
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+            .unwrap_or_default();
+        eprintln!("bench: leftover process {pid} of the stopped nimbus: {cmd}");
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let containers = data_dir.join("agent").join("containers");
+    for e in std::fs::read_dir(&containers).into_iter().flatten().flatten() {
+        let id = e.file_name().to_string_lossy().into_owned();
+        eprintln!("bench: leftover container {id} of the stopped nimbus");
+        let _ = Command::new("runc")
+            .args(["--root", "/run/nimbus/runc", "delete", "--force", &id])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let ns = nimbus_net::netns_path(&id);
+        let _ = nix::mount::umount2(&ns, nix::mount::MntFlags::MNT_DETACH);
+        let _ = std::fs::remove_file(&ns);
+    }
+    for m in mounts_under(data_dir).into_iter().rev() {
+        eprintln!("bench: leftover mount {} of the stopped nimbus", m.display());
+        let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// Mount points under `dir`, in mount order.
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(PathBuf::from)
+        .filter(|p| p.starts_with(dir))
+        .collect()
+}
+
 /// A running `nimbus up`.
 pub struct Nimbus {
     child: Option<Child>,
@@ -57,12 +241,15 @@ pub struct Nimbus {
     pub token: String,
     /// Data directory.
     pub data_dir: PathBuf,
+    /// The names and addresses this cloud owns.
+    pub slot: Slot,
     log: PathBuf,
 }
 
 impl Nimbus {
     /// Starts `bin up` with its data directory in `dir` and waits for the "ready" line.
     pub fn start(bin: &Path, dir: &Path) -> anyhow::Result<Self> {
+        let slot = Slot::take()?;
         let data_dir = dir.join("nimbus-data");
         let log = dir.join("nimbus.log");
         let port = free_port()?;
@@ -70,14 +257,9 @@ impl Nimbus {
             .args(["up", "--data-dir"])
             .arg(&data_dir)
             .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args([
-                "--bridge",
-                BRIDGE,
-                "--node-pool",
-                POOL,
-                "--node-name",
-                "bench1",
-            ])
+            .args(["--net-prefix", &slot.prefix()])
+            .args(["--network-pool", &slot.pool()])
+            .args(["--node-name", "bench1"])
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log)?)
             .spawn()
@@ -96,6 +278,7 @@ impl Nimbus {
             url: format!("http://127.0.0.1:{port}"),
             token: String::new(),
             data_dir,
+            slot,
             log,
         };
         if rx.recv_timeout(Duration::from_secs(100)).is_err() {
@@ -142,14 +325,13 @@ impl Nimbus {
         }
     }
 
-    /// SIGTERMs nimbus, waits, and removes the bridge it created.
+    /// SIGTERMs nimbus, waits, and removes what it left: its datapath (the agent does not
+    /// remove bridges and tables on exit) and, after a failed run, its containers.
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             terminate(&mut c);
-            let _ = Command::new("ip")
-                .args(["link", "del", BRIDGE])
-                .stderr(Stdio::null())
-                .status();
+            remove_leftovers(&self.data_dir);
+            self.slot.remove_owned();
         }
     }
 }

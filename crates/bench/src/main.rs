@@ -1,10 +1,11 @@
 //! `nimbus-bench`: developer benchmark tool for nimbus (not part of the product).
 //!
-//! Subcommands measure launch latency against bare runc (and podman), control-plane write
-//! throughput against etcd, resident memory with many containers, and placements through the
-//! API on hollow nodes. The `scripts/bench-*`
-//! drivers build everything and call it; each run prints one summary line per configuration and
-//! can rewrite its section of `docs/benchmarks.md`.
+//! Subcommands measure launch latency (running and reachable) against bare runc (and podman),
+//! control-plane write throughput against etcd, resident memory with many containers, and
+//! placements through the API on hollow nodes; `record` files a shell-script benchmark's run.
+//! The `scripts/bench-*` drivers build everything and call it; each run prints one summary line
+//! per configuration and, given `--doc`, updates its rows of the headline table and its section
+//! of `docs/benchmarks.md` and adds the run to `docs/bench-history/` (see [`doc`]).
 
 mod doc;
 mod harness;
@@ -38,6 +39,8 @@ enum Cmd {
     SchedulerApi(schedapi::SchedApiArgs),
     /// The control plane with thousands of hollow nodes and up to 100,000 instances.
     Scale(scale::ScaleArgs),
+    /// Records a run of a shell-script benchmark: headline rows, section, history entry.
+    Record(doc::RecordArgs),
 }
 
 #[tokio::main]
@@ -49,5 +52,6 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Memory(a) => memory::run(&a).await,
         Cmd::SchedulerApi(a) => schedapi::run(&a).await,
         Cmd::Scale(a) => scale::run(&a).await,
+        Cmd::Record(a) => doc::run_record(&a),
     }
 }

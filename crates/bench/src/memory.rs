@@ -222,8 +222,6 @@ pub async fn run(opts: &MemoryArgs) -> anyhow::Result<()> {
 
     if let Some(doc) = &opts.doc {
         let mut b = String::new();
-        let _ = writeln!(b, "- Command: `{}`", opts.command);
-        let _ = writeln!(b, "- Date: {}", crate::doc::now());
         let _ = writeln!(b, "- Machine: {}.", crate::doc::machine_note());
         let _ = writeln!(b, "- Build: {}.", crate::doc::build_note(&opts.nimbus_bin));
         let _ = writeln!(
@@ -294,7 +292,46 @@ pub async fn run(opts: &MemoryArgs) -> anyhow::Result<()> {
             if target_ok { "met" } else { "missed" },
             mib(m.loaded.0)
         );
-        crate::doc::update_section(doc, "## Resident memory", &b)?;
+        let date = crate::doc::today();
+        let mut rows = vec![crate::doc::Row {
+            metric: "Resident memory: `nimbus up` VmRSS with 100 containers (`bench-memory`)"
+                .into(),
+            target: "< 60 MiB".into(),
+            result: format!(
+                "{} MiB with {} containers (idle {} MiB)",
+                mib(m.loaded.0),
+                m.running,
+                mib(m.idle.0)
+            ),
+            ratio: String::new(),
+            verdict: crate::doc::verdict(target_ok),
+            date: date.clone(),
+        }];
+        if let Ok(g) = &podman_res {
+            rows.push(crate::doc::Row {
+                metric: "Resident memory: per-container helper, `nimbus shim` vs podman `conmon` (`bench-memory`)".into(),
+                target: "none (reported)".into(),
+                result: format!(
+                    "{} MiB VmRSS median (conmon {} MiB)",
+                    mib(m.shims.rss_median),
+                    mib(g.rss_median)
+                ),
+                ratio: format!(
+                    "{:.2}x conmon",
+                    m.shims.rss_median as f64 / g.rss_median.max(1) as f64
+                ),
+                verdict: "reported".into(),
+                date,
+            });
+        }
+        crate::doc::record(&crate::doc::Record {
+            doc,
+            script: "bench-memory",
+            heading: "## Resident memory",
+            command: &opts.command,
+            body: &b,
+            rows: &rows,
+        })?;
     }
     Ok(())
 }

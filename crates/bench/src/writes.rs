@@ -228,8 +228,6 @@ pub async fn run(opts: &WritesArgs) -> anyhow::Result<()> {
 
     if let Some(doc) = &opts.doc {
         let mut b = String::new();
-        let _ = writeln!(b, "- Command: `{}`", opts.command);
-        let _ = writeln!(b, "- Date: {}", crate::doc::now());
         let _ = writeln!(b, "- Machine: {}.", crate::doc::machine_note());
         let _ = writeln!(b, "- Build: {}.", crate::doc::build_note(&opts.nimbus_bin));
         let _ = writeln!(
@@ -293,7 +291,36 @@ pub async fn run(opts: &WritesArgs) -> anyhow::Result<()> {
                  etcd, which also fsyncs every put, is spent elsewhere in the propose/apply path.\n",
             );
         }
-        crate::doc::update_section(doc, "## Control-plane writes", &b)?;
+        let date = crate::doc::today();
+        let rows = [
+            crate::doc::Row {
+                metric: "Control-plane writes: 1 client, p50 (`bench-writes`)".into(),
+                target: "<= 2 ms".into(),
+                result: format!("{} ms (etcd {} ms)", ms(m.single.p50), ms(e.single.p50)),
+                ratio: format!("{r_single:.2}x etcd"),
+                verdict: crate::doc::verdict(single_ok),
+                date: date.clone(),
+            },
+            crate::doc::Row {
+                metric: format!(
+                    "Control-plane writes: {} clients, writes/s (`bench-writes`)",
+                    opts.clients
+                ),
+                target: ">= 5,000/s".into(),
+                result: format!("{:.0}/s (etcd {:.0}/s)", m.rate, e.rate),
+                ratio: format!("{r_rate:.2}x etcd"),
+                verdict: crate::doc::verdict(rate_ok),
+                date,
+            },
+        ];
+        crate::doc::record(&crate::doc::Record {
+            doc,
+            script: "bench-writes",
+            heading: "## Control-plane writes",
+            command: &opts.command,
+            body: &b,
+            rows: &rows,
+        })?;
     }
     Ok(())
 }

@@ -5,7 +5,8 @@
 //! - `bench_node_failure`: two agents (root namespace) on the three-server cluster; kill -9
 //!   the agent holding `restart: always` containers and time until they run on the other.
 //! - `bench_writes_vs_etcd`: write throughput and latency of the 3-server cluster against a
-//!   3-member etcd on the same namespace layout, same client, same concurrency.
+//!   3-member etcd on the same namespace layout, same client, same concurrency (`HA_SINGLE`
+//!   sequential writes, then `HA_CLIENTS` clients for `HA_SECS`).
 //!
 //! Results are printed as `BENCH` lines and, with `HA_BENCH_OUT=<file>`, appended as markdown.
 
@@ -125,6 +126,27 @@ impl Drop for Proc {
     }
 }
 
+/// The runtime scope of agent `name` in the net's slot (unique among concurrent runs).
+fn scope(net: &Net, name: &str) -> String {
+    format!("hab{}-{name}", net.slot())
+}
+
+/// Removes what the node-failure benchmark's agents and datapath left, also when it panics:
+/// the containers of both agents' scopes and the datapath names of its prefix.
+struct NodeFailureCleanup {
+    agents: Vec<(String, PathBuf)>,
+    prefix: String,
+}
+
+impl Drop for NodeFailureCleanup {
+    fn drop(&mut self) {
+        for (scope, dir) in &self.agents {
+            nimbus_testkit::remove_agent_containers(scope, dir);
+        }
+        nimbus_testkit::remove_datapath(&self.prefix);
+    }
+}
+
 fn start_agent(net: &Net, name: &str, dir: &Path) -> Proc {
     let mut cmd = Command::new(bin());
     cmd.arg("agent");
@@ -138,8 +160,10 @@ fn start_agent(net: &Net, name: &str, dir: &Path) -> Proc {
         .args(["--name", name, "--data-dir"])
         .arg(dir)
         .args(["--listen", "127.0.0.1:0"])
-        // Two agents on this machine: keep their containers (same instance ids) apart.
-        .args(["--runtime-scope", &format!("hab-{name}")])
+        // Two agents on this machine: keep their containers (same instance ids) apart, and
+        // give each its own nftables table.
+        .args(["--runtime-scope", &scope(net, name)])
+        .args(["--nft-table", &format!("nhb{}_{name}", net.slot())])
         .env("NIMBUS_LOG", "info")
         .stdout(Stdio::piped())
         .stderr(log)
@@ -186,9 +210,9 @@ async fn bench_node_failure() {
     net.start_servers(&[
         "--heartbeat-grace",
         &g,
-        "--bridge",
+        "--net-prefix",
         &bridge,
-        "--node-pool",
+        "--network-pool",
         &pool,
     ])
     .expect("servers");
@@ -200,6 +224,14 @@ async fn bench_node_failure() {
         .map(|n| net.scratch().join(format!("agent-{n}")))
         .collect();
     let names = ["n1", "n2"];
+    let _cleanup = NodeFailureCleanup {
+        agents: names
+            .iter()
+            .zip(&dirs)
+            .map(|(n, d)| (scope(&net, n), d.clone()))
+            .collect(),
+        prefix: bridge.clone(),
+    };
     let mut agents: Vec<Option<Proc>> = vec![
         Some(start_agent(&net, names[0], &dirs[0])),
         Some(start_agent(&net, names[1], &dirs[1])),
@@ -279,7 +311,6 @@ async fn bench_node_failure() {
     })
     .await;
     drop(agents);
-    nimbus_testkit::remove_datapath(&bridge);
     took.sort();
     report(&format!(
         "| node failure (kill -9 agent -> its {count} restart=always containers running on the other node), heartbeat grace {grace} s, {trials} trials | median {} ms | max {} ms | min {} ms |",
@@ -358,12 +389,14 @@ async fn measure(target: &Target, tag: &str, clients: usize, secs: u64) -> Measu
     let errors = Arc::new(AtomicU64::new(0));
     let next = Arc::new(AtomicU64::new(0));
     let mut single = Vec::new();
-    for i in 0..400 {
+    let measured = env_num("HA_SINGLE", 300);
+    let warmup = measured.min(100);
+    for i in 0..warmup + measured {
         let t0 = Instant::now();
         if !target.write(&http, 0, &format!("s{tag}-{i}")).await {
             errors.fetch_add(1, Ordering::Relaxed);
         }
-        if i >= 100 {
+        if i >= warmup {
             single.push(t0.elapsed());
         }
     }
