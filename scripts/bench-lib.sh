@@ -19,20 +19,27 @@ export DEBIAN_FRONTEND=noninteractive
 BENCH_TARGET="${CARGO_TARGET_DIR:-target}"
 if [[ "$BENCH_SMOKE" == 1 ]]; then
     BENCH_PROFILE=debug
-    BENCH_CARGO_PROFILE=()
     echo "$BENCH_NAME: smoke mode (debug build, few iterations, docs untouched)" >&2
 else
     BENCH_PROFILE=release
-    BENCH_CARGO_PROFILE=(--release)
 fi
 
 bench_smoke() { [[ "$BENCH_SMOKE" == 1 ]]; }
 
-# bench_build ARGS...: cargo build in the mode's profile.
-bench_build() { cargo build "${BENCH_CARGO_PROFILE[@]}" -q "$@"; }
+# bench_build ARGS...: `cargo build --release -q ARGS`. In smoke mode the debug build of the
+# whole workspace with all targets instead, as scripts/test builds it: building a subset would
+# resolve other features and compile a second copy of the dependencies.
+bench_build() {
+    if bench_smoke; then cargo build --workspace --all-targets -q; else cargo build --release -q "$@"; fi
+}
 
-# bench_test ARGS...: cargo test in the mode's profile.
-bench_test() { cargo test "${BENCH_CARGO_PROFILE[@]}" "$@"; }
+# bench_test_run FILE TEST: runs the ignored benchmark test TEST of crates/nimbus/tests/FILE.rs
+# (release; smoke mode: the debug build selected as scripts/test selects it).
+bench_test_run() {
+    local sel=(--release -p nimbus)
+    bench_smoke && sel=(--workspace)
+    cargo test "${sel[@]}" -q --test "$1" -- --ignored --exact "$2" --nocapture --test-threads 1
+}
 
 # bench_bin NAME: path of a binary built by bench_build.
 bench_bin() { echo "$BENCH_TARGET/$BENCH_PROFILE/$1"; }

@@ -2,15 +2,17 @@
 //!
 //! `docs/benchmarks.md` opens with one headline table (metric | target | latest result | ratio
 //! to baseline | verdict | date) between the markers [`TABLE_START`] and [`TABLE_END`]; each
-//! benchmark then has one `## ` section with its latest run. A run's full log goes to the top of
+//! benchmark then has one `## ` section: what it measures (hand-written, kept) and its latest
+//! run (the [`LATEST`] subsection, rewritten). A run's full log also goes to the top of
 //! `docs/bench-history/<script>.md` (newest first). A benchmark run replaces only its own rows
-//! (matched by the metric cell) and its own section. Smoke runs write nothing.
+//! (matched by the metric cell) and its own latest run. Smoke runs write nothing.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 /// Marks the start of the headline table.
-pub const TABLE_START: &str = "<!-- headline table: rows are rewritten by the benchmark scripts -->";
+pub const TABLE_START: &str =
+    "<!-- headline table: rows are rewritten by the benchmark scripts -->";
 /// Marks its end.
 pub const TABLE_END: &str = "<!-- end of headline table -->";
 const TABLE_HEAD: &str = "| metric | target | latest result | ratio to baseline | verdict | date |\n|---|---|---|---|---|---|";
@@ -149,6 +151,40 @@ pub fn with_section(text: &str, heading: &str, body: &str) -> String {
     }
 }
 
+/// The subsection of a benchmark's section that a run rewrites; what comes before it (what the
+/// benchmark measures, how to read it) is kept.
+pub const LATEST: &str = "### Latest run";
+
+/// Replaces the [`LATEST`] subsection of section `heading` in `text` with `body` (up to the next
+/// `## ` heading), keeping the rest of the section; appends the subsection, or the section, when
+/// missing.
+pub fn with_latest(text: &str, heading: &str, body: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    let Some(start) = lines.iter().position(|l| l.trim_end() == heading) else {
+        return with_section(text, heading, &format!("{LATEST}\n\n{}", body.trim_end()));
+    };
+    let end = lines[start + 1..]
+        .iter()
+        .position(|l| l.starts_with("## "))
+        .map_or(lines.len(), |p| start + 1 + p);
+    let at = lines[start + 1..end]
+        .iter()
+        .position(|l| l.trim_end() == LATEST)
+        .map_or(end, |p| start + 1 + p);
+    let mut kept: Vec<&str> = lines[..at].to_vec();
+    while kept.last().is_some_and(|l| l.trim().is_empty()) {
+        kept.pop();
+    }
+    let mut out = kept.join("\n");
+    out.push_str(&format!("\n\n{LATEST}\n\n{}\n", body.trim_end()));
+    if end < lines.len() {
+        out.push('\n');
+        out.push_str(&lines[end..].join("\n"));
+        out.push('\n');
+    }
+    out
+}
+
 /// Puts `entry` at the top of a history file's runs (below its title).
 pub fn with_history_entry(text: &str, script: &str, entry: &str) -> String {
     let title = format!("# Run history: `scripts/{script}`");
@@ -192,8 +228,8 @@ pub fn history_path(doc: &Path, script: &str) -> PathBuf {
         .join(format!("{script}.md"))
 }
 
-/// Writes a run: its rows into the headline table, its body as the benchmark's section
-/// (with a link to the history), and a history entry.
+/// Writes a run: its rows into the headline table, its body as the [`LATEST`] subsection of the
+/// benchmark's section (with a link to the history), and a history entry.
 pub fn record(r: &Record<'_>) -> anyhow::Result<()> {
     let hist = history_path(r.doc, r.script);
     let mut entry = String::new();
@@ -217,7 +253,7 @@ pub fn record(r: &Record<'_>) -> anyhow::Result<()> {
     );
     section.push_str(r.body.trim_end());
     let text = std::fs::read_to_string(r.doc).unwrap_or_else(|_| PREAMBLE.to_string());
-    let text = with_rows(&with_section(&text, r.heading, &section), r.rows);
+    let text = with_rows(&with_latest(&text, r.heading, &section), r.rows);
     std::fs::write(r.doc, text)?;
     Ok(())
 }
@@ -277,7 +313,11 @@ pub fn build_note(bin: &std::path::Path) -> String {
     format!(
         "product binary `{}` (built {built}); checkout at `{head}`{}",
         bin.display(),
-        if dirty { " with uncommitted changes" } else { "" }
+        if dirty {
+            " with uncommitted changes"
+        } else {
+            ""
+        }
     )
 }
 
@@ -382,6 +422,25 @@ mod tests {
         assert!(table[3].starts_with("| c | t | 4 |"), "{t}");
         let start = t.find(TABLE_START).unwrap();
         assert!(start < t.find("## A").unwrap());
+    }
+
+    #[test]
+    fn latest_run_replaces_only_its_subsection() {
+        let t = with_latest(PREAMBLE, "## A", "run 1");
+        assert!(t.contains("## A\n\n### Latest run\n\nrun 1\n"), "{t}");
+        let t = with_section(&t, "## B", "about b");
+        let t = t.replace("## A\n\n", "## A\n\nabout a\n\n");
+        let t = with_latest(&t, "## A", "run 2");
+        assert!(
+            t.contains("## A\n\nabout a\n\n### Latest run\n\nrun 2\n\n## B\n\nabout b\n"),
+            "{t}"
+        );
+        let t = with_latest(&t, "## B", "run 3");
+        assert!(
+            t.ends_with("## B\n\nabout b\n\n### Latest run\n\nrun 3\n"),
+            "{t}"
+        );
+        assert!(!t.contains("run 1"));
     }
 
     #[test]

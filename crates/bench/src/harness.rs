@@ -104,7 +104,11 @@ impl Slot {
                 }
             }
         }
-        for e in std::fs::read_dir("/run/netns").into_iter().flatten().flatten() {
+        for e in std::fs::read_dir("/run/netns")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
             let name = e.file_name().to_string_lossy().into_owned();
             if ours(&name) {
                 out.push(format!("netns {name}"));
@@ -203,7 +207,11 @@ pub fn remove_leftovers(data_dir: &Path) {
         );
     }
     let containers = data_dir.join("agent").join("containers");
-    for e in std::fs::read_dir(&containers).into_iter().flatten().flatten() {
+    for e in std::fs::read_dir(&containers)
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         let id = e.file_name().to_string_lossy().into_owned();
         eprintln!("bench: leftover container {id} of the stopped nimbus");
         let _ = Command::new("runc")
@@ -216,7 +224,10 @@ pub fn remove_leftovers(data_dir: &Path) {
         let _ = std::fs::remove_file(&ns);
     }
     for m in mounts_under(data_dir).into_iter().rev() {
-        eprintln!("bench: leftover mount {} of the stopped nimbus", m.display());
+        eprintln!(
+            "bench: leftover mount {} of the stopped nimbus",
+            m.display()
+        );
         let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
     }
 }

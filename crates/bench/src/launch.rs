@@ -72,11 +72,13 @@ pub async fn first_http_answer(addr: SocketAddr, timeout: Duration) -> Option<In
     let deadline = Instant::now() + timeout;
     loop {
         let attempt = async {
-            let mut s =
-                tokio::time::timeout(Duration::from_millis(25), tokio::net::TcpStream::connect(addr))
-                    .await
-                    .ok()?
-                    .ok()?;
+            let mut s = tokio::time::timeout(
+                Duration::from_millis(25),
+                tokio::net::TcpStream::connect(addr),
+            )
+            .await
+            .ok()?
+            .ok()?;
             s.write_all(b"GET / HTTP/1.0\r\n\r\n").await.ok()?;
             let mut head = [0u8; 5];
             tokio::time::timeout(Duration::from_secs(1), s.read_exact(&mut head))
@@ -165,7 +167,10 @@ impl BareRunc {
         if i > 250 {
             bail!("the bare-runc baseline has addresses for 251 containers");
         }
-        let (ns, host) = (format!("{}r{i}", self.prefix), format!("{}h{i}", self.prefix));
+        let (ns, host) = (
+            format!("{}r{i}", self.prefix),
+            format!("{}h{i}", self.prefix),
+        );
         let peer = format!("{}p{i}", self.prefix);
         let o = self.octet;
         ip(&["netns", "add", &ns])?;
@@ -173,7 +178,15 @@ impl BareRunc {
         ip(&["link", "add", &host, "type", "veth", "peer", "name", &peer])?;
         ip(&["link", "set", &peer, "netns", &ns])?;
         ip(&["-n", &ns, "link", "set", &peer, "name", "eth0"])?;
-        ip(&["-n", &ns, "addr", "add", &format!("10.{o}.{i}.2/24"), "dev", "eth0"])?;
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("10.{o}.{i}.2/24"),
+            "dev",
+            "eth0",
+        ])?;
         ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
         ip(&["-n", &ns, "link", "set", "lo", "up"])?;
         ip(&["addr", "add", &format!("10.{o}.{i}.1/24"), "dev", &host])?;
@@ -817,11 +830,7 @@ fn report(
     let _ = writeln!(
         b,
         "{}",
-        row(
-            "**nimbus create -> first HTTP answer**",
-            &reach_s,
-            &runc_s
-        )
+        row("**nimbus create -> first HTTP answer**", &reach_s, &runc_s)
     );
     let _ = writeln!(b);
     match podman {
