@@ -16,6 +16,10 @@ if [[ "${1:-}" == --smoke ]]; then
 fi
 export BENCH_SMOKE
 export DEBIAN_FRONTEND=noninteractive
+# The nimbus processes the benchmarks start skip the KVM probe: its QEMU would run next to the
+# measured work, and nested KVM is not usable on the development machine (bench-vm sets its
+# accelerator itself).
+export NIMBUS_VM_ACCEL="${NIMBUS_VM_ACCEL:-tcg}"
 BENCH_TARGET="${CARGO_TARGET_DIR:-target}"
 if [[ "$BENCH_SMOKE" == 1 ]]; then
     BENCH_PROFILE=debug

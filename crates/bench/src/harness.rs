@@ -271,6 +271,9 @@ impl Nimbus {
             .args(["--net-prefix", &slot.prefix()])
             .args(["--network-pool", &slot.pool()])
             .args(["--node-name", "bench1"])
+            // No KVM probe: its QEMU would run next to the measured work (and KVM is not usable
+            // on the development machine); these benchmarks run no VMs.
+            .env("NIMBUS_VM_ACCEL", "tcg")
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log)?)
             .spawn()

@@ -187,7 +187,26 @@ fn smoke(script: &'static str, base: &Path) -> Outcome {
     let log_path = dir.join("output.log");
     let log = std::fs::File::create(&log_path).expect("log");
     let started = Instant::now();
-    let mut child = Command::new("unshare")
+    let mut cmd = Command::new("unshare");
+    // Cargo sets these for this test; a nested cargo would see them as a changed build
+    // environment (build scripts track e.g. CARGO_MANIFEST_DIR) and rebuild half the workspace.
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        if k.starts_with("CARGO_PKG_")
+            || k.starts_with("CARGO_BIN_EXE_")
+            || k.starts_with("CARGO_MANIFEST_")
+            || [
+                "CARGO_CRATE_NAME",
+                "CARGO_PRIMARY_PACKAGE",
+                "CARGO_TARGET_TMPDIR",
+                "OUT_DIR",
+            ]
+            .contains(&k.as_ref())
+        {
+            cmd.env_remove(k.as_ref());
+        }
+    }
+    let mut child = cmd
         .args(["--net", "--mount", "--propagation", "private", "--"])
         .args(["bash", "-c", WRAPPER, "smoke-wrapper"])
         .arg(repo().join("scripts").join(script))
