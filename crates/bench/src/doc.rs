@@ -94,9 +94,9 @@ pub fn with_rows(text: &str, rows: &[Row]) -> String {
         let mut table = vec![String::new(), TABLE_START.to_string()];
         table.extend(TABLE_HEAD.lines().map(str::to_string));
         table.push(TABLE_END.to_string());
-        let s = at + 2;
+        let end = at + table.len() - 1;
         lines.splice(at..at, table);
-        (s, s + 3)
+        (at + 1, end)
     };
     let mut body: Vec<String> = lines[start + 1..end]
         .iter()
@@ -176,7 +176,7 @@ pub fn with_latest(text: &str, heading: &str, body: &str) -> String {
         kept.pop();
     }
     let mut out = kept.join("\n");
-    out.push_str(&format!("\n\n{LATEST}\n\n{}\n", body.trim_end()));
+    let _ = write!(out, "\n\n{LATEST}\n\n{}\n", body.trim_end());
     if end < lines.len() {
         out.push('\n');
         out.push_str(&lines[end..].join("\n"));
@@ -190,11 +190,10 @@ pub fn with_history_entry(text: &str, script: &str, entry: &str) -> String {
     let title = format!("# Run history: `scripts/{script}`");
     let intro = "Newest first. Each entry is one full run as the script recorded it; the \
                  latest also appears in [benchmarks.md](../benchmarks.md).";
-    let rest = text
-        .strip_prefix(&title)
-        .map(str::trim_start)
-        .map(|t| t.strip_prefix(intro).unwrap_or(t).trim_start())
-        .unwrap_or(text.trim_start());
+    let rest = text.strip_prefix(&title).map_or(text.trim_start(), |t| {
+        let t = t.trim_start();
+        t.strip_prefix(intro).unwrap_or(t).trim_start()
+    });
     let mut out = format!("{title}\n\n{intro}\n\n{}\n", entry.trim_end());
     if !rest.is_empty() {
         out.push('\n');

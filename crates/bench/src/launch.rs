@@ -596,27 +596,27 @@ struct Results {
 async fn measure(
     opts: &LaunchArgs,
     bare: &mut BareRunc,
-    n: &Nimbus,
-    r: &mut Results,
+    nimbus: &Nimbus,
+    out: &mut Results,
 ) -> anyhow::Result<()> {
-    let mut launcher = NimbusLauncher::new(n).await?;
+    let mut launcher = NimbusLauncher::new(nimbus).await?;
     for i in 0..opts.warmup + opts.runs {
-        let b = bare.launch(i).await?;
-        let m = launcher.launch().await?;
+        let baseline = bare.launch(i).await?;
+        let launch = launcher.launch().await?;
         if i < opts.warmup {
             continue;
         }
-        r.runc_total.push(b.total);
-        r.runc_only.push(b.runc);
-        match b.reachable {
-            Some(t) => r.runc_reach.push(t),
-            None => r.runc_unreachable += 1,
+        out.runc_total.push(baseline.total);
+        out.runc_only.push(baseline.runc);
+        match baseline.reachable {
+            Some(t) => out.runc_reach.push(t),
+            None => out.runc_unreachable += 1,
         }
-        r.nim_run.push(m.running);
-        r.nim_api.push(m.api);
-        match m.reachable {
-            Some(t) => r.nim_reach.push(t),
-            None => r.nim_unreachable += 1,
+        out.nim_run.push(launch.running);
+        out.nim_api.push(launch.api);
+        match launch.reachable {
+            Some(t) => out.nim_reach.push(t),
+            None => out.nim_unreachable += 1,
         }
     }
     launcher.verify().await
