@@ -8,8 +8,8 @@
 //! difference between an inventory taken inside before and after the script. Processes and runc
 //! containers are attributed through the run's directory (`TMPDIR` points into it, so every data
 //! directory, bundle and temporary file lies under it) and through a marker variable inherited by
-//! every process the script starts. Anything found is reported, then killed or deleted, so a
-//! failing run leaves nothing either.
+//! every process the script starts; its `TMPDIR` must be empty again afterwards. Processes and
+//! containers found are reported, then killed or deleted, so a failing run leaves little.
 //!
 //! `BENCH_SMOKE_ONLY=bench-a,bench-b` runs only those (while working on one).
 //!
@@ -286,6 +286,12 @@ fn smoke(script: &'static str, base: &Path) -> Outcome {
             .stderr(Stdio::null())
             .status();
     }
+    // Temporary files and directories: everything went to TMPDIR, which must be empty again.
+    for e in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
+        problems.push(format!("left behind: file {}", e.path().display()));
+    }
+    // Shown with --nocapture, or when the test fails.
+    println!("===== {script} (smoke) =====\n{output}");
     let skipped = output.lines().any(|l| l.starts_with("SKIPPED:"));
     Outcome {
         script,
