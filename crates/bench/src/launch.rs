@@ -2,9 +2,10 @@
 //! the instance, against bare `runc run -d` of the same rootfs on a pre-made veth (and, when it
 //! can run here, `podman run -d`).
 //!
-//! Every container runs busybox `httpd -f -p 80`. Reachability is polled from the host as soon
-//! as the create call (or `runc run -d`) returns: a TCP connect to port 80 with a 25 ms timeout
-//! and `GET / HTTP/1.0`, every millisecond until a status line arrives. The bare-runc baseline's
+//! Every container runs busybox `httpd -f -p 80` serving a page with its own name. Reachability
+//! is polled from the host as soon as the create call (or `runc run -d`) returns: a TCP connect
+//! to port 80 with a 25 ms timeout and `GET / HTTP/1.0`, every millisecond until a `200` with
+//! that page arrives. The bare-runc baseline's
 //! network is the minimum a reachable container needs: a network namespace with one end of a
 //! veth pair, addressed, the other end on the host with a /24 route, made before its launch is
 //! timed.
@@ -58,17 +59,30 @@ pub fn have(cmd: &str) -> bool {
         .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(cmd).is_file()))
 }
 
-/// The server every launched container runs (nimbus and bare runc alike).
-const HTTPD: [&str; 4] = ["httpd", "-f", "-p", "80"];
+/// The server every launched container runs (nimbus and bare runc alike): busybox httpd
+/// serving a page that holds `token`, so that an answer is known to come from that container
+/// (before its network exists, the host may route the address elsewhere, e.g. to a proxy on
+/// the default route that answers any port 80).
+fn httpd(token: &str) -> Vec<String> {
+    vec![
+        "sh".into(),
+        "-c".into(),
+        format!("mkdir -p /www && echo {token} > /www/index.html && exec httpd -f -p 80 -h /www"),
+    ]
+}
 
 /// How long a launched container may take to answer HTTP before the launch counts as
 /// unreachable (issue 14 saw 8.5 s on main).
 const REACH_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Polls `addr` from the host from now on: TCP connect (25 ms timeout) and `GET /`, every
-/// millisecond, until an HTTP status line arrives; returns when it did, or `None` after
-/// `timeout`.
-pub async fn first_http_answer(addr: SocketAddr, timeout: Duration) -> Option<Instant> {
+/// millisecond, until a `200` answer whose page holds `token` arrives; returns when it did, or
+/// `None` after `timeout`.
+pub async fn first_http_answer(
+    addr: SocketAddr,
+    token: &str,
+    timeout: Duration,
+) -> Option<Instant> {
     let deadline = Instant::now() + timeout;
     loop {
         let attempt = async {
@@ -80,12 +94,15 @@ pub async fn first_http_answer(addr: SocketAddr, timeout: Duration) -> Option<In
             .ok()?
             .ok()?;
             s.write_all(b"GET / HTTP/1.0\r\n\r\n").await.ok()?;
-            let mut head = [0u8; 5];
-            tokio::time::timeout(Duration::from_secs(1), s.read_exact(&mut head))
+            // HTTP/1.0: the server closes after the page.
+            let mut answer = Vec::new();
+            tokio::time::timeout(Duration::from_secs(1), s.read_to_end(&mut answer))
                 .await
                 .ok()?
                 .ok()?;
-            (&head == b"HTTP/").then(Instant::now)
+            let text = String::from_utf8_lossy(&answer);
+            (text.starts_with("HTTP/1.") && text.contains(" 200 ") && text.contains(token))
+                .then(Instant::now)
         };
         if let Some(t) = attempt.await {
             return Some(t);
@@ -219,7 +236,7 @@ impl BareRunc {
         .with_context(|| format!("mount overlay {opts}"))?;
         let mut cfg = self.template.clone();
         cfg["root"] = json!({"path": "rootfs", "readonly": false});
-        cfg["process"]["args"] = json!(HTTPD);
+        cfg["process"]["args"] = json!(httpd(&id));
         cfg["process"]["terminal"] = json!(false);
         cfg["hostname"] = json!(id);
         let netns = format!("/run/netns/{}r{i}", self.prefix);
@@ -250,7 +267,8 @@ impl BareRunc {
                 std::fs::read_to_string(b.join("stderr")).unwrap_or_default()
             );
         }
-        let answered = first_http_answer(SocketAddr::from((self.addr(i), 80)), REACH_TIMEOUT).await;
+        let answered =
+            first_http_answer(SocketAddr::from((self.addr(i), 80)), &id, REACH_TIMEOUT).await;
         Ok(BareLaunch {
             total: t2 - t0,
             runc: t2 - t1,
@@ -484,7 +502,7 @@ impl NimbusLauncher {
         let name = format!("bench-{}", self.launched);
         self.launched += 1;
         let req = CreateInstanceRequest {
-            command: HTTPD.iter().map(ToString::to_string).collect(),
+            command: httpd(&name),
             ..instance_request(&name)
         };
         let t0 = Instant::now();
@@ -497,10 +515,10 @@ impl NimbusLauncher {
             .with_context(|| format!("{name}: the create answer has no address"))?
             .parse()
             .with_context(|| format!("{name}: address {:?}", inst.status.ip))?;
-        let probe = tokio::spawn(first_http_answer(
-            SocketAddr::from((addr, 80)),
-            REACH_TIMEOUT,
-        ));
+        let token = name.clone();
+        let probe = tokio::spawn(async move {
+            first_http_answer(SocketAddr::from((addr, 80)), &token, REACH_TIMEOUT).await
+        });
         let deadline = t0 + Duration::from_secs(45);
         let t_run = loop {
             if let Some(t) = self.seen.remove(&name) {
@@ -756,7 +774,7 @@ fn report(
     let _ = writeln!(b, "- Build: {}.", crate::doc::build_note(&opts.nimbus_bin));
     let _ = writeln!(
         b,
-        "- Workload: busybox `httpd -f -p 80`, {} measured launches per configuration after {} \
+        "- Workload: busybox `httpd -f -p 80` serving a page with the container's name, {} measured launches per configuration after {} \
          unmeasured warm-up launches, one at a time, bare runc and nimbus alternating launch \
          by launch (so both see the same load on this shared machine); containers stay running \
          until the end, then everything is deleted. p99 is nearest-rank (of 60 samples: the \
@@ -770,12 +788,12 @@ fn report(
          event on an already open `GET /v1/events?follow=true` stream (committed through Raft \
          when the agent reports `running`). Each instance is re-checked afterwards with GET \
          (state running, pid set).\n  \
-         - first HTTP answer: from the same start to the first `HTTP/` status line read from \
-         the instance's address, polled from the host from the moment the call returned (bare \
+         - first HTTP answer: from the same start to the first `200` answer carrying the \
+         container's own page, read from the instance's address, polled from the host from the moment the call returned (bare \
          runc: `runc run -d` returned): TCP connect with a 25 ms timeout and `GET / HTTP/1.0`, \
          retried every millisecond.\n  \
          - bare runc: overlay mount of the same unpacked busybox layer (fresh upper/work per \
-         container) + writing `config.json` (default `runc spec`, args `httpd -f -p 80`, the \
+         container) + writing `config.json` (default `runc spec`, the same httpd command, the \
          network namespace replaced by a pre-made one holding one end of a veth pair, addressed, \
          the other end on the host with its /24 route: made before the timed part) + `runc run \
          -d` until it exits.\n  \
