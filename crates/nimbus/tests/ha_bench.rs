@@ -142,6 +142,10 @@ impl Drop for NodeFailureCleanup {
     fn drop(&mut self) {
         for (scope, dir) in &self.agents {
             nimbus_testkit::remove_agent_containers(scope, dir);
+            // The agent's runc root, empty once its containers are gone.
+            let root = Path::new("/run/nimbus").join(scope);
+            let _ = std::fs::remove_dir(root.join("runc"));
+            let _ = std::fs::remove_dir(root);
         }
         nimbus_testkit::remove_datapath(&self.prefix);
     }
