@@ -478,9 +478,91 @@ pub async fn run(a: &ScaleArgs) -> anyhow::Result<()> {
         rows.push(row);
     }
     if let Some(doc) = a.doc.as_ref().filter(|_| !a.smoke) {
-        crate::doc::update_section(doc, "Scale", &section(a, &rows))?;
+        crate::doc::record(&crate::doc::Record {
+            doc,
+            script: "bench-scale",
+            heading: "## Scale",
+            command: &a.command,
+            body: &section(a, &rows),
+            rows: &headline(&rows),
+        })?;
     }
     Ok(())
+}
+
+/// The headline rows: the issue-14 targets at the largest fleet.
+fn headline(rows: &[Row]) -> Vec<crate::doc::Row> {
+    let (Some(base), Some(top)) = (rows.first(), rows.last()) else {
+        return Vec::new();
+    };
+    let date = crate::doc::today();
+    let at = format!("{} nodes, {} instances", top.nodes, top.instances);
+    let p99 = |s: &Option<Summary>| s.map_or(f64::INFINITY, |s| s.p99.as_secs_f64() * 1000.0);
+    let (create, list, get) = (p99(&top.create), p99(&top.list), p99(&top.get));
+    let per_instance = per_instance(top);
+    let ratio = top.creates_per_s / base.creates_per_s;
+    let row =
+        |metric: &str, target: &str, result: String, ratio: String, met: bool| crate::doc::Row {
+            metric: format!("Scale: {metric} (`bench-scale`)"),
+            target: target.into(),
+            result,
+            ratio,
+            verdict: crate::doc::verdict(met),
+            date: date.clone(),
+        };
+    vec![
+        row(
+            "API p99 at the largest fleet, create / 500-item list page / get",
+            "<= 1 s each",
+            format!("{create:.0} / {list:.0} / {get:.0} ms at {at}"),
+            String::new(),
+            create <= 1000.0 && list <= 1000.0 && get <= 1000.0,
+        ),
+        row(
+            "idle server at the largest fleet, CPU and Raft commits/s",
+            "< 25 % of a core, < 50 commits/s",
+            format!(
+                "{:.1} %, {:.1} commits/s at {} nodes",
+                top.idle_cpu, top.idle_commits, top.nodes
+            ),
+            String::new(),
+            top.idle_cpu < 25.0 && top.idle_commits < 50.0,
+        ),
+        row(
+            "creates/s at the largest fleet vs the baseline fleet, 32 clients",
+            ">= 0.5x",
+            format!(
+                "{:.0}/s ({} nodes: {:.0}/s)",
+                top.creates_per_s, base.nodes, base.creates_per_s
+            ),
+            format!("{ratio:.2}x"),
+            ratio >= 0.5,
+        ),
+        row(
+            "server RSS per instance",
+            "<= 2 KiB",
+            format!("{per_instance:.0} B at {at}"),
+            String::new(),
+            per_instance <= 2048.0,
+        ),
+        row(
+            "server restart to ready with that state",
+            "< 10 s",
+            format!("{:.2} s at {at}", top.restart.as_secs_f64()),
+            String::new(),
+            top.restart < Duration::from_secs(10),
+        ),
+        row(
+            "nodes wrongly marked down",
+            "0",
+            rows.iter()
+                .map(|r| format!("{} at {} nodes", r.marked_down, r.nodes))
+                .collect::<Vec<_>>()
+                .join(", "),
+            String::new(),
+            rows.iter().all(|r| r.marked_down == 0),
+        ),
+    ]
 }
 
 fn section(a: &ScaleArgs, rows: &[Row]) -> String {
@@ -489,9 +571,7 @@ fn section(a: &ScaleArgs, rows: &[Row]) -> String {
         s.map_or_else(|| "-".into(), |s| format!("{} / {}", ms(s.p50), ms(s.p99)))
     };
     let mut t = format!(
-        "- Command: `{}`\n- Date: {}\n- Machine: {}\n- Build: {}\n- Workload: one `nimbus server` (single voter, no local agent) and hollow-node fleets of at most {} nodes per process (`nimbus agent --hollow`, batched fleet protocol, heartbeats every 2 s); {} concurrent API clients create best-effort busybox containers spread over projects of 200; a sampler reads a 500-item list page and one instance per second during the creates. Restart: SIGKILL, then the same data.\n\n",
-        a.command,
-        crate::doc::now(),
+        "- Machine: {}\n- Build: {}\n- Workload: one `nimbus server` (single voter, no local agent) and hollow-node fleets of at most {} nodes per process (`nimbus agent --hollow`, batched fleet protocol, heartbeats every 2 s); {} concurrent API clients create best-effort busybox containers spread over projects of 200; a sampler reads a 500-item list page and one instance per second during the creates. Restart: SIGKILL, then the same data.\n\n",
         crate::doc::machine_note(),
         crate::doc::build_note(&a.nimbus_bin),
         a.per_process,

@@ -37,6 +37,7 @@ const SCRIPTS: &[&str] = &[
     "bench-net",
     "bench-vip",
     "bench-vm",
+    "bench-scale",
 ];
 
 /// The smoke modes together are meant to take at most 5 minutes on the 2-core development
