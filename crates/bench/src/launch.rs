@@ -306,7 +306,13 @@ impl BareRunc {
                 .stderr(Stdio::null())
                 .status();
         }
+        // Both empty unless another benchmark run is using them.
         let _ = std::fs::remove_dir(RUNC_ROOT);
+        let _ = std::fs::remove_dir(
+            Path::new(RUNC_ROOT)
+                .parent()
+                .unwrap_or(Path::new(RUNC_ROOT)),
+        );
     }
 }
 
