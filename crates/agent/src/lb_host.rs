@@ -1,9 +1,16 @@
 //! The load-balancer data plane on a node: runs one [`nimbus_lb::LoadBalancer`] per LB listener
 //! from the node's LB assignments, and reports backend health back to the control plane.
+//!
+//! Each reconcile hot-swaps the configs that changed: a backend that stays keeps its state, a
+//! new one is probed at once and enters the rotation on its first passed probe (at once without
+//! a health check), a removed one drains. A listener that fails to start or update (a port
+//! still held, say) is retried in the background (250 ms, doubling to 5 s) until it works or
+//! the assignment changes, not only at the next assignment change.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use nimbus_api::agent::{LbAssignment, LbResolvedBackend};
 use nimbus_api::lb::{LbBackendHealth, LbProtocol};
@@ -21,12 +28,28 @@ struct Running {
     cfg: LbConfig,
 }
 
+/// What the host serves and what it was last asked to serve.
+#[derive(Default)]
+struct Served {
+    running: HashMap<Key, Running>,
+    want: HashMap<Key, LbConfig>,
+    kernel_l4: Option<String>,
+    /// The prefix whose stale in-kernel tables were last removed.
+    swept: Option<String>,
+    /// A retry task is converging `want` (some listener failed).
+    retrying: bool,
+}
+
 /// The LBs this node serves.
 pub struct LbHost {
     metrics: Arc<Metrics>,
     bind: Vec<IpAddr>,
-    running: tokio::sync::Mutex<HashMap<Key, Running>>,
+    served: tokio::sync::Mutex<Served>,
 }
+
+/// First and longest delay between retries of a listener that failed to start or update.
+const RETRY_FIRST: Duration = Duration::from_millis(250);
+const RETRY_MAX: Duration = Duration::from_secs(5);
 
 fn protocol(p: LbProtocol) -> Protocol {
     match p {
@@ -139,7 +162,7 @@ impl LbHost {
         Self {
             metrics,
             bind,
-            running: tokio::sync::Mutex::new(HashMap::new()),
+            served: tokio::sync::Mutex::new(Served::default()),
         }
     }
 
@@ -151,8 +174,9 @@ impl LbHost {
     /// Converge the running LBs to the assignments: start new listeners, hot-swap changed
     /// configs, stop removed ones. `kernel_l4`: the nftables table prefix under which eligible
     /// L4 listeners are forwarded in the kernel (`None`: no datapath on this node); in-kernel
-    /// tables under it that belong to no running LB are deleted.
-    pub async fn reconcile(&self, assigned: &[LbAssignment], kernel_l4: Option<&str>) {
+    /// tables under it that belong to no running LB are deleted (on the first reconcile and
+    /// whenever an LB stopped). What fails is retried in the background.
+    pub async fn reconcile(self: &Arc<Self>, assigned: &[LbAssignment], kernel_l4: Option<&str>) {
         let mut want: HashMap<Key, LbConfig> = HashMap::new();
         for a in assigned {
             for (i, l) in a.spec.listeners.iter().enumerate() {
@@ -162,53 +186,97 @@ impl LbHost {
                 );
             }
         }
-        let mut running = self.running.lock().await;
-        let gone: Vec<Key> = running
+        let mut served = self.served.lock().await;
+        served.want = want;
+        served.kernel_l4 = kernel_l4.map(str::to_string);
+        if self.converge(&mut served).await && !served.retrying {
+            served.retrying = true;
+            tokio::spawn(Arc::clone(self).retry());
+        }
+    }
+
+    /// Converge until nothing fails, backing off.
+    async fn retry(self: Arc<Self>) {
+        let mut delay = RETRY_FIRST;
+        loop {
+            tokio::time::sleep(delay).await;
+            let mut served = self.served.lock().await;
+            if !self.converge(&mut served).await {
+                served.retrying = false;
+                return;
+            }
+            delay = (delay * 2).min(RETRY_MAX);
+        }
+    }
+
+    /// One pass towards `served.want`; true if some listener failed.
+    async fn converge(&self, served: &mut Served) -> bool {
+        let gone: Vec<Key> = served
+            .running
             .keys()
-            .filter(|k| !want.contains_key(*k))
+            .filter(|k| !served.want.contains_key(*k))
             .cloned()
             .collect();
+        let stopped = !gone.is_empty();
         for k in gone {
-            if let Some(r) = running.remove(&k) {
+            if let Some(r) = served.running.remove(&k) {
                 r.lb.shutdown();
             }
         }
-        for (k, cfg) in want {
-            match running.get_mut(&k) {
-                Some(r) if r.cfg == cfg => {}
+        let mut failed = false;
+        for (k, cfg) in &served.want {
+            match served.running.get_mut(k) {
+                Some(r) if &r.cfg == cfg => {}
                 Some(r) => match r.lb.update(cfg.clone()).await {
                     Ok(()) => {
                         tracing::info!(lb = %cfg.name, "load balancer updated");
-                        r.cfg = cfg;
+                        r.cfg = cfg.clone();
                     }
-                    Err(e) => tracing::error!(lb = %cfg.name, "load balancer update failed: {e}"),
+                    Err(e) => {
+                        failed = true;
+                        tracing::error!(lb = %cfg.name, "load balancer update failed: {e}");
+                    }
                 },
                 None => match LoadBalancer::start(cfg.clone(), Arc::clone(&self.metrics)).await {
                     Ok(lb) => {
                         tracing::info!(lb = %cfg.name, addrs = ?lb.listen_addrs(), "load balancer started");
-                        running.insert(k, Running { lb, cfg });
+                        served.running.insert(
+                            k.clone(),
+                            Running {
+                                lb,
+                                cfg: cfg.clone(),
+                            },
+                        );
                     }
-                    Err(e) => tracing::error!(lb = %cfg.name, "load balancer failed to start: {e}"),
+                    Err(e) => {
+                        failed = true;
+                        tracing::error!(lb = %cfg.name, "load balancer failed to start: {e}");
+                    }
                 },
             }
         }
-        if let Some(prefix) = kernel_l4 {
-            let keep: Vec<String> = running
-                .values()
-                .filter_map(|r| r.lb.kernel_table().map(str::to_string))
-                .collect();
-            for t in nimbus_lb::kernel_sync::remove_stale_tables(prefix, &keep).await {
-                tracing::info!(table = %t, "removed a stale in-kernel L4 table");
+        if let Some(prefix) = served.kernel_l4.clone() {
+            if stopped || served.swept.as_deref() != Some(prefix.as_str()) {
+                let keep: Vec<String> = served
+                    .running
+                    .values()
+                    .filter_map(|r| r.lb.kernel_table().map(str::to_string))
+                    .collect();
+                for t in nimbus_lb::kernel_sync::remove_stale_tables(&prefix, &keep).await {
+                    tracing::info!(table = %t, "removed a stale in-kernel L4 table");
+                }
+                served.swept = Some(prefix);
             }
         }
+        failed
     }
 
     /// Backend health per LB id: a backend is healthy if every listener of the LB sees it
     /// healthy and not ejected.
     pub async fn health(&self) -> BTreeMap<String, Vec<LbBackendHealth>> {
-        let running = self.running.lock().await;
+        let served = self.served.lock().await;
         let mut out: BTreeMap<String, BTreeMap<String, LbBackendHealth>> = BTreeMap::new();
-        for ((id, _, _), r) in running.iter() {
+        for ((id, _, _), r) in &served.running {
             let entry = out.entry(id.clone()).or_default();
             for b in r.lb.backends().into_iter().filter(|b| !b.draining) {
                 let ok = b.healthy && !b.ejected;
@@ -230,7 +298,7 @@ impl LbHost {
 
     /// Stop every LB.
     pub async fn shutdown(&self) {
-        for (_, r) in self.running.lock().await.drain() {
+        for (_, r) in self.served.lock().await.running.drain() {
             r.lb.shutdown();
         }
     }

@@ -1,8 +1,12 @@
 //! Runtime state of one backend: in-flight count, health, outlier ejection, draining, and the
 //! active health-check task.
+//!
+//! Every change of a backend's availability (health state, ejection) bumps the load balancer's
+//! change counter ([`Changes`]): the in-kernel L4 sync re-renders its table at once, and
+//! requests that found only backends waiting for their first probe pick again.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
@@ -12,7 +16,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::config::{HealthCheckConfig, HealthProbe, OutlierConfig};
-use crate::health::{HealthTracker, OutlierEvent, OutlierTracker};
+use crate::health::{HealthState, HealthTracker, OutlierEvent, OutlierTracker};
 use crate::metrics::BackendMetrics;
 
 static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
@@ -28,14 +32,24 @@ pub struct BackendStatus {
     pub name: String,
     /// Address.
     pub addr: SocketAddr,
-    /// Passes active health checks.
+    /// Passes active health checks (or has none).
     pub healthy: bool,
+    /// Waits for its first passed health probe (not healthy yet, not failed either).
+    #[serde(default)]
+    pub pending: bool,
     /// Ejected by passive outlier detection right now.
     pub ejected: bool,
     /// Removed from the config; finishing its connections.
     pub draining: bool,
     /// In-flight requests or open connections.
     pub active: u64,
+}
+
+/// The counter a load balancer's backends bump whenever their availability changes.
+pub(crate) type Changes = watch::Sender<u64>;
+
+pub(crate) fn bump(changes: &Changes) {
+    changes.send_modify(|v| *v = v.wrapping_add(1));
 }
 
 /// One backend.
@@ -50,7 +64,10 @@ pub struct Backend {
     active: AtomicU64,
     /// Open connections the kernel forwards to it (in-kernel L4 path), from conntrack.
     kernel_active: AtomicU64,
-    healthy: AtomicBool,
+    /// [`HealthState`] as a byte.
+    health_state: AtomicU8,
+    /// Whether the current checker's first probe has finished (true without a checker).
+    first_probe_done: AtomicBool,
     draining: AtomicBool,
     ejected_until_ms: AtomicU64,
     failing: AtomicBool,
@@ -58,6 +75,7 @@ pub struct Backend {
     outlier: Mutex<OutlierTracker>,
     drain_tx: watch::Sender<bool>,
     checker: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    changes: Changes,
 }
 
 /// Decrements the in-flight count when dropped.
@@ -83,31 +101,60 @@ impl Drop for ActiveRef<'_> {
 }
 
 impl Backend {
-    /// A new backend, healthy until probes say otherwise.
-    pub fn new(name: String, addr: SocketAddr, metrics: BackendMetrics) -> Arc<Self> {
-        metrics.healthy.set(1);
+    /// A new backend in `state` ([`HealthState::Pending`] when a health check will probe it,
+    /// else [`HealthState::Healthy`]); availability changes bump `changes`.
+    pub(crate) fn new(
+        name: String,
+        addr: SocketAddr,
+        metrics: BackendMetrics,
+        state: HealthState,
+        changes: Changes,
+    ) -> Arc<Self> {
+        metrics.healthy.set(i64::from(state.candidate()));
         Arc::new(Self {
             name,
             addr,
             metrics,
             active: AtomicU64::new(0),
             kernel_active: AtomicU64::new(0),
-            healthy: AtomicBool::new(true),
+            health_state: AtomicU8::new(state.to_u8()),
+            first_probe_done: AtomicBool::new(true),
             draining: AtomicBool::new(false),
             ejected_until_ms: AtomicU64::new(0),
             failing: AtomicBool::new(false),
-            health: Mutex::new(HealthTracker::new(1, 1)),
+            health: Mutex::new(HealthTracker::new(state, 1, 1)),
             outlier: Mutex::new(OutlierTracker::default()),
             drain_tx: watch::channel(false).0,
             checker: Mutex::new(None),
+            changes,
         })
     }
 
     /// Whether it may receive new traffic.
     pub fn available(&self) -> bool {
-        self.healthy.load(Ordering::Relaxed)
+        self.health_state().candidate()
             && !self.draining.load(Ordering::Relaxed)
             && self.ejected_until_ms.load(Ordering::Relaxed) <= now_ms()
+    }
+
+    /// Its active health state.
+    pub fn health_state(&self) -> HealthState {
+        HealthState::from_u8(self.health_state.load(Ordering::Relaxed))
+    }
+
+    /// Whether it is pending and its first probe has not finished yet: a request that finds
+    /// no available backend waits for that probe rather than fail at once.
+    pub(crate) fn awaiting_first_probe(&self) -> bool {
+        self.health_state() == HealthState::Pending
+            && !self.first_probe_done.load(Ordering::Relaxed)
+            && !self.draining.load(Ordering::Relaxed)
+    }
+
+    /// How long its current ejection lasts still, if it is ejected.
+    pub(crate) fn ejected_for(&self) -> Option<Duration> {
+        let until = self.ejected_until_ms.load(Ordering::Relaxed);
+        let now = now_ms();
+        (until > now).then(|| Duration::from_millis(until - now))
     }
 
     /// In-flight requests or connections (relayed here or forwarded by the kernel).
@@ -156,6 +203,7 @@ impl Backend {
         if let OutlierEvent::Ejected(until) = ev {
             let ms = now_ms() + until.saturating_duration_since(now).as_millis() as u64;
             self.ejected_until_ms.store(ms, Ordering::Relaxed);
+            bump(&self.changes);
             tracing::warn!(lb, backend = %self.name, addr = %self.addr,
                 ejected_for_ms = ms - now_ms(), "backend ejected after consecutive errors");
         }
@@ -167,6 +215,7 @@ impl Backend {
         self.draining.store(true, Ordering::Relaxed);
         self.drain_tx.send_replace(true);
         self.stop_checker();
+        bump(&self.changes);
     }
 
     /// Resolves once the backend is draining.
@@ -180,75 +229,93 @@ impl Backend {
         BackendStatus {
             name: self.name.clone(),
             addr: self.addr,
-            healthy: self.healthy.load(Ordering::Relaxed),
+            healthy: self.health_state().candidate(),
+            pending: self.health_state() == HealthState::Pending,
             ejected: self.ejected_until_ms.load(Ordering::Relaxed) > now_ms(),
             draining: self.draining.load(Ordering::Relaxed),
             active: self.active(),
         }
     }
 
-    fn set_healthy(&self, healthy: bool) {
-        self.healthy.store(healthy, Ordering::Relaxed);
-        self.metrics.healthy.set(i64::from(healthy));
+    fn set_health_state(&self, state: HealthState) {
+        self.health_state.store(state.to_u8(), Ordering::Relaxed);
+        self.metrics.healthy.set(i64::from(state.candidate()));
+        bump(&self.changes);
     }
 
-    /// (Re)start active health checking with `cfg`; `None` stops it and marks the backend
-    /// healthy.
-    pub fn start_checker(self: &Arc<Self>, lb: &str, cfg: Option<HealthCheckConfig>) {
+    /// (Re)start active health checking with `cfg`, keeping the backend's health state (a
+    /// backend created pending stays out until a probe passes; the first probe runs at once).
+    /// `None` stops probing and makes the backend healthy.
+    pub(crate) fn start_checker(self: &Arc<Self>, lb: &str, cfg: Option<HealthCheckConfig>) {
         self.stop_checker();
         let Some(cfg) = cfg else {
-            self.set_healthy(true);
+            self.first_probe_done.store(true, Ordering::Relaxed);
+            if self.health_state() != HealthState::Healthy {
+                self.set_health_state(HealthState::Healthy);
+            }
             return;
         };
+        let tracker = HealthTracker::new(
+            self.health_state(),
+            cfg.healthy_threshold,
+            cfg.unhealthy_threshold,
+        );
+        self.first_probe_done
+            .store(tracker.state() != HealthState::Pending, Ordering::Relaxed);
         *self
             .health
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = {
-            let mut t = HealthTracker::new(cfg.healthy_threshold, cfg.unhealthy_threshold);
-            if !self.healthy.load(Ordering::Relaxed) {
-                // Keep an unhealthy backend out until it passes `healthy_threshold` probes.
-                for _ in 0..cfg.unhealthy_threshold {
-                    t.observe(false);
-                }
-            }
-            t
-        };
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = tracker;
         let me = Arc::clone(self);
         let lb = lb.to_string();
         let handle = tokio::spawn(async move {
             let interval = Duration::from_millis(cfg.interval_ms);
             let timeout = Duration::from_millis(cfg.timeout_ms);
             loop {
+                let timeout = me.tracker().probe_timeout(timeout);
                 let ok = matches!(
                     tokio::time::timeout(timeout, probe(me.addr, &cfg.probe)).await,
                     Ok(Ok(()))
                 );
-                let change = me
-                    .health
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .observe(ok);
+                let (change, next) = {
+                    let mut t = me.tracker();
+                    let change = t.observe(ok);
+                    (change, t.next_probe_in(interval))
+                };
                 if ok {
                     me.outlier
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner)
                         .reset_backoff(Instant::now());
                 }
-                if let Some(h) = change {
-                    me.set_healthy(h);
-                    if h {
-                        tracing::info!(lb, backend = %me.name, addr = %me.addr, "backend healthy");
-                    } else {
-                        tracing::warn!(lb, backend = %me.name, addr = %me.addr, "backend unhealthy");
+                if let Some(state) = change {
+                    me.set_health_state(state);
+                    match state {
+                        HealthState::Healthy => {
+                            tracing::info!(lb, backend = %me.name, addr = %me.addr, "backend healthy");
+                        }
+                        _ => {
+                            tracing::warn!(lb, backend = %me.name, addr = %me.addr, "backend unhealthy");
+                        }
                     }
                 }
-                tokio::time::sleep(interval).await;
+                if !me.first_probe_done.swap(true, Ordering::Relaxed) && change.is_none() {
+                    // Requests waiting for this first probe give up waiting.
+                    bump(&me.changes);
+                }
+                tokio::time::sleep(next).await;
             }
         });
         *self
             .checker
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(handle);
+    }
+
+    fn tracker(&self) -> std::sync::MutexGuard<'_, HealthTracker> {
+        self.health
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn stop_checker(&self) {

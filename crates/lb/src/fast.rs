@@ -555,7 +555,10 @@ where
     for attempt in 0..attempts {
         let idx = match req.sticky {
             Some(i) if attempt == 0 => Some(i),
-            _ => pool.pick(&ctx, &tried[..attempt]),
+            _ => {
+                pool.pick_or_await_probe(&inner.changes, &ctx, &tried[..attempt])
+                    .await
+            }
         };
         let Some(idx) = idx else { break };
         tried[attempt] = idx;

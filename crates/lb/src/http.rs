@@ -414,7 +414,10 @@ async fn proxy(
     for attempt in 0..attempts {
         let idx = match sticky_idx {
             Some(i) if attempt == 0 => Some(i),
-            _ => pool.pick(&ctx, &tried[..attempt]),
+            _ => {
+                pool.pick_or_await_probe(&inner.changes, &ctx, &tried[..attempt])
+                    .await
+            }
         };
         let Some(idx) = idx else { break };
         tried[attempt] = idx;

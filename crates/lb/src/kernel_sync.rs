@@ -2,11 +2,13 @@
 //! configuration and its backends' health, and feeds the table's counters and the conntrack
 //! table into the LB's metrics.
 //!
-//! Every 200 ms the plan is rendered from the current snapshot; when the text differs from what
-//! was applied, the table is replaced in one `nft -f` transaction (counters are read first).
-//! Every 2 s (one `nft` process and one conntrack read per LB, so many LBs stay cheap) the
-//! counters and `/proc/net/nf_conntrack` are read. If `nft` fails, the
-//! user-space listener keeps serving and the sync retries.
+//! The plan is rendered from the current snapshot whenever it may have changed: at once when a
+//! configuration is published or a backend's availability changes (health state, ejection,
+//! draining; the LB's change counter), when an ejection or a drain timeout ends, and at least
+//! every second. When the text differs from what was applied, the table is replaced in one
+//! `nft -f` transaction (counters are read first). Every 2 s (one `nft` process and one
+//! conntrack read per LB, so many LBs stay cheap) the counters and `/proc/net/nf_conntrack` are
+//! read. If `nft` fails, the user-space listener keeps serving and the sync retries.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -88,6 +90,8 @@ async fn cut(mark: u32, mask: u32) {
 
 /// How often counters and open flows are folded into the metrics.
 const STATS_EVERY: Duration = Duration::from_secs(2);
+/// Longest time between two renders of the plan (retries of a failed `nft`, stats).
+const IDLE_WAKE: Duration = Duration::from_secs(1);
 
 /// The backend behind each slot of a table.
 type Slots = Vec<(u16, Arc<Backend>)>;
@@ -122,17 +126,22 @@ pub(crate) async fn run(inner: Weak<Inner>, table: String, cancel: CancellationT
         logged_reason: None,
         last_stats: Instant::now(),
     };
-    let mut tick = tokio::time::interval(Duration::from_millis(200));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let Some(mut changes) = inner.upgrade().map(|i| i.changes.subscribe()) else {
+        return;
+    };
+    let mut wake = Duration::ZERO;
     loop {
         tokio::select! {
             () = cancel.cancelled() => break,
-            _ = tick.tick() => {}
+            r = changes.changed() => if r.is_err() { break },
+            () = tokio::time::sleep(wake) => {}
         }
         let Some(inner) = inner.upgrade() else {
             break;
         };
+        changes.mark_unchanged();
         s.step(&inner).await;
+        wake = s.next_wake();
     }
     let mut drain = None;
     if let Some(inner) = inner.upgrade() {
@@ -273,6 +282,23 @@ impl Sync {
             self.stats(inner).await;
         }
         self.cut_due().await;
+    }
+
+    /// When the plan may change without a change being signalled: an ejection or a drain
+    /// timeout ends; at most [`IDLE_WAKE`].
+    fn next_wake(&self) -> Duration {
+        let now = Instant::now();
+        let ejections = self
+            .applied
+            .iter()
+            .flat_map(|a| &a.slots)
+            .filter_map(|(_, b)| b.ejected_for())
+            .map(|d| d + Duration::from_millis(1));
+        let cuts = self
+            .draining
+            .iter()
+            .map(|(_, due)| due.saturating_duration_since(now));
+        ejections.chain(cuts).fold(IDLE_WAKE, Duration::min)
     }
 
     /// Backends that left the table get their flows cut after the drain timeout.

@@ -32,7 +32,7 @@ pub(crate) async fn tcp_conn(
     let drain = Duration::from_millis(snap.cfg.limits.drain_timeout_ms);
     let mut tried = Vec::new();
     let (backend, upstream) = loop {
-        let Some(idx) = pool.pick(&ctx, &tried) else {
+        let Some(idx) = pool.pick_or_await_probe(&inner.changes, &ctx, &tried).await else {
             tracing::debug!(lb = %inner.name, %peer, "no backend for TCP connection");
             inner.none_backend.count_status(503);
             return;

@@ -13,10 +13,11 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::{TcpListener, UdpSocket};
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::{Backend, BackendStatus};
+use crate::backend::{bump, Backend, BackendStatus, Changes};
 use crate::balancer::{Balancer, Candidate, PickContext};
 use crate::cache::CacheStore;
 use crate::config::{CacheConfig, LbConfig, ListenerConfig, Protocol};
+use crate::health::HealthState;
 use crate::http as l7;
 use crate::metrics::{BackendMetrics, CacheMetrics, Metrics};
 use crate::{l4, LbError};
@@ -57,7 +58,55 @@ impl Pool {
             self.balancer.pick(&cands, ctx)
         }
     }
+
+    /// Like [`Pool::pick`]; when no backend is available but one waits for its first health
+    /// probe (a load balancer or backend just added), waits for that probe (at most its
+    /// timeout) instead of refusing the request.
+    pub async fn pick_or_await_probe(
+        &self,
+        changes: &Changes,
+        ctx: &PickContext<'_>,
+        exclude: &[usize],
+    ) -> Option<usize> {
+        if let Some(i) = self.pick(ctx, exclude) {
+            return Some(i);
+        }
+        self.await_probe(changes, ctx, exclude).await
+    }
+
+    #[cold]
+    async fn await_probe(
+        &self,
+        changes: &Changes,
+        ctx: &PickContext<'_>,
+        exclude: &[usize],
+    ) -> Option<usize> {
+        let mut rx = changes.subscribe();
+        let deadline = tokio::time::Instant::now() + FIRST_PROBE_WAIT;
+        loop {
+            // Checked after subscribing: a change in between is not missed.
+            if let Some(i) = self.pick(ctx, exclude) {
+                return Some(i);
+            }
+            let waiting = self
+                .backends
+                .iter()
+                .enumerate()
+                .any(|(i, b)| !exclude.contains(&i) && b.awaiting_first_probe());
+            if !waiting {
+                return None;
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => {}
+                _ => return None,
+            }
+        }
+    }
 }
+
+/// Longest wait of a request for the first probe of a new backend (a first probe has at most
+/// 250 ms, see [`crate::health::HealthTracker::probe_timeout`]).
+const FIRST_PROBE_WAIT: Duration = Duration::from_millis(300);
 
 /// Everything a request needs, swapped atomically on update.
 pub(crate) struct Snapshot {
@@ -92,6 +141,8 @@ pub(crate) struct Inner {
     update_lock: tokio::sync::Mutex<()>,
     /// The in-kernel L4 table and the token that stops its sync (and deletes it).
     kernel: Option<(String, CancellationToken)>,
+    /// Bumped when a new snapshot is published or a backend's availability changes.
+    pub changes: Changes,
 }
 
 impl Inner {
@@ -156,6 +207,7 @@ impl LoadBalancer {
                     CancellationToken::new(),
                 )
             }),
+            changes: Changes::new(0),
         });
         let lb = Self { inner };
         lb.update(cfg).await?;
@@ -211,9 +263,16 @@ impl LoadBalancer {
                 }
             }
         }
-        // Backends: reuse by address; new ones get a checker; missing ones drain.
+        // Backends: one per address, kept (with its health state) while the address stays in
+        // the config under the same name; a new one starts pending when a health check will
+        // probe it (its first probe runs now), else healthy; missing ones drain.
         let health = crate::kernel::effective_health_check(&cfg);
         let health_changed = crate::kernel::effective_health_check(&old.cfg) != health;
+        let initial = if health.is_some() {
+            HealthState::Pending
+        } else {
+            HealthState::Healthy
+        };
         let mut pools = Vec::new();
         let mut live: HashMap<SocketAddr, Arc<Backend>> = HashMap::new();
         {
@@ -224,28 +283,28 @@ impl LoadBalancer {
                     let b = if let Some(b) = live.get(&bc.addr) {
                         Arc::clone(b)
                     } else {
-                        {
-                            let b = match all.get(&bc.addr) {
-                                Some(b) if b.name == bc.name && !b.status().draining => {
-                                    if health_changed {
-                                        b.start_checker(&inner.name, health.clone());
-                                    }
-                                    Arc::clone(b)
-                                }
-                                _ => {
-                                    let b = Backend::new(
-                                        bc.name.clone(),
-                                        bc.addr,
-                                        inner.metrics.backend(&inner.name, &bc.name),
-                                    );
+                        let b = match all.get(&bc.addr) {
+                            Some(b) if b.name == bc.name && !b.status().draining => {
+                                if health_changed {
                                     b.start_checker(&inner.name, health.clone());
-                                    all.insert(bc.addr, Arc::clone(&b));
-                                    b
                                 }
-                            };
-                            live.insert(bc.addr, Arc::clone(&b));
-                            b
-                        }
+                                Arc::clone(b)
+                            }
+                            _ => {
+                                let b = Backend::new(
+                                    bc.name.clone(),
+                                    bc.addr,
+                                    inner.metrics.backend(&inner.name, &bc.name),
+                                    initial,
+                                    inner.changes.clone(),
+                                );
+                                b.start_checker(&inner.name, health.clone());
+                                all.insert(bc.addr, Arc::clone(&b));
+                                b
+                            }
+                        };
+                        live.insert(bc.addr, Arc::clone(&b));
+                        b
                     };
                     backends.push(b);
                 }
@@ -355,6 +414,8 @@ impl LoadBalancer {
             });
         }
         *lock(&self.inner.listeners) = ls;
+        // The in-kernel sync renders the new snapshot and listeners now.
+        bump(&self.inner.changes);
         Ok(())
     }
 
