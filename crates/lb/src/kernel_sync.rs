@@ -139,8 +139,10 @@ pub(crate) async fn run(inner: Weak<Inner>, table: String, cancel: CancellationT
         let Some(inner) = inner.upgrade() else {
             break;
         };
-        changes.mark_unchanged();
+        let generation = *changes.borrow_and_update();
         s.step(&inner).await;
+        // Applied, or failed (then the user-space proxy serves and nobody should wait).
+        inner.kernel_applied.send_replace(generation);
         wake = s.next_wake();
     }
     let mut drain = None;

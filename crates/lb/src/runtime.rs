@@ -11,6 +11,7 @@ use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::{bump, Backend, BackendStatus, Changes};
@@ -104,6 +105,9 @@ impl Pool {
     }
 }
 
+/// Longest wait of [`LoadBalancer::update`] for the in-kernel table to be re-rendered.
+const KERNEL_APPLY_WAIT: Duration = Duration::from_secs(2);
+
 /// Longest wait of a request for the first probe of a new backend (a first probe has at most
 /// 250 ms, see [`crate::health::HealthTracker::probe_timeout`]).
 const FIRST_PROBE_WAIT: Duration = Duration::from_millis(300);
@@ -117,6 +121,20 @@ pub(crate) struct Snapshot {
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub cache: Option<Arc<Mutex<CacheStore>>>,
     pub http: auto::Builder<TokioExecutor>,
+}
+
+/// The backends of all pools: one per address in the configuration, and those removed that
+/// finish their connections (an address may be in both when a new backend took it over).
+#[derive(Default)]
+struct Backends {
+    live: HashMap<SocketAddr, Arc<Backend>>,
+    draining: Vec<Arc<Backend>>,
+}
+
+impl Backends {
+    fn all(&self) -> impl Iterator<Item = &Arc<Backend>> {
+        self.live.values().chain(&self.draining)
+    }
 }
 
 struct Listener {
@@ -135,7 +153,7 @@ pub(crate) struct Inner {
     pub cache_backend: BackendMetrics,
     /// Requests no backend answered (503/504/502 made here).
     pub none_backend: BackendMetrics,
-    backends: Mutex<HashMap<SocketAddr, Arc<Backend>>>,
+    backends: Mutex<Backends>,
     listeners: Mutex<Vec<Listener>>,
     cache: Mutex<Option<(CacheConfig, Arc<Mutex<CacheStore>>)>>,
     update_lock: tokio::sync::Mutex<()>,
@@ -143,6 +161,8 @@ pub(crate) struct Inner {
     kernel: Option<(String, CancellationToken)>,
     /// Bumped when a new snapshot is published or a backend's availability changes.
     pub changes: Changes,
+    /// The value of `changes` the in-kernel table was last rendered from.
+    pub kernel_applied: watch::Sender<u64>,
 }
 
 impl Inner {
@@ -197,7 +217,7 @@ impl LoadBalancer {
             name,
             metrics,
             snap: ArcSwap::from_pointee(empty),
-            backends: Mutex::new(HashMap::new()),
+            backends: Mutex::new(Backends::default()),
             listeners: Mutex::new(Vec::new()),
             cache: Mutex::new(None),
             update_lock: tokio::sync::Mutex::new(()),
@@ -208,15 +228,22 @@ impl LoadBalancer {
                 )
             }),
             changes: Changes::new(0),
+            kernel_applied: watch::Sender::new(0),
         });
         let lb = Self { inner };
-        lb.update(cfg).await?;
+        // The in-kernel sync runs first, so that `update` can wait for the table.
         if let Some((table, cancel)) = &lb.inner.kernel {
             tokio::spawn(crate::kernel_sync::run(
                 Arc::downgrade(&lb.inner),
                 table.clone(),
                 cancel.clone(),
             ));
+        }
+        if let Err(e) = lb.update(cfg).await {
+            if let Some((_, cancel)) = &lb.inner.kernel {
+                cancel.cancel();
+            }
+            return Err(e);
         }
         Ok(lb)
     }
@@ -274,17 +301,17 @@ impl LoadBalancer {
             HealthState::Healthy
         };
         let mut pools = Vec::new();
-        let mut live: HashMap<SocketAddr, Arc<Backend>> = HashMap::new();
         {
-            let mut all = lock(&inner.backends);
+            let mut set = lock(&inner.backends);
+            let mut live: HashMap<SocketAddr, Arc<Backend>> = HashMap::new();
             for p in &cfg.pools {
                 let mut backends = Vec::new();
                 for bc in &p.backends {
                     let b = if let Some(b) = live.get(&bc.addr) {
                         Arc::clone(b)
                     } else {
-                        let b = match all.get(&bc.addr) {
-                            Some(b) if b.name == bc.name && !b.status().draining => {
+                        let b = match set.live.get(&bc.addr) {
+                            Some(b) if b.name == bc.name => {
                                 if health_changed {
                                     b.start_checker(&inner.name, health.clone());
                                 }
@@ -299,7 +326,6 @@ impl LoadBalancer {
                                     inner.changes.clone(),
                                 );
                                 b.start_checker(&inner.name, health.clone());
-                                all.insert(bc.addr, Arc::clone(&b));
                                 b
                             }
                         };
@@ -324,26 +350,23 @@ impl LoadBalancer {
                         .and_then(|h| HeaderName::from_bytes(h.as_bytes()).ok()),
                 });
             }
+            // Every backend not kept drains, also one whose address a new backend took.
             let drain = Duration::from_millis(cfg.limits.drain_timeout_ms);
-            let removed: Vec<Arc<Backend>> = all
-                .iter()
-                .filter(|(a, b)| {
-                    !b.status().draining && live.get(a).is_none_or(|l| !Arc::ptr_eq(l, b))
-                })
-                .map(|(_, b)| Arc::clone(b))
-                .collect();
-            for b in removed {
-                tracing::info!(lb = %inner.name, backend = %b.name, addr = %b.addr, "backend removed, draining");
+            let old = std::mem::replace(&mut set.live, live);
+            for (addr, b) in old {
+                if set.live.get(&addr).is_some_and(|l| Arc::ptr_eq(l, &b)) {
+                    continue;
+                }
+                tracing::info!(lb = %inner.name, backend = %b.name, %addr, "backend removed, draining");
                 b.start_draining();
+                set.draining.push(Arc::clone(&b));
                 let weak = Arc::downgrade(&self.inner);
                 tokio::spawn(async move {
                     tokio::time::sleep(drain).await;
                     if let Some(inner) = weak.upgrade() {
-                        let mut all = lock(&inner.backends);
-                        if all.get(&b.addr).is_some_and(|x| Arc::ptr_eq(x, &b)) {
-                            all.remove(&b.addr);
-                        }
-                        if !all.values().any(|x| x.name == b.name) {
+                        let mut set = lock(&inner.backends);
+                        set.draining.retain(|x| !Arc::ptr_eq(x, &b));
+                        if !set.all().any(|x| x.name == b.name) {
                             inner.metrics.remove_backend(&inner.name, &b.name);
                         }
                     }
@@ -414,14 +437,34 @@ impl LoadBalancer {
             });
         }
         *lock(&self.inner.listeners) = ls;
-        // The in-kernel sync renders the new snapshot and listeners now.
+        // The in-kernel sync renders the new snapshot and listeners now; wait for it, so that
+        // when `update` returns a removed backend gets no new connection from the kernel
+        // either (the control plane waits for that before it stops the backend).
         bump(&self.inner.changes);
+        self.await_kernel().await;
         Ok(())
     }
 
     /// The bound addresses of each listener (port 0 resolved).
     pub fn listen_addrs(&self) -> Vec<(Protocol, SocketAddr)> {
         self.inner.listen_addrs()
+    }
+
+    /// Wait (at most [`KERNEL_APPLY_WAIT`]) until the in-kernel table, if any, reflects every
+    /// change made so far.
+    async fn await_kernel(&self) {
+        let Some((table, cancel)) = &self.inner.kernel else {
+            return;
+        };
+        if cancel.is_cancelled() {
+            return;
+        }
+        let want = *self.inner.changes.borrow();
+        let mut rx = self.inner.kernel_applied.subscribe();
+        let applied = tokio::time::timeout(KERNEL_APPLY_WAIT, rx.wait_for(|a| *a >= want)).await;
+        if applied.is_err() {
+            tracing::warn!(lb = %self.inner.name, %table, "the in-kernel L4 table was not updated within {KERNEL_APPLY_WAIT:?}");
+        }
     }
 
     /// The `ip` nftables table of the in-kernel L4 path, when enabled (it exists while an L4
@@ -441,7 +484,7 @@ impl LoadBalancer {
     /// State of every backend, including draining ones.
     pub fn backends(&self) -> Vec<BackendStatus> {
         let mut v: Vec<BackendStatus> = lock(&self.inner.backends)
-            .values()
+            .all()
             .map(|b| b.status())
             .collect();
         v.sort_by(|a, b| a.name.cmp(&b.name).then(a.addr.cmp(&b.addr)));
@@ -466,11 +509,10 @@ impl LoadBalancer {
         for l in lock(&self.inner.listeners).drain(..) {
             l.cancel.cancel();
         }
-        for b in lock(&self.inner.backends).drain() {
-            b.1.start_draining();
-            self.inner
-                .metrics
-                .remove_backend(&self.inner.name, &b.1.name);
+        let set = std::mem::take(&mut *lock(&self.inner.backends));
+        for b in set.live.into_values().chain(set.draining) {
+            b.start_draining();
+            self.inner.metrics.remove_backend(&self.inner.name, &b.name);
         }
         tracing::info!(lb = %self.inner.name, "load balancer stopped");
     }

@@ -237,6 +237,61 @@ async fn kernel_path_follows_health_checks() {
     dead_backend_leaves_rotation(cfg, Duration::from_secs(5)).await;
 }
 
+/// A backend added to a kernel-forwarded listener takes connections as soon as its first probe
+/// (run at once) passed, although the interval is 10 s and 3 passes are configured; one
+/// removed takes no new connection once `update` returned (it waits for the table).
+#[tokio::test]
+async fn kernel_path_admits_on_the_first_probe_and_update_waits_for_the_table() {
+    if !nft_available() {
+        return;
+    }
+    let (b0, _t0) = who_backend("b0").await;
+    let (b1, _t1) = who_backend("b1").await;
+    let mut cfg = kernel_cfg("kadmit", Protocol::Tcp, vec![b0]);
+    cfg.health_check = Some(HealthCheckConfig {
+        probe: HealthProbe::Tcp,
+        interval_ms: 10_000,
+        timeout_ms: 500,
+        healthy_threshold: 3,
+        unhealthy_threshold: 3,
+    });
+    let (lb, _) = start_lb(cfg.clone()).await;
+    let addr = lb.addr(Protocol::Tcp).unwrap();
+    let table = wait_table(&lb).await;
+    // `start` returned with the table in place: forwarded by the kernel from the first connection.
+    let (name, kernel, _s) = hello(addr).await;
+    assert_eq!((name.as_str(), kernel), ("b0", true));
+
+    let mut both = cfg.clone();
+    both.pools = LbConfig::simple("x", listener(Protocol::Tcp), vec![b0, b1]).pools;
+    lb.update(both).await.unwrap();
+    let added = Instant::now();
+    loop {
+        let (name, kernel, _s) = hello(addr).await;
+        if name == "b1" {
+            assert!(kernel, "b1 reached in user space");
+            break;
+        }
+        assert!(added.elapsed() < Duration::from_secs(3), "b1 never picked");
+    }
+    let took = added.elapsed();
+    assert!(
+        took < Duration::from_millis(300),
+        "b1 forwarded after {took:?}"
+    );
+
+    let mut only_b1 = cfg;
+    only_b1.pools = LbConfig::simple("x", listener(Protocol::Tcp), vec![b1]).pools;
+    only_b1.pools[0].backends[0].name = "b1".into();
+    lb.update(only_b1).await.unwrap();
+    for _ in 0..10 {
+        let (name, kernel, _s) = hello(addr).await;
+        assert_eq!((name.as_str(), kernel), ("b1", true));
+    }
+    lb.shutdown();
+    until("the table removed", || !table_exists(&table)).await;
+}
+
 /// Without a configured health check, a kernel-forwarded TCP listener gets an implicit one
 /// (default: every 2 s, 3 failures), since the kernel reports no failed connects for passive
 /// ejection: a dead backend must still leave the rotation.
