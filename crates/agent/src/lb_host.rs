@@ -303,3 +303,70 @@ impl LbHost {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use nimbus_api::lb::{LbBackends, LbListener, LoadBalancerSpec};
+
+    use super::*;
+
+    fn assignment(port: u16) -> LbAssignment {
+        LbAssignment {
+            id: "lb-1".into(),
+            project: "default".into(),
+            name: "web".into(),
+            version: 1,
+            spec: LoadBalancerSpec {
+                listeners: vec![LbListener {
+                    port: u32::from(port),
+                    protocol: LbProtocol::Http,
+                    target_port: Some(9),
+                }],
+                backends: LbBackends::default(),
+                algorithm: "round_robin".into(),
+                hash_header: None,
+                health_check: None,
+                routes: Vec::new(),
+                sticky_cookie: None,
+                tls: None,
+                cache: false,
+                vip: None,
+                vip_nodes: Vec::new(),
+                nodes: Vec::new(),
+                replicas: None,
+            },
+            backends: vec![LbResolvedBackend {
+                instance: "i1".into(),
+                ip: "127.0.0.1".into(),
+                weight: 1,
+            }],
+            route_backends: Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_listener_that_cannot_bind_is_retried_until_it_can() {
+        let lo: IpAddr = "127.0.0.1".parse().unwrap();
+        // Held without SO_REUSEPORT: the LB's listener cannot bind next to it.
+        let holder = std::net::TcpListener::bind((lo, 0)).unwrap();
+        let port = holder.local_addr().unwrap().port();
+        let host = Arc::new(LbHost::new(Arc::new(Metrics::new()), vec![lo]));
+        host.reconcile(&[assignment(port)], None).await;
+        assert!(host.health().await.is_empty(), "started on a taken port");
+        drop(holder);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        while host.health().await.is_empty() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the listener was not retried"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(tokio::net::TcpStream::connect((lo, port)).await.is_ok());
+        assert!(!host.served.lock().await.retrying, "the retry ended");
+        // Removing the assignment stops it.
+        host.reconcile(&[], None).await;
+        assert!(host.health().await.is_empty());
+        host.shutdown().await;
+    }
+}

@@ -6,7 +6,9 @@
 //!   run at once).
 //! - Under a constant request stream, launching a replacement and then deleting an old backend,
 //!   three times, loses no request (the control plane takes a backend out of every LB before
-//!   its process is signalled).
+//!   its process is signalled). From the second round on, the replacement gets the address of
+//!   the backend deleted the round before, so the datapath must also make a reused address
+//!   reach its new instance at once.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
