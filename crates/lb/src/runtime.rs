@@ -267,28 +267,27 @@ impl LoadBalancer {
             )?)),
             None => None,
         };
-        // Listeners: stop removed ones, bind new ones (before publishing anything).
-        let (keep, stop): (Vec<Listener>, Vec<Listener>) = {
+        // Listeners: stop removed ones, bind new ones (before publishing anything). The kept
+        // ones stay listed throughout (the in-kernel sync renders from the list).
+        let new: Vec<ListenerConfig> = {
             let mut ls = lock(&inner.listeners);
-            std::mem::take(&mut *ls)
-                .into_iter()
-                .partition(|l| cfg.listeners.contains(&l.cfg))
-        };
-        for l in &stop {
-            l.cancel.cancel();
-        }
-        let mut bound = Vec::new();
-        for lc in &cfg.listeners {
-            if keep.iter().any(|l| &l.cfg == lc) {
-                continue;
-            }
-            match bind(lc).await {
-                Ok(socks) => bound.push((lc.clone(), socks)),
-                Err(e) => {
-                    *lock(&inner.listeners) = keep;
-                    return Err(e);
+            ls.retain(|l| {
+                let keep = cfg.listeners.contains(&l.cfg);
+                if !keep {
+                    l.cancel.cancel();
                 }
-            }
+                keep
+            });
+            cfg.listeners
+                .iter()
+                .filter(|lc| !ls.iter().any(|l| &l.cfg == *lc))
+                .cloned()
+                .collect()
+        };
+        let mut bound = Vec::new();
+        for lc in new {
+            let socks = bind(&lc).await?;
+            bound.push((lc, socks));
         }
         // Backends: one per address, kept (with its health state) while the address stays in
         // the config under the same name; a new one starts pending when a health check will
@@ -402,7 +401,7 @@ impl LoadBalancer {
         };
         inner.snap.store(Arc::new(snap));
         // Start accepting on the new listeners only now that the snapshot is published.
-        let mut ls = keep;
+        let mut ls = Vec::new();
         for (lc, socks) in bound {
             let cancel = CancellationToken::new();
             let mut addrs = Vec::new();
@@ -436,7 +435,7 @@ impl LoadBalancer {
                 cancel,
             });
         }
-        *lock(&self.inner.listeners) = ls;
+        lock(&self.inner.listeners).extend(ls);
         // The in-kernel sync renders the new snapshot and listeners now; wait for it, so that
         // when `update` returns a removed backend gets no new connection from the kernel
         // either (the control plane waits for that before it stops the backend).

@@ -264,6 +264,17 @@ async fn lb_in_front_of_containers() {
     })
     .await
     .unwrap_or_else(|| panic!("no in-kernel L4 table\n{}", cloud.log()));
+    // The table picks among both backends once their first probes passed (the implicit TCP
+    // check of a kernel-forwarded listener); until then the user-space listener serves.
+    let picked = eventually(Duration::from_secs(10), || async {
+        let o = std::process::Command::new("nft")
+            .args(["list", "chain", "ip", &table, "pick"])
+            .output()
+            .ok()?;
+        (String::from_utf8_lossy(&o.stdout).matches("jump b").count() == 2).then_some(())
+    })
+    .await;
+    assert!(picked.is_some(), "the kernel never picks both backends");
     for host in [node_ip.as_str(), "127.0.0.1"] {
         let mut seen = std::collections::BTreeSet::new();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
@@ -282,7 +293,11 @@ async fn lb_in_front_of_containers() {
         }
     }
     let forwarded = nft_counter_sum(&table, "n");
-    assert!(forwarded >= 2, "kernel forwarded {forwarded} connections");
+    assert!(
+        forwarded >= 2,
+        "kernel forwarded {forwarded} connections\n{}",
+        cloud.log()
+    );
     let o = run(&cloud, &["lb", "delete", "raw"]);
     assert!(o.status.success(), "{}", out(&o));
     let gone = eventually(Duration::from_secs(10), || async {
