@@ -1,4 +1,13 @@
 //! The running load balancer: listeners, the swappable snapshot, backend lifecycle.
+//!
+//! Backends are kept by address across updates while their address stays in the
+//! configuration under the same name (with their health state and in-flight count); a new one
+//! starts pending when a health check will probe it (its first probe runs at once) and healthy
+//! otherwise; a removed one drains (no new traffic, its L4 connections closed after the drain
+//! timeout), also when a new backend took over its address. A request that finds no available
+//! backend while one awaits its first probe waits for that probe (at most 300 ms) rather than
+//! fail. [`LoadBalancer::update`] returns once the in-kernel L4 table, if any, reflects the
+//! new configuration.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -72,10 +81,10 @@ impl Pool {
         if let Some(i) = self.pick(ctx, exclude) {
             return Some(i);
         }
-        self.await_probe(changes, ctx, exclude).await
+        // Boxed: the rare wait does not enlarge every request's future.
+        Box::pin(self.await_probe(changes, ctx, exclude)).await
     }
 
-    #[cold]
     async fn await_probe(
         &self,
         changes: &Changes,
