@@ -57,6 +57,9 @@ pub struct Index {
     pub(crate) group_hosts: HashMap<String, BTreeMap<String, u32>>,
     /// Instances waiting for a placement.
     pub(crate) pending: BTreeSet<Id>,
+    /// Network key -> the addresses its instances hold (IPAM: an address is taken while an
+    /// instance holds it and free once it is gone, so the allocations are derived).
+    pub(crate) ips: HashMap<String, BTreeSet<u32>>,
     /// Node -> reservations.
     pub(crate) alloc: HashMap<String, NodeAlloc>,
     /// The placement engine kept warm (see `engine.rs`).
@@ -106,6 +109,23 @@ impl Index {
             .map(|g| key(&i.meta.project, g))
             .collect();
         let placed_ip = i.status.node.as_deref().filter(|_| i.status.ip.is_some());
+        let addr = i
+            .status
+            .ip
+            .as_deref()
+            .and_then(|a| a.parse::<std::net::Ipv4Addr>().ok())
+            .map(u32::from);
+        if let Some(a) = addr {
+            let set = self.ips.entry(net.clone()).or_default();
+            if add {
+                set.insert(a);
+            } else {
+                set.remove(&a);
+                if set.is_empty() {
+                    self.ips.remove(&net);
+                }
+            }
+        }
         if add {
             self.by_name.insert(name, shared.clone());
             if let Some(n) = &i.status.node {
@@ -520,6 +540,11 @@ impl StateMachine {
         self.index.pending.iter().map(|id| &**id)
     }
 
+    /// The addresses held in a network (`project/name`).
+    pub fn network_ips(&self, net: &str) -> Option<&BTreeSet<u32>> {
+        self.index.ips.get(net)
+    }
+
     /// Reservations on a node.
     pub fn node_alloc(&self, node: &str) -> Option<&NodeAlloc> {
         self.index.alloc.get(node)
@@ -536,6 +561,7 @@ impl StateMachine {
             && fresh.net_hosts == self.index.net_hosts
             && fresh.group_hosts == self.index.group_hosts
             && fresh.pending == self.index.pending
+            && fresh.ips == self.index.ips
             && fresh.alloc == self.index.alloc
     }
 }

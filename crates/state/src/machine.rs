@@ -23,6 +23,8 @@ use crate::tracked::Tracked;
 
 /// How many events are kept.
 pub const EVENT_HISTORY: usize = 10_000;
+/// How many idempotency keys are remembered (a retry must come within this many keyed creates).
+pub const IDEMPOTENCY_KEYS: usize = 10_000;
 
 /// All replicated state, serialized whole as the snapshot.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -37,8 +39,12 @@ pub struct StateData {
     pub images: BTreeMap<String, Image>,
     /// Instances by id.
     pub instances: Tracked<String, std::sync::Arc<Instance>>,
-    /// Idempotency keys: `project/key` -> instance id.
+    /// Idempotency keys: `project/key` -> instance id (`project:key` -> project name); the
+    /// last [`IDEMPOTENCY_KEYS`] are kept.
     pub idempotency: BTreeMap<String, String>,
+    /// The keys of `idempotency`, oldest first.
+    #[serde(default)]
+    pub idempotency_order: VecDeque<String>,
     /// Recent events (bounded to [`EVENT_HISTORY`]).
     pub events: VecDeque<Event>,
     /// Next event sequence number.
@@ -64,9 +70,6 @@ pub struct StateData {
     /// Security groups by `project/name`.
     #[serde(default)]
     pub security_groups: Tracked<String, SecurityGroup>,
-    /// Address allocations per network (`project/name`): address -> instance id.
-    #[serde(default)]
-    pub ipam: BTreeMap<String, BTreeMap<String, String>>,
     /// The next VXLAN id to hand out.
     #[serde(default)]
     pub next_vni: u32,
@@ -471,6 +474,18 @@ impl StateMachine {
         self.assignment_revisions.get(node).copied().unwrap_or(0)
     }
 
+    /// Remembers an idempotency key, forgetting the oldest beyond [`IDEMPOTENCY_KEYS`].
+    fn remember_key(&mut self, key: String, value: String) {
+        if self.idempotency.insert(key.clone(), value).is_none() {
+            self.idempotency_order.push_back(key);
+        }
+        while self.idempotency_order.len() > IDEMPOTENCY_KEYS {
+            if let Some(old) = self.idempotency_order.pop_front() {
+                self.idempotency.remove(&old);
+            }
+        }
+    }
+
     pub(crate) fn event(
         &mut self,
         env: &CommandEnvelope,
@@ -524,8 +539,7 @@ impl StateMachine {
             description: description.to_string(),
         };
         if let Some(key) = key {
-            self.idempotency
-                .insert(format!("project:{key}"), name.to_string());
+            self.remember_key(format!("project:{key}"), name.to_string());
         }
         self.projects.insert(name.to_string(), p.clone());
         self.event(env, name, "project", name, "Created", String::new());
@@ -615,10 +629,9 @@ impl StateMachine {
         }
         let id = inst.meta.id.clone();
         if let Some(key) = key {
-            self.idempotency
-                .insert(format!("{project}/{key}"), id.clone());
+            self.remember_key(format!("{project}/{key}"), id.clone());
         }
-        self.commit_attachment(env, attachment, &inst);
+        self.commit_attachment(env, attachment);
         self.instances.insert(id, std::sync::Arc::new(inst.clone()));
         let (reason, message) = match &placed {
             Some((node, preempted)) => {

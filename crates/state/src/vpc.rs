@@ -26,10 +26,6 @@ pub(crate) struct Attachment {
     network: Option<Network>,
     /// The project's default security group, created by this instance.
     group: Option<SecurityGroup>,
-    /// Key of the instance's network.
-    network_key: String,
-    /// The address allocated to the instance.
-    ip: String,
 }
 
 fn rule(
@@ -82,9 +78,8 @@ impl StateMachine {
 
     /// How many addresses are allocated in a network.
     pub fn allocations(&self, project: &str, network: &str) -> usize {
-        self.ipam
-            .get(&key(project, network))
-            .map_or(0, std::collections::BTreeMap::len)
+        self.network_ips(&key(project, network))
+            .map_or(0, std::collections::BTreeSet::len)
     }
 
     fn overlapping(&self, c: Cidr) -> Option<&Network> {
@@ -231,7 +226,6 @@ impl StateMachine {
             )));
         }
         self.networks.remove(&k);
-        self.ipam.remove(&k);
         self.event(env, project, "network", name, "Deleted", String::new());
         Ok(CommandOutput::None)
     }
@@ -460,11 +454,11 @@ impl StateMachine {
         }
         let cidr = Cidr::parse(&subnet.cidr)
             .map_err(|e| ApiError::internal(format!("stored subnet: {e}")))?;
-        let used = self.ipam.get(&net_key);
+        let used = self.network_ips(&net_key);
         let ip = cidr
             .assignable()
+            .find(|a| used.is_none_or(|m| !m.contains(&u32::from(*a))))
             .map(|a| a.to_string())
-            .find(|a| used.is_none_or(|m| !m.contains_key(a)))
             .ok_or_else(|| {
                 ApiError::conflict(format!(
                     "subnet {:?} ({}) of network {:?} has no free address",
@@ -472,43 +466,28 @@ impl StateMachine {
                 ))
                 .with_field("subnet")
             })?;
-        inst.status.ip = Some(ip.clone());
+        inst.status.ip = Some(ip);
         Ok(Attachment {
             network: new_net,
             group: new_group,
-            network_key: net_key,
-            ip,
         })
     }
 
-    /// Applies an [`Attachment`] planned for `inst` (which is being inserted).
-    pub(crate) fn commit_attachment(
-        &mut self,
-        env: &CommandEnvelope,
-        a: Attachment,
-        inst: &Instance,
-    ) {
+    /// Applies an [`Attachment`] planned for an instance being inserted: the default network
+    /// and group it creates. Its address is taken once the instance holds it (`Index::ips`).
+    pub(crate) fn commit_attachment(&mut self, env: &CommandEnvelope, a: Attachment) {
         if let Some(n) = a.network {
             self.insert_network(env, n);
         }
         if let Some(g) = a.group {
             self.insert_group(env, g);
         }
-        self.ipam
-            .entry(a.network_key)
-            .or_default()
-            .insert(a.ip, inst.meta.id.clone());
     }
 
     /// Removes an instance from the state and frees its address.
     pub(crate) fn remove_instance(&mut self, id: &str) -> Option<Instance> {
+        // Its address is free once it is gone (see `Index::ips`).
         let inst = std::sync::Arc::unwrap_or_clone(self.instances.remove(id)?);
-        let k = key(&inst.meta.project, &inst.spec.network);
-        if let (Some(ip), Some(m)) = (&inst.status.ip, self.ipam.get_mut(&k)) {
-            if m.get(ip).is_some_and(|owner| owner == id) {
-                m.remove(ip);
-            }
-        }
         Some(inst)
     }
 
@@ -516,7 +495,6 @@ impl StateMachine {
     pub(crate) fn drop_project_networks(&mut self, project: &str) {
         let prefix = format!("{project}/");
         self.networks.retain(|k, _| !k.starts_with(&prefix));
-        self.ipam.retain(|k, _| !k.starts_with(&prefix));
         self.security_groups.retain(|k, _| !k.starts_with(&prefix));
     }
 
