@@ -19,8 +19,7 @@ impl Client {
 
     /// Lists load balancers.
     pub async fn list_lbs(&self) -> Result<Vec<LoadBalancer>> {
-        self.call::<(), _>(Method::GET, &self.lbpath(""), None)
-            .await
+        self.list_all(&self.lbpath("")).await
     }
 
     /// Gets a load balancer.

@@ -368,7 +368,7 @@ impl Client {
 
     /// Projects.
     pub async fn list_projects(&self) -> Result<Vec<Project>> {
-        self.call::<(), _>(Method::GET, "/v1/projects", None).await
+        self.list_all("/v1/projects").await
     }
 
     /// Creates a project.
@@ -417,7 +417,7 @@ impl Client {
 
     /// Images.
     pub async fn list_images(&self) -> Result<Vec<Image>> {
-        self.call::<(), _>(Method::GET, "/v1/images", None).await
+        self.list_all("/v1/images").await
     }
 
     /// Imports an image tarball.

@@ -20,8 +20,7 @@ impl Client {
 
     /// Lists the project's networks.
     pub async fn list_networks(&self) -> Result<Vec<Network>> {
-        self.call::<(), _>(Method::GET, &self.npath("networks", ""), None)
-            .await
+        self.list_all(&self.npath("networks", "")).await
     }
 
     /// Gets a network.
@@ -60,8 +59,7 @@ impl Client {
 
     /// Lists the project's security groups.
     pub async fn list_security_groups(&self) -> Result<Vec<SecurityGroup>> {
-        self.call::<(), _>(Method::GET, &self.npath("security-groups", ""), None)
-            .await
+        self.list_all(&self.npath("security-groups", "")).await
     }
 
     /// Gets a security group.

@@ -14,7 +14,8 @@ use nimbus_state::{Command, CommandOutput};
 use serde::Deserialize;
 
 use crate::app::AppState;
-use crate::error::HttpResult;
+use crate::error::{ApiQuery, HttpResult};
+use crate::routes::page::{keyed, ListOpts, Page};
 
 /// Largest accepted image tarball.
 pub const MAX_IMAGE_BYTES: u64 = 8 << 30;
@@ -105,11 +106,24 @@ pub async fn import(
     Ok((StatusCode::CREATED, Json(img)))
 }
 
-/// List images.
-#[utoipa::path(get, path = "/v1/images", responses((status = 200, body = [Image])))]
-pub async fn list(State(app): State<AppState>) -> HttpResult<Json<Vec<Image>>> {
-    app.barrier().await?;
-    Ok(Json(app.read(|s| s.images.values().cloned().collect())))
+/// List images, in name order; `limit` and `continue` page through them.
+#[utoipa::path(get, path = "/v1/images", params(ListOpts), responses((status = 200, body = [Image], headers(("Link" = String, description = "<next page>; rel=\"next\" when more remain"))), (status = 400, body = nimbus_api::ErrorBody), (status = 422, body = nimbus_api::ErrorBody)))]
+pub async fn list(
+    State(app): State<AppState>,
+    ApiQuery(o): ApiQuery<ListOpts>,
+) -> HttpResult<Page<Image>> {
+    let after = o.start_after()?;
+    if !o.stale {
+        app.barrier().await?;
+    }
+    Ok(app.read(|s| {
+        Page::take(
+            keyed(&s.images, "", after.as_deref()).cloned(),
+            |i| &i.meta.name,
+            &o,
+            "/v1/images",
+        )
+    }))
 }
 
 /// Get an image.

@@ -52,14 +52,6 @@ pub fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> 
     Ok(Some(k.to_string()))
 }
 
-/// Read options.
-#[derive(Debug, Deserialize)]
-pub struct ReadOpts {
-    /// Serve from the local replica without a leader round-trip.
-    #[serde(default)]
-    pub stale: bool,
-}
-
 /// Create an instance.
 #[utoipa::path(post, path = "/v1/projects/{project}/instances", request_body = CreateInstanceRequest,
     params(("project" = String, Path), ("Idempotency-Key" = Option<String>, Header)),

@@ -1,7 +1,7 @@
 //! `/v1/projects/{project}/loadbalancers`: create, list, get, update (replace the spec), delete,
 //! backends (health as reported by the nodes serving the LB).
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use nimbus_api::lb::{
@@ -12,8 +12,9 @@ use nimbus_api::{validate, ApiError};
 use nimbus_state::{Command, CommandOutput};
 
 use crate::app::AppState;
+use crate::error::ApiQuery;
 use crate::error::{ApiJson, HttpResult};
-use crate::routes::instances::ReadOpts;
+use crate::routes::page::{keyed, ListOpts, Page};
 
 fn lb(out: CommandOutput) -> Result<LoadBalancer, ApiError> {
     match out {
@@ -59,24 +60,33 @@ pub async fn create(
 }
 
 /// List load balancers.
-#[utoipa::path(get, path = "/v1/projects/{project}/loadbalancers", params(("project" = String, Path)), responses((status = 200, body = [LoadBalancer])))]
+#[utoipa::path(get, path = "/v1/projects/{project}/loadbalancers", params(("project" = String, Path), ListOpts), responses((status = 200, body = [LoadBalancer], headers(("Link" = String, description = "<next page>; rel=\"next\" when more remain"))), (status = 400, body = nimbus_api::ErrorBody), (status = 404, body = nimbus_api::ErrorBody), (status = 422, body = nimbus_api::ErrorBody)))]
 pub async fn list(
     State(app): State<AppState>,
     Path(project): Path<String>,
-    Query(o): Query<ReadOpts>,
-) -> HttpResult<Json<Vec<LoadBalancer>>> {
+    ApiQuery(o): ApiQuery<ListOpts>,
+) -> HttpResult<Page<LoadBalancer>> {
+    let after = o.start_after()?;
     if !o.stale {
         app.barrier().await?;
     }
     check_project(&app, &project)?;
-    let lbs = app.read(|s| {
-        s.loadbalancers
-            .values()
-            .filter(|l| l.meta.project == project)
-            .cloned()
-            .collect()
+    let (prefix, path) = (
+        format!("{project}/"),
+        format!("/v1/projects/{project}/loadbalancers"),
+    );
+    let page = app.read(|s| {
+        Page::take(
+            keyed(&s.loadbalancers, &prefix, after.as_deref()).cloned(),
+            |l| &l.meta.name,
+            &o,
+            &path,
+        )
     });
-    Ok(Json(app.with_lb_health(lbs).await))
+    Ok(Page {
+        items: app.with_lb_health(page.items).await,
+        next: page.next,
+    })
 }
 
 async fn find(app: &AppState, project: &str, name: &str) -> Result<LoadBalancer, ApiError> {

@@ -10,7 +10,8 @@ use nimbus_api::{
 use nimbus_state::{Command, CommandOutput};
 
 use crate::app::AppState;
-use crate::error::{ApiJson, HttpResult};
+use crate::error::{ApiJson, ApiQuery, HttpResult};
+use crate::routes::page::{keyed, ListOpts, Page};
 
 fn check_project(app: &AppState, project: &str) -> Result<(), ApiError> {
     if app.read(|s| s.projects.contains_key(project)) {
@@ -52,20 +53,29 @@ pub async fn create(
 }
 
 /// List the project's networks.
-#[utoipa::path(get, path = "/v1/projects/{project}/networks", params(("project" = String, Path)), responses((status = 200, body = [Network])))]
+#[utoipa::path(get, path = "/v1/projects/{project}/networks", params(("project" = String, Path), ListOpts), responses((status = 200, body = [Network], headers(("Link" = String, description = "<next page>; rel=\"next\" when more remain"))), (status = 400, body = nimbus_api::ErrorBody), (status = 404, body = nimbus_api::ErrorBody), (status = 422, body = nimbus_api::ErrorBody)))]
 pub async fn list(
     State(app): State<AppState>,
     Path(project): Path<String>,
-) -> HttpResult<Json<Vec<Network>>> {
-    app.barrier().await?;
+    ApiQuery(o): ApiQuery<ListOpts>,
+) -> HttpResult<Page<Network>> {
+    let after = o.start_after()?;
+    if !o.stale {
+        app.barrier().await?;
+    }
     check_project(&app, &project)?;
-    Ok(Json(app.read(|s| {
-        s.networks
-            .values()
-            .filter(|n| n.meta.project == project)
-            .cloned()
-            .collect()
-    })))
+    let (prefix, path) = (
+        format!("{project}/"),
+        format!("/v1/projects/{project}/networks"),
+    );
+    Ok(app.read(|s| {
+        Page::take(
+            keyed(&s.networks, &prefix, after.as_deref()).cloned(),
+            |n| &n.meta.name,
+            &o,
+            &path,
+        )
+    }))
 }
 
 /// Get one network.
@@ -112,20 +122,29 @@ pub async fn create_group(
 }
 
 /// List the project's security groups.
-#[utoipa::path(get, path = "/v1/projects/{project}/security-groups", params(("project" = String, Path)), responses((status = 200, body = [SecurityGroup])))]
+#[utoipa::path(get, path = "/v1/projects/{project}/security-groups", params(("project" = String, Path), ListOpts), responses((status = 200, body = [SecurityGroup], headers(("Link" = String, description = "<next page>; rel=\"next\" when more remain"))), (status = 400, body = nimbus_api::ErrorBody), (status = 404, body = nimbus_api::ErrorBody), (status = 422, body = nimbus_api::ErrorBody)))]
 pub async fn list_groups(
     State(app): State<AppState>,
     Path(project): Path<String>,
-) -> HttpResult<Json<Vec<SecurityGroup>>> {
-    app.barrier().await?;
+    ApiQuery(o): ApiQuery<ListOpts>,
+) -> HttpResult<Page<SecurityGroup>> {
+    let after = o.start_after()?;
+    if !o.stale {
+        app.barrier().await?;
+    }
     check_project(&app, &project)?;
-    Ok(Json(app.read(|s| {
-        s.security_groups
-            .values()
-            .filter(|g| g.meta.project == project)
-            .cloned()
-            .collect()
-    })))
+    let (prefix, path) = (
+        format!("{project}/"),
+        format!("/v1/projects/{project}/security-groups"),
+    );
+    Ok(app.read(|s| {
+        Page::take(
+            keyed(&s.security_groups, &prefix, after.as_deref()).cloned(),
+            |g| &g.meta.name,
+            &o,
+            &path,
+        )
+    }))
 }
 
 /// Get one security group.

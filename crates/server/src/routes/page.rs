@@ -57,6 +57,23 @@ impl ListOpts {
     }
 }
 
+/// The values of `map` whose keys are `prefix` + a name, in name order, after the name
+/// `after` (project-scoped resources are keyed `project/name`, others by name).
+pub fn keyed<'a, V>(
+    map: &'a std::collections::BTreeMap<String, V>,
+    prefix: &'a str,
+    after: Option<&str>,
+) -> impl Iterator<Item = &'a V> + 'a {
+    use std::ops::Bound;
+    let start = match after {
+        Some(a) => Bound::Excluded(format!("{prefix}{a}")),
+        None => Bound::Included(prefix.to_string()),
+    };
+    map.range::<String, _>((start, Bound::Unbounded))
+        .take_while(move |(k, _)| k.starts_with(prefix))
+        .map(|(_, v)| v)
+}
+
 /// One page of a list and the link to the next.
 #[derive(Debug)]
 pub struct Page<T> {

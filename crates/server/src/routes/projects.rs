@@ -7,7 +7,8 @@ use nimbus_api::{ApiError, CreateProjectRequest, Project};
 use nimbus_state::{Command, CommandOutput};
 
 use crate::app::AppState;
-use crate::error::{ApiJson, HttpResult};
+use crate::error::{ApiJson, ApiQuery, HttpResult};
+use crate::routes::page::{keyed, ListOpts, Page};
 
 /// Create a project.
 #[utoipa::path(post, path = "/v1/projects", request_body = CreateProjectRequest, responses((status = 201, body = Project), (status = 409, body = nimbus_api::ErrorBody)))]
@@ -30,11 +31,24 @@ pub async fn create(
     }
 }
 
-/// List projects.
-#[utoipa::path(get, path = "/v1/projects", responses((status = 200, body = [Project])))]
-pub async fn list(State(app): State<AppState>) -> HttpResult<Json<Vec<Project>>> {
-    app.barrier().await?;
-    Ok(Json(app.read(|s| s.projects.values().cloned().collect())))
+/// List projects, in name order; `limit` and `continue` page through them.
+#[utoipa::path(get, path = "/v1/projects", params(ListOpts), responses((status = 200, body = [Project], headers(("Link" = String, description = "<next page>; rel=\"next\" when more remain"))), (status = 400, body = nimbus_api::ErrorBody), (status = 422, body = nimbus_api::ErrorBody)))]
+pub async fn list(
+    State(app): State<AppState>,
+    ApiQuery(o): ApiQuery<ListOpts>,
+) -> HttpResult<Page<Project>> {
+    let after = o.start_after()?;
+    if !o.stale {
+        app.barrier().await?;
+    }
+    Ok(app.read(|s| {
+        Page::take(
+            keyed(&s.projects, "", after.as_deref()).cloned(),
+            |p| &p.meta.name,
+            &o,
+            "/v1/projects",
+        )
+    }))
 }
 
 /// Get a project.
