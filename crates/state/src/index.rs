@@ -296,10 +296,6 @@ pub(crate) fn lb_selects(lb: &LoadBalancer, i: &Instance) -> bool {
         && (selects(&lb.spec.backends, i) || lb.spec.routes.iter().any(|r| selects(&r.backends, i)))
 }
 
-fn lb_assignment_changed(a: &LoadBalancer, b: &LoadBalancer) -> bool {
-    a.spec != b.spec || a.meta.version != b.meta.version || a.status.nodes != b.status.nodes
-}
-
 fn underlay_changed(a: Option<&Node>, b: Option<&Node>) -> bool {
     a.map(|n| &n.underlay_ip) != b.map(|n| &n.underlay_ip)
 }
@@ -317,8 +313,9 @@ impl StateMachine {
         let _ = self.data.loadbalancers.take_changes();
     }
 
-    /// After a command: brings the indexes up to date with what it changed and wakes the
-    /// nodes whose assignments or network maps it changed (see the module docs).
+    /// After a command: brings the indexes up to date with what it changed and moves the
+    /// revisions of what its agents see (see the module docs): O(what changed), whatever
+    /// the number of nodes hosting a network.
     pub(crate) fn settle(&mut self) {
         let instances = self.data.instances.take_changes();
         let groups_changed = self.data.security_groups.take_changes();
@@ -337,7 +334,7 @@ impl StateMachine {
             .filter(|(k, before)| before.as_ref() != self.data.security_groups.get(k))
             .map(|(k, _)| k)
             .collect();
-        let mut net_nodes: BTreeSet<String> = BTreeSet::new();
+        let mut map_nodes: BTreeSet<String> = BTreeSet::new();
         let mut assignment_nodes: BTreeSet<String> = BTreeSet::new();
         let mut lbs: BTreeSet<String> = BTreeSet::new();
 
@@ -358,7 +355,7 @@ impl StateMachine {
                             .iter()
                             .map(|g| key(&i.meta.project, g)),
                     );
-                    net_nodes.extend(i.status.node.clone());
+                    map_nodes.extend(i.status.node.clone());
                 }
             }
             let assignment = match views {
@@ -402,69 +399,52 @@ impl StateMachine {
         {
             self.drop_engine();
         }
-
         for (name, before) in &nodes_changed {
             if underlay_changed(before.as_ref(), self.data.nodes.get(name)) {
-                // Its own map carries its address; its peers' maps carry it too.
-                net_nodes.insert(name.clone());
-                for hosts in self.index.net_hosts.values() {
-                    if hosts.contains_key(name) {
-                        net_nodes.extend(hosts.keys().cloned());
-                    }
-                }
+                // Its own map carries its address; its networks' peers carry it too.
+                map_nodes.insert(name.clone());
+                nets.extend(
+                    self.index
+                        .net_hosts
+                        .iter()
+                        .filter(|(_, hosts)| hosts.contains_key(name))
+                        .map(|(n, _)| n.clone()),
+                );
             }
         }
         for (k, before) in &lbs_changed {
             let after = self.data.loadbalancers.get(k);
+            let served = |lb: Option<&LoadBalancer>| -> BTreeSet<String> {
+                lb.map(|l| l.status.nodes.iter().cloned().collect())
+                    .unwrap_or_default()
+            };
+            let (was, is) = (served(before.as_ref()), served(after));
+            // Nodes that start or stop serving it learn it through their own revision; the
+            // others only when what they serve changed.
+            assignment_nodes.extend(was.symmetric_difference(&is).cloned());
             let changed = match (before, after) {
-                (Some(a), Some(b)) => lb_assignment_changed(a, b),
-                (None, None) => false,
-                _ => true,
+                (Some(a), Some(b)) => a.spec != b.spec || a.meta.version != b.meta.version,
+                _ => false,
             };
             if changed {
-                for lb in [before.as_ref(), after].into_iter().flatten() {
-                    assignment_nodes.extend(lb.status.nodes.iter().cloned());
-                }
+                lbs.insert(k.clone());
             }
         }
-        for k in &lbs {
-            if let Some(lb) = self.data.loadbalancers.get(k) {
-                assignment_nodes.extend(lb.status.nodes.iter().cloned());
-            }
-        }
-        for n in &nets {
-            if let Some(h) = self.index.net_hosts.get(n) {
-                net_nodes.extend(h.keys().cloned());
-            }
-        }
-        net_nodes.extend(self.group_viewers(&groups));
         for n in assignment_nodes {
             self.bump_assignments(&n);
         }
-        for n in net_nodes {
+        for n in map_nodes {
             self.bump_network_of(&n);
         }
-    }
-
-    /// Nodes whose network map shows one of `groups`: nodes with a member of it, or with a
-    /// member of a group whose rules name it.
-    fn group_viewers(&self, groups: &BTreeSet<String>) -> BTreeSet<String> {
-        let mut shown: BTreeSet<&str> = groups.iter().map(String::as_str).collect();
-        for (k, g) in self.data.security_groups.iter() {
-            let project = &g.meta.project;
-            if g.rules.iter().any(|r| {
-                r.group
-                    .as_ref()
-                    .is_some_and(|peer| groups.contains(&key(project, peer)))
-            }) {
-                shown.insert(k);
-            }
+        for n in nets {
+            self.bump_net(&n);
         }
-        shown
-            .into_iter()
-            .filter_map(|g| self.index.group_hosts.get(g))
-            .flat_map(|h| h.keys().cloned())
-            .collect()
+        for g in groups {
+            self.bump_group(&g);
+        }
+        for k in lbs {
+            self.bump_lb(&k);
+        }
     }
 
     /// Mutable access to an instance (copied first if a snapshot still shares it).

@@ -73,9 +73,20 @@ pub struct StateData {
     /// The next VXLAN id to hand out.
     #[serde(default)]
     pub next_vni: u32,
-    /// Per node: the revision at which its network map last changed (agents long-poll it).
+    /// Per node: the revision at which its own part of its network map (its instances, its
+    /// address, the datapath settings) last changed.
     #[serde(default)]
     pub network_revisions: BTreeMap<String, u64>,
+    /// Per network (`project/name`): the revision at which its members or settings changed.
+    #[serde(default)]
+    pub net_revisions: BTreeMap<String, u64>,
+    /// Per security group (`project/name`): the revision at which its rules or members changed.
+    #[serde(default)]
+    pub group_revisions: BTreeMap<String, u64>,
+    /// Per load balancer (`project/name`): the revision at which what its nodes serve changed
+    /// (spec, placement, backends).
+    #[serde(default)]
+    pub lb_revisions: BTreeMap<String, u64>,
     /// Load-balancer backends being taken out of rotation before they stop, by instance id.
     #[serde(default)]
     pub drains: BTreeMap<String, crate::drain::Drain>,
@@ -131,6 +142,28 @@ impl From<StateData> for StateMachine {
         };
         sm.rebuild_index();
         sm
+    }
+}
+
+/// The kinds of change revisions, each with its wake-up key (`n/NODE` for a node's own
+/// assignments and map, `net/KEY`, `g/KEY`, `lb/KEY`).
+#[derive(Debug, Clone, Copy)]
+enum Revisions {
+    Assignments,
+    NodeMap,
+    Network,
+    Group,
+    Lb,
+}
+
+impl Revisions {
+    fn wake_key(self, key: &str) -> String {
+        match self {
+            Self::Assignments | Self::NodeMap => format!("n/{key}"),
+            Self::Network => format!("net/{key}"),
+            Self::Group => format!("g/{key}"),
+            Self::Lb => format!("lb/{key}"),
+        }
     }
 }
 
@@ -450,28 +483,94 @@ impl StateMachine {
         }
     }
 
+    /// Records a change at this revision in `map` under `key` and the wake-up key `wake`.
+    fn bump(&mut self, which: Revisions, key: &str) {
+        let rev = self.revision;
+        let map = match which {
+            Revisions::Assignments => &mut self.data.assignment_revisions,
+            Revisions::NodeMap => &mut self.data.network_revisions,
+            Revisions::Network => &mut self.data.net_revisions,
+            Revisions::Group => &mut self.data.group_revisions,
+            Revisions::Lb => &mut self.data.lb_revisions,
+        };
+        match map.get_mut(key) {
+            Some(r) => *r = rev,
+            None => {
+                map.insert(key.to_string(), rev);
+            }
+        }
+        let wake = which.wake_key(key);
+        if !self.woken.contains(&wake) {
+            self.woken.insert(wake);
+        }
+    }
+
     /// Records that the assignments of `node` changed at this revision.
     pub(crate) fn bump_assignments(&mut self, node: &str) {
-        let rev = self.revision;
-        self.assignment_revisions.insert(node.to_string(), rev);
-        self.woken.insert(node.to_string());
+        self.bump(Revisions::Assignments, node);
     }
 
-    /// Records that the network map of `node` changed at this revision.
+    /// Records that `node`'s own part of its network map changed at this revision.
     pub(crate) fn bump_network_of(&mut self, node: &str) {
-        let rev = self.revision;
-        self.network_revisions.insert(node.to_string(), rev);
-        self.woken.insert(node.to_string());
+        self.bump(Revisions::NodeMap, node);
     }
 
-    /// The revision at which `node`'s network map last changed.
+    /// Records that a network's part of its hosts' maps changed at this revision.
+    pub(crate) fn bump_net(&mut self, net: &str) {
+        self.bump(Revisions::Network, net);
+    }
+
+    /// Records that a group's part of its viewers' maps changed at this revision.
+    pub(crate) fn bump_group(&mut self, group: &str) {
+        self.bump(Revisions::Group, group);
+    }
+
+    /// Records that what a load balancer's nodes serve changed at this revision.
+    pub(crate) fn bump_lb(&mut self, lb: &str) {
+        self.bump(Revisions::Lb, lb);
+    }
+
+    /// The revision at which `node`'s network map last changed: the latest of its own part's,
+    /// its networks' and the groups it shows (so a change to a network costs one update, not
+    /// one per node hosting it). Monotonic: a node stops hosting a network or showing a group
+    /// only through a change to its own part.
     pub fn network_revision(&self, node: &str) -> u64 {
-        self.network_revisions.get(node).copied().unwrap_or(0)
+        let (nets, groups) = self.map_keys(node);
+        let own = self.network_revisions.get(node).copied().unwrap_or(0);
+        nets.iter()
+            .filter_map(|n| self.net_revisions.get(n))
+            .chain(groups.iter().filter_map(|g| self.group_revisions.get(g)))
+            .copied()
+            .fold(own, u64::max)
     }
 
-    /// The revision at which `node`'s assignments last changed.
+    /// The revision at which `node`'s assignments last changed: the latest of its own and
+    /// those of the load balancers it serves.
     pub fn assignment_revision(&self, node: &str) -> u64 {
-        self.assignment_revisions.get(node).copied().unwrap_or(0)
+        let own = self.assignment_revisions.get(node).copied().unwrap_or(0);
+        self.lbs_served_by(node)
+            .filter_map(|k| self.lb_revisions.get(k))
+            .copied()
+            .fold(own, u64::max)
+    }
+
+    /// Keys of the load balancers `node` serves.
+    pub fn lbs_served_by<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a String> + 'a {
+        self.loadbalancers
+            .iter()
+            .filter(move |(_, lb)| lb.status.nodes.iter().any(|n| n == node))
+            .map(|(k, _)| k)
+    }
+
+    /// The wake-up keys a long-poll of `node` waits on: its own, its networks', the groups it
+    /// shows, the load balancers it serves (see `raft/wakeups.rs`).
+    pub fn wake_keys(&self, node: &str) -> Vec<String> {
+        let (nets, groups) = self.map_keys(node);
+        let mut keys = vec![Revisions::Assignments.wake_key(node)];
+        keys.extend(nets.iter().map(|n| Revisions::Network.wake_key(n)));
+        keys.extend(groups.iter().map(|g| Revisions::Group.wake_key(g)));
+        keys.extend(self.lbs_served_by(node).map(|k| Revisions::Lb.wake_key(k)));
+        keys
     }
 
     /// Remembers an idempotency key, forgetting the oldest beyond [`IDEMPOTENCY_KEYS`].

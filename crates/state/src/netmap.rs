@@ -59,10 +59,7 @@ pub fn network_map(sm: &StateMachine, node: &str) -> NetworkMap {
         .collect();
     let mut networks = Vec::new();
     let mut peers: BTreeSet<String> = BTreeSet::new();
-    let net_keys: BTreeSet<String> = local
-        .iter()
-        .map(|i| key(&i.meta.project, &i.spec.network))
-        .collect();
+    let (net_keys, group_keys) = sm.map_keys(node);
     for k in &net_keys {
         let Some(net) = sm.networks.get(k) else {
             continue;
@@ -105,26 +102,6 @@ pub fn network_map(sm: &StateMachine, node: &str) -> NetworkMap {
         });
     }
     networks.sort_by(|a, b| (&a.project, &a.name).cmp(&(&b.project, &b.name)));
-    // Groups of local instances, then the groups their rules name.
-    let mut group_keys: BTreeSet<String> = local
-        .iter()
-        .flat_map(|i| {
-            i.spec
-                .security_groups
-                .iter()
-                .map(|g| key(&i.meta.project, g))
-        })
-        .collect();
-    let direct: Vec<String> = group_keys.iter().cloned().collect();
-    for k in &direct {
-        if let Some(g) = sm.security_groups.get(k) {
-            for r in &g.rules {
-                if let Some(peer) = &r.group {
-                    group_keys.insert(key(&g.meta.project, peer));
-                }
-            }
-        }
-    }
     let security_groups = group_keys
         .iter()
         .filter_map(|k| {
@@ -182,6 +159,36 @@ pub fn network_map(sm: &StateMachine, node: &str) -> NetworkMap {
         networks,
         security_groups,
         instances,
+    }
+}
+
+impl StateMachine {
+    /// The networks `node` hosts (those of its instances with an address) and the security
+    /// groups its map shows (its instances' groups and the groups their rules name), as
+    /// `project/name` keys.
+    pub fn map_keys(&self, node: &str) -> (BTreeSet<String>, BTreeSet<String>) {
+        let mut nets = BTreeSet::new();
+        let mut groups = BTreeSet::new();
+        for i in self.instances_on(node).filter(|i| i.status.ip.is_some()) {
+            nets.insert(key(&i.meta.project, &i.spec.network));
+            groups.extend(
+                i.spec
+                    .security_groups
+                    .iter()
+                    .map(|g| key(&i.meta.project, g)),
+            );
+        }
+        let direct: Vec<String> = groups.iter().cloned().collect();
+        for k in &direct {
+            if let Some(g) = self.security_groups.get(k) {
+                for r in &g.rules {
+                    if let Some(peer) = &r.group {
+                        groups.insert(key(&g.meta.project, peer));
+                    }
+                }
+            }
+        }
+        (nets, groups)
     }
 }
 

@@ -139,6 +139,20 @@ fn in_fleet(s: &StateMachine, node: &str, fleet: &str) -> bool {
         .is_some_and(|f| f == fleet)
 }
 
+/// The nodes whose assignments woken keys may concern: `n/NODE`, and the nodes serving a
+/// woken `lb/KEY` (network and group keys only concern maps, which hollow nodes do not ask for).
+fn woken_nodes(s: &StateMachine, keys: &std::collections::BTreeSet<String>) -> Vec<String> {
+    let mut nodes = Vec::new();
+    for k in keys {
+        if let Some(n) = k.strip_prefix("n/") {
+            nodes.push(n.to_string());
+        } else if let Some(lb) = k.strip_prefix("lb/").and_then(|k| s.loadbalancers.get(k)) {
+            nodes.extend(lb.status.nodes.iter().cloned());
+        }
+    }
+    nodes
+}
+
 /// The fleet's nodes whose assignments changed after `since` (all of them for 0).
 fn changed(s: &StateMachine, fleet: &str, since: u64) -> Vec<String> {
     s.nodes
@@ -173,10 +187,11 @@ pub async fn watch(
         app.read(|s| {
             let nodes: Vec<String> = match names {
                 None => changed(s, &fleet, o.since),
-                Some(names) => names
-                    .iter()
+                Some(keys) => woken_nodes(s, keys)
+                    .into_iter()
                     .filter(|n| in_fleet(s, n, &fleet) && s.assignment_revision(n) > o.since)
-                    .cloned()
+                    .collect::<std::collections::BTreeSet<_>>()
+                    .into_iter()
                     .collect(),
             };
             FleetWatchResponse {

@@ -261,7 +261,9 @@ pub async fn assignments(
             tracing::debug!(node = %name, "recording an assignment ack: {}", e.message);
         }
     }
-    let mut woken = app.raft.wakeups().subscribe(&name);
+    // One waiter under the keys of what this node sees (its own, its networks', its groups',
+    // its LBs'): a change elsewhere does not wake it.
+    let woken = app.raft.wakeups().watch(app.read(|s| s.wake_keys(&name)));
     let deadline = tokio::time::Instant::now() + Duration::from_secs(o.wait.unwrap_or(30).min(60));
     loop {
         let (rev, net_rev) =
@@ -269,7 +271,7 @@ pub async fn assignments(
         if rev > o.after || o.net_after.is_some_and(|n| net_rev > n) || o.wait == Some(0) {
             break;
         }
-        if tokio::time::timeout_at(deadline, woken.changed())
+        if tokio::time::timeout_at(deadline, woken.notified())
             .await
             .is_err()
         {

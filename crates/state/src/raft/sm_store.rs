@@ -274,7 +274,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         };
         if let Some(last) = last {
             if !woken.is_empty() {
-                self.wakeups.notify(Some(woken), last.index);
+                self.wakeups.notify(Some(woken));
             }
             self.publish(last.index);
         }
@@ -327,7 +327,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             g.membership = meta.last_membership.clone();
         }
         let index = meta.last_log_id.map_or(0, |l| l.index);
-        self.wakeups.notify(None, index);
+        self.wakeups.notify(None);
         self.publish(index);
         Ok(())
     }
