@@ -1,8 +1,10 @@
 //! The nimbus node agent: registers the node, watches its assignments, converges local reality
-//! through the drivers, and reports status.
+//! through the drivers (deciding in [`decide`], executing in [`runtime`]), and reports status.
 
 pub mod config;
 mod control;
+mod converge;
+pub mod decide;
 pub mod driver;
 pub mod fleet;
 pub mod http;

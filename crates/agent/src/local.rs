@@ -4,10 +4,13 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use nimbus_api::InstanceType;
+use nimbus_api::{DesiredState, InstanceType};
 use serde::{Deserialize, Serialize};
 
-/// Per-instance local record.
+/// Per-instance local record: what the agent has done for an instance and what it still owes
+/// it (a pending restart, a retry after a failure). [`crate::decide`] reads and rewrites it;
+/// it is persisted so a restarted agent neither repeats nor forgets any of it (a backoff
+/// continues where it was, a user restart is not done twice).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LocalInstance {
     /// Instance type (which driver owns it).
@@ -25,6 +28,26 @@ pub struct LocalInstance {
     /// PID of the current run.
     #[serde(default)]
     pub pid: Option<u32>,
+    /// The desired state the record was last acted on for (a change resets the backoff).
+    #[serde(default)]
+    pub desired: Option<DesiredState>,
+    /// Consecutive failures (failed steps, and runs that exited before
+    /// [`crate::decide::BACKOFF_RESET_MS`]): the exponent of the backoff.
+    #[serde(default)]
+    pub failures: u32,
+    /// The next attempt (restart, retry of a failed step) is due at this time (unix ms);
+    /// `None`: none is due.
+    #[serde(default)]
+    pub not_before_ms: Option<u64>,
+    /// Why the last step failed (the runtime's words); cleared by a successful start.
+    #[serde(default)]
+    pub last_error: Option<String>,
+    /// When the current run was started (unix ms), to tell a crash loop from a long run.
+    #[serde(default)]
+    pub started_ms: Option<u64>,
+    /// A user restart is under way: stop the running process, then start it.
+    #[serde(default)]
+    pub pending_restart: bool,
 }
 
 /// All local records, saved atomically as JSON.
@@ -85,16 +108,58 @@ impl LocalState {
 
     /// Saves atomically (write, fsync, rename).
     pub fn save(&self) -> Result<(), LocalStateError> {
+        Self::write(&self.path, &self.encode())
+    }
+
+    /// Where the state is saved.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The file contents [`LocalState::save`] writes (to write them outside a lock).
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec_pretty(self).unwrap_or_default()
+    }
+
+    /// Writes encoded state to `path` atomically (write, fsync, rename).
+    pub fn write(path: &Path, data: &[u8]) -> Result<(), LocalStateError> {
         use std::io::Write as _;
         let io = |source| LocalStateError::Io {
-            path: self.path.display().to_string(),
+            path: path.display().to_string(),
             source,
         };
-        let tmp = self.path.with_extension("tmp");
+        let tmp = path.with_extension("tmp");
         let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        f.write_all(&serde_json::to_vec_pretty(self).unwrap_or_default())
-            .map_err(io)?;
+        f.write_all(data).map_err(io)?;
         f.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, &self.path).map_err(io)
+        std::fs::rename(&tmp, path).map_err(io)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_of_an_older_agent_load_and_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("instances.json");
+        std::fs::write(
+            &path,
+            r#"{"instances":{"a":{"instance_type":"container","generation":3,"restart_nonce":1,"restart_count":2,"handled_exit_pid":7,"pid":7}}}"#,
+        )
+        .unwrap();
+        let mut s = LocalState::load(&path).unwrap();
+        let a = s.instances.get("a").cloned().unwrap();
+        assert_eq!((a.generation, a.restart_count, a.pid), (3, 2, Some(7)));
+        assert_eq!(
+            (a.failures, a.not_before_ms, a.pending_restart),
+            (0, None, false)
+        );
+        s.instances.get_mut("a").unwrap().not_before_ms = Some(1234);
+        s.instances.get_mut("a").unwrap().last_error = Some("runc failed".into());
+        s.save().unwrap();
+        let again = LocalState::load(&path).unwrap();
+        assert_eq!(again.instances, s.instances);
     }
 }

@@ -2,8 +2,15 @@
 //! the nftables tables to the network map the control plane publishes (at once on every new
 //! map, and every few seconds to repair what was changed behind its back), and reports the
 //! instances' interface counters.
+//!
+//! After each successful pass it publishes what it has [`Programmed`]: the instances (and
+//! addresses) whose security groups, anti-spoofing entries and published ports are now in
+//! force. The executor starts an instance's process only once it is there, so an instance is
+//! never `running` unfiltered or unreachable. A pass needs nothing of the instance's own
+//! interface (the nftables sets name it by its interface name), so it may run before, during
+//! or after the driver creates it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs, UdpSocket};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,6 +28,33 @@ use crate::runtime::Agent;
 const REPAIR_EVERY: Duration = Duration::from_secs(10);
 /// How often interface counters are reported.
 const COUNTERS_EVERY: Duration = Duration::from_secs(10);
+
+/// What the datapath has programmed: the instances of the last network map it converged to.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Programmed {
+    /// The map's revision.
+    pub revision: u64,
+    /// Instance id -> address.
+    pub instances: HashMap<String, String>,
+}
+
+impl Programmed {
+    fn of(map: &nimbus_api::agent::NetworkMap) -> Self {
+        Self {
+            revision: map.revision,
+            instances: map
+                .instances
+                .iter()
+                .map(|i| (i.id.clone(), i.ip.clone()))
+                .collect(),
+        }
+    }
+
+    /// Whether instance `id` with address `ip` is programmed.
+    pub fn has(&self, id: &str, ip: &str) -> bool {
+        self.instances.get(id).is_some_and(|a| a == ip)
+    }
+}
 
 fn usable(ip: IpAddr) -> Option<Ipv4Addr> {
     match ip {
@@ -98,7 +132,13 @@ impl Agent {
                             );
                         }
                         failing = false;
-                        self.net_applied.send_replace(map.revision);
+                        let now = Programmed::of(&map);
+                        // Wakes the executor only when the set of instances changed.
+                        self.datapath.send_if_modified(|p| {
+                            let changed = p.instances != now.instances;
+                            *p = now;
+                            changed
+                        });
                     }
                     Err(e) => {
                         if !failing {
