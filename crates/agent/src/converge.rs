@@ -51,8 +51,8 @@ pub(crate) struct Executor {
     /// Wakes the reconcile loop.
     kick: Notify,
     /// The report path.
-    reports: mpsc::UnboundedSender<InstanceReport>,
-    report_rx: Mutex<Option<mpsc::UnboundedReceiver<InstanceReport>>>,
+    reports: mpsc::UnboundedSender<Queued>,
+    report_rx: Mutex<Option<mpsc::UnboundedReceiver<Queued>>>,
     /// The local records changed.
     dirty: Notify,
     /// Set when the agent stops: workers end at once.
@@ -135,7 +135,7 @@ impl Executor {
         self.stopped.send_replace(true);
     }
 
-    pub(crate) fn take_report_rx(&self) -> Option<mpsc::UnboundedReceiver<InstanceReport>> {
+    pub(crate) fn take_report_rx(&self) -> Option<mpsc::UnboundedReceiver<Queued>> {
         self.report_rx.lock().expect("report rx lock").take()
     }
 }
@@ -157,6 +157,15 @@ impl Drop for Claim<'_> {
                 .remove(self.id);
         }
     }
+}
+
+/// A status on its way to the control plane, with the assignment it answers: the control plane
+/// changes an instance's state itself on a user action (`start` makes a failed instance
+/// `starting`), so a status equal to one already acknowledged is sent again when it answers a
+/// newer request.
+pub(crate) struct Queued {
+    answers: (u64, DesiredState, u64),
+    report: InstanceReport,
 }
 
 fn intent(a: &Assignment) -> Intent {
@@ -409,7 +418,7 @@ impl Agent {
         } else {
             None
         };
-        let _ = self.exec.reports.send(InstanceReport {
+        let report = InstanceReport {
             id: a.id.clone(),
             generation: a.generation,
             state: s.state,
@@ -419,6 +428,10 @@ impl Agent {
             restart_count: s.restart_count,
             accelerator,
             deleted: s.deleted,
+        };
+        let _ = self.exec.reports.send(Queued {
+            answers: (a.generation, a.desired, a.restart_nonce),
+            report,
         });
     }
 
@@ -461,39 +474,33 @@ impl Agent {
 
     /// Sends queued statuses that differ from what the control plane acknowledged: at once,
     /// with whatever else queued up meanwhile in the same request.
-    pub(crate) async fn report_loop(
-        self: Arc<Self>,
-        mut rx: mpsc::UnboundedReceiver<InstanceReport>,
-    ) {
-        let mut acked: HashMap<String, InstanceReport> = HashMap::new();
-        let mut pending: BTreeMap<String, InstanceReport> = BTreeMap::new();
+    pub(crate) async fn report_loop(self: Arc<Self>, mut rx: mpsc::UnboundedReceiver<Queued>) {
+        let mut acked: HashMap<String, Queued> = HashMap::new();
+        let mut pending: BTreeMap<String, Queued> = BTreeMap::new();
+        let same = |a: &Queued, b: &Queued| a.answers == b.answers && a.report == b.report;
         loop {
             if pending.is_empty() {
                 match rx.recv().await {
-                    Some(r) => {
-                        pending.insert(r.id.clone(), r);
+                    Some(q) => {
+                        pending.insert(q.report.id.clone(), q);
                     }
                     None => return,
                 }
             }
-            while let Ok(r) = rx.try_recv() {
-                pending.insert(r.id.clone(), r);
+            while let Ok(q) = rx.try_recv() {
+                pending.insert(q.report.id.clone(), q);
             }
-            pending.retain(|id, r| acked.get(id) != Some(r));
+            pending.retain(|id, q| acked.get(id).is_none_or(|a| !same(a, q)));
             if pending.is_empty() {
                 continue;
             }
-            let batch: Vec<InstanceReport> = pending.values().cloned().collect();
             let report = StatusReport {
-                instances: batch,
+                instances: pending.values().map(|q| q.report.clone()).collect(),
                 interfaces: Vec::new(),
             };
             match self.link.report(&self.cfg.name, &report).await {
                 Ok(()) => {
-                    for r in report.instances {
-                        pending.remove(&r.id);
-                        acked.insert(r.id.clone(), r);
-                    }
+                    acked.extend(std::mem::take(&mut pending));
                     if acked.len() > 64 {
                         // Forget what is no longer assigned (deleted, moved away).
                         let assignments = self.assignments.lock().expect("assignments lock");

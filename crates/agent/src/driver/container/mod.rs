@@ -431,6 +431,8 @@ impl ContainerDriver {
         ] {
             let _ = std::fs::remove_file(f);
         }
+        // Meanwhile, announce the address: its previous holder's MAC may still be cached.
+        tokio::spawn(announce(self.cfg.net_key(id), meta.network.clone()));
         // The shim writes a line on its stdout (our pipe) once `started` or `start.err` is on
         // disk: wait on the pipe instead of polling; poll the files after EOF.
         let (mut shim_exit, mut notify) = self.spawn_shim(id)?;
@@ -693,6 +695,32 @@ impl Driver for ContainerDriver {
         }
         ids.sort();
         Ok(ids)
+    }
+}
+
+/// Sends a gratuitous ARP for the container's address from its `eth0` (in the namespace of
+/// `net_key`). Addresses are reused: a neighbour (the host, another instance on the bridge)
+/// that talked to the previous holder keeps its MAC for up to ~8 s (the kernel's
+/// `delay_first_probe_time` plus three unicast probes) unless told; a gratuitous ARP overrides
+/// such an entry at once. Best effort: a failure is logged.
+async fn announce(net_key: String, att: NetworkAttachment) {
+    let (Ok(ip), Ok(mac)) = (
+        nimbus_net::parse_ipv4("ip", &att.ip),
+        nimbus_net::parse_mac(&att.mac),
+    ) else {
+        return;
+    };
+    let path = nimbus_net::netns_path(&net_key);
+    let sent = nimbus_net::in_netns(&path, move |nl| async move {
+        let index = nl
+            .link_index("eth0")
+            .await?
+            .ok_or_else(|| nimbus_net::NetError::NoSuchLink("eth0".into()))?;
+        nimbus_net::vip::send_garp(nimbus_net::vip::Iface { index, mac }, ip)
+    })
+    .await;
+    if let Err(e) = sent {
+        warn!(netns = %path.display(), "announcing {ip}: {e}");
     }
 }
 

@@ -209,14 +209,43 @@ impl Runc {
         cleanup(&pid_file, &log_file);
         let exit_code = exit_code_of(status);
         let runc_error = errors_from_log(&log);
+        let mut stderr = String::from_utf8_lossy(&err).into_owned();
         if exit_code != 0 && log.contains("\"level\":\"error\"") && !runc_error.is_empty() {
-            return Err(runtime_err(runc_error));
+            // The command could not be started: its failure, as a shell (and `docker exec`)
+            // reports it, not the runtime's.
+            let Some(code) = start_failure_code(&runc_error) else {
+                return Err(runtime_err(runc_error));
+            };
+            if !stderr.contains(&runc_error) {
+                stderr.push_str(&runc_error);
+                stderr.push('\n');
+            }
+            return Ok(ExecResponse {
+                exit_code: code,
+                stdout: String::from_utf8_lossy(&out).into_owned(),
+                stderr,
+            });
         }
         Ok(ExecResponse {
             exit_code,
             stdout: String::from_utf8_lossy(&out).into_owned(),
-            stderr: String::from_utf8_lossy(&err).into_owned(),
+            stderr,
         })
+    }
+}
+
+/// The exit code a shell gives a command runc could not start (`exec: "X": ...` in its error):
+/// 127 if it does not exist, 126 if it cannot be executed; `None` for other runc errors.
+pub fn start_failure_code(runc_error: &str) -> Option<i32> {
+    if !runc_error.contains("exec: \"") && !runc_error.contains("unable to start container process")
+    {
+        return None;
+    }
+    let not_found = ["no such file or directory", "executable file not found"];
+    if not_found.iter().any(|m| runc_error.contains(m)) {
+        Some(127)
+    } else {
+        Some(126)
     }
 }
 
@@ -254,6 +283,21 @@ mod tests {
         let log = "{\"level\":\"info\",\"msg\":\"x\"}\n{\"level\":\"error\",\"msg\":\"exec: \\\"nope\\\": not found\"}\n";
         assert_eq!(errors_from_log(log), "exec: \"nope\": not found");
         assert_eq!(errors_from_log("plain text\n"), "plain text");
+    }
+
+    #[test]
+    fn commands_that_cannot_start_get_shell_exit_codes() {
+        let table = [
+            ("exec failed: unable to start container process: exec: \"/nope\": stat /nope: no such file or directory", Some(127)),
+            ("exec failed: unable to start container process: exec: \"nope\": executable file not found in $PATH", Some(127)),
+            ("exec failed: unable to start container process: exec: \"/etc/passwd\": permission denied", Some(126)),
+            ("exec failed: unable to start container process: exec: \"/bin/x\": exec format error", Some(126)),
+            ("cannot exec in a stopped container", None),
+            ("container does not exist", None),
+        ];
+        for (msg, code) in table {
+            assert_eq!(start_failure_code(msg), code, "{msg}");
+        }
     }
 
     #[tokio::test]
