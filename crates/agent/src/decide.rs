@@ -197,6 +197,10 @@ impl LocalInstance {
 
     /// Records a successful start of run `pid` at `now` (unix ms).
     pub fn started(&mut self, pid: u32, now: u64) {
+        if self.pending_restart {
+            // A user's start: no earlier run to speak of.
+            self.last_exit_code = None;
+        }
         self.pid = Some(pid);
         self.handled_exit_pid = None;
         self.started_ms = Some(now);
@@ -365,7 +369,7 @@ fn running(want: &Intent, mut r: LocalInstance, obs: &Observation, now: u64) -> 
             } else {
                 InstanceState::Starting
             };
-            let s = Status::new(state, &r).pid(pid);
+            let s = Status::new(state, &r).pid(pid).code(r.last_exit_code);
             Decision::keep(r).status(s)
         }
         RuntimeState::Absent | RuntimeState::Created => not_running(want, r, obs, now, None),
@@ -401,6 +405,7 @@ fn not_running(
             }
             // A new exit: the policy decides.
             r.handled_exit_pid = r.pid;
+            r.last_exit_code = code;
             let restart = match want.restart {
                 RestartPolicy::Always => true,
                 RestartPolicy::OnFailure => code != Some(0),

@@ -251,6 +251,7 @@ fn exits_restart_by_policy_with_backoff() {
             (s.state, s.pid, s.restart_count),
             (InstanceState::Running, Some(11), 1)
         );
+        assert_eq!(s.exit_code, Some(code), "the last run's exit code");
     }
 }
 

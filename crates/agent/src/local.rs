@@ -48,6 +48,10 @@ pub struct LocalInstance {
     /// A user restart is under way: stop the running process, then start it.
     #[serde(default)]
     pub pending_restart: bool,
+    /// Exit code of the last run the restart policy restarted (reported while the next one
+    /// runs).
+    #[serde(default)]
+    pub last_exit_code: Option<i32>,
 }
 
 /// All local records, saved atomically as JSON.
