@@ -259,9 +259,17 @@ impl Agent {
         if forgotten {
             self.exec.dirty.notify_one();
         }
+        self.exec
+            .wakes
+            .lock()
+            .expect("wakes lock")
+            .retain(|id, _| assigned.contains(id.as_str()) || held.contains(id));
     }
 
     fn spawn_worker(self: &Arc<Self>, id: &str, ty: InstanceType) {
+        // The worker sets its next wake-up; a due one must not keep waking the loop while a
+        // busy worker finishes a long step.
+        self.exec.set_wake(id, None);
         if !self.exec.claim(id) {
             return;
         }
@@ -365,14 +373,18 @@ impl Agent {
                 Err(e) => {
                     let rec = d.record.clone().unwrap_or_default();
                     let now = now_ms();
-                    let f = decide::failed(
-                        want.as_ref(),
-                        &rec,
-                        step,
-                        &e.to_string(),
-                        obs.datapath_ready,
-                        now,
-                    );
+                    // The network setup of a create that ran while the datapath was being
+                    // programmed may have lost a race with it (see `decide::failed`).
+                    let transient = !obs.datapath_ready
+                        && matches!(
+                            e,
+                            DriverError::Runtime {
+                                tool: "netlink",
+                                ..
+                            }
+                        );
+                    let f =
+                        decide::failed(want.as_ref(), &rec, step, &e.to_string(), transient, now);
                     log_failure(name, want.as_ref(), step, &e, &f, now);
                     self.apply(id, a.as_ref(), &f);
                     return;

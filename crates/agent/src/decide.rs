@@ -446,24 +446,24 @@ fn not_running(
 }
 
 /// Folds a failed step into the record: counts the failure, keeps the runtime's reason and
-/// schedules the retry (none for a create or start under policy `never`, nor for a create that
-/// failed before the datapath was ready, which is simply tried again once it is). `want` is
-/// `None` for an instance no longer assigned here.
+/// schedules the retry (none for a create or start under policy `never`). A `transient`
+/// failure is not the instance's (a create whose network setup failed while the datapath was
+/// still being programmed: a map from before the instance may remove the bridge it was
+/// attaching to): it is not counted, and the create is tried again once the datapath is ready.
+/// `want` is `None` for an instance no longer assigned here.
 pub fn failed(
     want: Option<&Intent>,
     rec: &LocalInstance,
     step: Step,
     reason: &str,
-    datapath_ready: bool,
+    transient: bool,
     now: u64,
 ) -> Decision {
     let mut r = rec.clone();
     let desired = want.map(|w| w.desired);
     let starting =
         desired == Some(DesiredState::Running) && matches!(step, Step::Create | Step::Start);
-    if starting && step == Step::Create && !datapath_ready {
-        // The datapath may have removed a bridge the create was attaching to (a map from
-        // before this instance): not the instance's fault.
+    if starting && step == Step::Create && transient {
         let s = Status::new(InstanceState::Starting, &r).message(WAITING_FOR_DATAPATH);
         return Decision::keep(r).status(s);
     }

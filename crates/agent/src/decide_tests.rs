@@ -108,17 +108,10 @@ fn start_waits_for_the_datapath_but_create_does_not() {
 }
 
 #[test]
-fn a_create_failing_before_the_datapath_is_ready_is_not_a_failure() {
+fn a_network_setup_failing_before_the_datapath_is_ready_is_not_a_failure() {
     let w = want(RestartPolicy::Never);
     let d = decide(&w, None, &unready(ABSENT), T0);
-    let f = failed(
-        Some(&w),
-        &rec(&d),
-        Step::Create,
-        "no such bridge",
-        false,
-        T0,
-    );
+    let f = failed(Some(&w), &rec(&d), Step::Create, "no such bridge", true, T0);
     assert_eq!(state(&f), Some(InstanceState::Starting));
     let r = rec(&f);
     assert_eq!((r.failures, r.last_error.clone()), (0, None));
@@ -134,7 +127,7 @@ fn policy_never_attempts_a_failing_start_once() {
     let d = decide(&w, None, &obs(CREATED), T0);
     assert_eq!(d.step, Some(Step::Start));
     let reason = "runc failed: exec: \"/nope\": stat /nope: no such file or directory";
-    let f = failed(Some(&w), &rec(&d), Step::Start, reason, true, T0);
+    let f = failed(Some(&w), &rec(&d), Step::Start, reason, false, T0);
     assert_eq!(state(&f), Some(InstanceState::Failed));
     let msg = f.status.as_ref().unwrap().message.clone();
     assert!(msg.contains(reason) && !msg.contains("retrying"), "{msg}");
@@ -182,7 +175,7 @@ fn failing_starts_back_off_exponentially_up_to_the_cap() {
             match d.step {
                 Some(Step::Start) => {
                     attempts += 1;
-                    let f = failed(Some(&w), &r, Step::Start, "pids.max refused", true, now);
+                    let f = failed(Some(&w), &r, Step::Start, "pids.max refused", false, now);
                     assert_eq!(state(&f), Some(InstanceState::Failed));
                     assert!(f.status.as_ref().unwrap().message.contains("retrying in"));
                     let at = f.wake_at_ms.expect("a retry is scheduled");
@@ -301,7 +294,7 @@ fn one_exit_causes_one_restart() {
 fn a_new_generation_starts_from_a_fresh_record() {
     let w = want(RestartPolicy::Never);
     let d = decide(&w, None, &obs(CREATED), T0);
-    let f = failed(Some(&w), &rec(&d), Step::Start, "boom", true, T0);
+    let f = failed(Some(&w), &rec(&d), Step::Start, "boom", false, T0);
     let old = rec(&f);
     assert!(decide(&w, Some(&old), &obs(CREATED), T0 + 1).step.is_none());
     let moved = Intent { generation: 2, ..w };
@@ -342,7 +335,7 @@ fn a_user_restart_stops_then_starts_without_counting_a_policy_restart() {
 fn a_user_start_retries_what_policy_never_gave_up_on() {
     let w = want(RestartPolicy::Never);
     let d = decide(&w, None, &obs(CREATED), T0);
-    let f = failed(Some(&w), &rec(&d), Step::Start, "boom", true, T0);
+    let f = failed(Some(&w), &rec(&d), Step::Start, "boom", false, T0);
     let again = Intent {
         restart_nonce: 1,
         ..w
@@ -350,7 +343,7 @@ fn a_user_start_retries_what_policy_never_gave_up_on() {
     let d = decide(&again, f.record.as_ref(), &obs(CREATED), T0 + 100);
     assert_eq!(d.step, Some(Step::Start));
     // It fails again: one attempt per request.
-    let f = failed(Some(&again), &rec(&d), Step::Start, "boom", true, T0 + 100);
+    let f = failed(Some(&again), &rec(&d), Step::Start, "boom", false, T0 + 100);
     assert_eq!(f.wake_at_ms, None);
     assert_eq!(
         decide(&again, f.record.as_ref(), &obs(CREATED), T0 + 500).step,
@@ -372,7 +365,7 @@ fn a_user_restart_whose_stop_fails_is_retried_after_a_backoff() {
         &rec(&d),
         Step::Stop,
         "runc kill failed",
-        true,
+        false,
         T0,
     );
     let s = f.status.clone().unwrap();
@@ -432,7 +425,7 @@ fn desired_deleted_deletes_then_forgets() {
     assert!(d.status.unwrap().deleted);
     // A failed delete is retried after a backoff, reported as `deleting` with the reason.
     let r = rec(&decide(&w, None, &obs(running(3)), T0));
-    let f = failed(Some(&w), &r, Step::Delete, "device busy", true, T0);
+    let f = failed(Some(&w), &r, Step::Delete, "device busy", false, T0);
     let s = f.status.clone().unwrap();
     assert_eq!(s.state, InstanceState::Deleting);
     assert!(s.message.contains("device busy"));
@@ -451,7 +444,7 @@ fn desired_deleted_deletes_then_forgets() {
 fn a_changed_desired_state_does_not_wait_for_an_old_backoff() {
     let w = want(RestartPolicy::Always);
     let d = decide(&w, None, &obs(CREATED), T0);
-    let f = failed(Some(&w), &rec(&d), Step::Start, "boom", true, T0);
+    let f = failed(Some(&w), &rec(&d), Step::Start, "boom", false, T0);
     assert!(f.wake_at_ms.unwrap() > T0 + 1);
     let del = Intent {
         desired: DesiredState::Deleted,
@@ -499,13 +492,13 @@ fn a_restarted_agent_reattaches_and_keeps_the_pid() {
 fn a_backoff_survives_an_agent_restart() {
     let w = want(RestartPolicy::OnFailure);
     let d = decide(&w, None, &obs(CREATED), T0);
-    let f = failed(Some(&w), &rec(&d), Step::Start, "boom", true, T0);
+    let f = failed(Some(&w), &rec(&d), Step::Start, "boom", false, T0);
     let f = failed(
         Some(&w),
         f.record.as_ref().unwrap(),
         Step::Start,
         "boom",
-        true,
+        false,
         T0,
     );
     let at = f.wake_at_ms.unwrap();
@@ -560,7 +553,7 @@ fn instances_no_longer_assigned_are_deleted_then_forgotten() {
         &obs(running(3)),
         T0,
     ));
-    let f = failed(None, &r, Step::Delete, "busy", true, T0);
+    let f = failed(None, &r, Step::Delete, "busy", false, T0);
     assert_eq!(f.status, None);
     let at = f.wake_at_ms.unwrap();
     let d = decide_unassigned(
@@ -570,4 +563,18 @@ fn instances_no_longer_assigned_are_deleted_then_forgotten() {
         at - 1,
     );
     assert_eq!(d.step, None);
+}
+
+#[test]
+fn a_create_failing_for_its_own_reason_counts_even_before_the_datapath_is_ready() {
+    let w = want(RestartPolicy::Never);
+    let d = decide(&w, None, &unready(ABSENT), T0);
+    let reason = "runc create failed: exec: \"/nope\": no such file or directory";
+    let f = failed(Some(&w), &rec(&d), Step::Create, reason, false, T0);
+    assert_eq!(state(&f), Some(InstanceState::Failed));
+    // The failed create was cleaned up: absent, and not created again.
+    assert_eq!(
+        decide(&w, f.record.as_ref(), &obs(ABSENT), T0 + 10_000).step,
+        None
+    );
 }

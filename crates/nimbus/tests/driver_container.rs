@@ -405,12 +405,17 @@ async fn kill_is_128_plus_signal_and_runc_errors_surface() {
     );
     d.delete(&id).await.unwrap();
 
-    // runc's own words come back when it cannot start the process.
+    // runc's own words come back when it cannot start the process (`runc create` checks the
+    // binary, so `create` already fails, and leaves nothing behind).
     let bad = conformance::new_id();
-    d.create(&env.spec(&bad, vec!["/no/such/binary".into()]))
+    let failed = match d
+        .create(&env.spec(&bad, vec!["/no/such/binary".into()]))
         .await
-        .unwrap();
-    match d.start(&bad).await {
+    {
+        Err(e) => Err(e),
+        Ok(()) => d.start(&bad).await,
+    };
+    match failed {
         Err(DriverError::Runtime {
             tool: "runc",
             message,

@@ -1,11 +1,17 @@
 //! The container driver: runc with an OCI bundle on overlayfs, one shim process per container.
 //!
 //! Each container lives in `state_dir/<id>/` (the bundle): `config.json`, the overlay
-//! (`rootfs/` mounted from the image layers + `upper/` + `work/`), `console.log`, and the files
-//! the shim writes (`shim.pid`, `started`, `start.err`, `exit.json`). Its network namespace is
-//! `/run/netns/nimbus-<shortid>` (see `nimbus_net`), its cgroup `/<cgroup_parent>/<id>`. Every
-//! method rebuilds what it needs from disk and `runc state`, so a new driver on the same
-//! `state_dir` re-attaches to running containers (their shims keep running).
+//! (`rootfs/` mounted from the image layers + `upper/` + `work/`), `console.log`, the files
+//! the shim writes (`shim.pid`, `created`, `start.err`, `exit.json`) and `started`. Its network
+//! namespace is `/run/netns/nimbus-<shortid>` (see `nimbus_net`), its cgroup
+//! `/<cgroup_parent>/<id>`. Every method rebuilds what it needs from disk and `runc state`, so
+//! a new driver on the same `state_dir` re-attaches to running containers (their shims keep
+//! running).
+//!
+//! A launch is split like OCI's: `create` does everything up to running the process (rootfs,
+//! network namespace and veth, `runc create` through the shim: namespaces, cgroup, mounts,
+//! seccomp), so it overlaps with the node's datapath programming the container's network;
+//! `start` is then a `runc start` (a few milliseconds) plus a gratuitous ARP for the address.
 
 mod cgroup;
 mod rootfs;
@@ -32,13 +38,13 @@ pub use self::runc::{DEFAULT_RUNC_ROOT, EXEC_OUTPUT_LIMIT};
 use self::shim::{ExitRecord, ShimArgs};
 use super::{Driver, DriverError, RuntimeSpec, RuntimeState, RuntimeStats};
 
-/// How long `start` waits for runc to report the container running.
+/// How long `create` waits for runc to create the container.
 const START_TIMEOUT: Duration = Duration::from_mins(1);
 /// How long to wait for a container to die after SIGKILL.
 const KILL_TIMEOUT: Duration = Duration::from_secs(15);
 /// Poll interval while waiting on the shim / runc.
 const POLL: Duration = Duration::from_millis(25);
-/// Poll period while waiting for a container to start (a cheap file read).
+/// Poll period while waiting for a container to be created (a cheap file read).
 const START_POLL: Duration = Duration::from_millis(3);
 /// Longest wait on the shim's notification pipe before the start files are checked again.
 const NOTIFY_WAIT: Duration = Duration::from_millis(100);
@@ -341,11 +347,13 @@ impl ContainerDriver {
         };
         let oci = spec::build(spec, &paths, &self.cfg.cgroup_parent)?;
         // config.json last: its presence marks a complete bundle.
-        spec::save(&oci, &bundle.config())
+        spec::save(&oci, &bundle.config())?;
+        // Everything up to running the process happens here, while the node's datapath is
+        // programmed: `start` is then a `runc start`.
+        self.create_in_runc(&spec.id).await.map(|_| ())
     }
 
-    /// Starts the detached shim stage (`nimbus shim run ...`) directly: one exec on the launch
-    /// path. The shim makes itself a session leader and child subreaper; a task of ours reaps it
+    /// Starts the detached shim stage (`nimbus shim run ...`) directly: one exec. The shim makes itself a session leader and child subreaper; a task of ours reaps it
     /// when it exits while we live, and init (or our subreaper) does if we die first.
     fn spawn_shim(
         &self,
@@ -399,47 +407,73 @@ impl ContainerDriver {
         if !bundle.config().exists() {
             return Err(DriverError::NotFound(id.to_string()));
         }
-        let meta = self.read_meta(id)?;
-        // A container just made by `create` (no run recorded by the shim, no runc record) needs
-        // no cleanup: skip the runc calls on the launch path.
-        let fresh = !bundle.started().exists()
-            && !bundle.exit_json().exists()
-            && !bundle.shim_pid().exists()
-            && self.runc.state(id).await?.is_none();
-        if !fresh {
-            match self.state_inner(id).await? {
-                RuntimeState::Running { pid } | RuntimeState::Starting { pid } => return Ok(pid),
-                RuntimeState::Absent => return Err(DriverError::NotFound(id.to_string())),
-                RuntimeState::Created | RuntimeState::Exited { .. } => {}
+        // The launch path: `create` left the container created, its init waiting and its shim
+        // alive (the shim records the init's exit before it ends), with no runc call to ask.
+        if let Some(pid) = read_pid(&bundle.created()) {
+            if !bundle.started().exists() && !bundle.exit_json().exists() && self.shim_alive(id) {
+                return self.run_created(id, pid).await;
             }
-            // Starting again after an exit: drop runc's record of the old run first.
-            self.runc.delete_force(id).await?;
-            self.wait_shim_gone(id, Duration::from_secs(5)).await;
-            self.ensure_resources(id, &meta).await?;
-        } else if !nimbus_net::netns_path(&self.cfg.net_key(id)).exists() {
-            // Created before a reboot: the namespace (on tmpfs) and the mounts are gone.
-            self.ensure_resources(id, &meta).await?;
-        } else {
-            rootfs::mount_overlay(&bundle, &meta.layer_dirs)?;
         }
+        match self.state_inner(id).await? {
+            RuntimeState::Running { pid } | RuntimeState::Starting { pid } => return Ok(pid),
+            RuntimeState::Absent => return Err(DriverError::NotFound(id.to_string())),
+            RuntimeState::Created | RuntimeState::Exited { .. } => {}
+        }
+        // Created before a reboot, or exited: create it in runc again, then start it.
+        let meta = self.read_meta(id)?;
+        self.runc.delete_force(id).await?;
+        self.wait_shim_gone(id, Duration::from_secs(5)).await;
+        self.ensure_resources(id, &meta).await?;
+        let pid = self.create_in_runc(id).await?;
+        self.run_created(id, pid).await
+    }
+
+    /// Whether the shim of `id` is alive.
+    fn shim_alive(&self, id: &str) -> bool {
+        read_pid(&self.bundle(id).shim_pid()).is_some_and(|pid| {
+            process_alive(pid)
+                && std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(id))
+        })
+    }
+
+    /// Starts the process of a created container whose init is `pid` (`runc start`), and
+    /// announces its address meanwhile.
+    async fn run_created(&self, id: &str, pid: u32) -> Result<u32, DriverError> {
+        let meta = self.read_meta(id)?;
+        let announce = tokio::spawn(announce(self.cfg.net_key(id), meta.network));
+        self.runc.start(id).await?;
+        rootfs::write_replace(
+            &self.bundle(id).started(),
+            pid.to_string().as_bytes(),
+            false,
+        )?;
+        info!(container = id, pid, "container started");
+        let _ = announce.await;
+        Ok(pid)
+    }
+
+    /// Creates the container in runc through a new shim (`runc create`: namespaces, cgroup,
+    /// mounts; its init then waits to be started). Returns the init PID.
+    async fn create_in_runc(&self, id: &str) -> Result<u32, DriverError> {
+        let bundle = self.bundle(id);
         for f in [
             bundle.exit_json(),
             bundle.init_pid(),
+            bundle.created(),
             bundle.started(),
             bundle.start_error(),
             bundle.shim_pid(),
         ] {
             let _ = std::fs::remove_file(f);
         }
-        // Meanwhile, announce the address: its previous holder's MAC may still be cached.
-        tokio::spawn(announce(self.cfg.net_key(id), meta.network.clone()));
-        // The shim writes a line on its stdout (our pipe) once `started` or `start.err` is on
+        // The shim writes a line on its stdout (our pipe) once `created` or `start.err` is on
         // disk: wait on the pipe instead of polling; poll the files after EOF.
         let (mut shim_exit, mut notify) = self.spawn_shim(id)?;
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            if let Some(pid) = read_pid(&bundle.started()) {
-                info!(container = id, pid, "container started");
+            if let Some(pid) = read_pid(&bundle.created()) {
+                debug!(container = id, pid, "container created");
                 return Ok(pid);
             }
             if let Ok(msg) = std::fs::read_to_string(bundle.start_error()) {
@@ -450,11 +484,11 @@ impl ContainerDriver {
             }
             let shim_dead = shim_exit.try_recv().is_ok()
                 || read_pid(&bundle.shim_pid()).is_some_and(|pid| !process_alive(pid));
-            if shim_dead && !bundle.started().exists() && !bundle.start_error().exists() {
+            if shim_dead && !bundle.created().exists() && !bundle.start_error().exists() {
                 let log = std::fs::read_to_string(bundle.shim_log()).unwrap_or_default();
                 return Err(DriverError::Runtime {
                     tool: "nimbus-shim",
-                    message: format!("shim exited without starting the container: {}", log.trim()),
+                    message: format!("shim exited without creating the container: {}", log.trim()),
                 });
             }
             if Instant::now() >= deadline {

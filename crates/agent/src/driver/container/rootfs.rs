@@ -84,15 +84,20 @@ impl Bundle {
     pub fn shim_pid(&self) -> PathBuf {
         self.dir.join("shim.pid")
     }
-    /// runc's own log (JSON lines) for `run`.
+    /// runc's own log (JSON lines) for `create`.
     pub fn runc_log(&self) -> PathBuf {
         self.dir.join("runc.log")
     }
-    /// Written by the shim once runc started the container: the init PID.
+    /// Written by the shim once runc created the container (its init waits to be started):
+    /// the init PID.
+    pub fn created(&self) -> PathBuf {
+        self.dir.join("created")
+    }
+    /// Written once the container's process was started (`runc start`): the init PID.
     pub fn started(&self) -> PathBuf {
         self.dir.join("started")
     }
-    /// runc's error when it failed to start the container, written by the shim.
+    /// runc's error when it failed to create the container, written by the shim.
     pub fn start_error(&self) -> PathBuf {
         self.dir.join("start.err")
     }

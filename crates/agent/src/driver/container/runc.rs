@@ -112,6 +112,22 @@ impl Runc {
             .map_err(|e| runtime_err(format!("unparsable runc state output: {e}")))
     }
 
+    /// `runc start ID`: runs the process of a created container.
+    pub async fn start(&self, id: &str) -> Result<(), DriverError> {
+        // JSON log lines on stderr: their messages are runc's words.
+        let out = self.run(&["--log-format", "json", "start", id]).await?;
+        if out.status.success() {
+            return Ok(());
+        }
+        let err = String::from_utf8_lossy(&out.stderr);
+        let msg = errors_from_log(&err);
+        Err(runtime_err(if msg.is_empty() {
+            format!("runc start exited with {}", out.status)
+        } else {
+            msg
+        }))
+    }
+
     /// `runc kill ID SIGNAL`; a container that is not running (or unknown) is fine.
     pub async fn kill(&self, id: &str, signal: &str) -> Result<(), DriverError> {
         if !self.knows(id) {

@@ -1,13 +1,14 @@
 //! The container shim: `nimbus shim ...` — started per container, outlives the agent.
 //!
-//! The agent spawns `nimbus shim run --runc P --root R --bundle B --id ID` directly (one exec on
-//! the launch path, stdio on `/dev/null` and `B/shim.log`) and reaps it if it exits while the
-//! agent lives. The shim makes itself a session leader (the agent's death or its terminal's does
-//! not reach it) and a child subreaper,
-//! runs `runc run --detach` with the container's stdout/stderr appended to `B/console.log`,
-//! records either `B/started` (init PID) or `B/start.err` (runc's own error), then waits for the
-//! container init (reparented to it) and writes its exit status to `B/exit.json`
-//! (`{"code": N}`, 128+signal for signals) atomically before exiting.
+//! The agent spawns `nimbus shim run --runc P --root R --bundle B --id ID` directly (one exec,
+//! stdio on `/dev/null` and `B/shim.log`) and reaps it if it exits while the agent lives. The
+//! shim makes itself a session leader (the agent's death or its terminal's does not reach it)
+//! and a child subreaper, runs `runc create` with the container's stdout/stderr appended to
+//! `B/console.log`, records either `B/created` (init PID) or `B/start.err` (runc's own error),
+//! then waits for the container init (reparented to it) and writes its exit status to
+//! `B/exit.json` (`{"code": N}`, 128+signal for signals) atomically before exiting. The agent
+//! starts the process with `runc start` when it decides to (once the node's datapath has
+//! programmed the container's network), and records `B/started`.
 
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
@@ -114,7 +115,7 @@ fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), String> {
     write_atomic(path, &data).map_err(|e| format!("{e}: {:?}", std::error::Error::source(&e)))
 }
 
-/// The detached stage: run the container and wait for its init.
+/// The detached stage: create the container and wait for its init.
 fn run(args: &ShimArgs) -> Result<(), String> {
     // A session of our own: the agent's death (or its terminal's) does not reach us.
     let _ = nix::unistd::setsid();
@@ -145,8 +146,7 @@ fn run(args: &ShimArgs) -> Result<(), String> {
         .arg(bundle.runc_log())
         .arg("--log-format")
         .arg("json")
-        .arg("run")
-        .arg("--detach")
+        .arg("create")
         .arg("--pid-file")
         .arg(bundle.init_pid())
         .arg("--bundle")
@@ -163,7 +163,7 @@ fn run(args: &ShimArgs) -> Result<(), String> {
             let log = std::fs::read_to_string(bundle.runc_log()).unwrap_or_default();
             let msg = errors_from_log(&log);
             Some(if msg.is_empty() {
-                format!("runc run exited with {s}")
+                format!("runc create exited with {s}")
             } else {
                 msg
             })
@@ -180,16 +180,16 @@ fn run(args: &ShimArgs) -> Result<(), String> {
         .trim()
         .parse()
         .map_err(|e| format!("parsing the init pid: {e}"))?;
-    write_replace(&bundle.started(), pid.to_string().as_bytes(), false)
+    write_replace(&bundle.created(), pid.to_string().as_bytes(), false)
         .map_err(|e| e.to_string())?;
-    notify_agent(&format!("started {pid}\n"));
+    notify_agent(&format!("created {pid}\n"));
 
     let code = wait_for(Pid::from_raw(pid));
     eprintln!("container {} init {pid} exited: {code:?}", args.id);
     write_json(&bundle.exit_json(), &ExitRecord { code })
 }
 
-/// Wakes the agent waiting on our stdout (a pipe) once the launch is decided (the record is
+/// Wakes the agent waiting on our stdout (a pipe) once the create is decided (the record is
 /// already on disk), then points stdout at `/dev/null` so the pipe does not outlive the launch.
 fn notify_agent(line: &str) {
     use std::io::Write as _;
