@@ -117,7 +117,10 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 pub use link::{IfCounters, Netlink};
-pub use netns::{create_container_netns, delete_container_netns, in_netns, netns_path, NETNS_DIR};
+pub use netns::{
+    create_container_netns, delete_container_netns, ensure_container_netns, in_netns, netns_path,
+    NETNS_DIR,
+};
 
 /// Networking failures.
 #[derive(Debug, thiserror::Error)]

@@ -91,6 +91,15 @@ async fn ensure_named_netns(path: PathBuf) -> Result<bool, NetError> {
     .await
 }
 
+/// Creates (idempotently) the named network namespace of a container, unwired; returns its
+/// path. [`create_container_netns`] wires it (and creates it if needed); a runtime can join the
+/// namespace while that runs.
+pub async fn ensure_container_netns(instance_id: &str) -> Result<PathBuf, NetError> {
+    let path = netns_path(instance_id);
+    ensure_named_netns(path.clone()).await?;
+    Ok(path)
+}
+
 /// Runs `f` with a netlink connection opened inside the network namespace at `path`.
 pub async fn in_netns<T, F, Fut>(path: &Path, f: F) -> Result<T, NetError>
 where

@@ -2,16 +2,17 @@
 //!
 //! Each container lives in `state_dir/<id>/` (the bundle): `config.json`, the overlay
 //! (`rootfs/` mounted from the image layers + `upper/` + `work/`), `console.log`, the files
-//! the shim writes (`shim.pid`, `created`, `start.err`, `exit.json`) and `started`. Its network
-//! namespace is `/run/netns/nimbus-<shortid>` (see `nimbus_net`), its cgroup
+//! the shim writes (`shim.pid`, `created`, `start.err`, `exit.json`), `net.ok` and `started`.
+//! Its network namespace is `/run/netns/nimbus-<shortid>` (see `nimbus_net`), its cgroup
 //! `/<cgroup_parent>/<id>`. Every method rebuilds what it needs from disk and `runc state`, so
 //! a new driver on the same `state_dir` re-attaches to running containers (their shims keep
 //! running).
 //!
 //! A launch is split like OCI's: `create` does everything up to running the process (rootfs,
-//! network namespace and veth, `runc create` through the shim: namespaces, cgroup, mounts,
-//! seccomp), so it overlaps with the node's datapath programming the container's network;
-//! `start` is then a `runc start` (a few milliseconds) plus a gratuitous ARP for the address.
+//! the network namespace wired while `runc create` runs through the shim: namespaces, cgroup,
+//! mounts, seccomp), so it overlaps with the node's datapath programming the container's
+//! network; `start` is then a `runc start` (a few milliseconds) plus a gratuitous ARP for the
+//! address.
 
 mod cgroup;
 mod rootfs;
@@ -273,6 +274,15 @@ impl ContainerDriver {
                 if init_alive_in_cgroup(pid, &self.cfg.cgroup_parent, id) {
                     return Ok(RuntimeState::Running { pid });
                 }
+            } else if let Some(pid) = read_pid(&bundle.created()) {
+                // Created and not started yet: its init still waits in `runc init`.
+                if init_alive_in_cgroup(pid, &self.cfg.cgroup_parent, id) {
+                    return Ok(if waiting_to_start(pid) {
+                        RuntimeState::Created
+                    } else {
+                        RuntimeState::Running { pid }
+                    });
+                }
             }
         }
         match self.runc.state(id).await? {
@@ -312,10 +322,18 @@ impl ContainerDriver {
     async fn ensure_resources(&self, id: &str, meta: &Meta) -> Result<PathBuf, DriverError> {
         let bundle = self.bundle(id);
         rootfs::mount_overlay(&bundle, &meta.layer_dirs)?;
+        self.wire_network(id, meta).await
+    }
+
+    /// Wires the container's network namespace (veth on its bridge, address, routes) and
+    /// records that it did (`net.ok`, checked before a start).
+    async fn wire_network(&self, id: &str, meta: &Meta) -> Result<PathBuf, DriverError> {
         let nl = nimbus_net::Netlink::connect().await.map_err(net_err)?;
-        nimbus_net::create_container_netns(&nl, &self.cfg.net_key(id), &meta.network)
+        let path = nimbus_net::create_container_netns(&nl, &self.cfg.net_key(id), &meta.network)
             .await
-            .map_err(net_err)
+            .map_err(net_err)?;
+        rootfs::write_replace(&self.bundle(id).net_ok(), b"", false)?;
+        Ok(path)
     }
 
     async fn create_inner(&self, spec: &RuntimeSpec) -> Result<(), DriverError> {
@@ -336,8 +354,11 @@ impl ContainerDriver {
         rootfs::write_replace(&bundle.meta(), &json, false)?;
         rootfs::write_etc_files(&bundle, &spec.name, &spec.network.ip)?;
         let t = Instant::now();
-        let netns = self.ensure_resources(&spec.id, &meta).await?;
-        debug!(container = %spec.id, elapsed_ms = t.elapsed().as_secs_f64() * 1e3, "rootfs and network ready");
+        rootfs::mount_overlay(&bundle, &meta.layer_dirs)?;
+        let _ = std::fs::remove_file(bundle.net_ok());
+        let netns = nimbus_net::ensure_container_netns(&self.cfg.net_key(&spec.id))
+            .await
+            .map_err(net_err)?;
         let paths = spec::BundlePaths {
             rootfs: bundle.rootfs(),
             netns,
@@ -346,15 +367,22 @@ impl ContainerDriver {
             resolv_conf: bundle.resolv_conf(),
         };
         let oci = spec::build(spec, &paths, &self.cfg.cgroup_parent)?;
-        // config.json last: its presence marks a complete bundle.
+        // config.json last: its presence marks a complete bundle (`net.ok` a wired network).
         spec::save(&oci, &bundle.config())?;
         // Everything up to running the process happens here, while the node's datapath is
-        // programmed: `start` is then a `runc start`.
-        self.create_in_runc(&spec.id).await.map(|_| ())
+        // programmed: `start` is then a `runc start`. runc joins the namespace while it is
+        // being wired: the process runs only after both.
+        let (wired, created) = tokio::join!(
+            self.wire_network(&spec.id, &meta),
+            self.create_in_runc(&spec.id)
+        );
+        debug!(container = %spec.id, elapsed_ms = t.elapsed().as_secs_f64() * 1e3, "network wired and container created");
+        wired.and(created).map(|_| ())
     }
 
-    /// Starts the detached shim stage (`nimbus shim run ...`) directly: one exec. The shim makes itself a session leader and child subreaper; a task of ours reaps it
-    /// when it exits while we live, and init (or our subreaper) does if we die first.
+    /// Starts the detached shim stage (`nimbus shim run ...`) directly: one exec. The shim
+    /// makes itself a session leader and child subreaper; a task of ours reaps it when it exits
+    /// while we live, and init (or our subreaper) does if we die first.
     fn spawn_shim(
         &self,
         id: &str,
@@ -410,7 +438,11 @@ impl ContainerDriver {
         // The launch path: `create` left the container created, its init waiting and its shim
         // alive (the shim records the init's exit before it ends), with no runc call to ask.
         if let Some(pid) = read_pid(&bundle.created()) {
-            if !bundle.started().exists() && !bundle.exit_json().exists() && self.shim_alive(id) {
+            if !bundle.started().exists()
+                && !bundle.exit_json().exists()
+                && waiting_to_start(pid)
+                && self.shim_alive(id)
+            {
                 return self.run_created(id, pid).await;
             }
         }
@@ -441,6 +473,10 @@ impl ContainerDriver {
     /// announces its address meanwhile.
     async fn run_created(&self, id: &str, pid: u32) -> Result<u32, DriverError> {
         let meta = self.read_meta(id)?;
+        if !self.bundle(id).net_ok().exists() {
+            // The create was interrupted while the network was being wired.
+            self.wire_network(id, &meta).await?;
+        }
         let announce = tokio::spawn(announce(self.cfg.net_key(id), meta.network));
         self.runc.start(id).await?;
         rootfs::write_replace(
@@ -756,6 +792,14 @@ async fn announce(net_key: String, att: NetworkAttachment) {
     if let Err(e) = sent {
         warn!(netns = %path.display(), "announcing {ip}: {e}");
     }
+}
+
+/// Whether `pid` is a created container's init still waiting to be started: `runc init`
+/// names itself `runc:[2:INIT]` and blocks until `runc start`, then executes the container's
+/// process (which renames it).
+fn waiting_to_start(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .is_ok_and(|c| c.trim_end() == "runc:[2:INIT]")
 }
 
 /// Whether `pid` is a live (non-zombie) process in container `id`'s cgroup

@@ -93,6 +93,10 @@ impl Bundle {
     pub fn created(&self) -> PathBuf {
         self.dir.join("created")
     }
+    /// Written once the container's network namespace is wired (veth, address, routes).
+    pub fn net_ok(&self) -> PathBuf {
+        self.dir.join("net.ok")
+    }
     /// Written once the container's process was started (`runc start`): the init PID.
     pub fn started(&self) -> PathBuf {
         self.dir.join("started")
