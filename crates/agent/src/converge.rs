@@ -4,10 +4,12 @@
 //!
 //! - The reconcile loop wakes on a new assignment list, on the datapath having programmed
 //!   something new, at the earliest "not before" time of a backoff, when a worker asks, and
-//!   every [`RESYNC`] (to notice exits); each pass starts a worker for every instance that has
-//!   none (assigned ones, and ones the drivers still hold that are no longer assigned here) and
-//!   never waits for them. A slow step (a stop's grace period, an image pull) holds up only its
-//!   own instance; a worker busy with an instance is asked to run once more instead.
+//!   every [`RESYNC`] for a full pass (to notice exits). A full pass starts a worker for every
+//!   instance (assigned ones, and ones the drivers still hold that are no longer assigned
+//!   here); the passes between start workers only for instances with news (see
+//!   `reconcile_changed`). No pass waits for its workers: a slow step (a stop's grace period,
+//!   an image pull) holds up only its own instance; a worker busy with an instance is asked
+//!   to run once more instead.
 //! - One report path: every decided status goes to the reporter task, which sends what differs
 //!   from what the control plane acknowledged, at once, batching whatever queued up while a
 //!   request was in flight.
@@ -48,6 +50,8 @@ pub(crate) struct Executor {
     workers: Mutex<HashMap<String, bool>>,
     /// When each instance wants to be decided again (unix ms).
     wakes: Mutex<HashMap<String, u64>>,
+    /// Instances waiting for the datapath to program them.
+    awaiting_datapath: Mutex<HashSet<String>>,
     /// Wakes the reconcile loop.
     kick: Notify,
     /// The report path.
@@ -65,6 +69,7 @@ impl Executor {
         Self {
             workers: Mutex::new(HashMap::new()),
             wakes: Mutex::new(HashMap::new()),
+            awaiting_datapath: Mutex::new(HashSet::new()),
             kick: Notify::new(),
             reports: tx,
             report_rx: Mutex::new(Some(rx)),
@@ -196,26 +201,93 @@ impl Agent {
         } else {
             RESYNC
         };
+        // What each assigned instance was asked last time, to tell which ones changed.
+        let mut asked: HashMap<String, (InstanceType, Intent)> = HashMap::new();
+        let mut last_full: Option<tokio::time::Instant> = None;
+        let mut datapath_changed = false;
         loop {
             rx.borrow_and_update();
             datapath.borrow_and_update();
-            self.reconcile_once().await;
-            let mut next = tokio::time::Instant::now() + resync;
+            if last_full.is_none_or(|t| t.elapsed() >= resync) {
+                last_full = Some(tokio::time::Instant::now());
+                self.reconcile_once().await;
+                asked = self.asked();
+            } else {
+                self.reconcile_changed(&mut asked, datapath_changed);
+            }
+            let mut next = last_full.map_or_else(tokio::time::Instant::now, |t| t + resync);
             if let Some(at) = self.exec.earliest_wake() {
                 next = next.min(deadline_of(at));
             }
+            datapath_changed = false;
             tokio::select! {
                 r = rx.changed() => if r.is_err() { return },
-                _ = datapath.changed() => {}
+                _ = datapath.changed() => datapath_changed = true,
                 () = self.exec.kick.notified() => {}
                 () = tokio::time::sleep_until(next) => {}
             }
         }
     }
 
-    /// One pass: starts a worker for every assigned instance and for every instance a driver
-    /// holds that is no longer assigned here, rotates console logs, and forgets records of
-    /// instances that are gone. Does not wait for the workers.
+    fn asked(&self) -> HashMap<String, (InstanceType, Intent)> {
+        self.assignments
+            .lock()
+            .expect("assignments lock")
+            .values()
+            .map(|a| (a.id.clone(), (a.spec.instance_type, intent(a))))
+            .collect()
+    }
+
+    /// A pass between full ones: starts workers only for instances with news (a new or
+    /// changed assignment, one that went away, a due wake-up, the datapath they wait for), so
+    /// a launch costs the same on a node with a thousand instances as on an empty one.
+    fn reconcile_changed(
+        self: &Arc<Self>,
+        asked: &mut HashMap<String, (InstanceType, Intent)>,
+        datapath_changed: bool,
+    ) {
+        let now = self.asked();
+        for (id, (ty, want)) in &now {
+            if asked.get(id).is_none_or(|(_, w)| w != want) {
+                self.spawn_worker(id, *ty);
+            }
+        }
+        for (id, (ty, _)) in asked.iter() {
+            if !now.contains_key(id) {
+                self.spawn_worker(id, *ty);
+            }
+        }
+        *asked = now;
+        let due: Vec<String> = {
+            let t = now_ms();
+            let wakes = self.exec.wakes.lock().expect("wakes lock");
+            wakes
+                .iter()
+                .filter(|(_, at)| **at <= t)
+                .map(|(id, _)| id.clone())
+                .collect()
+        };
+        let waiting: Vec<String> = if datapath_changed {
+            self.exec
+                .awaiting_datapath
+                .lock()
+                .expect("awaiting lock")
+                .iter()
+                .cloned()
+                .collect()
+        } else {
+            Vec::new()
+        };
+        for id in due.into_iter().chain(waiting) {
+            if let Some((ty, _)) = asked.get(&id) {
+                self.spawn_worker(&id, *ty);
+            }
+        }
+    }
+
+    /// One full pass: starts a worker for every assigned instance and for every instance a
+    /// driver holds that is no longer assigned here, rotates console logs, and forgets records
+    /// of instances that are gone. Does not wait for the workers.
     pub async fn reconcile_once(self: &Arc<Self>) {
         let assignments: Vec<Assignment> = self
             .assignments
@@ -259,11 +331,17 @@ impl Agent {
         if forgotten {
             self.exec.dirty.notify_one();
         }
+        let gone = |id: &String| !assigned.contains(id.as_str()) && !held.contains(id);
         self.exec
             .wakes
             .lock()
             .expect("wakes lock")
-            .retain(|id, _| assigned.contains(id.as_str()) || held.contains(id));
+            .retain(|id, _| !gone(id));
+        self.exec
+            .awaiting_datapath
+            .lock()
+            .expect("awaiting lock")
+            .retain(|id| !gone(id));
     }
 
     fn spawn_worker(self: &Arc<Self>, id: &str, ty: InstanceType) {
@@ -414,6 +492,14 @@ impl Agent {
             self.exec.dirty.notify_one();
         }
         self.exec.set_wake(id, d.wake_at_ms);
+        {
+            let mut awaiting = self.exec.awaiting_datapath.lock().expect("awaiting lock");
+            if d.awaits_datapath() {
+                awaiting.insert(id.to_owned());
+            } else {
+                awaiting.remove(id);
+            }
+        }
         if let (Some(a), Some(s)) = (a, &d.status) {
             self.publish(a, s);
         }

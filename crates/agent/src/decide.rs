@@ -155,6 +155,15 @@ pub struct Decision {
 }
 
 impl Decision {
+    /// Nothing to do until the node's datapath has programmed the instance.
+    pub fn awaits_datapath(&self) -> bool {
+        self.step.is_none()
+            && self
+                .status
+                .as_ref()
+                .is_some_and(|s| s.message == WAITING_FOR_DATAPATH)
+    }
+
     fn keep(r: LocalInstance) -> Self {
         Self {
             record: Some(r),

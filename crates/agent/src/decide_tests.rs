@@ -103,6 +103,7 @@ fn start_waits_for_the_datapath_but_create_does_not() {
     assert_eq!(state(&d), Some(InstanceState::Starting));
     assert_eq!(d.status.as_ref().unwrap().message, WAITING_FOR_DATAPATH);
     assert_eq!(d.wake_at_ms, None, "woken by the datapath, not by a timer");
+    assert!(d.awaits_datapath());
     let d = decide(&w, d.record.as_ref(), &obs(CREATED), T0 + 30);
     assert_eq!(d.step, Some(Step::Start));
 }

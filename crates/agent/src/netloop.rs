@@ -3,6 +3,11 @@
 //! map, and every few seconds to repair what was changed behind its back), and reports the
 //! instances' interface counters.
 //!
+//! A pass reads the netlink objects (cheap) and plans them; for the nftables tables it plans
+//! against what the previous pass left ([`Known`]) and runs one `nft -f` script, reading the
+//! tables back (`nft -j list`) only on the first pass, on the repair tick, after a failure and
+//! after a table was replaced whole: a new map is in force in one `nft` call.
+//!
 //! After each successful pass it publishes what it has [`Programmed`]: the instances (and
 //! addresses) whose security groups, anti-spoofing entries and published ports are now in
 //! force. The executor starts an instance's process only once it is there, so an instance is
@@ -15,11 +20,13 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs, UdpSocket};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nimbus_api::agent::InstancePlan;
-use nimbus_api::agent::StatusReport;
+use std::collections::BTreeSet;
+
+use nimbus_api::agent::{InstancePlan, NetworkMap, StatusReport};
 use nimbus_api::InterfaceCounters;
-use nimbus_net::dataplane::{converge, instance_ifname};
-use nimbus_net::Netlink;
+use nimbus_net::dataplane::{self, instance_ifname, Converged};
+use nimbus_net::nft::{self, TableSpec, TableState};
+use nimbus_net::{plan, NetError, Netlink};
 use tokio::sync::watch;
 
 use crate::runtime::Agent;
@@ -95,6 +102,99 @@ pub fn detect_underlay(servers: &[String], listen: SocketAddr) -> Option<Ipv4Add
         .or(via_server)
 }
 
+/// What the agent knows of one of its nftables tables without reading it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+enum Known {
+    /// Read it.
+    #[default]
+    Unknown,
+    /// It does not exist.
+    Absent,
+    /// It is exactly this.
+    Present(TableState),
+}
+
+/// The state of a table after a pass that planned `script` from `have` to `want` and ran it.
+fn known_after(
+    have: Option<TableState>,
+    want: Option<&BTreeMap<String, BTreeSet<String>>>,
+    script: &str,
+) -> Known {
+    match (want, have) {
+        (None, _) => Known::Absent,
+        // Replaced whole (missing, another layout): read its layout back next time.
+        (Some(_), _) if script.contains("delete table") => Known::Unknown,
+        (Some(w), Some(mut t)) if !t.unreadable => {
+            t.elements.clone_from(w);
+            Known::Present(t)
+        }
+        (Some(_), _) => Known::Unknown,
+    }
+}
+
+/// Turns on IPv4 forwarding in this network namespace (instances' traffic is routed by the
+/// host).
+fn enable_forwarding() -> Result<(), NetError> {
+    const PATH: &str = "/proc/sys/net/ipv4/ip_forward";
+    let io = |source| NetError::Io {
+        context: format!("enabling forwarding ({PATH})"),
+        source,
+    };
+    if std::fs::read_to_string(PATH).map_err(io)?.trim() != "1" {
+        std::fs::write(PATH, "1").map_err(io)?;
+        tracing::info!("enabled IPv4 forwarding");
+    }
+    Ok(())
+}
+
+/// One pass of the datapath to `map` (as `nimbus_net::dataplane::converge`), planning the
+/// nftables tables against `known` and updating it.
+async fn datapath_pass(
+    nl: &Netlink,
+    map: &NetworkMap,
+    table: &str,
+    ifname: &(dyn Fn(&InstancePlan) -> String + Sync),
+    known: &mut [Known; 2],
+) -> Result<Converged, NetError> {
+    if !map.networks.is_empty() {
+        enable_forwarding()?;
+    }
+    let want = plan::want(map);
+    let actual = nl.datapath(&map.prefix).await?;
+    let ops = plan::plan(&map.prefix, &want, &actual);
+    for op in &ops {
+        nl.apply(op).await?;
+    }
+    let desired = nft::desired(map, ifname);
+    let specs: [(&TableSpec, &BTreeMap<String, BTreeSet<String>>); 2] =
+        [(&nft::INET, &desired.inet), (&nft::BRIDGE, &desired.bridge)];
+    let mut script = String::new();
+    let mut changes = 0;
+    let mut after: [Known; 2] = Default::default();
+    for (i, (spec, want)) in specs.into_iter().enumerate() {
+        let have = match &known[i] {
+            Known::Present(t) => Some(t.clone()),
+            Known::Absent => None,
+            Known::Unknown => dataplane::read_table(spec, table).await?,
+        };
+        let want = (!desired.empty).then_some(want);
+        let (s, n) = nft::plan_table(spec, table, have.as_ref(), want);
+        after[i] = known_after(have, want, &s);
+        script.push_str(&s);
+        changes += n;
+    }
+    if !script.is_empty() {
+        // Whatever happens, the tables are re-read unless this succeeds.
+        *known = Default::default();
+        dataplane::nft(&["-f", "-"], Some(&script)).await?;
+    }
+    *known = after;
+    Ok(Converged {
+        ops,
+        nft_changes: changes,
+    })
+}
+
 impl Agent {
     /// Converges the datapath whenever the network map changes, and periodically.
     pub(crate) async fn net_loop(self: Arc<Self>, mut rx: watch::Receiver<u64>) {
@@ -110,6 +210,8 @@ impl Agent {
         let mut last_counters = Instant::now();
         let mut sent: BTreeMap<String, InterfaceCounters> = BTreeMap::new();
         let mut failing = false;
+        let mut known: [Known; 2] = Default::default();
+        let mut last_repair: Option<Instant> = None;
         loop {
             let map = self.net_map.lock().expect("net map lock").clone();
             if let Some(map) = map {
@@ -120,7 +222,19 @@ impl Agent {
                     .unwrap_or_else(|| map.prefix.clone());
                 let started = Instant::now();
                 let ifname = |i: &InstancePlan| self.ifname(i);
-                match converge(&nl, &map, &table, &ifname).await {
+                if failing || last_repair.is_none_or(|t| t.elapsed() >= REPAIR_EVERY) {
+                    // Read everything back: repair what was changed behind our back.
+                    known = Default::default();
+                    last_repair = Some(Instant::now());
+                }
+                let planned_from_knowledge = known != <[Known; 2]>::default();
+                let mut result = datapath_pass(&nl, &map, &table, &ifname, &mut known).await;
+                if result.is_err() && planned_from_knowledge {
+                    // Planned from stale knowledge (a table changed behind our back): read it.
+                    known = Default::default();
+                    result = datapath_pass(&nl, &map, &table, &ifname, &mut known).await;
+                }
+                match result {
                     Ok(c) => {
                         if !c.ops.is_empty() || c.nft_changes > 0 {
                             tracing::info!(
@@ -158,7 +272,11 @@ impl Agent {
             let wait = if failing {
                 Duration::from_secs(1)
             } else {
-                REPAIR_EVERY.min(COUNTERS_EVERY)
+                let since = last_repair.map_or(Duration::ZERO, |t| t.elapsed());
+                REPAIR_EVERY
+                    .saturating_sub(since)
+                    .min(COUNTERS_EVERY.saturating_sub(last_counters.elapsed()))
+                    .max(Duration::from_millis(100))
             };
             tokio::select! {
                 r = rx.changed() => if r.is_err() { return },
@@ -208,5 +326,58 @@ impl Agent {
         if self.link.report(&self.cfg.name, &report).await.is_ok() {
             *sent = now.into_iter().map(|c| (c.instance.clone(), c)).collect();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sets(elems: &[&str]) -> BTreeMap<String, BTreeSet<String>> {
+        [(
+            "ports".to_owned(),
+            elems.iter().map(|e| (*e).to_owned()).collect(),
+        )]
+        .into()
+    }
+
+    #[test]
+    fn known_tables_follow_what_a_pass_applied() {
+        let read = TableState {
+            elements: sets(&["\"nv1\""]),
+            ..TableState::default()
+        };
+        let want = sets(&["\"nv1\"", "\"nv2\""]);
+        // Elements added to a table of the right layout: known without reading it back.
+        let k = known_after(
+            Some(read.clone()),
+            Some(&want),
+            "add element bridge t ports { \"nv2\" }\n",
+        );
+        assert_eq!(
+            k,
+            Known::Present(TableState {
+                elements: want.clone(),
+                ..read.clone()
+            })
+        );
+        // Replaced whole: its layout must be read back.
+        let replaced = "table bridge t {}\ndelete table bridge t\ntable bridge t { }\n";
+        assert_eq!(
+            known_after(Some(read.clone()), Some(&want), replaced),
+            Known::Unknown
+        );
+        assert_eq!(known_after(None, Some(&want), replaced), Known::Unknown);
+        // Deleted (no instances left).
+        assert_eq!(
+            known_after(Some(read.clone()), None, "delete table bridge t\n"),
+            Known::Absent
+        );
+        // An unreadable table is never trusted.
+        let bad = TableState {
+            unreadable: true,
+            ..read
+        };
+        assert_eq!(known_after(Some(bad), Some(&want), ""), Known::Unknown);
     }
 }
