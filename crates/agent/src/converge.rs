@@ -596,8 +596,14 @@ impl Agent {
                 instances: pending.values().map(|q| q.report.clone()).collect(),
                 interfaces: Vec::new(),
             };
+            let sent = Instant::now();
             match self.link.report(&self.cfg.name, &report).await {
                 Ok(()) => {
+                    tracing::debug!(
+                        instances = report.instances.len(),
+                        elapsed_ms = sent.elapsed().as_secs_f64() * 1e3,
+                        "status reported"
+                    );
                     acked.extend(std::mem::take(&mut pending));
                     if acked.len() > 64 {
                         // Forget what is no longer assigned (deleted, moved away).

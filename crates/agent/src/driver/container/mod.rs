@@ -477,7 +477,8 @@ impl ContainerDriver {
             // The create was interrupted while the network was being wired.
             self.wire_network(id, &meta).await?;
         }
-        let announce = tokio::spawn(announce(self.cfg.net_key(id), meta.network));
+        // Announced meanwhile (a thread in the namespace: no need to wait for it).
+        tokio::spawn(announce(self.cfg.net_key(id), meta.network));
         self.runc.start(id).await?;
         rootfs::write_replace(
             &self.bundle(id).started(),
@@ -485,7 +486,6 @@ impl ContainerDriver {
             false,
         )?;
         info!(container = id, pid, "container started");
-        let _ = announce.await;
         Ok(pid)
     }
 
