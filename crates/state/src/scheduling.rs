@@ -225,8 +225,6 @@ impl StateMachine {
         self.instances
             .insert(id.to_string(), std::sync::Arc::new(inst.clone()));
         self.bump_assignments(&node);
-        // Its node's network map gains it.
-        self.bump_network();
         self.event(env, &p, "instance", &n, "StartRequested", String::new());
         self.event(
             env,
