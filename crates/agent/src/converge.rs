@@ -109,16 +109,13 @@ impl Executor {
     fn set_wake(&self, id: &str, at: Option<u64>) {
         let earlier = {
             let mut w = self.wakes.lock().expect("wakes lock");
-            match at {
-                Some(t) => {
-                    let earlier = w.values().all(|o| t < *o);
-                    w.insert(id.to_owned(), t);
-                    earlier
-                }
-                None => {
-                    w.remove(id);
-                    false
-                }
+            if let Some(t) = at {
+                let earlier = w.values().all(|o| t < *o);
+                w.insert(id.to_owned(), t);
+                earlier
+            } else {
+                w.remove(id);
+                false
             }
         };
         if earlier {
@@ -673,7 +670,7 @@ fn log_failure(
         ),
         // A create before the datapath was ready: tried again once it is.
         (true, None) => {
-            tracing::info!(instance = %name, "create failed, retrying once the datapath is ready: {e}")
+            tracing::info!(instance = %name, "create failed, retrying once the datapath is ready: {e}");
         }
         (false, _) => tracing::warn!(
             instance = %name,

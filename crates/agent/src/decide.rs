@@ -241,7 +241,7 @@ impl LocalInstance {
 
 fn retry_note(r: &LocalInstance) -> String {
     let ms = backoff_ms(r.failures);
-    let delay = if ms >= 1000 && ms % 1000 == 0 {
+    let delay = if ms >= 1000 && ms.is_multiple_of(1000) {
         format!("{} s", ms / 1000)
     } else if ms >= 1000 {
         format!("{:.1} s", ms as f64 / 1000.0)
@@ -382,9 +382,13 @@ fn running(want: &Intent, mut r: LocalInstance, obs: &Observation, now: u64) -> 
             Decision::keep(r).status(s)
         }
         RuntimeState::Absent | RuntimeState::Created => not_running(want, r, obs, now, None),
-        RuntimeState::Exited { code } => not_running(want, r, obs, now, Some(code)),
+        RuntimeState::Exited { code } => not_running(want, r, obs, now, Some(Exit(code))),
     }
 }
+
+/// The exit code of a run that ended (`None`: unknown).
+#[derive(Debug, Clone, Copy)]
+struct Exit(Option<i32>);
 
 /// Desired running, nothing runs: absent, created, or exited with `exit`.
 fn not_running(
@@ -392,11 +396,11 @@ fn not_running(
     mut r: LocalInstance,
     obs: &Observation,
     now: u64,
-    exit: Option<Option<i32>>,
+    exit: Option<Exit>,
 ) -> Decision {
     if let Some(t) = r.backing_off(now) {
         let s = match exit {
-            Some(code) if r.last_error.is_none() => exit_status(&r, code),
+            Some(Exit(code)) if r.last_error.is_none() => exit_status(&r, code),
             _ => failure_status(&r, InstanceState::Failed),
         };
         return Decision::keep(r).status(s).wake(t);
@@ -407,7 +411,7 @@ fn not_running(
     }
     let retry_due = r.not_before_ms.is_some();
     if !r.pending_restart && !retry_due {
-        if let Some(code) = exit {
+        if let Some(Exit(code)) = exit {
             if !r.exit_is_new() {
                 let s = exit_status(&r, code);
                 return Decision::keep(r).status(s);

@@ -1,4 +1,6 @@
 //! Table tests of the decision core: no driver, no root, no clock.
+// Short names are the tables' vocabulary: w(ant), r(ecord), d(ecision), f(ailure).
+#![allow(clippy::many_single_char_names)]
 
 use nimbus_api::{DesiredState, InstanceState, InstanceType, RestartPolicy};
 

@@ -94,17 +94,19 @@ fn start_failures(cloud: &Cloud, name: &str) -> Vec<f64> {
                 && l.contains("stat /nope: no such file or directory")
                 && format!("{l} ").contains(&tag)
         })
-        .filter_map(|l| {
+        .filter_map(|line| {
             // 2026-01-02T03:04:05.678901Z ...
-            let t = l.split_whitespace().next()?.split('T').nth(1)?;
-            let t = t.trim_end_matches('Z');
-            let mut p = t.split(':');
-            let (h, m, s) = (p.next()?, p.next()?, p.next()?);
-            Some(
-                h.parse::<f64>().ok()? * 3600.0
-                    + m.parse::<f64>().ok()? * 60.0
-                    + s.parse::<f64>().ok()?,
-            )
+            let time = line.split_whitespace().next()?.split('T').nth(1)?;
+            let fields: Vec<f64> = time
+                .trim_end_matches('Z')
+                .split(':')
+                .map(str::parse)
+                .collect::<Result<_, _>>()
+                .ok()?;
+            match fields[..] {
+                [hours, minutes, seconds] => Some(hours * 3600.0 + minutes * 60.0 + seconds),
+                _ => None,
+            }
         })
         .collect()
 }
