@@ -1,8 +1,11 @@
 //! The hollow driver of `nimbus agent --hollow` (a test mode, like Kubernetes' kubemark; never
 //! the default): it keeps each instance's lifecycle in memory and runs nothing. `start`
 //! answers pid 0 ("no process"), so the agent reports the instance `running` at once; `exec`
-//! and stats are refused. It lets a benchmark drive the real control plane (API, Raft,
-//! scheduler, assignments, status reports) with hundreds of nodes on one machine.
+//! and stats are refused. The agent drives it through the same decision core and executor
+//! as a real driver (`crate::decide`, `crate::converge`; a hollow node has no datapath to wait
+//! for). It lets a benchmark drive the real control plane (API, Raft, scheduler, assignments,
+//! status reports) with hundreds of nodes on one machine; fleets of thousands use
+//! `crate::fleet` instead.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
