@@ -155,6 +155,32 @@ pub fn workdir(prefix: &str) -> anyhow::Result<tempfile::TempDir> {
     Ok(tempfile::Builder::new().prefix(prefix).tempdir_in(base)?)
 }
 
+/// A child process killed (SIGKILL) and reaped when dropped.
+pub struct KillOnDrop(pub Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits up to `timeout` for a line containing "ready" on the child's (piped) stdout.
+pub fn wait_ready(child: &mut Child, what: &str, timeout: Duration) -> anyhow::Result<()> {
+    use std::io::BufRead as _;
+    let out = child.stdout.take().context("no stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if line.contains("ready") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(timeout)
+        .map_err(|_| anyhow::anyhow!("{what} did not print ready within {timeout:?}"))
+}
+
 fn tail(path: &Path, n: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();

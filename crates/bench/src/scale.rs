@@ -26,7 +26,7 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -36,7 +36,7 @@ use clap::Args;
 use nimbus_api::{CreateInstanceRequest, NodeState};
 use nimbus_client::Client;
 
-use crate::harness::{free_port, workdir};
+use crate::harness::{free_port, wait_ready, workdir, KillOnDrop};
 use crate::stats::{ms, Summary};
 
 /// Options.
@@ -77,40 +77,15 @@ pub struct ScaleArgs {
     pub command: String,
 }
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Waits for a line containing "ready" on the child's stdout.
-fn wait_ready(child: &mut Child, what: &str, timeout: Duration) -> anyhow::Result<()> {
-    use std::io::BufRead as _;
-    let out = child.stdout.take().context("no stdout")?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-            if line.contains("ready") {
-                let _ = tx.send(());
-            }
-        }
-    });
-    rx.recv_timeout(timeout)
-        .map_err(|_| anyhow::anyhow!("{what} did not print ready within {timeout:?}"))
-}
-
 struct Server {
-    proc: Option<Proc>,
+    proc: Option<KillOnDrop>,
     url: String,
     port: u16,
     dir: PathBuf,
 }
 
 impl Server {
-    fn spawn(bin: &Path, dir: &Path, port: u16) -> anyhow::Result<Proc> {
+    fn spawn(bin: &Path, dir: &Path, port: u16) -> anyhow::Result<KillOnDrop> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -127,7 +102,7 @@ impl Server {
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
         wait_ready(&mut child, "nimbus server", Duration::from_secs(600))?;
-        Ok(Proc(child))
+        Ok(KillOnDrop(child))
     }
 
     fn start(bin: &Path, dir: &Path) -> anyhow::Result<Self> {
@@ -266,7 +241,7 @@ async fn measure(args: &ScaleArgs, nodes: u32, instances: usize) -> anyhow::Resu
             "nimbus agent --hollow",
             Duration::from_secs(600),
         )?;
-        fleets.push(Proc(child));
+        fleets.push(KillOnDrop(child));
     }
     loop {
         let all = api.list_nodes().await?;

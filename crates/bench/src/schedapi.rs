@@ -15,7 +15,7 @@
 //!   through the same Raft path that places nothing) with the same clients, and the ratio.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,7 +25,7 @@ use clap::Args;
 use nimbus_api::{CreateInstanceRequest, InstanceState};
 use nimbus_client::Client;
 
-use crate::harness::{free_port, workdir};
+use crate::harness::{free_port, wait_ready, workdir, KillOnDrop};
 use crate::stats::{ms, Summary};
 
 /// Options.
@@ -45,31 +45,7 @@ pub struct SchedApiArgs {
     pub clients: usize,
 }
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn wait_line(child: &mut Child, what: &str) -> anyhow::Result<()> {
-    use std::io::BufRead as _;
-    let out = child.stdout.take().context("no stdout")?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
-            if line.contains("ready") {
-                let _ = tx.send(());
-            }
-        }
-    });
-    rx.recv_timeout(Duration::from_secs(120))
-        .map_err(|_| anyhow::anyhow!("{what} did not print ready"))
-}
-
-fn start_server(bin: &Path, dir: &Path) -> anyhow::Result<(Proc, String)> {
+fn start_server(bin: &Path, dir: &Path) -> anyhow::Result<(KillOnDrop, String)> {
     let port = free_port()?;
     let mut child = Command::new(bin)
         .args(["server", "--data-dir"])
@@ -80,11 +56,11 @@ fn start_server(bin: &Path, dir: &Path) -> anyhow::Result<(Proc, String)> {
         .stderr(std::fs::File::create(dir.join("server.log"))?)
         .spawn()
         .with_context(|| format!("starting {}", bin.display()))?;
-    wait_line(&mut child, "nimbus server")?;
-    Ok((Proc(child), format!("http://127.0.0.1:{port}")))
+    wait_ready(&mut child, "nimbus server", Duration::from_secs(120))?;
+    Ok((KillOnDrop(child), format!("http://127.0.0.1:{port}")))
 }
 
-fn start_hollow(bin: &Path, dir: &Path, url: &str, nodes: u32) -> anyhow::Result<Proc> {
+fn start_hollow(bin: &Path, dir: &Path, url: &str, nodes: u32) -> anyhow::Result<KillOnDrop> {
     let mut child = Command::new(bin)
         .args(["agent", "--hollow", "--name", "hollow", "--hollow-count"])
         .arg(nodes.to_string())
@@ -97,8 +73,12 @@ fn start_hollow(bin: &Path, dir: &Path, url: &str, nodes: u32) -> anyhow::Result
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(dir.join("hollow.log"))?)
         .spawn()?;
-    wait_line(&mut child, "nimbus agent --hollow")?;
-    Ok(Proc(child))
+    wait_ready(
+        &mut child,
+        "nimbus agent --hollow",
+        Duration::from_secs(120),
+    )?;
+    Ok(KillOnDrop(child))
 }
 
 /// Runs `n` writes with `clients` concurrent tasks; returns the elapsed time and the latencies.

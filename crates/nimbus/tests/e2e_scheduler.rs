@@ -192,26 +192,7 @@ async fn hollow_nodes_register_heartbeat_and_run_nothing() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let tmp = tempfile::tempdir().expect("tmp");
-    let mut agent = Command::new(bin())
-        .args(["agent", "--hollow", "--hollow-count", "5", "--name", "hol"])
-        .args(["--hollow-cpus", "4", "--hollow-memory", "8G"])
-        .args(["--server", &cloud.url, "--token-file"])
-        .arg(cloud.data_dir.join("node.token"))
-        .arg("--data-dir")
-        .arg(tmp.path())
-        .args(["--listen", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("hollow agent");
-    let stdout = agent.stdout.take().expect("stdout");
-    let ready = std::io::BufReader::new(stdout)
-        .lines()
-        .map_while(Result::ok)
-        .find(|l| l.contains("ready"))
-        .unwrap_or_default();
-    assert!(ready.contains("5 hollow node(s)"), "{ready}");
+    let (_agent, _agent_dir) = hollow(&cloud, "hol", 5, 4, "8G");
     let nodes = c.list_nodes().await.expect("nodes");
     assert_eq!(nodes.len(), 6, "{nodes:?}");
     for n in nodes.iter().filter(|n| n.meta.name.starts_with("hol-")) {
@@ -270,8 +251,6 @@ async fn hollow_nodes_register_heartbeat_and_run_nothing() {
     })
     .await
     .expect("deleted through the hollow nodes");
-    let _ = agent.kill();
-    let _ = agent.wait();
     cloud.shutdown();
 }
 
@@ -312,6 +291,7 @@ fn hollow(
         .arg(cloud.data_dir.join("node.token"))
         .arg("--data-dir")
         .arg(tmp.path())
+        .args(["--listen", "127.0.0.1:0"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -322,7 +302,10 @@ fn hollow(
         .map_while(Result::ok)
         .find(|l| l.contains("ready"))
         .unwrap_or_default();
-    assert!(ready.contains("hollow node"), "{ready}");
+    assert!(
+        ready.contains(&format!("{count} hollow node(s)")),
+        "{ready}"
+    );
     (Hollow(child), tmp)
 }
 
