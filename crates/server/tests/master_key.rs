@@ -150,3 +150,83 @@ async fn a_master_key_file_with_wrong_mode_or_another_key_is_refused() {
     let e = nimbus_server::masterkey::MasterKeys::load(&dir, None).unwrap_err();
     assert!(e.contains("0644"), "{e}");
 }
+
+/// A second data dir sharing the first's tokens (the cluster secret is the node token today).
+fn member_dir(first: &std::path::Path, dir: &std::path::Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("NIMBUS_DATA_DIR"), "nimbus-data-v1\n").unwrap();
+    for f in ["admin.token", "node.token"] {
+        std::fs::copy(first.join(f), dir.join(f)).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joining_server_receives_the_key_and_a_rotation_reaches_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d1 = tmp.path().join("s1");
+    let s1 = Server::start(config(&d1)).await.unwrap();
+    let url1 = format!("http://{}", s1.local_addr);
+    let d2 = tmp.path().join("s2");
+    member_dir(&d1, &d2);
+    let mut cfg2 = config(&d2);
+    cfg2.node_id = 2;
+    let s2 = Server::start_with(
+        cfg2,
+        nimbus_server::ClusterOptions {
+            join: vec![url1],
+            ..nimbus_server::ClusterOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let key1 = MasterKey::from_file(&d1.join("master.key")).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !s2.app.keys.present() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the joining server never got the master key"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let key2 = MasterKey::from_file(&d2.join("master.key")).unwrap();
+    assert_eq!(key2.key_id(), key1.key_id());
+    let mode = std::fs::metadata(d2.join("master.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    // A secret created through the first server opens on the second.
+    assert_eq!(
+        create_secret(&s1, "shared", b"value-shared").await.status(),
+        201
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let sealed = loop {
+        if let Some(s) = s2.app.read(|s| s.secrets.get("default/shared").cloned()) {
+            break s.sealed;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not replicated");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let aad = secret_aad("default", "shared");
+    assert_eq!(
+        s2.app.keys.open(&sealed, &aad).unwrap().as_slice(),
+        b"value-shared"
+    );
+
+    // A rotation on the first server reaches the second.
+    let r = nimbus_server::masterkey::rotate(&s1.app).await.unwrap();
+    assert_eq!(r.servers, 2);
+    let on2 = MasterKey::from_file(&d2.join("master.key")).unwrap();
+    assert_eq!(on2.key_id(), r.new_key_id);
+    assert!(s2.app.keys.get(&r.old_key_id).is_none());
+    let sealed = s2.app.read(|s| s.secrets["default/shared"].sealed.clone());
+    assert_eq!(sealed.key_id, r.new_key_id);
+    assert_eq!(
+        s2.app.keys.open(&sealed, &aad).unwrap().as_slice(),
+        b"value-shared"
+    );
+    s2.shutdown().await;
+    s1.shutdown().await;
+}
