@@ -268,3 +268,47 @@ pub fn unseal_lb_keys(app: &AppState, lbs: &mut [nimbus_api::agent::LbAssignment
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use utoipa::OpenApi as _;
+
+    #[test]
+    fn secrets_are_documented_in_the_openapi_spec() {
+        let doc = serde_json::to_value(crate::routes::ApiDoc::openapi()).unwrap();
+        let paths = &doc["paths"];
+        for (path, method) in [
+            ("/v1/projects/{project}/secrets", "post"),
+            ("/v1/projects/{project}/secrets", "get"),
+            ("/v1/projects/{project}/secrets/{name}", "get"),
+            ("/v1/projects/{project}/secrets/{name}", "delete"),
+            ("/v1/nodes/{name}/instances/{id}/secrets", "get"),
+            ("/v1/cluster/master-key/rotate", "post"),
+        ] {
+            assert!(
+                paths[path][method].is_object(),
+                "{method} {path} undocumented"
+            );
+        }
+        let create = &paths["/v1/projects/{project}/secrets"]["post"]["responses"];
+        for status in ["201", "409", "413", "422"] {
+            assert!(
+                create[status].is_object(),
+                "create does not document {status}"
+            );
+        }
+        let schemas = &doc["components"]["schemas"];
+        for s in [
+            "CreateSecretRequest",
+            "Secret",
+            "SecretUse",
+            "InstanceSecrets",
+        ] {
+            assert!(schemas[s].is_object(), "schema {s} missing");
+        }
+        assert_eq!(
+            doc["components"]["securitySchemes"]["bearer"]["scheme"],
+            "bearer"
+        );
+    }
+}
