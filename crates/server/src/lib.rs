@@ -372,5 +372,8 @@ async fn bootstrap_defaults(app: &AppState) -> Result<(), StartError> {
             );
         }
     }
+    if app.keys.present() {
+        routes::secrets::migrate_lb_keys(app).await;
+    }
     Ok(())
 }

@@ -252,6 +252,49 @@ pub async fn seal_lb_key(
     Ok(spec)
 }
 
+/// Moves the inline TLS keys of load balancers written by older builds into secrets (run by
+/// the leader at start). Their old log entries keep the plain key until the log is compacted.
+pub async fn migrate_lb_keys(app: &AppState) {
+    let inline: Vec<(String, String, LoadBalancerSpec, u64)> = app.read(|s| {
+        s.loadbalancers
+            .values()
+            .filter(|l| {
+                l.spec
+                    .tls
+                    .as_ref()
+                    .is_some_and(|t| !t.key_pem.is_empty() && t.key_secret.is_none())
+            })
+            .map(|l| {
+                (
+                    l.meta.project.clone(),
+                    l.meta.name.clone(),
+                    l.spec.clone(),
+                    l.meta.version,
+                )
+            })
+            .collect()
+    });
+    for (project, name, spec, version) in inline {
+        let moved = match seal_lb_key(app, &project, &name, spec).await {
+            Ok(spec) => {
+                app.propose(Command::UpdateLoadBalancer {
+                    project: project.clone(),
+                    name: name.clone(),
+                    spec: Box::new(spec),
+                    version: Some(version),
+                })
+                .await
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = moved {
+            tracing::warn!(lb = %name, project = %project, "moving the TLS key into a secret: {}", e.message);
+        } else {
+            tracing::info!(lb = %name, project = %project, "TLS key moved into a secret");
+        }
+    }
+}
+
 /// Fills in the private keys of the LBs a node serves (its assignments only).
 pub fn unseal_lb_keys(app: &AppState, lbs: &mut [nimbus_api::agent::LbAssignment]) {
     for lb in lbs {
