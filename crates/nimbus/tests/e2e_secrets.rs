@@ -94,7 +94,7 @@ async fn secrets_reach_the_container_only() {
     if !deps() {
         return;
     }
-    let cloud = Cloud::start(bin()).expect("nimbus up");
+    let mut cloud = Cloud::start(bin()).expect("nimbus up");
     let c = cloud.client();
     let tag = uuid::Uuid::new_v4().simple().to_string();
     let file_value = format!("file-secret-{tag}");
@@ -236,6 +236,38 @@ async fn secrets_reach_the_container_only() {
         file_value
     );
 
+    // A restart of the instance and a SIGKILL + restart of the cloud (the server reloads the
+    // rotated key from master.key; the agent re-attaches) keep the secrets where they were.
+    ok(&cloud, &["restart", "app"]);
+    wait_running(&c, "app").await;
+    assert_eq!(
+        ok(&cloud, &["exec", "app", "--", "cat", "/run/secrets/db"]),
+        file_value
+    );
+    cloud.restart().expect("restart nimbus up");
+    let c = cloud.client();
+    wait_running(&c, "app2").await;
+    assert_eq!(
+        ok(&cloud, &["exec", "app2", "--", "cat", "/etc/app/db.conf"]),
+        file_value
+    );
+    ok(
+        &cloud,
+        &[
+            "launch",
+            "busybox",
+            "app3",
+            "--secret-env",
+            "token:T",
+            "--",
+            "sleep",
+            "3600",
+        ],
+    );
+    wait_running(&c, "app3").await;
+    let env = ok(&cloud, &["exec", "app3", "--", "sh", "-c", "echo \"$T\""]);
+    assert_eq!(env.trim_end(), env_value);
+
     outputs.push(ok(&cloud, &["events", "--all", "-o", "json"]));
     outputs.push(ok(&cloud, &["show", "app", "-o", "json"]));
     for out in &outputs {
@@ -259,7 +291,7 @@ async fn secrets_reach_the_container_only() {
     );
 
     // Once no instance uses it, the secret can be deleted; the tmpfs goes with the instance.
-    for name in ["app", "app2"] {
+    for name in ["app", "app2", "app3"] {
         ok(&cloud, &["delete", name]);
     }
     ok(&cloud, &["secret", "delete", "db"]);
