@@ -54,6 +54,12 @@ impl std::fmt::Debug for CreateSecretRequest {
     }
 }
 
+impl Drop for CreateSecretRequest {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.data);
+    }
+}
+
 /// Validates a create request and decodes its value.
 pub fn create_secret(req: &CreateSecretRequest) -> Result<Zeroizing<Vec<u8>>, ApiError> {
     name("name", &req.name)?;
