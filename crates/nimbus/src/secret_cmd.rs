@@ -19,7 +19,7 @@ pub enum SecretCmd {
     Create {
         /// Name.
         name: String,
-        /// Read the value from this file.
+        /// Read the value from this file (`-`: standard input).
         #[arg(long, value_name = "FILE", conflicts_with = "from_literal")]
         from_file: Option<PathBuf>,
         /// The value itself (visible in the shell history and `ps`: prefer --from-file).
@@ -89,6 +89,12 @@ pub async fn run(c: &Client, cmd: SecretCmd) -> Result<()> {
             from_literal,
         } => {
             let value = match (from_file, from_literal) {
+                (Some(f), None) if f.as_os_str() == "-" => {
+                    let mut v = Zeroizing::new(Vec::new());
+                    std::io::Read::read_to_end(&mut std::io::stdin(), &mut v)
+                        .context("reading the value from standard input")?;
+                    v
+                }
                 (Some(f), None) => Zeroizing::new(
                     std::fs::read(&f).with_context(|| format!("reading {}", f.display()))?,
                 ),

@@ -117,10 +117,20 @@ async fn secrets_reach_the_container_only() {
         out.contains(&format!("{} bytes", file_value.len())),
         "{out}"
     );
-    ok(
-        &cloud,
-        &["secret", "create", "token", "--from-literal", &env_value],
-    );
+    // From standard input (keeps the value out of `ps` and the shell history).
+    let mut child = cloud
+        .cli()
+        .args(["secret", "create", "token", "--from-file", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), env_value.as_bytes()).unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    // --from-literal works too.
+    ok(&cloud, &["secret", "create", "lit", "--from-literal", "x"]);
+    ok(&cloud, &["secret", "delete", "lit"]);
     let mut outputs = vec![
         ok(&cloud, &["secret", "show", "db"]),
         ok(&cloud, &["secret", "show", "db", "-o", "json"]),
