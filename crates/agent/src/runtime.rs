@@ -14,7 +14,7 @@ use tokio::sync::watch;
 
 use crate::config::AgentConfig;
 use crate::converge::Executor;
-use crate::driver::{Driver, DriverError, RuntimeSpec};
+use crate::driver::{Driver, DriverError, RuntimeSpec, SecretMaterial};
 use crate::local::LocalState;
 use crate::netloop::Programmed;
 use crate::server_link::{LinkError, ServerLink};
@@ -291,6 +291,7 @@ impl Agent {
         for (k, v) in &a.spec.env {
             env.insert(k.clone(), v.clone());
         }
+        let secrets = self.secrets_of(a).await?;
         Ok(RuntimeSpec {
             id: a.id.clone(),
             name: a.name.clone(),
@@ -310,7 +311,34 @@ impl Agent {
             network: a.network.clone(),
             user_data: a.spec.user_data.clone(),
             ssh_keys: a.spec.ssh_keys.clone(),
+            secrets,
         })
+    }
+
+    /// Fetches the instance's secrets from the control plane (never stored by the agent).
+    async fn secrets_of(&self, a: &Assignment) -> Result<SecretMaterial, DriverError> {
+        if a.spec.secrets.is_empty() || self.cfg.hollow {
+            return Ok(SecretMaterial::default());
+        }
+        let got = self
+            .link
+            .instance_secrets(&self.cfg.name, &a.id)
+            .await
+            .map_err(|e| {
+                DriverError::Unavailable(format!("fetching the instance's secrets: {e}"))
+            })?;
+        let mut out = SecretMaterial::default();
+        for (path, data) in &got.files {
+            let value = nimbus_api::secret::decode(data).map_err(|_| {
+                DriverError::Unavailable(format!("the secret for {path} is not base64"))
+            })?;
+            out.files.push((path.clone(), value));
+        }
+        for (k, v) in &got.env {
+            out.env
+                .push((k.clone(), zeroize::Zeroizing::new(v.clone())));
+        }
+        Ok(out)
     }
 
     /// The driver and assignment of an instance held by this node.

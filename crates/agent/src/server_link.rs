@@ -172,6 +172,23 @@ impl ServerLink {
         .ok_or_else(|| LinkError::NotNimbus(self.servers.join(","), "empty assignments".into()))
     }
 
+    /// The unsealed secrets of instance `id`, which the control plane gives only to the node
+    /// the instance is placed on.
+    pub async fn instance_secrets(
+        &self,
+        node: &str,
+        id: &str,
+    ) -> Result<nimbus_api::secret::InstanceSecrets, LinkError> {
+        self.call::<(), nimbus_api::secret::InstanceSecrets>(
+            reqwest::Method::GET,
+            &format!("/v1/nodes/{node}/instances/{id}/secrets"),
+            None,
+            Duration::from_secs(10),
+        )
+        .await?
+        .ok_or_else(|| LinkError::NotNimbus(self.servers.join(","), "empty secrets".into()))
+    }
+
     /// Sends status reports.
     pub async fn report(&self, node: &str, report: &StatusReport) -> Result<(), LinkError> {
         self.call::<_, serde_json::Value>(

@@ -159,8 +159,14 @@ pub struct LbRoute {
 pub struct LbTls {
     /// Certificate chain, PEM, leaf first.
     pub cert_pem: String,
-    /// Private key, PEM.
+    /// Private key, PEM, inline. Accepted for compatibility: the server stores it as the
+    /// secret `<lb>-tls-key` and the load balancer then names that secret in `key_secret`. Only
+    /// the nodes serving the load balancer see it again (in their assignments).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub key_pem: String,
+    /// Name of the secret (in the load balancer's project) that holds the private key (PEM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_secret: Option<String>,
 }
 
 impl std::fmt::Debug for LbTls {
@@ -483,7 +489,20 @@ pub fn validate_spec(req: &LoadBalancerSpecRequest) -> Result<LoadBalancerSpec, 
                 "a certificate is only used by https listeners",
             ))
         }
-        (Some(t), true) => crate::lb_tls::check(&t.cert_pem, &t.key_pem)?,
+        (Some(t), true) => match (&t.key_secret, t.key_pem.is_empty()) {
+            (Some(_), false) | (None, true) => {
+                return Err(invalid(
+                    "tls",
+                    "give the private key either inline (key_pem) or as a secret (key_secret)",
+                ))
+            }
+            // The server checks the secret's key against the certificate (it can open it).
+            (Some(s), true) => {
+                crate::validate::name("tls.key_secret", s)?;
+                crate::lb_tls::check_cert(&t.cert_pem)?;
+            }
+            (None, false) => crate::lb_tls::check(&t.cert_pem, &t.key_pem)?,
+        },
         (None, false) => {}
     }
     Ok(LoadBalancerSpec {

@@ -5,6 +5,42 @@ use crate::ApiError;
 
 /// Check a PEM certificate chain and private key.
 pub fn check(cert_pem: &str, key_pem: &str) -> Result<(), ApiError> {
+    check_key(cert_pem, key_pem, "tls.key_pem")
+}
+
+/// Check a PEM certificate chain alone (parses, valid now).
+pub fn check_cert(cert_pem: &str) -> Result<(), ApiError> {
+    leaf_spki(cert_pem).map(drop)
+}
+
+/// Check that `key_pem` is a usable private key matching the certificate; errors about the
+/// key name `key_field`. Messages never quote the key.
+pub fn check_key(cert_pem: &str, key_pem: &str, key_field: &str) -> Result<(), ApiError> {
+    let cert_spki = leaf_spki(cert_pem)?;
+    let key = rustls_pemfile::private_key(&mut key_pem.as_bytes())
+        .map_err(|e| ApiError::invalid(key_field, format!("private key PEM: {e}")))?
+        .ok_or_else(|| ApiError::invalid(key_field, "no private key found in the key PEM"))?;
+    let signing = rustls::crypto::ring::default_provider()
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| ApiError::invalid(key_field, format!("unusable private key: {e}")))?;
+    let Some(spki) = signing.public_key() else {
+        return Err(ApiError::invalid(
+            key_field,
+            "cannot derive the public key of this private key",
+        ));
+    };
+    if spki.as_ref() != cert_spki.as_slice() {
+        return Err(ApiError::invalid(
+            key_field,
+            "the private key does not match the certificate",
+        ));
+    }
+    Ok(())
+}
+
+/// The leaf certificate's SubjectPublicKeyInfo, after checking it parses and is valid now.
+fn leaf_spki(cert_pem: &str) -> Result<Vec<u8>, ApiError> {
     let certs: Vec<_> = rustls_pemfile::certs(&mut cert_pem.as_bytes())
         .collect::<Result<_, _>>()
         .map_err(|e| ApiError::invalid("tls.cert_pem", format!("certificate PEM: {e}")))?;
@@ -34,26 +70,7 @@ pub fn check(cert_pem: &str, key_pem: &str) -> Result<(), ApiError> {
             ),
         ));
     }
-    let key = rustls_pemfile::private_key(&mut key_pem.as_bytes())
-        .map_err(|e| ApiError::invalid("tls.key_pem", format!("private key PEM: {e}")))?
-        .ok_or_else(|| ApiError::invalid("tls.key_pem", "no private key found in the key PEM"))?;
-    let signing = rustls::crypto::ring::default_provider()
-        .key_provider
-        .load_private_key(key)
-        .map_err(|e| ApiError::invalid("tls.key_pem", format!("unusable private key: {e}")))?;
-    let Some(spki) = signing.public_key() else {
-        return Err(ApiError::invalid(
-            "tls.key_pem",
-            "cannot derive the public key of this private key",
-        ));
-    };
-    if spki.as_ref() != x509.public_key().raw {
-        return Err(ApiError::invalid(
-            "tls.key_pem",
-            "the private key does not match the certificate",
-        ));
-    }
-    Ok(())
+    Ok(x509.public_key().raw.to_vec())
 }
 
 #[cfg(test)]

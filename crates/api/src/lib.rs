@@ -6,11 +6,12 @@ pub mod cidr;
 pub mod error;
 pub mod lb;
 pub mod lb_place;
-mod lb_tls;
+pub mod lb_tls;
 pub mod netmap_delta;
 pub mod network;
 pub mod requests;
 pub mod resources;
+pub mod secret;
 pub mod validate;
 
 pub use error::{ApiError, ErrorBody, ErrorCode};

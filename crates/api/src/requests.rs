@@ -89,6 +89,10 @@ pub struct CreateInstanceRequest {
     /// Node ports to forward to the instance: `HOSTPORT:PORT[/tcp|udp]`.
     #[serde(default)]
     pub publish: Vec<String>,
+    /// Secrets of the project to deliver: each as a read-only file (`path`) or an environment
+    /// variable (`env`). Containers only.
+    #[serde(default)]
+    pub secrets: Vec<crate::secret::SecretUse>,
 }
 
 /// A validated create: everything `apply` needs to make the instance (it resolves the image,

@@ -305,6 +305,9 @@ pub struct InstanceSpec {
     /// Node ports forwarded to the instance.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub publish: Vec<crate::PublishedPort>,
+    /// Secrets delivered to the instance as files or environment variables.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<crate::secret::SecretUse>,
 }
 
 fn default_network() -> String {

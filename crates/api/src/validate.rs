@@ -250,6 +250,7 @@ pub fn create_instance(
         security_groups.push(crate::DEFAULT_SECURITY_GROUP.to_string());
     }
     let publish = net::publish_list(&req.publish)?;
+    crate::secret::secret_uses(&req.secrets, &req.env, vm)?;
     Ok(InstanceDraft {
         name: req.name.clone(),
         project: project.to_string(),
@@ -282,6 +283,7 @@ pub fn create_instance(
             subnet,
             security_groups,
             publish,
+            secrets: req.secrets.clone(),
         },
     })
 }

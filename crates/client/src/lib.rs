@@ -14,6 +14,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 mod network;
+mod secret;
 
 /// Client failures.
 #[derive(Debug, thiserror::Error)]

@@ -129,6 +129,12 @@ pub enum Command {
     /// Security groups.
     #[command(subcommand, name = "sg", alias = "security-group")]
     Sg(crate::net_cmd::SgCmd),
+    /// Secrets (sealed values for instances and load balancers).
+    #[command(subcommand)]
+    Secret(crate::secret_cmd::SecretCmd),
+    /// The server cluster as a whole.
+    #[command(subcommand)]
+    Cluster(crate::secret_cmd::ClusterCmd),
     /// Cluster events.
     Events {
         /// Keep following.
@@ -172,6 +178,11 @@ pub struct UpArgs {
     /// nftables table `inet <prefix>` (1-6 letters/digits; set when the cluster is created).
     #[arg(long, alias = "bridge", default_value = "nimbus")]
     pub net_prefix: String,
+    /// The cluster master key (32 bytes, mode 0600) to install when the data dir has none;
+    /// by default the first server creates `<data-dir>/master.key` and others get it from a
+    /// member.
+    #[arg(long, value_name = "FILE")]
+    pub master_key_file: Option<PathBuf>,
     /// Log as JSON.
     #[arg(long)]
     pub log_json: bool,
@@ -201,6 +212,11 @@ pub struct ServerArgs {
     /// nftables table `inet <prefix>` (1-6 letters/digits; set when the cluster is created).
     #[arg(long, alias = "bridge", default_value = "nimbus")]
     pub net_prefix: String,
+    /// The cluster master key (32 bytes, mode 0600) to install when the data dir has none;
+    /// by default the first server creates `<data-dir>/master.key` and others get it from a
+    /// member.
+    #[arg(long, value_name = "FILE")]
+    pub master_key_file: Option<PathBuf>,
     /// Form a new cluster once this many servers (this one included) see each other; give
     /// the others with --peers or --join.
     #[arg(long, value_name = "N")]
@@ -376,6 +392,12 @@ pub struct LaunchArgs {
     /// Forward a node port to the instance: HOSTPORT:PORT[/tcp|udp] (repeatable).
     #[arg(long = "publish", short = 'p', value_name = "HOSTPORT:PORT[/PROTO]")]
     pub publish: Vec<String>,
+    /// Mount a secret of the project as a read-only file (repeatable).
+    #[arg(long = "secret", value_name = "NAME:/PATH")]
+    pub secrets: Vec<String>,
+    /// Set an environment variable from a secret of the project (repeatable).
+    #[arg(long = "secret-env", value_name = "NAME:VAR")]
+    pub secret_env: Vec<String>,
     /// Command and arguments (after `--`).
     #[arg(last = true)]
     pub command: Vec<String>,

@@ -184,6 +184,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
         body_limit: 1 << 20,
         network_pool: args.network_pool,
         net_prefix: args.net_prefix,
+        master_key_file: args.master_key_file,
     })
     .await
     .with_context(|| format!("starting the control plane in {}", data_dir.display()))?;
@@ -286,6 +287,7 @@ pub async fn server(args: ServerArgs) -> Result<()> {
             body_limit: 1 << 20,
             network_pool: args.network_pool,
             net_prefix: args.net_prefix,
+            master_key_file: args.master_key_file,
         },
         opts,
     )

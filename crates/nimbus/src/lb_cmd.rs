@@ -100,12 +100,20 @@ pub struct SpecArgs {
     /// `tcp` or `http:/PATH`, with optional `,interval=2s,timeout=1s,healthy=2,unhealthy=3,status=200`.
     #[arg(long, value_name = "SPEC")]
     pub health_check: Option<String>,
-    /// PEM certificate chain for https listeners.
-    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    /// PEM certificate chain for https listeners (with --tls-key or --tls-key-secret).
+    #[arg(long, value_name = "FILE")]
     pub tls_cert: Option<PathBuf>,
-    /// PEM private key for https listeners.
-    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    /// PEM private key for https listeners; the server keeps it as the secret `<lb>-tls-key`.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "tls_cert",
+        conflicts_with = "tls_key_secret"
+    )]
     pub tls_key: Option<PathBuf>,
+    /// Secret (of the project) holding the PEM private key for https listeners.
+    #[arg(long, value_name = "NAME", requires = "tls_cert")]
+    pub tls_key_secret: Option<String>,
     /// Sticky sessions with this cookie name (L7).
     #[arg(long, value_name = "NAME")]
     pub sticky_cookie: Option<String>,
@@ -247,14 +255,24 @@ fn backends(a: &SpecArgs) -> Result<Option<LbBackends>> {
 }
 
 fn tls(a: &SpecArgs) -> Result<Option<LbTls>> {
-    match (&a.tls_cert, &a.tls_key) {
-        (Some(c), Some(k)) => Ok(Some(LbTls {
-            cert_pem: std::fs::read_to_string(c)
-                .with_context(|| format!("reading {}", c.display()))?,
+    let Some(c) = &a.tls_cert else {
+        return Ok(None);
+    };
+    let cert_pem =
+        std::fs::read_to_string(c).with_context(|| format!("reading {}", c.display()))?;
+    match (&a.tls_key, &a.tls_key_secret) {
+        (Some(k), _) => Ok(Some(LbTls {
+            cert_pem,
             key_pem: std::fs::read_to_string(k)
                 .with_context(|| format!("reading {}", k.display()))?,
+            key_secret: None,
         })),
-        _ => Ok(None),
+        (None, Some(s)) => Ok(Some(LbTls {
+            cert_pem,
+            key_pem: String::new(),
+            key_secret: Some(s.clone()),
+        })),
+        (None, None) => bail!("--tls-cert needs --tls-key FILE or --tls-key-secret NAME"),
     }
 }
 

@@ -7,6 +7,7 @@ mod hollow;
 mod lb_cmd;
 mod lb_route;
 mod net_cmd;
+mod secret_cmd;
 mod verbs;
 
 use std::process::ExitCode;
@@ -108,6 +109,13 @@ async fn run(cli: Cli) -> Result<i32> {
                     };
                     net_cmd::sg(&c, cmd).await?;
                 }
+                Command::Secret(_) => {
+                    let Command::Secret(cmd) = cli.command else {
+                        unreachable!()
+                    };
+                    secret_cmd::run(&c, cmd).await?;
+                }
+                Command::Cluster(cmd) => secret_cmd::cluster(&c, cmd).await?,
                 Command::Events { follow, all, o } => {
                     verbs::events(&c, *follow, *all, o.output).await?;
                 }

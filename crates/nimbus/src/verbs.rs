@@ -76,6 +76,34 @@ async fn wait_for(
     }
 }
 
+/// `--secret NAME:/PATH` and `--secret-env NAME:VAR` as secret uses.
+fn secret_uses(files: &[String], env: &[String]) -> Result<Vec<nimbus_api::secret::SecretUse>> {
+    let split = |s: &String, flag: &str, what: &str| {
+        s.split_once(':')
+            .filter(|(n, r)| !n.is_empty() && !r.is_empty())
+            .map(|(n, r)| (n.to_string(), r.to_string()))
+            .ok_or_else(|| anyhow!("{flag} {s:?}: expected NAME:{what}"))
+    };
+    let mut uses = Vec::new();
+    for f in files {
+        let (secret, path) = split(f, "--secret", "/PATH")?;
+        uses.push(nimbus_api::secret::SecretUse {
+            secret,
+            path: Some(path),
+            env: None,
+        });
+    }
+    for e in env {
+        let (secret, var) = split(e, "--secret-env", "VAR")?;
+        uses.push(nimbus_api::secret::SecretUse {
+            secret,
+            path: None,
+            env: Some(var),
+        });
+    }
+    Ok(uses)
+}
+
 /// `nimbus launch`.
 pub async fn launch(c: &Client, a: LaunchArgs) -> Result<()> {
     let restart: RestartPolicy =
@@ -128,6 +156,7 @@ pub async fn launch(c: &Client, a: LaunchArgs) -> Result<()> {
         subnet: a.subnet.clone(),
         security_groups: a.security_groups.clone(),
         publish: a.publish.clone(),
+        secrets: secret_uses(&a.secrets, &a.secret_env)?,
     };
     let inst = c
         .create_instance(&req, a.idempotency_key.as_deref())

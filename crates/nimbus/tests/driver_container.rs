@@ -180,6 +180,7 @@ impl Env {
             },
             user_data: None,
             ssh_keys: vec![],
+            secrets: nimbus_agent::driver::SecretMaterial::default(),
         }
     }
 

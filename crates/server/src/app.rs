@@ -29,6 +29,8 @@ pub struct ServerConfig {
     /// Datapath name prefix (bridges, VXLAN devices, nftables table), set when the cluster is
     /// created.
     pub net_prefix: String,
+    /// The cluster master key to install when the data dir has none (`--master-key-file`).
+    pub master_key_file: Option<PathBuf>,
 }
 
 /// Everything handlers need.
@@ -60,6 +62,8 @@ pub struct AppState {
     pub telemetry: Arc<crate::telemetry::Telemetry>,
     /// The network map last sent to each node (for deltas).
     pub net_maps: Arc<crate::beats::SentMaps>,
+    /// The cluster master key (and, during a rotation, the other key).
+    pub keys: Arc<crate::masterkey::MasterKeys>,
     /// When this leader first saw each load-balancer drain (its timeout clock).
     pub drain_clock: Arc<std::sync::Mutex<std::collections::HashMap<String, tokio::time::Instant>>>,
 }

@@ -144,7 +144,11 @@ pub fn internal_router(app: AppState) -> Router {
         .with_state(app)
 }
 
-async fn require_secret(State(app): State<AppState>, req: Request, next: Next) -> Response {
+pub(crate) async fn require_secret(
+    State(app): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Response {
     let ok = req
         .headers()
         .get(header::AUTHORIZATION)

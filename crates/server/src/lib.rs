@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod controllers;
 pub mod error;
 pub mod forward;
+pub mod masterkey;
 pub mod proposer;
 pub mod routes;
 pub mod telemetry;
@@ -144,6 +145,11 @@ impl Server {
                 path: cfg.data_dir.display().to_string(),
                 message: format!("image store: {e}"),
             })?;
+        let keys = masterkey::MasterKeys::load(&cfg.data_dir, cfg.master_key_file.as_deref())
+            .map_err(|message| StartError::DataDir {
+                path: cfg.data_dir.display().to_string(),
+                message,
+            })?;
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
             .map_err(|source| StartError::Listen {
@@ -188,10 +194,12 @@ impl Server {
             telemetry: Arc::default(),
             net_maps: Arc::default(),
             drain_clock: Arc::default(),
+            keys: Arc::new(keys),
         };
         let router = routes::router(app.clone())
             .merge(cluster::router(app.clone()))
             .merge(beats::internal_router(app.clone()))
+            .merge(masterkey::internal_router(app.clone()))
             .merge(nimbus_state::raft::raft_router(raft.clone()));
         let serve = tokio::spawn(async move {
             if let Err(e) = axum::serve(
@@ -226,6 +234,12 @@ impl Server {
             .bootstrap_single()
             .await
             .map_err(|e| StartError::NotReady(e.to_string()))?;
+        if !app.keys.present() && app.raft.members().len() <= 1 {
+            app.keys.create().map_err(|message| StartError::DataDir {
+                path: app.cfg.data_dir.display().to_string(),
+                message,
+            })?;
+        }
         if app.cluster.cluster_id().is_none() && app.raft.members().len() <= 1 {
             app.cluster
                 .set_cluster_id(&cluster::new_cluster_id())
@@ -249,6 +263,7 @@ impl Server {
             cluster::join_cluster(app, &peers).await?;
         }
         tokio::spawn(cluster::adopt_cluster_id(app.clone()));
+        tokio::spawn(masterkey::obtain(app.clone()));
         tokio::spawn(member_defaults(app.clone()));
         tokio::spawn(blobs::sync_loop(app.clone()));
         Ok(())
@@ -356,6 +371,9 @@ async fn bootstrap_defaults(app: &AppState) -> Result<(), StartError> {
                 "/bin/busybox is missing (install busybox-static): no built-in busybox image"
             );
         }
+    }
+    if app.keys.present() {
+        routes::secrets::migrate_lb_keys(app).await;
     }
     Ok(())
 }

@@ -256,6 +256,35 @@ pub enum Command {
         #[serde(default)]
         release: bool,
     },
+    /// Create a secret from a value the proposing server sealed.
+    CreateSecret {
+        /// Project.
+        project: String,
+        /// Name.
+        name: String,
+        /// The sealed value.
+        sealed: nimbus_seal::Sealed,
+        /// Labels.
+        #[serde(default)]
+        labels: BTreeMap<String, String>,
+    },
+    /// Delete a secret nothing uses.
+    DeleteSecret {
+        /// Project.
+        project: String,
+        /// Name.
+        name: String,
+    },
+    /// Master-key rotation: replace the sealed values of these secrets (by `project/name`)
+    /// still wrapped by key `from` with the given ones, re-wrapped by key `to`.
+    RewrapSecrets {
+        /// Id of the old master key.
+        from: String,
+        /// Id of the new master key.
+        to: String,
+        /// `project/name` -> the value re-wrapped by the new key (same ciphertext).
+        items: BTreeMap<String, nimbus_seal::Sealed>,
+    },
     /// Backend health of the LBs a node serves, by LB id.
     ReportLbHealth {
         /// Node.
@@ -301,6 +330,10 @@ pub enum CommandOutput {
     SecurityGroup(Box<SecurityGroup>),
     /// A VIP lease decision.
     VipLease(nimbus_api::lb::VipLeaseResponse),
+    /// A secret (metadata only).
+    Secret(Box<nimbus_api::secret::Secret>),
+    /// How many items a command changed.
+    Count(u64),
     /// The results of a [`Command::Batch`], in order.
     Batch(Vec<CommandResult>),
 }

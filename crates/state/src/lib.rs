@@ -15,6 +15,7 @@ pub mod placement;
 pub mod preemption;
 pub mod raft;
 mod scheduling;
+pub mod secrets;
 pub mod tracked;
 pub mod utilization;
 pub mod vip;

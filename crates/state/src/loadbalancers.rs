@@ -34,6 +34,9 @@ impl StateMachine {
     }
 
     fn check_lb(&self, project: &str, name: &str, spec: &LoadBalancerSpec) -> Result<(), ApiError> {
+        if let Some(s) = spec.tls.as_ref().and_then(|t| t.key_secret.as_deref()) {
+            self.check_secrets_exist(project, [("tls.key_secret".to_string(), s)])?;
+        }
         // Ports are cluster-wide: every node listens for every LB.
         for other in self.loadbalancers.values() {
             if other.meta.project == project && other.meta.name == name {

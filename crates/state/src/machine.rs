@@ -90,6 +90,9 @@ pub struct StateData {
     /// Load-balancer backends being taken out of rotation before they stop, by instance id.
     #[serde(default)]
     pub drains: BTreeMap<String, crate::drain::Drain>,
+    /// Secrets by `project/name`, sealed.
+    #[serde(default)]
+    pub secrets: BTreeMap<String, crate::secrets::StoredSecret>,
 }
 
 /// The replicated state ([`StateData`], which it dereferences to) with its derived indexes,
@@ -480,6 +483,14 @@ impl StateMachine {
                 group,
                 rule,
             } => self.delete_rule(env, project, group, rule),
+            Command::CreateSecret {
+                project,
+                name,
+                sealed,
+                labels,
+            } => self.create_secret(env, project, name, sealed, labels),
+            Command::DeleteSecret { project, name } => self.delete_secret(env, project, name),
+            Command::RewrapSecrets { from, to, items } => self.rewrap_secrets(env, from, to, items),
         }
     }
 
@@ -698,6 +709,13 @@ impl StateMachine {
             return Err(ApiError::already_exists("instance", &name));
         }
         let mut spec = draft.spec.clone();
+        self.check_secrets_exist(
+            &project,
+            spec.secrets
+                .iter()
+                .enumerate()
+                .map(|(i, u)| (format!("secrets[{i}].secret"), u.secret.as_str())),
+        )?;
         let image = self.resolve_image(&spec)?;
         spec.image.clone_from(&image.meta.name);
         spec.image_digest.clone_from(&image.digest);

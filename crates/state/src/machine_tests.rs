@@ -151,6 +151,7 @@ pub(crate) fn instance(name: &str, mem: u64) -> Instance {
             subnet: String::new(),
             security_groups: vec![],
             publish: vec![],
+            secrets: vec![],
         },
         status: InstanceStatus::default(),
     }

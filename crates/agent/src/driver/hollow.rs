@@ -133,6 +133,7 @@ mod tests {
             .unwrap(),
             user_data: None,
             ssh_keys: vec![],
+            secrets: crate::driver::SecretMaterial::default(),
         }
     }
 

@@ -43,6 +43,38 @@ pub struct RuntimeSpec {
     pub user_data: Option<String>,
     /// VM SSH keys.
     pub ssh_keys: Vec<String>,
+    /// Secret files and variables (containers), in memory only.
+    pub secrets: SecretMaterial,
+}
+
+/// The unsealed secrets of one instance, as the control plane delivered them for its start.
+/// Held in memory only (zeroed on drop); a driver writes them only to tmpfs. `Debug` shows
+/// paths and names, never values.
+#[derive(Clone, Default)]
+pub struct SecretMaterial {
+    /// Read-only files: path inside the instance -> value.
+    pub files: Vec<(String, zeroize::Zeroizing<Vec<u8>>)>,
+    /// Environment variables: name -> value.
+    pub env: Vec<(String, zeroize::Zeroizing<String>)>,
+}
+
+impl SecretMaterial {
+    /// Whether there is nothing to deliver.
+    pub fn is_empty(&self) -> bool {
+        self.files.is_empty() && self.env.is_empty()
+    }
+}
+
+impl std::fmt::Debug for SecretMaterial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecretMaterial")
+            .field(
+                "files",
+                &self.files.iter().map(|(p, _)| p).collect::<Vec<_>>(),
+            )
+            .field("env", &self.env.iter().map(|(k, _)| k).collect::<Vec<_>>())
+            .finish()
+    }
 }
 
 /// Observed runtime state of one instance.

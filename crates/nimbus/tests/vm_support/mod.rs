@@ -143,6 +143,7 @@ pub fn spec(id: &str, layer: &Path, bridge: &str, host: u8) -> RuntimeSpec {
         },
         user_data: None,
         ssh_keys: vec![],
+        secrets: nimbus_agent::driver::SecretMaterial::default(),
     }
 }
 

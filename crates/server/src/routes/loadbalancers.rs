@@ -48,6 +48,7 @@ pub async fn create(
         validate::label(k, v)?;
     }
     let spec = validate_spec(&req.spec)?;
+    let spec = crate::routes::secrets::seal_lb_key(&app, &project, &req.name, spec).await?;
     let out = app
         .propose(Command::CreateLoadBalancer {
             project,
@@ -116,6 +117,7 @@ pub async fn update(
 ) -> HttpResult<Json<LoadBalancer>> {
     check_project(&app, &project)?;
     let spec = validate_spec(&req.spec)?;
+    let spec = crate::routes::secrets::seal_lb_key(&app, &project, &name, spec).await?;
     let out = app
         .propose(Command::UpdateLoadBalancer {
             project,

@@ -17,6 +17,7 @@ pub mod networks;
 pub mod nodes;
 pub mod page;
 pub mod projects;
+pub mod secrets;
 
 /// The OpenAPI document.
 #[derive(OpenApi)]
@@ -77,10 +78,33 @@ pub mod projects;
         networks::delete_group,
         networks::add_rule,
         networks::delete_rule,
+        secrets::create,
+        secrets::list,
+        secrets::get,
+        secrets::delete,
+        secrets::for_instance,
+        secrets::rotate,
     ),
-    components(schemas(nimbus_api::ErrorBody, nimbus_api::ApiError, nimbus_api::ErrorCode))
+    components(schemas(nimbus_api::ErrorBody, nimbus_api::ApiError, nimbus_api::ErrorCode)),
+    modifiers(&BearerScheme)
 )]
 pub struct ApiDoc;
+
+/// Declares the `bearer` security scheme the routes refer to.
+struct BearerScheme;
+
+impl utoipa::Modify for BearerScheme {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = doc.components.get_or_insert_with(Default::default);
+        if !components.security_schemes.contains_key("bearer") {
+            components.add_security_scheme(
+                "bearer",
+                SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+            );
+        }
+    }
+}
 
 /// Liveness and leader.
 #[utoipa::path(get, path = "/healthz", responses((status = 200, body = Health)))]
@@ -200,6 +224,19 @@ pub fn router(app: AppState) -> Router {
         .route("/v1/images/{name}", get(images::get).delete(images::delete))
         .route("/v1/images/blobs/{digest}", get(images::blob))
         .route("/v1/events", get(events::list))
+        .route(
+            "/v1/projects/{project}/secrets",
+            post(secrets::create).get(secrets::list),
+        )
+        .route(
+            "/v1/projects/{project}/secrets/{name}",
+            get(secrets::get).delete(secrets::delete),
+        )
+        .route(
+            "/v1/nodes/{name}/instances/{id}/secrets",
+            get(secrets::for_instance),
+        )
+        .route("/v1/cluster/master-key/rotate", post(secrets::rotate))
         .layer(DefaultBodyLimit::max(limit));
     let upload = Router::new()
         .route("/v1/images", post(images::import))

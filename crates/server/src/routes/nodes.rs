@@ -279,6 +279,7 @@ pub async fn assignments(
         }
     }
     let mut resp = app.read(|s| netmap::assignments_of(s, &name, o.net_after.is_some()));
+    crate::routes::secrets::unseal_lb_keys(&app, &mut resp.loadbalancers);
     if let Some(map) = resp.network.take() {
         let delta = app
             .net_maps

@@ -17,6 +17,7 @@
 mod cgroup;
 mod rootfs;
 mod runc;
+mod secrets;
 pub mod shim;
 mod spec;
 
@@ -366,9 +367,10 @@ impl ContainerDriver {
             hostname: bundle.hostname(),
             resolv_conf: bundle.resolv_conf(),
         };
-        let oci = spec::build(spec, &paths, &self.cfg.cgroup_parent)?;
+        let mut oci = spec::build(spec, &paths, &self.cfg.cgroup_parent)?;
+        let on_tmpfs = secrets::prepare(&bundle, &spec.secrets, &mut oci)?;
         // config.json last: its presence marks a complete bundle (`net.ok` a wired network).
-        spec::save(&oci, &bundle.config())?;
+        secrets::save_config(&bundle, &oci, on_tmpfs)?;
         // Everything up to running the process happens here, while the node's datapath is
         // programmed: `start` is then a `runc start`. runc joins the namespace while it is
         // being wired: the process runs only after both.
@@ -623,9 +625,8 @@ impl ContainerDriver {
         process.set_args(Some(command.to_vec()));
         process.set_terminal(Some(false));
         let seq = EXEC_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let scratch = bundle
-            .dir
-            .join(format!("exec-{}-{seq}", std::process::id()));
+        let scratch =
+            secrets::scratch_dir(&bundle).join(format!("exec-{}-{seq}", std::process::id()));
         let process_json = scratch.with_extension("json");
         let data = serde_json::to_vec(&process).map_err(|e| DriverError::Io {
             context: "serializing the exec process".into(),

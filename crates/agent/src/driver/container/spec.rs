@@ -335,6 +335,7 @@ mod tests {
             },
             user_data: None,
             ssh_keys: vec![],
+            secrets: crate::driver::SecretMaterial::default(),
         }
     }
 
