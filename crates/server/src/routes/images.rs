@@ -58,7 +58,7 @@ pub async fn put(app: &AppState, img: &ImportedImage) -> Result<Image, ApiError>
 }
 
 /// Import an OCI image-layout or `docker save` tarball sent as the request body.
-#[utoipa::path(post, path = "/v1/images", params(("name" = Option<String>, Query)), request_body(content = Vec<u8>, content_type = "application/x-tar"), responses((status = 201, body = Image)))]
+#[utoipa::path(post, path = "/v1/images", params(("name" = Option<String>, Query)), request_body(content = Vec<u8>, description = "The tarball (any content type: the CLI sends application/x-tar)", content_type = "application/octet-stream"), responses((status = 201, body = Image)))]
 pub async fn import(
     State(app): State<AppState>,
     ApiQuery(o): ApiQuery<ImportOpts>,
