@@ -73,6 +73,8 @@ fn fuzz(st: &Path, spec: &Path, url: &str, token: &str, report: &Path) -> (bool,
         .args(["--report", "junit", "--report-dir"])
         .arg(report)
         .env("NO_COLOR", "1")
+        // Its cache directory goes there too, not into the source tree.
+        .current_dir(report.parent().unwrap_or(report))
         .output()
         .expect("run schemathesis");
     let text = format!(
