@@ -278,4 +278,73 @@ mod tests {
         // Shorter than one tar block: no entries, no panic.
         let _ = check_layer(&b"not a tar at all"[..], "l", &mut links);
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn kind() -> impl Strategy<Value = EntryType> {
+            prop::sample::select(vec![
+                EntryType::Regular,
+                EntryType::Directory,
+                EntryType::Symlink,
+                EntryType::Link,
+            ])
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+            #[test]
+            fn any_bytes_are_refused_or_hashed_without_panic(
+                bytes in prop::collection::vec(any::<u8>(), 0..4096),
+            ) {
+                if let Ok((hex, size)) = check_layer(&bytes[..], "l", &mut Symlinks::default()) {
+                    prop_assert_eq!(size, bytes.len() as u64);
+                    prop_assert_eq!(hex, hex::encode(Sha256::digest(&bytes)));
+                }
+            }
+
+            #[test]
+            fn accepted_layers_stay_inside_the_root(
+                entries in prop::collection::vec(
+                    ("[a./]{1,12}", kind(), "[a./]{0,12}"),
+                    1..8,
+                ),
+            ) {
+                let entries: Vec<(&str, EntryType, &str)> = entries
+                    .iter()
+                    .map(|(p, k, t)| (p.as_str(), *k, t.as_str()))
+                    .collect();
+                let tar = tar_of(&entries);
+                if check_layer(&tar[..], "l", &mut Symlinks::default()).is_ok() {
+                    let mut links: Vec<PathBuf> = Vec::new();
+                    for (path, kind, target) in &entries {
+                        let p = Path::new(path);
+                        let escapes = |p: &Path| {
+                            p.is_absolute()
+                                || p.components().any(|c| c == std::path::Component::ParentDir)
+                        };
+                        prop_assert!(!escapes(p), "{:?} accepted", path);
+                        let rel: PathBuf = p.components().filter(|c| *c != std::path::Component::CurDir).collect();
+                        if rel.as_os_str().is_empty() {
+                            continue; // The root itself: skipped, never a symlink.
+                        }
+                        if *kind == EntryType::Link {
+                            prop_assert!(!escapes(Path::new(target)), "link {:?} accepted", target);
+                        }
+                        prop_assert!(
+                            !links.iter().any(|l| rel.starts_with(l) && rel != *l),
+                            "{:?} below a symlink accepted", path
+                        );
+                        if *kind == EntryType::Symlink {
+                            links.push(rel);
+                        } else {
+                            links.retain(|l| !l.starts_with(&rel));
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

@@ -477,3 +477,41 @@ fn layers_that_escape_the_root_are_refused_at_import() {
     .unwrap();
     store.import_tarball(&tarball, Some("fine")).unwrap();
 }
+
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        /// Arbitrary bytes as the outer tarball, and a real tarball with bytes flipped: a clean
+        /// error or an image, never a panic, and nothing left in the staging area.
+        #[test]
+        fn imports_of_any_bytes_fail_cleanly(
+            bytes in prop::collection::vec(any::<u8>(), 0..8192),
+            flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..8),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let store = store(dir.path());
+            let junk = dir.path().join("junk.tar");
+            fs::write(&junk, &bytes).unwrap();
+            // Random bytes are never an image (an OCI layout needs verified digests).
+            prop_assert!(store.import_tarball(&junk, Some("junk")).is_err());
+            let good = dir.path().join("good.tar");
+            testutil::write_oci_layout_tarball_layers(&layers(), &good, &cfg()).unwrap();
+            let mut data = fs::read(&good).unwrap();
+            for (at, b) in flips {
+                let i = at.index(data.len());
+                data[i] = b;
+            }
+            let bent = dir.path().join("bent.tar");
+            fs::write(&bent, &data).unwrap();
+            let _ = store.import_tarball(&bent, None);
+            let tmp: Vec<_> = fs::read_dir(store.root().join("tmp"))
+                .map(|d| d.flatten().collect())
+                .unwrap_or_default();
+            prop_assert!(tmp.is_empty(), "{:?}", tmp);
+        }
+    }
+}
