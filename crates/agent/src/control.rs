@@ -136,6 +136,17 @@ impl Agent {
                         .reconcile(&resp.loadbalancers, kernel_l4.as_deref())
                         .await;
                     self.vips.set_targets(&resp.loadbalancers);
+                    // Instances may reach the node's LB listeners: open them in the datapath.
+                    let ports = crate::netloop::lb_ports(&resp.loadbalancers);
+                    let ports_changed = {
+                        let mut held = self.lb_ports.lock().expect("lb ports lock");
+                        let changed = *held != ports;
+                        *held = ports;
+                        changed
+                    };
+                    if ports_changed {
+                        net_tx.send_modify(|_| {});
+                    }
                     if first || resp.revision != after {
                         let map: BTreeMap<String, Assignment> = resp
                             .assignments

@@ -3,6 +3,11 @@
 //! map, and every few seconds to repair what was changed behind its back), and reports the
 //! instances' interface counters.
 //!
+//! The tables also protect the host: instances reach none of the node's own services on any
+//! of its addresses, only the listeners of the load balancers assigned to the node
+//! ([`lb_ports`], kept current by the watch loop, which wakes this loop when they change) and
+//! their published ports.
+//!
 //! A pass reads the netlink objects (cheap) and plans them; for the nftables tables it plans
 //! against what the previous pass left ([`Known`]) and runs one `nft -f` script, reading the
 //! tables back (`nft -j list`) only on the first pass, on the repair tick, after a failure and
@@ -22,8 +27,9 @@ use std::time::{Duration, Instant};
 
 use std::collections::BTreeSet;
 
-use nimbus_api::agent::{InstancePlan, NetworkMap, StatusReport};
-use nimbus_api::InterfaceCounters;
+use nimbus_api::agent::{InstancePlan, LbAssignment, NetworkMap, StatusReport};
+use nimbus_api::lb::LbProtocol;
+use nimbus_api::{InterfaceCounters, Protocol};
 use nimbus_net::dataplane::{self, instance_ifname, Converged};
 use nimbus_net::nft::{self, TableSpec, TableState};
 use nimbus_net::{plan, NetError, Netlink};
@@ -147,11 +153,30 @@ fn enable_forwarding() -> Result<(), NetError> {
     Ok(())
 }
 
+/// The ports of the node's own addresses that instances may reach: the listeners of the load
+/// balancers assigned to this node (bound on every address; the host-protection chain drops
+/// everything else instances send to the node).
+pub(crate) fn lb_ports(assigned: &[LbAssignment]) -> BTreeSet<(Protocol, u16)> {
+    assigned
+        .iter()
+        .flat_map(|a| &a.spec.listeners)
+        .filter_map(|l| {
+            let proto = match l.protocol {
+                LbProtocol::Udp => Protocol::Udp,
+                LbProtocol::Tcp | LbProtocol::Http | LbProtocol::Https => Protocol::Tcp,
+            };
+            Some((proto, u16::try_from(l.port).ok()?))
+        })
+        .collect()
+}
+
 /// One pass of the datapath to `map` (as `nimbus_net::dataplane::converge`), planning the
-/// nftables tables against `known` and updating it.
+/// nftables tables against `known` and updating it; `open` are the ports of the node's own
+/// addresses its instances may reach ([`lb_ports`]).
 async fn datapath_pass(
     nl: &Netlink,
     map: &NetworkMap,
+    open: &BTreeSet<(Protocol, u16)>,
     table: &str,
     ifname: &(dyn Fn(&InstancePlan) -> String + Sync),
     known: &mut [Known; 2],
@@ -165,7 +190,8 @@ async fn datapath_pass(
     for op in &ops {
         nl.apply(op).await?;
     }
-    let desired = nft::desired(map, ifname);
+    let mut desired = nft::desired(map, ifname);
+    desired.open_to_instances(open.iter().copied());
     let specs: [(&TableSpec, &BTreeMap<String, BTreeSet<String>>); 2] =
         [(&nft::INET, &desired.inet), (&nft::BRIDGE, &desired.bridge)];
     let mut script = String::new();
@@ -214,6 +240,7 @@ impl Agent {
         let mut last_repair: Option<Instant> = None;
         loop {
             let map = self.net_map.lock().expect("net map lock").clone();
+            let open = self.lb_ports.lock().expect("lb ports lock").clone();
             if let Some(map) = map {
                 let table = self
                     .cfg
@@ -228,11 +255,11 @@ impl Agent {
                     last_repair = Some(Instant::now());
                 }
                 let planned_from_knowledge = known != <[Known; 2]>::default();
-                let mut result = datapath_pass(&nl, &map, &table, &ifname, &mut known).await;
+                let mut result = datapath_pass(&nl, &map, &open, &table, &ifname, &mut known).await;
                 if result.is_err() && planned_from_knowledge {
                     // Planned from stale knowledge (a table changed behind our back): read it.
                     known = Default::default();
-                    result = datapath_pass(&nl, &map, &table, &ifname, &mut known).await;
+                    result = datapath_pass(&nl, &map, &open, &table, &ifname, &mut known).await;
                 }
                 match result {
                     Ok(c) => {
@@ -339,6 +366,35 @@ mod tests {
             elems.iter().map(|e| (*e).to_owned()).collect(),
         )]
         .into()
+    }
+
+    #[test]
+    fn lb_listeners_are_the_ports_open_to_instances() {
+        let lb = |listeners: serde_json::Value| -> LbAssignment {
+            serde_json::from_value(serde_json::json!({
+                "id": "lb1", "project": "p", "name": "web", "version": 1,
+                "spec": { "listeners": listeners, "backends": {}, "algorithm": "round_robin" },
+                "backends": [], "route_backends": [],
+            }))
+            .expect("assignment")
+        };
+        let a = [
+            lb(serde_json::json!([
+                {"port": 80, "protocol": "http"},
+                {"port": 443, "protocol": "https"},
+                {"port": 53, "protocol": "udp"},
+            ])),
+            lb(serde_json::json!([{"port": 5432, "protocol": "tcp"}])),
+        ];
+        let want: BTreeSet<(Protocol, u16)> = [
+            (Protocol::Tcp, 80),
+            (Protocol::Tcp, 443),
+            (Protocol::Udp, 53),
+            (Protocol::Tcp, 5432),
+        ]
+        .into();
+        assert_eq!(lb_ports(&a), want);
+        assert!(lb_ports(&[]).is_empty());
     }
 
     #[test]

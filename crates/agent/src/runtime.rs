@@ -60,6 +60,8 @@ pub struct Agent {
     pub(crate) vips: crate::vip::VipState,
     /// The network map the datapath converges to.
     pub(crate) net_map: Mutex<Option<NetworkMap>>,
+    /// The ports of the node's own addresses its instances may reach (its LB listeners).
+    pub(crate) lb_ports: Mutex<std::collections::BTreeSet<(nimbus_api::Protocol, u16)>>,
     /// What the datapath has programmed, after each successful pass of the net loop.
     pub(crate) datapath: watch::Sender<Programmed>,
     /// The executor of the decision core: workers, wake-ups, the report path.
@@ -155,6 +157,7 @@ impl Agent {
             )),
             vips: crate::vip::VipState::default(),
             net_map: Mutex::new(None),
+            lb_ports: Mutex::default(),
             datapath: watch::channel(Programmed::default()).0,
             exec: Executor::new(),
             cfg,

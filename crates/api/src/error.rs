@@ -17,6 +17,8 @@ pub enum ErrorCode {
     Forbidden,
     /// The resource does not exist.
     NotFound,
+    /// The route exists but not with this HTTP method (the `Allow` header lists those it has).
+    MethodNotAllowed,
     /// A resource with this name already exists.
     AlreadyExists,
     /// The resource is in a state that does not allow this operation.
@@ -41,6 +43,7 @@ impl ErrorCode {
             Self::Unauthorized => 401,
             Self::Forbidden => 403,
             Self::NotFound => 404,
+            Self::MethodNotAllowed => 405,
             Self::AlreadyExists | Self::Conflict | Self::VersionConflict | Self::Unschedulable => {
                 409
             }
@@ -59,6 +62,7 @@ impl ErrorCode {
             Self::Unauthorized => "unauthorized",
             Self::Forbidden => "forbidden",
             Self::NotFound => "not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
             Self::AlreadyExists => "already_exists",
             Self::Conflict => "conflict",
             Self::VersionConflict => "version_conflict",

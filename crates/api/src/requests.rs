@@ -151,6 +151,10 @@ pub struct ExecResponse {
     pub stdout: String,
     /// Captured standard error (UTF-8, lossy).
     pub stderr: String,
+    /// Whether standard output or standard error was cut at the capture limit (4 MiB per
+    /// stream for containers): what the command printed beyond it is lost.
+    #[serde(default)]
+    pub truncated: bool,
 }
 
 /// `PATCH /v1/nodes/{name}`: operator actions on a node.

@@ -64,12 +64,23 @@ pub fn parse_size(field: &str, value: &str) -> Result<u64, ApiError> {
         "t" | "tb" | "ti" | "tib" => 1 << 40,
         _ => return Err(bad()),
     };
-    let bytes = n * mult as f64;
-    if !bytes.is_finite() || !(1.0..=1e18).contains(&bytes) {
-        return Err(ApiError::invalid(
+    let out_of_range = || {
+        ApiError::invalid(
             field,
             format!("size {value:?} must be positive and below 1 EiB"),
-        ));
+        )
+    };
+    if !num.contains('.') {
+        // Whole numbers exactly (a float would round above 2^53).
+        let whole: u64 = num.parse().map_err(|_| out_of_range())?;
+        return whole
+            .checked_mul(mult)
+            .filter(|b| (1..=1_000_000_000_000_000_000).contains(b))
+            .ok_or_else(out_of_range);
+    }
+    let bytes = n * mult as f64;
+    if !bytes.is_finite() || !(1.0..=1e18).contains(&bytes) {
+        return Err(out_of_range());
     }
     Ok(bytes as u64)
 }

@@ -3,7 +3,9 @@
 //! The outer tarball is first staged into `tmp/import-*/` as numbered files (never under the
 //! names found in the archive, so a hostile tarball cannot write anywhere), hashing each file on
 //! the way. Symlinks and hardlinks inside the tarball (legacy `docker save` links duplicate
-//! layers) are resolved within the archive's namespace.
+//! layers) are resolved within the archive's namespace. Each layer's tar stream is checked
+//! while its diff id is computed: a layer that could write outside the root when unpacked
+//! (`..`, absolute paths, hardlinks out, entries below a symlink) refuses the whole import.
 
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -15,6 +17,7 @@ use tar::EntryType;
 
 use crate::digest::HashWriter;
 use crate::error::IoContext;
+use crate::layer_check::{check_layer, Symlinks};
 use crate::oci::{
     self, Descriptor, DockerManifestEntry, ImageConfig, Index, Manifest,
     ANNOTATION_CONTAINERD_NAME, ANNOTATION_REF_NAME,
@@ -469,8 +472,10 @@ impl ImageStore {
             )));
         }
         let mut size_bytes = 0;
+        let mut links = Symlinks::default();
         for (i, (digest, staged)) in parts.layers.iter().enumerate() {
-            let (hex, size) = uncompressed_digest(&staged.path, digest)?;
+            // Refused here, not only when an instance unpacks it.
+            let (hex, size) = check_layer(open_layer(&staged.path, digest)?, digest, &mut links)?;
             size_bytes += size;
             if let Some(expected) = diff_ids.get(i) {
                 if *expected != format!("sha256:{hex}") {
@@ -513,17 +518,6 @@ fn is_gzip(path: &Path) -> Result<bool, ImageError> {
     let mut file = File::open(path).at("open", path)?;
     let n = file.read(&mut head).at("read", path)?;
     Ok(n == 2 && head == [0x1f, 0x8b])
-}
-
-/// sha256 and size of a layer's uncompressed tar.
-fn uncompressed_digest(path: &Path, digest: &str) -> Result<(String, u64), ImageError> {
-    let mut reader = open_layer(path, digest)?;
-    let mut writer = HashWriter::new(io::sink());
-    io::copy(&mut reader, &mut writer).map_err(|e| ImageError::BadLayer {
-        layer: digest.to_string(),
-        reason: format!("cannot decompress: {e}"),
-    })?;
-    Ok(writer.finish())
 }
 
 #[cfg(test)]

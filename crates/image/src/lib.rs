@@ -18,6 +18,7 @@ pub use busybox::BUSYBOX_IMAGE;
 mod digest;
 mod error;
 mod import;
+mod layer_check;
 mod naming;
 pub mod oci;
 pub mod testutil;

@@ -60,7 +60,7 @@ pub(crate) fn open_layer(path: &Path, layer: &str) -> Result<Box<dyn Read>, Imag
 
 /// Normalizes an archive path: drops `.` components, rejects `..` and absolute paths.
 /// Returns `None` for the root itself.
-fn normalize(raw: &Path, layer: &str) -> Result<Option<PathBuf>, ImageError> {
+pub(crate) fn normalize(raw: &Path, layer: &str) -> Result<Option<PathBuf>, ImageError> {
     let mut out = PathBuf::new();
     for component in raw.components() {
         match component {
@@ -81,7 +81,7 @@ fn normalize(raw: &Path, layer: &str) -> Result<Option<PathBuf>, ImageError> {
     })
 }
 
-fn unsafe_path(layer: &str, path: &Path, reason: &str) -> ImageError {
+pub(crate) fn unsafe_path(layer: &str, path: &Path, reason: &str) -> ImageError {
     ImageError::UnsafePath {
         layer: layer.to_string(),
         path: path.display().to_string(),

@@ -406,3 +406,112 @@ fn remove_and_gc() {
         0
     );
 }
+
+#[test]
+fn layers_that_escape_the_root_are_refused_at_import() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store(dir.path());
+    let ok = testutil::layer_tar(&[LayerEntry::dir("etc/")]).unwrap();
+    let cases: Vec<(&str, Vec<Vec<u8>>)> = vec![
+        (
+            "\"..\"",
+            vec![testutil::layer_tar(&[LayerEntry::file("../../escape", b"x")]).unwrap()],
+        ),
+        (
+            "absolute",
+            vec![testutil::layer_tar(&[LayerEntry::file("/etc/cron.d/x", b"x")]).unwrap()],
+        ),
+        (
+            "outside the root",
+            vec![
+                testutil::layer_tar(&[LayerEntry::hardlink("shadow", "../../etc/shadow")]).unwrap(),
+            ],
+        ),
+        (
+            "below the symlink",
+            vec![testutil::layer_tar(&[
+                LayerEntry::symlink("etc", "/etc"),
+                LayerEntry::file("etc/passwd", b"root::0:0::/:/bin/sh\n"),
+            ])
+            .unwrap()],
+        ),
+        (
+            // The symlink in the lower layer, the write through it in the upper one.
+            "below the symlink",
+            vec![
+                testutil::layer_tar(&[LayerEntry::symlink("host", "/")]).unwrap(),
+                ok.clone(),
+                testutil::layer_tar(&[LayerEntry::file("host/root/.ssh/authorized_keys", b"k")])
+                    .unwrap(),
+            ],
+        ),
+    ];
+    for (i, (why, layers)) in cases.into_iter().enumerate() {
+        let tarball = dir.path().join(format!("evil{i}.tar"));
+        testutil::write_oci_layout_tarball_layers(&layers, &tarball, &FixtureConfig::default())
+            .unwrap();
+        let err = store.import_tarball(&tarball, Some("evil")).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            matches!(err, ImageError::UnsafePath { .. }) && text.contains(why),
+            "case {i}: {text}"
+        );
+        // Nothing recorded, nothing left in the staging area.
+        assert!(store.list_images().unwrap().is_empty(), "case {i}");
+        let tmp: Vec<_> = fs::read_dir(store.root().join("tmp"))
+            .map(|d| d.flatten().collect())
+            .unwrap_or_default();
+        assert!(tmp.is_empty(), "case {i}: {tmp:?}");
+    }
+    // The same layers without the escape import fine.
+    let tarball = dir.path().join("fine.tar");
+    testutil::write_oci_layout_tarball_layers(
+        &[testutil::layer_tar(&[
+            LayerEntry::symlink("etc", "/etc"),
+            LayerEntry::hardlink("b", "a"),
+        ])
+        .unwrap()],
+        &tarball,
+        &FixtureConfig::default(),
+    )
+    .unwrap();
+    store.import_tarball(&tarball, Some("fine")).unwrap();
+}
+
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        /// Arbitrary bytes as the outer tarball, and a real tarball with bytes flipped: a clean
+        /// error or an image, never a panic, and nothing left in the staging area.
+        #[test]
+        fn imports_of_any_bytes_fail_cleanly(
+            bytes in prop::collection::vec(any::<u8>(), 0..8192),
+            flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..8),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let store = store(dir.path());
+            let junk = dir.path().join("junk.tar");
+            fs::write(&junk, &bytes).unwrap();
+            // Random bytes are never an image (an OCI layout needs verified digests).
+            prop_assert!(store.import_tarball(&junk, Some("junk")).is_err());
+            let good = dir.path().join("good.tar");
+            testutil::write_oci_layout_tarball_layers(&layers(), &good, &cfg()).unwrap();
+            let mut data = fs::read(&good).unwrap();
+            for (at, b) in flips {
+                let i = at.index(data.len());
+                data[i] = b;
+            }
+            let bent = dir.path().join("bent.tar");
+            fs::write(&bent, &data).unwrap();
+            let _ = store.import_tarball(&bent, None);
+            let tmp: Vec<_> = fs::read_dir(store.root().join("tmp"))
+                .map(|d| d.flatten().collect())
+                .unwrap_or_default();
+            prop_assert!(tmp.is_empty(), "{:?}", tmp);
+        }
+    }
+}

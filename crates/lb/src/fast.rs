@@ -46,6 +46,8 @@ use crate::h1;
 use crate::runtime::{Inner, Snapshot};
 use crate::upstream::Upstreams;
 
+#[cfg(test)]
+mod props;
 mod write;
 
 /// How long a client may take to send a request head (and idle between requests): hyper's

@@ -275,3 +275,72 @@ fn relayed_heads_drop_hop_by_hop_fields_and_reframe() {
     assert_eq!((h.framing, h.keep_alive), (Framing::Empty, false));
     assert_eq!(&rest[..], b"frame");
 }
+
+mod props {
+    //! Property tests: the backend's bytes may be anything.
+    use super::*;
+    use proptest::prelude::*;
+    use std::fmt::Write as _;
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        #[test]
+        fn any_response_bytes_are_handled_without_panic(
+            bytes in prop::collection::vec(any::<u8>(), 0..2048),
+            head_req in any::<bool>(),
+            upgrade in any::<bool>(),
+        ) {
+            let mut b = BytesMut::from(&bytes[..]);
+            let _ = parse_response_head(&mut b, head_req);
+            prop_assert!(b.len() <= bytes.len());
+            let mut b = BytesMut::from(&bytes[..]);
+            let mut out = Vec::new();
+            let _ = parse_response_relay(&mut b, head_req, upgrade, &mut out);
+            prop_assert!(b.len() <= bytes.len());
+            let mut b = BytesMut::from(&bytes[..]);
+            let mut state = Chunk::Size;
+            for _ in 0..64 {
+                let before = b.len();
+                if chunk_advance(&mut state, &mut b).is_err() {
+                    break;
+                }
+                if let Chunk::Data(n) = &mut state {
+                    let _ = take_data(&mut b, n);
+                }
+                if b.len() == before || matches!(state, Chunk::Done) {
+                    break;
+                }
+            }
+        }
+
+        #[test]
+        fn well_formed_response_heads_round_trip(
+            code in 200u16..600,
+            fields in prop::collection::vec(("x-[a-z0-9-]{1,15}", "[!-~]([ -~]{0,30}[!-~])?"), 0..10),
+            len in 0u64..100_000,
+            body in "[ -~]{0,20}",
+        ) {
+            let mut h = format!("HTTP/1.1 {code} X\r\ncontent-length: {len}\r\n");
+            for (n, v) in &fields {
+                let _ = write!(h, "{n}: {v}\r\n");
+            }
+            h.push_str("\r\n");
+            let head_len = h.len();
+            h.push_str(&body);
+            let (r, rest) = parse(h.as_bytes(), false);
+            let head = r.expect("parses").expect("complete");
+            prop_assert_eq!(head.status.as_u16(), code);
+            prop_assert_eq!(rest.len(), h.len() - head_len);
+            for (n, v) in &fields {
+                let got: Vec<&str> = head
+                    .headers
+                    .get_all(n.as_str())
+                    .iter()
+                    .filter_map(|x| x.to_str().ok())
+                    .collect();
+                prop_assert!(got.contains(&v.as_str()), "{} missing: {:?}", n, got);
+            }
+        }
+    }
+}

@@ -1,5 +1,6 @@
 //! The node's nftables datapath, planned purely: the tables nimbus owns (`inet <table>` for
-//! security groups, network isolation, egress masquerade and published-port DNAT;
+//! security groups, network isolation, egress masquerade, published-port DNAT and host
+//! protection (instances reach only the LB listeners of the node's own addresses);
 //! `bridge <table>` for anti-spoofing and IPv6 on instance ports), their set elements derived
 //! from the network map, the elements read back from `nft -j list table`, and the script
 //! that moves one to the other by adding and deleting elements only. A table that is missing
@@ -17,7 +18,7 @@ use serde_json::Value;
 use crate::sg;
 
 /// Marks the layout below; bump it when a chain or set changes.
-const SCHEMA_CHAIN: &str = "schema_v3";
+const SCHEMA_CHAIN: &str = "schema_v4";
 
 /// What a set or map field holds (decides the canonical text of an element).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +77,7 @@ pub const INET: TableSpec = TableSpec {
         SetSpec { name: "nodes4", key: &[Ipv4], value: &[], decl: "type ipv4_addr;" },
         SetSpec { name: "host_snat", key: &[Ipv4], value: &[Ipv4], decl: "type ipv4_addr : ipv4_addr;" },
         SetSpec { name: "tunnel_ports", key: &[Port], value: &[], decl: "type inet_service;" },
+        SetSpec { name: "host_open", key: &[Proto, Port], value: &[], decl: "type inet_proto . inet_service;" },
     ],
     chains: &[
         (SCHEMA_CHAIN, ""),
@@ -87,6 +89,12 @@ pub const INET: TableSpec = TableSpec {
         ("filter_forward", "type filter hook forward priority filter; policy accept;\n    ct state established,related accept\n    iifname @bridges oifname @bridges ct status & dnat == 0 iifname . oifname != @same_bridge drop\n    ip saddr @local4 jump sg_egress\n    ip daddr @local4 jump sg_ingress"),
         ("sg_egress", "ip saddr . ip daddr @out_any return\n    meta l4proto icmp ip saddr . ip daddr @out_icmp return\n    ip saddr . ip daddr . meta l4proto . th dport @out_ports return\n    counter drop"),
         ("sg_ingress", "ct status dnat return\n    ip saddr @nodes4 return\n    ip daddr . ip saddr @in_any return\n    meta l4proto icmp ip daddr . ip saddr @in_icmp return\n    ip daddr . ip saddr . meta l4proto . th dport @in_ports return\n    counter drop"),
+        // Host protection: instances reach none of the node's own services (agent and server
+        // APIs, Raft, sshd, any listener on any of its addresses, bridge gateways included)
+        // except what nimbus serves them on purpose: load-balancer listeners (`host_open`) and
+        // published ports (DNATed to an instance before this hook). Replies to connections the
+        // host opened, and ping, pass.
+        ("host_in", "type filter hook input priority filter; policy accept;\n    iifname != @bridges return\n    ct state established,related accept\n    ct status dnat accept\n    meta l4proto . th dport @host_open accept\n    icmp type echo-request accept\n    counter drop"),
         ("nat_pre", "type nat hook prerouting priority dstnat; policy accept;\n    fib daddr type local dnat ip to meta l4proto . th dport map @publish"),
         ("nat_out", "type nat hook output priority -100; policy accept;\n    ip daddr != 127.0.0.0/8 fib daddr type local dnat ip to meta l4proto . th dport map @publish"),
         ("nat_post", "type nat hook postrouting priority srcnat; policy accept;\n    fib saddr type local snat ip to ip daddr map @host_snat\n    ip saddr @vpc_cidrs oifname != @bridges masquerade\n    ct status dnat ip saddr @vpc_cidrs oifname @bridges masquerade"),
@@ -172,6 +180,23 @@ pub struct Desired {
     pub bridge: BTreeMap<String, BTreeSet<String>>,
     /// No instances on the node: the tables must not exist.
     pub empty: bool,
+}
+
+impl Desired {
+    /// Opens `ports` of the node's own addresses to its instances: the listeners nimbus serves
+    /// on the node (its load balancers' ports, bound on every address). Everything else an
+    /// instance sends to the node itself is dropped (`host_in`).
+    pub fn open_to_instances(
+        &mut self,
+        ports: impl IntoIterator<Item = (nimbus_api::Protocol, u16)>,
+    ) {
+        let open = self.inet.entry("host_open".to_string()).or_default();
+        for (proto, port) in ports {
+            if matches!(proto, nimbus_api::Protocol::Tcp | nimbus_api::Protocol::Udp) {
+                open.insert(format!("{} . {port}", proto.as_str()));
+            }
+        }
+    }
 }
 
 fn q(s: &str) -> String {

@@ -315,6 +315,9 @@ pub async fn exec(c: &Client, name: &str, command: Vec<String>) -> Result<i32> {
     let r = c.exec(name, command).await?;
     std::io::stdout().write_all(r.stdout.as_bytes())?;
     std::io::stderr().write_all(r.stderr.as_bytes())?;
+    if r.truncated {
+        eprintln!("warning: the output was truncated at the capture limit (4 MiB per stream)");
+    }
     Ok(r.exit_code)
 }
 

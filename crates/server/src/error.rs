@@ -1,4 +1,6 @@
-//! HTTP mapping of [`ApiError`], and a JSON extractor whose rejections are API errors.
+//! HTTP mapping of [`ApiError`], a JSON extractor whose rejections are API errors, and the
+//! layer that turns every other error response (axum's rejections of a path or query string,
+//! its 405 for a wrong method) into the same JSON error body.
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Request};
@@ -116,5 +118,117 @@ where
                 }))
             }
         }
+    }
+}
+
+/// The JSON error for a non-JSON error response of `status` whose body said `text`.
+pub fn error_for(status: StatusCode, text: &str) -> ApiError {
+    let code = match status.as_u16() {
+        401 => ErrorCode::Unauthorized,
+        403 => ErrorCode::Forbidden,
+        404 => ErrorCode::NotFound,
+        405 => ErrorCode::MethodNotAllowed,
+        413 => ErrorCode::PayloadTooLarge,
+        503 => ErrorCode::Unavailable,
+        500..=599 => ErrorCode::Internal,
+        _ => ErrorCode::BadRequest,
+    };
+    let text = text.trim();
+    let message = if text.is_empty() {
+        match code {
+            ErrorCode::MethodNotAllowed => "method not allowed on this route".to_string(),
+            _ => status.canonical_reason().unwrap_or("error").to_lowercase(),
+        }
+    } else {
+        text.to_string()
+    };
+    // "Failed to deserialize query string: limit: invalid digit found in string"
+    let field = text
+        .split("query string: ")
+        .nth(1)
+        .and_then(|s| s.split(':').next())
+        .map(str::trim)
+        .filter(|f| !f.is_empty() && !f.contains(' '))
+        .map(String::from);
+    ApiError {
+        code,
+        message,
+        field,
+    }
+}
+
+/// Largest error body the JSON layer reads back to rewrite it.
+const MAX_ERROR_BODY: usize = 64 * 1024;
+
+/// Middleware: an error response (4xx/5xx) that is not JSON already, such as axum's plain-text
+/// rejection of a bad query string or path or its empty 405, is rewritten into the JSON error
+/// body with the same status (headers such as `Allow` are kept).
+pub async fn json_errors(req: Request, next: axum::middleware::Next) -> Response {
+    let res = next.run(req).await;
+    let status = res.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return res;
+    }
+    let is_json = res
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if is_json {
+        return res;
+    }
+    let (mut parts, body) = res.into_parts();
+    let bytes = axum::body::to_bytes(body, MAX_ERROR_BODY)
+        .await
+        .unwrap_or_default();
+    let error = error_for(status, &String::from_utf8_lossy(&bytes));
+    parts.headers.remove(axum::http::header::CONTENT_TYPE);
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    let mut json = Json(ErrorBody { error }).into_response();
+    *json.status_mut() = status;
+    for (k, v) in &parts.headers {
+        json.headers_mut().insert(k.clone(), v.clone());
+    }
+    json
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_errors_get_stable_codes_and_fields() {
+        let e = error_for(StatusCode::METHOD_NOT_ALLOWED, "");
+        assert_eq!(e.code, ErrorCode::MethodNotAllowed);
+        assert!(!e.message.is_empty());
+        let e = error_for(
+            StatusCode::BAD_REQUEST,
+            "Failed to deserialize query string: limit: invalid digit found in string",
+        );
+        assert_eq!(
+            (e.code, e.field.as_deref()),
+            (ErrorCode::BadRequest, Some("limit"))
+        );
+        let e = error_for(
+            StatusCode::BAD_REQUEST,
+            "Invalid URL: Cannot parse `x` to a `u64`",
+        );
+        assert_eq!((e.code, e.field), (ErrorCode::BadRequest, None));
+        assert_eq!(
+            error_for(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "Expected request with `Content-Type: application/json`"
+            )
+            .code,
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            error_for(StatusCode::NOT_FOUND, "").code,
+            ErrorCode::NotFound
+        );
+        assert_eq!(
+            error_for(StatusCode::BAD_GATEWAY, "x").code,
+            ErrorCode::Internal
+        );
     }
 }

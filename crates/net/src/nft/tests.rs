@@ -37,6 +37,10 @@ fn parses_a_listing_into_canonical_elements() {
     assert_eq!(st.elements["host_snat"], set(&["10.213.0.9 : 10.250.0.1"]));
     assert_eq!(st.elements["nodes4"], set(&["10.250.0.2"]));
     assert_eq!(st.elements["tunnel_ports"], set(&["4789"]));
+    assert_eq!(
+        st.elements["host_open"],
+        set(&["tcp . 18400", "udp . 5353"])
+    );
     let br = parse_table(&BRIDGE, BRIDGE_JSON).unwrap();
     assert_eq!(br.layout, BRIDGE.layout());
     assert_eq!(br.elements["port_ips"], set(&["\"nv1234\" . 10.213.0.5"]));
@@ -180,4 +184,53 @@ fn desired_elements_from_a_map() {
 fn print_skeletons() {
     print!("{}", INET.skeleton("ntry"));
     print!("{}", BRIDGE.skeleton("ntry"));
+}
+
+#[test]
+fn instances_reach_only_what_the_node_serves_them() {
+    // The input hook drops what instances (arriving on a network bridge) send to any of the
+    // node's own addresses, except replies, published ports (DNATed), the open LB ports and
+    // ping.
+    let skel = INET.skeleton("t");
+    let chain = skel
+        .split("chain host_in {")
+        .nth(1)
+        .and_then(|c| c.split('}').next())
+        .expect("host_in chain");
+    let rules: Vec<&str> = chain
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    assert_eq!(
+        rules,
+        [
+            "type filter hook input priority filter; policy accept;",
+            "iifname != @bridges return",
+            "ct state established,related accept",
+            "ct status dnat accept",
+            "meta l4proto . th dport @host_open accept",
+            "icmp type echo-request accept",
+            "counter drop",
+        ]
+    );
+    let mut d = Desired::default();
+    d.open_to_instances([
+        (Protocol::Tcp, 8080),
+        (Protocol::Udp, 53),
+        (Protocol::Icmp, 0),
+        (Protocol::All, 0),
+        (Protocol::Tcp, 8080),
+    ]);
+    assert_eq!(d.inet["host_open"], set(&["tcp . 8080", "udp . 53"]));
+    // Opening a port is an element change, not a new table.
+    let st = parse_table(&INET, INET_JSON).unwrap();
+    let mut want = st.elements.clone();
+    want.insert("host_open".into(), set(&["tcp . 18400"]));
+    let (script, n) = plan_table(&INET, "ntry", Some(&st), Some(&want));
+    assert_eq!(n, 1);
+    assert_eq!(
+        script,
+        "delete element inet ntry host_open { udp . 5353 }\n"
+    );
 }

@@ -3,14 +3,14 @@
 use std::convert::Infallible;
 
 use axum::body::Body;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use nimbus_api::Event;
 use serde::Deserialize;
 
 use crate::app::AppState;
-use crate::error::HttpResult;
+use crate::error::{ApiQuery, HttpResult};
 
 /// Query.
 #[derive(Debug, Deserialize)]
@@ -43,7 +43,10 @@ fn matching(app: &AppState, o: &EventOpts, after: u64) -> Vec<Event> {
 
 /// Events in commit order; with `follow=true`, an endless NDJSON stream.
 #[utoipa::path(get, path = "/v1/events", params(("project" = Option<String>, Query), ("after" = Option<u64>, Query), ("follow" = Option<bool>, Query)), responses((status = 200, body = [Event])))]
-pub async fn list(State(app): State<AppState>, Query(o): Query<EventOpts>) -> HttpResult<Response> {
+pub async fn list(
+    State(app): State<AppState>,
+    ApiQuery(o): ApiQuery<EventOpts>,
+) -> HttpResult<Response> {
     if !o.follow {
         return Ok(Json(matching(&app, &o, o.after)).into_response());
     }

@@ -3,7 +3,7 @@
 use std::io::Write as _;
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -58,10 +58,10 @@ pub async fn put(app: &AppState, img: &ImportedImage) -> Result<Image, ApiError>
 }
 
 /// Import an OCI image-layout or `docker save` tarball sent as the request body.
-#[utoipa::path(post, path = "/v1/images", params(("name" = Option<String>, Query)), request_body(content = Vec<u8>, content_type = "application/x-tar"), responses((status = 201, body = Image)))]
+#[utoipa::path(post, path = "/v1/images", params(("name" = Option<String>, Query)), request_body(content = Vec<u8>, description = "The tarball (any content type: the CLI sends application/x-tar)", content_type = "application/octet-stream"), responses((status = 201, body = Image)))]
 pub async fn import(
     State(app): State<AppState>,
-    Query(o): Query<ImportOpts>,
+    ApiQuery(o): ApiQuery<ImportOpts>,
     body: Body,
 ) -> HttpResult<(StatusCode, Json<Image>)> {
     if let Some(n) = &o.name {
@@ -100,7 +100,12 @@ pub async fn import(
         tokio::task::spawn_blocking(move || store.import_tarball(&path, name.as_deref()))
             .await
             .map_err(|e| ApiError::internal(format!("import task: {e}")))?
-            .map_err(|e| ApiError::invalid("body", format!("not a valid image tarball: {e}")))?;
+            .map_err(|e| {
+                // The server's own paths (the upload's temporary file, the staging directory)
+                // are nobody's business.
+                let msg = redact_paths(&e.to_string(), &app.cfg.data_dir);
+                ApiError::invalid("body", format!("not a valid image tarball: {msg}"))
+            })?;
     drop(tmp);
     let img = put(&app, &imported).await?;
     Ok((StatusCode::CREATED, Json(img)))
@@ -161,7 +166,7 @@ pub struct BlobOpts {
 pub async fn blob(
     State(app): State<AppState>,
     Path(digest): Path<String>,
-    Query(o): Query<BlobOpts>,
+    ApiQuery(o): ApiQuery<BlobOpts>,
 ) -> HttpResult<Response> {
     let valid = digest
         .strip_prefix("sha256:")
@@ -191,4 +196,49 @@ pub async fn blob(
         Body::from_stream(stream),
     )
         .into_response())
+}
+
+/// `msg` with every path under `dir` (up to the next space, quote or `:`) replaced by
+/// `<server path>`.
+pub fn redact_paths(msg: &str, dir: &std::path::Path) -> String {
+    let dir = dir.display().to_string();
+    if dir.is_empty() || dir == "/" {
+        return msg.to_string();
+    }
+    let mut out = String::with_capacity(msg.len());
+    let mut rest = msg;
+    while let Some(at) = rest.find(&dir) {
+        out.push_str(&rest[..at]);
+        out.push_str("<server path>");
+        let tail = &rest[at + dir.len()..];
+        let end = tail
+            .find(|c: char| c.is_whitespace() || matches!(c, ':' | '"' | '\'' | ')' | ','))
+            .unwrap_or(tail.len());
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::redact_paths;
+    use std::path::Path;
+
+    #[test]
+    fn server_paths_are_redacted_from_import_errors() {
+        let dir = Path::new("/var/lib/nimbus");
+        assert_eq!(
+            redact_paths(
+                "open layer /var/lib/nimbus/tmp/import-Ab12/3: No such file; read /var/lib/nimbus/tmp/.tmpX",
+                dir
+            ),
+            "open layer <server path>: No such file; read <server path>"
+        );
+        assert_eq!(
+            redact_paths("bad image tarball: x", dir),
+            "bad image tarball: x"
+        );
+        assert_eq!(redact_paths("a /var/lib/nimbus", dir), "a <server path>");
+    }
 }

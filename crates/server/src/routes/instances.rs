@@ -1,7 +1,7 @@
 //! `/v1/projects/{project}/instances`.
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -279,11 +279,11 @@ pub struct LogOpts {
 }
 
 /// The instance's log (container stdout/stderr or VM console), optionally followed.
-#[utoipa::path(get, path = "/v1/projects/{project}/instances/{name}/logs", params(("project" = String, Path), ("name" = String, Path)), responses((status = 200, content_type = "text/plain", body = String)))]
+#[utoipa::path(get, path = "/v1/projects/{project}/instances/{name}/logs", params(("project" = String, Path), ("name" = String, Path), ("follow" = Option<bool>, Query), ("tail" = Option<u64>, Query)), responses((status = 200, content_type = "text/plain", body = String)))]
 pub async fn logs(
     State(app): State<AppState>,
     Path((p, n)): Path<(String, String)>,
-    Query(o): Query<LogOpts>,
+    ApiQuery(o): ApiQuery<LogOpts>,
 ) -> HttpResult<Response> {
     let inst = find(&app, &p, &n)?;
     let url = agent_of(&app, &inst)?;

@@ -7,6 +7,7 @@ use nimbus_api::Health;
 use utoipa::OpenApi;
 
 use crate::app::AppState;
+use spec::Documented;
 
 pub mod events;
 pub mod fleet;
@@ -18,6 +19,7 @@ pub mod nodes;
 pub mod page;
 pub mod projects;
 pub mod secrets;
+pub mod spec;
 
 /// The OpenAPI document.
 #[derive(OpenApi)]
@@ -86,25 +88,9 @@ pub mod secrets;
         secrets::rotate,
     ),
     components(schemas(nimbus_api::ErrorBody, nimbus_api::ApiError, nimbus_api::ErrorCode)),
-    modifiers(&BearerScheme)
+    modifiers(&Documented)
 )]
 pub struct ApiDoc;
-
-/// Declares the `bearer` security scheme the routes refer to.
-struct BearerScheme;
-
-impl utoipa::Modify for BearerScheme {
-    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
-        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
-        let components = doc.components.get_or_insert_with(Default::default);
-        if !components.security_schemes.contains_key("bearer") {
-            components.add_security_scheme(
-                "bearer",
-                SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
-            );
-        }
-    }
-}
 
 /// Liveness and leader.
 #[utoipa::path(get, path = "/healthz", responses((status = 200, body = Health)))]
@@ -248,5 +234,7 @@ pub fn router(app: AppState) -> Router {
             app.clone(),
             crate::auth::require_token,
         ))
+        // Outermost: every error, the token check's included, leaves as a JSON error body.
+        .layer(axum::middleware::from_fn(crate::error::json_errors))
         .with_state(app)
 }

@@ -224,6 +224,8 @@ impl Runc {
         let log = std::fs::read_to_string(&log_file).unwrap_or_default();
         cleanup(&pid_file, &log_file);
         let exit_code = exit_code_of(status);
+        let ((out, out_cut), (err, err_cut)) = (out, err);
+        let truncated = out_cut || err_cut;
         let runc_error = errors_from_log(&log);
         let mut stderr = String::from_utf8_lossy(&err).into_owned();
         if exit_code != 0 && log.contains("\"level\":\"error\"") && !runc_error.is_empty() {
@@ -240,12 +242,14 @@ impl Runc {
                 exit_code: code,
                 stdout: String::from_utf8_lossy(&out).into_owned(),
                 stderr,
+                truncated,
             });
         }
         Ok(ExecResponse {
             exit_code,
             stdout: String::from_utf8_lossy(&out).into_owned(),
             stderr,
+            truncated,
         })
     }
 }
@@ -274,25 +278,37 @@ pub fn exit_code_of(status: std::process::ExitStatus) -> i32 {
         .unwrap_or(-1)
 }
 
-/// Reads a stream to its end, keeping at most `limit` bytes.
-async fn read_limited(mut r: impl AsyncRead + Unpin, limit: usize) -> Vec<u8> {
+/// Reads a stream to its end, keeping at most `limit` bytes; whether it had more.
+async fn read_limited(mut r: impl AsyncRead + Unpin, limit: usize) -> (Vec<u8>, bool) {
     let mut kept = Vec::new();
+    let mut cut = false;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         match r.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => {
                 let room = limit.saturating_sub(kept.len());
+                cut |= n > room;
                 kept.extend_from_slice(&buf[..n.min(room)]);
             }
         }
     }
-    kept
+    (kept, cut)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn output_beyond_the_limit_is_cut_and_says_so() {
+        let (kept, cut) = read_limited(&b"0123456789"[..], 4).await;
+        assert_eq!((kept.as_slice(), cut), (&b"0123"[..], true));
+        let (kept, cut) = read_limited(&b"0123"[..], 4).await;
+        assert_eq!((kept.as_slice(), cut), (&b"0123"[..], false));
+        let (kept, cut) = read_limited(&b""[..], 4).await;
+        assert!(kept.is_empty() && !cut);
+    }
 
     #[test]
     fn runc_log_errors() {
@@ -319,7 +335,7 @@ mod tests {
     #[tokio::test]
     async fn limited_read_discards_the_rest() {
         let data = [b'x'; 100];
-        let got = read_limited(&data[..], 10).await;
-        assert_eq!(got.len(), 10);
+        let (got, cut) = read_limited(&data[..], 10).await;
+        assert_eq!((got.len(), cut), (10, true));
     }
 }

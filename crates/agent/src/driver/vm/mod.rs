@@ -750,6 +750,7 @@ impl Driver for VmDriver {
                     .and_then(Value::as_str)
                     .unwrap_or_default()
                     .to_owned(),
+                truncated: v.get("truncated").and_then(Value::as_bool).unwrap_or(false),
             }),
             Err(VmError::Guest(m)) if m.starts_with("timeout") => {
                 Err(DriverError::Timeout(timeout))
