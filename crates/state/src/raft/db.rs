@@ -83,6 +83,9 @@ impl std::ops::Deref for Db {
     }
 }
 
+/// redb's page cache (its default is 1 GiB).
+const CACHE_BYTES: usize = 32 << 20;
+
 /// Opens or creates `raft.redb` in `dir` and makes sure all tables exist.
 pub(crate) fn open(path: &Path) -> Result<Arc<Db>, Box<redb::Error>> {
     open_inner(path).map_err(Box::new)
@@ -90,7 +93,11 @@ pub(crate) fn open(path: &Path) -> Result<Arc<Db>, Box<redb::Error>> {
 
 #[allow(clippy::result_large_err)] // boxed by the caller
 fn open_inner(path: &Path) -> Result<Arc<Db>, redb::Error> {
-    let db = Database::create(path)?;
+    // redb caches up to 1 GiB by default; the log is append-mostly and read back only to
+    // replicate, so a small cache keeps the server's memory proportional to its state.
+    let db = redb::Builder::new()
+        .set_cache_size(CACHE_BYTES)
+        .create(path)?;
     let tx = db.begin_write()?;
     {
         tx.open_table(LOGS)?;
