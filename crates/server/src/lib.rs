@@ -463,3 +463,45 @@ async fn bootstrap_defaults(app: &AppState) -> Result<(), StartError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_kept_as_hashes_after_their_creation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("admin.token");
+        let hash = load_or_create_token_hash(&path).unwrap();
+        let token = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(hash, auth::token_hash(token.trim()));
+        // The plain file is the client's copy: the server goes by the hash.
+        std::fs::write(&path, "changed").unwrap();
+        assert_eq!(load_or_create_token_hash(&path).unwrap(), hash);
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(load_or_create_token_hash(&path).unwrap(), hash);
+        // A data dir of an earlier build (plain file only) gets its hash.
+        let old = dir.path().join("node.token");
+        std::fs::write(&old, "t0\n").unwrap();
+        assert_eq!(
+            load_or_create_token_hash(&old).unwrap(),
+            auth::token_hash("t0")
+        );
+        assert!(token_hash_path(&old).exists());
+    }
+
+    #[test]
+    fn a_server_joining_others_needs_the_cluster_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let join = ClusterOptions {
+            join: vec!["http://10.0.0.1:7443".into()],
+            ..ClusterOptions::default()
+        };
+        let e = cluster_secret(dir.path(), &join).unwrap_err();
+        assert!(e.to_string().contains("--cluster-secret-file"), "{e}");
+        // A stand-alone server creates one (and keeps it).
+        let s = cluster_secret(dir.path(), &ClusterOptions::single()).unwrap();
+        assert_eq!(s.len(), 64);
+        assert_eq!(cluster_secret(dir.path(), &join).unwrap(), s);
+    }
+}
