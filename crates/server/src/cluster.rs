@@ -497,6 +497,14 @@ pub async fn join_via(app: &AppState, url: &str) -> Result<(), String> {
         .map_err(|e| format!("cannot reach {url}: {e}"))?;
     let status = resp.status();
     let text = resp.text().await.unwrap_or_default();
+    if matches!(
+        status,
+        reqwest::StatusCode::UNAUTHORIZED | reqwest::StatusCode::FORBIDDEN
+    ) {
+        return Err(format!(
+            "{url} refused this server's cluster secret: every server must share the same cluster.secret (--cluster-secret-file)"
+        ));
+    }
     if !status.is_success() {
         let msg = serde_json::from_str::<nimbus_api::ErrorBody>(&text)
             .map_or_else(|_| format!("HTTP {status}"), |b| b.error.message);
