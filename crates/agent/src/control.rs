@@ -24,7 +24,23 @@ impl Agent {
                     self.keep_credentials(&r);
                     return Ok(());
                 }
-                Err(e @ (LinkError::Refused(_) | LinkError::NotNimbus(..))) => return Err(e),
+                Err(LinkError::Refused(mut e)) => {
+                    let registered = !self
+                        .credentials
+                        .lock()
+                        .expect("credentials lock")
+                        .credential
+                        .is_empty();
+                    if registered && e.code == nimbus_api::ErrorCode::Unauthorized {
+                        e.message = format!(
+                            "{}: the control plane no longer accepts this node's credential (was the node removed?); to register it anew with the node token, delete {}",
+                            e.message,
+                            crate::credential::path(&self.cfg.data_dir).display()
+                        );
+                    }
+                    return Err(LinkError::Refused(e));
+                }
+                Err(e @ LinkError::NotNimbus(..)) => return Err(e),
                 Err(e) if tokio::time::Instant::now() > deadline => return Err(e),
                 Err(e) => {
                     tracing::warn!("registration failed, retrying: {e}");

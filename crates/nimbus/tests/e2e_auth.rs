@@ -460,3 +460,73 @@ async fn secrets_at_rest_are_hashes_and_the_data_dir_is_private() {
     assert_eq!(resp.status(), StatusCode::OK);
     std::fs::write(cloud.data_dir.join("admin.token"), &admin).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_node_stays_removed_until_it_registers_anew() {
+    if !deps() {
+        return;
+    }
+    let mut cloud = Cloud::start(bin()).expect("nimbus up");
+    cloud.add_agent("node2").expect("second agent");
+    let agent_dir = cloud.data_dir.with_file_name("agent-node2");
+    let saved = agent_dir.join("node.credential");
+    let mode = std::fs::metadata(&saved)
+        .expect("node.credential")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let c = cloud.client();
+    assert!(c
+        .list_nodes()
+        .await
+        .unwrap()
+        .iter()
+        .any(|n| n.meta.name == "node2"));
+
+    // The node token cannot take its name over while it is registered.
+    let node_token = read_token(&cloud, "node.token");
+    let (status, _) = register(
+        &cloud,
+        &node_token,
+        &registration("node2", "http://192.0.2.1:7444", 1000, 1 << 30),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+
+    let out = cloud
+        .cli()
+        .args(["node", "remove", "node2"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Its agent keeps running, but its heartbeats (every 2 s) no longer bring it back.
+    tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+    assert!(c
+        .list_nodes()
+        .await
+        .unwrap()
+        .iter()
+        .all(|n| n.meta.name != "node2"));
+    // Restarted, it says why it cannot register...
+    let err = cloud
+        .restart_agent("node2")
+        .expect_err("a removed node must not register with its old credential");
+    assert!(
+        err.to_string()
+            .contains("no longer accepts this node's credential"),
+        "{err}"
+    );
+    // ...and registers anew once its credential is gone.
+    std::fs::remove_file(&saved).unwrap();
+    cloud.restart_agent("node2").expect("registers anew");
+    assert!(c
+        .list_nodes()
+        .await
+        .unwrap()
+        .iter()
+        .any(|n| n.meta.name == "node2"));
+}
