@@ -12,8 +12,11 @@ pub struct AgentConfig {
     pub name: String,
     /// Control-plane URLs (any server; the agent fails over between them).
     pub servers: Vec<String>,
-    /// Node bearer token.
+    /// The shared node token: used only to register this node the first time (afterwards the
+    /// node's own credential, see [`crate::credential`]).
     pub token: String,
+    /// A token Prometheus may scrape `/metrics` with (besides the servers' credential).
+    pub metrics_token: Option<String>,
     /// Agent data directory (local state, drivers' state).
     pub data_dir: PathBuf,
     /// Image store directory (shared with the server under `nimbus up`).

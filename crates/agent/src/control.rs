@@ -19,11 +19,28 @@ impl Agent {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
             match self.link.register(reg).await {
-                Ok(node) => {
-                    tracing::info!(node = %node.meta.name, underlay = %node.underlay_ip, "registered with the control plane");
+                Ok(r) => {
+                    tracing::info!(node = %r.node.meta.name, underlay = %r.node.underlay_ip, "registered with the control plane");
+                    self.keep_credentials(&r);
                     return Ok(());
                 }
-                Err(e @ (LinkError::Refused(_) | LinkError::NotNimbus(..))) => return Err(e),
+                Err(LinkError::Refused(mut e)) => {
+                    let registered = !self
+                        .credentials
+                        .lock()
+                        .expect("credentials lock")
+                        .credential
+                        .is_empty();
+                    if registered && e.code == nimbus_api::ErrorCode::Unauthorized {
+                        e.message = format!(
+                            "{}: the control plane no longer accepts this node's credential (was the node removed?); to register it anew with the node token, delete {}",
+                            e.message,
+                            crate::credential::path(&self.cfg.data_dir).display()
+                        );
+                    }
+                    return Err(LinkError::Refused(e));
+                }
+                Err(e @ LinkError::NotNimbus(..)) => return Err(e),
                 Err(e) if tokio::time::Instant::now() > deadline => return Err(e),
                 Err(e) => {
                     tracing::warn!("registration failed, retrying: {e}");
@@ -44,7 +61,37 @@ impl Agent {
             reg.capabilities = caps;
             reg.clone()
         };
-        self.link.register(&reg).await.map(|_| ())
+        let r = self.link.register(&reg).await?;
+        self.keep_credentials(&r);
+        Ok(())
+    }
+
+    /// Keeps (and saves) what a registration answer carries: the node's credential after its
+    /// first registration (used for every call from then on) and the servers' token.
+    pub(crate) fn keep_credentials(&self, r: &nimbus_api::agent::RegisteredNode) {
+        let mut c = self.credentials.lock().expect("credentials lock");
+        let mut changed = false;
+        if let Some(cred) = r.credential.as_ref().filter(|n| **n != c.credential) {
+            c.credential.clone_from(cred);
+            self.link.set_token(cred.clone());
+            changed = true;
+        }
+        if let Some(t) = r
+            .agent_api_token
+            .as_ref()
+            .filter(|t| **t != c.agent_api_token)
+        {
+            c.agent_api_token.clone_from(t);
+            changed = true;
+        }
+        if changed {
+            if let Err(e) = crate::credential::save(&self.cfg.data_dir, &c) {
+                tracing::error!(
+                    "saving the node credentials in {}: {e}; this node cannot register again after a restart",
+                    crate::credential::path(&self.cfg.data_dir).display()
+                );
+            }
+        }
     }
 
     pub(crate) async fn heartbeat_loop(self: Arc<Self>) {
@@ -63,7 +110,9 @@ impl Agent {
                     tracing::warn!("the control plane forgot this node; registering again");
                     let reg = self.registration.lock().expect("registration lock").clone();
                     if let Some(reg) = reg {
-                        let _ = self.link.register(&reg).await;
+                        if let Ok(r) = self.link.register(&reg).await {
+                            self.keep_credentials(&r);
+                        }
                     }
                 }
                 Err(e) => tracing::warn!("heartbeat failed: {e}"),

@@ -1,4 +1,14 @@
-//! The agent's own API, called by the control plane: exec and logs.
+//! The agent's own API, called by the control plane: exec, logs, console; and `/metrics`.
+//!
+//! - exec, logs, console: only the servers' credential for this node (the
+//!   `agent_api_token` of its registration answer; never the node token every agent holds);
+//! - `/metrics`: the servers' credential or the configured metrics token (`nimbus agent
+//!   --metrics-token-file`; `nimbus up` creates `<data-dir>/metrics.token`), so a Prometheus
+//!   can scrape it;
+//! - `/agent/healthz`: open, answers only `ok` (liveness for load balancers and probes; it
+//!   reveals nothing about the node).
+//!
+//! Tokens are compared in constant time.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -15,6 +25,7 @@ use nimbus_api::{ApiError, ErrorBody, ErrorCode, ExecRequest};
 use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
+use crate::credential::constant_time_eq;
 use crate::driver::DriverError;
 use crate::runtime::Agent;
 
@@ -33,25 +44,52 @@ fn driver_err(e: &DriverError) -> ApiError {
     }
 }
 
-async fn auth(State(agent): State<Arc<Agent>>, req: Request, next: Next) -> Response {
-    let ok = req
+/// The bearer token of a request (scheme in any case, RFC 7235).
+fn bearer(req: &Request) -> Option<&str> {
+    let v = req
         .headers()
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| t.trim() == agent.cfg.token);
-    if ok {
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// Whether `token` is the servers' credential for this node.
+fn is_server(agent: &Agent, token: &str) -> bool {
+    let c = agent.credentials.lock().expect("credentials lock");
+    !c.agent_api_token.is_empty()
+        && constant_time_eq(token.as_bytes(), c.agent_api_token.as_bytes())
+}
+
+fn unauthorized() -> Response {
+    err(ApiError::new(
+        ErrorCode::Unauthorized,
+        "missing or invalid server credential",
+    ))
+}
+
+async fn auth(State(agent): State<Arc<Agent>>, req: Request, next: Next) -> Response {
+    if bearer(&req).is_some_and(|t| is_server(&agent, t)) {
         next.run(req).await
     } else {
-        err(ApiError::new(
-            ErrorCode::Unauthorized,
-            "missing or invalid node token",
-        ))
+        unauthorized()
     }
 }
 
 /// Prometheus exposition of the node's load-balancer data plane.
-async fn metrics(State(agent): State<Arc<Agent>>) -> Response {
+async fn metrics(State(agent): State<Arc<Agent>>, req: Request) -> Response {
+    let ok = bearer(&req).is_some_and(|t| {
+        is_server(&agent, t)
+            || agent
+                .cfg
+                .metrics_token
+                .as_ref()
+                .is_some_and(|m| !m.is_empty() && constant_time_eq(t.as_bytes(), m.as_bytes()))
+    });
+    if !ok {
+        return unauthorized();
+    }
     (
         [(
             axum::http::header::CONTENT_TYPE,

@@ -4,6 +4,7 @@
 pub mod config;
 mod control;
 mod converge;
+pub mod credential;
 pub mod decide;
 pub mod driver;
 pub mod fleet;

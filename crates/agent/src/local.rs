@@ -128,12 +128,19 @@ impl LocalState {
     /// Writes encoded state to `path` atomically (write, fsync, rename).
     pub fn write(path: &Path, data: &[u8]) -> Result<(), LocalStateError> {
         use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
         let io = |source| LocalStateError::Io {
             path: path.display().to_string(),
             source,
         };
         let tmp = path.with_extension("tmp");
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io)?;
         f.write_all(data).map_err(io)?;
         f.sync_all().map_err(io)?;
         std::fs::rename(&tmp, path).map_err(io)

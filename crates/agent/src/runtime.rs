@@ -31,6 +31,15 @@ pub enum AgentError {
     /// Control plane.
     #[error("registering with the control plane")]
     Link(#[from] LinkError),
+    /// The saved node credentials cannot be read.
+    #[error("node credentials in {path}")]
+    Credentials {
+        /// File.
+        path: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// Agent API.
     #[error("agent API on {addr}")]
     Listen {
@@ -66,6 +75,9 @@ pub struct Agent {
     pub(crate) datapath: watch::Sender<Programmed>,
     /// The executor of the decision core: workers, wake-ups, the report path.
     pub(crate) exec: Executor,
+    /// The node's credentials (empty before its first registration): the API accepts only
+    /// the servers' token from them.
+    pub(crate) credentials: Mutex<crate::credential::NodeCredentials>,
 }
 
 /// A handle to a running agent.
@@ -129,6 +141,18 @@ impl Agent {
             source,
         })?;
         let local = LocalState::load(&cfg.data_dir.join("instances.json"))?;
+        let credentials = crate::credential::load(&cfg.data_dir)
+            .map_err(|source| AgentError::Credentials {
+                path: crate::credential::path(&cfg.data_dir).display().to_string(),
+                source,
+            })?
+            .unwrap_or_default();
+        // A registered node uses its own credential; only a new one the node token.
+        let token = if credentials.credential.is_empty() {
+            cfg.token.clone()
+        } else {
+            credentials.credential.clone()
+        };
         let images = ImageStore::open(&cfg.image_dir)?;
         let listener = tokio::net::TcpListener::bind(cfg.listen)
             .await
@@ -141,7 +165,8 @@ impl Agent {
             source,
         })?;
         let agent = Arc::new(Self {
-            link: ServerLink::new(cfg.servers.clone(), cfg.token.clone()),
+            link: ServerLink::new(cfg.servers.clone(), token),
+            credentials: Mutex::new(credentials),
             drivers: drivers
                 .into_iter()
                 .map(|d| (d.instance_type(), d))

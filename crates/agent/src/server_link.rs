@@ -3,8 +3,10 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use nimbus_api::agent::{AssignmentsResponse, HeartbeatRequest, RegisterNodeRequest, StatusReport};
-use nimbus_api::{ErrorBody, Node};
+use nimbus_api::agent::{
+    AssignmentsResponse, HeartbeatRequest, RegisterNodeRequest, RegisteredNode, StatusReport,
+};
+use nimbus_api::ErrorBody;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -31,12 +33,12 @@ pub enum LinkError {
 pub struct ServerLink {
     servers: Vec<String>,
     current: AtomicUsize,
-    token: String,
+    token: std::sync::RwLock<String>,
     http: reqwest::Client,
 }
 
 impl ServerLink {
-    /// A link to `servers` with the node token.
+    /// A link to `servers` with a bearer token (the node token, or the node's credential).
     pub fn new(servers: Vec<String>, token: String) -> Self {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(3))
@@ -45,9 +47,18 @@ impl ServerLink {
         Self {
             servers,
             current: AtomicUsize::new(0),
-            token,
+            token: std::sync::RwLock::new(token),
             http,
         }
+    }
+
+    /// Uses `token` for the calls from now on (the node's credential once it has one).
+    pub fn set_token(&self, token: String) {
+        *self.token.write().expect("token lock") = token;
+    }
+
+    fn token(&self) -> String {
+        self.token.read().expect("token lock").clone()
     }
 
     async fn call<B: Serialize + Sync, R: DeserializeOwned>(
@@ -60,6 +71,7 @@ impl ServerLink {
         let n = self.servers.len().max(1);
         let start = self.current.load(Ordering::Relaxed);
         let mut last = String::from("no servers configured");
+        let token = self.token();
         for k in 0..n {
             let idx = (start + k) % n;
             let Some(base) = self.servers.get(idx) else {
@@ -68,7 +80,7 @@ impl ServerLink {
             let mut req = self
                 .http
                 .request(method.clone(), format!("{base}{path}"))
-                .bearer_auth(&self.token)
+                .bearer_auth(&token)
                 .timeout(timeout);
             if let Some(b) = body {
                 req = req.json(b);
@@ -119,8 +131,8 @@ impl ServerLink {
         })
     }
 
-    /// Registers the node.
-    pub async fn register(&self, req: &RegisterNodeRequest) -> Result<Node, LinkError> {
+    /// Registers the node (the answer carries its credentials).
+    pub async fn register(&self, req: &RegisterNodeRequest) -> Result<RegisteredNode, LinkError> {
         self.call(
             reqwest::Method::POST,
             "/v1/nodes",
@@ -301,11 +313,12 @@ impl ServerLink {
     /// Downloads a blob into `dest` (a writer).
     pub async fn blob(&self, digest: &str) -> Result<bytes::Bytes, LinkError> {
         let mut last = String::new();
+        let token = self.token();
         for base in &self.servers {
             match self
                 .http
                 .get(format!("{base}/v1/images/blobs/{digest}"))
-                .bearer_auth(&self.token)
+                .bearer_auth(&token)
                 .send()
                 .await
             {

@@ -31,6 +31,22 @@ pub struct RegisterNodeRequest {
     pub underlay_ip: String,
 }
 
+/// The answer to `POST /v1/nodes`: the node, and the credentials of its agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RegisteredNode {
+    /// The node.
+    #[serde(flatten)]
+    pub node: crate::Node,
+    /// The node's own credential, issued at its first registration and shown only then: the
+    /// agent keeps it (0600) and uses it for every later call instead of the node token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
+    /// The bearer token the servers present to this node's agent API (exec, logs, console,
+    /// metrics); the agent accepts no other server credential.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_api_token: Option<String>,
+}
+
 /// `POST /v1/nodes/{name}/heartbeat`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema, Default)]
 #[serde(deny_unknown_fields)]

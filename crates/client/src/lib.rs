@@ -416,6 +416,13 @@ impl Client {
             .await
     }
 
+    /// Removes a node (admin); `force` also while instances are assigned to it (they fail
+    /// over like on a lost node).
+    pub async fn remove_node(&self, name: &str, force: bool) -> Result<()> {
+        let path = format!("/v1/nodes/{name}?force={force}");
+        self.send(self.req(Method::DELETE, &path)).await.map(|_| ())
+    }
+
     /// Images.
     pub async fn list_images(&self) -> Result<Vec<Image>> {
         self.list_all("/v1/images").await

@@ -103,6 +103,15 @@ impl ImageStore {
             store.tmp_dir(),
         ] {
             fs::create_dir_all(&dir).at("create directory", &dir)?;
+            // Private to the owner (root): the store and every directory down to this one.
+            let mut d = dir.as_path();
+            loop {
+                set_mode(d, 0o700)?;
+                match d.parent() {
+                    Some(p) if d != root => d = p,
+                    _ => break,
+                }
+            }
         }
         Ok(store)
     }
@@ -186,7 +195,7 @@ impl ImageStore {
     fn persist_tmp(&self, tmp: tempfile::NamedTempFile, hex: &str) -> Result<(), ImageError> {
         tmp.as_file().sync_all().at("sync", tmp.path())?;
         let dest = self.blobs_dir().join(hex);
-        set_mode(tmp.path(), 0o644)?;
+        set_mode(tmp.path(), 0o600)?;
         tmp.persist(&dest)
             .map_err(|e| ImageError::io_path("rename blob to", &dest, e.error))?;
         Ok(())
@@ -198,7 +207,7 @@ impl ImageStore {
         if dest.is_file() {
             return Ok(());
         }
-        set_mode(file, 0o644)?;
+        set_mode(file, 0o600)?;
         fs::rename(file, &dest).at("rename blob to", &dest)
     }
 
@@ -265,7 +274,7 @@ impl ImageStore {
             .at("create temporary file in", &tmp_dir)?;
         tmp.write_all(&data).at("write", tmp.path())?;
         tmp.as_file().sync_all().at("sync", tmp.path())?;
-        set_mode(tmp.path(), 0o644)?;
+        set_mode(tmp.path(), 0o600)?;
         let dest = self.images_dir().join(format!("{hex}.json"));
         tmp.persist(&dest)
             .map_err(|e| ImageError::io_path("rename record to", &dest, e.error))?;

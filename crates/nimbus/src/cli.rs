@@ -227,13 +227,20 @@ pub struct ServerArgs {
     /// Join an existing cluster through this member (repeatable; any member works).
     #[arg(long, value_name = "URL")]
     pub join: Vec<String>,
-    /// The cluster's node token (agents and server-to-server); every server needs the same
-    /// one. Copied into the data dir.
+    /// The cluster's node token (agents register new nodes with it); every server needs the
+    /// same one. Only its SHA-256 is kept in the data dir.
     #[arg(long, value_name = "FILE")]
     pub node_token_file: Option<PathBuf>,
-    /// The cluster's admin token, so clients can use any server. Copied into the data dir.
+    /// The cluster's admin token, so clients can use any server. Only its SHA-256 is kept in
+    /// the data dir.
     #[arg(long, value_name = "FILE")]
     pub admin_token_file: Option<PathBuf>,
+    /// The servers' shared secret (Raft, forwarded writes, joins; never given to agents):
+    /// every server of a cluster needs the same one, e.g. the `cluster.secret` of the first
+    /// server, or 64 random hex digits. Copied into the data dir (0600). Required to form or
+    /// join a cluster with other servers.
+    #[arg(long, value_name = "FILE")]
+    pub cluster_secret_file: Option<PathBuf>,
     /// Seconds without a heartbeat before a node is marked down.
     #[arg(long, default_value_t = 10, value_name = "SECONDS")]
     pub heartbeat_grace: u64,
@@ -266,9 +273,14 @@ pub struct AgentArgs {
     /// Control-plane server URL (repeat for several).
     #[arg(long = "server", required = true)]
     pub servers: Vec<String>,
-    /// File holding the node token (the server's `<data-dir>/node.token`).
+    /// File holding the node token (the server's `<data-dir>/node.token`). Used only for
+    /// the node's first registration: the node then gets its own credential (kept in
+    /// `<data-dir>/node.credential`, 0600) and uses it for everything else.
     #[arg(long, env = "NIMBUS_NODE_TOKEN_FILE")]
     pub token_file: PathBuf,
+    /// File holding a token that may scrape this agent's `/metrics` (besides the servers).
+    #[arg(long, value_name = "FILE")]
+    pub metrics_token_file: Option<PathBuf>,
     /// Node name (default: the host name).
     #[arg(long)]
     pub name: Option<String>,
@@ -437,6 +449,17 @@ pub enum NodeCmd {
     Drain {
         /// Node.
         name: String,
+    },
+    /// Remove a node (admin): its credential stops working at once; to come back its agent
+    /// registers anew with the node token. Refused while instances are assigned to it.
+    #[command(alias = "rm")]
+    Remove {
+        /// Node.
+        name: String,
+        /// Remove it even with instances assigned: it is fenced like a lost node first
+        /// (instances that restart move to other nodes, the others fail).
+        #[arg(long)]
+        force: bool,
     },
 }
 

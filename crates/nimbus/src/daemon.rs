@@ -171,6 +171,15 @@ pub(crate) async fn wait_for_signal() {
     }
 }
 
+/// Makes the agent's data dir private (0700): it and the drivers' directories in it, and its
+/// files (local records, the node credential) 0600. What runs inside instances keeps the
+/// modes of its image.
+fn private_agent_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    nimbus_server::restrict_tree(dir, 2, 1)
+        .with_context(|| format!("restricting {} to its owner", dir.display()))
+}
+
 /// `nimbus up`.
 pub async fn up(args: UpArgs) -> Result<()> {
     init_logging(args.log_json);
@@ -190,12 +199,21 @@ pub async fn up(args: UpArgs) -> Result<()> {
     .with_context(|| format!("starting the control plane in {}", data_dir.display()))?;
     let url = format!("http://{}", server.local_addr);
     let agent_dir = data_dir.join("agent");
+    // The node token is read only to register this node the first time (it then has its own
+    // credential in the agent dir).
+    let node_token = std::fs::read_to_string(data_dir.join("node.token"))
+        .map(|t| t.trim().to_owned())
+        .unwrap_or_default();
+    let metrics_token = nimbus_server::load_or_create_token(&data_dir.join("metrics.token"))
+        .context("creating the metrics token")?;
     let (drivers, caps, vm) = drivers(&agent_dir, None);
+    private_agent_dir(&agent_dir)?;
     let agent = Agent::start(
         AgentConfig {
             name: args.node_name.unwrap_or_else(hostname),
             servers: vec![url.clone()],
-            token: server.app.node_token.to_string(),
+            token: node_token,
+            metrics_token: Some(metrics_token),
             data_dir: agent_dir,
             image_dir: data_dir.join("images"),
             listen: args.agent_listen,
@@ -218,9 +236,10 @@ pub async fn up(args: UpArgs) -> Result<()> {
         probe_vms(agent.agent.clone(), vm, caps);
     }
     println!(
-        "nimbus is ready at {url} (data {}, token {})",
+        "nimbus is ready at {url} (data {}, token {}, metrics token {})",
         data_dir.display(),
-        data_dir.join("admin.token").display()
+        data_dir.join("admin.token").display(),
+        data_dir.join("metrics.token").display()
     );
     wait_for_signal().await;
     tracing::info!("shutting down; instances keep running");
@@ -229,33 +248,55 @@ pub async fn up(args: UpArgs) -> Result<()> {
     Ok(())
 }
 
-/// Copies a shared token into the data dir (refusing to replace a different one).
-fn install_token(src: &Path, dest: &Path) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
+fn read_secret(src: &Path) -> Result<String> {
     let token = std::fs::read_to_string(src)
         .with_context(|| format!("reading {}", src.display()))?
         .trim()
         .to_string();
     anyhow::ensure!(!token.is_empty(), "{} is empty", src.display());
-    match std::fs::read_to_string(dest) {
-        Ok(cur) if cur.trim() == token => return Ok(()),
+    Ok(token)
+}
+
+/// Keeps the SHA-256 of a shared token in the data dir (`<dest>.sha256`; refusing to replace a
+/// different one); a plain copy an earlier build left at `dest` is removed.
+fn install_token_hash(src: &Path, dest: &Path) -> Result<()> {
+    let token = read_secret(src)?;
+    let hash = nimbus_server::auth::token_hash_hex(&token);
+    let hash_path = nimbus_server::token_hash_path(dest);
+    match std::fs::read_to_string(&hash_path) {
+        Ok(cur) if cur.trim() == hash => {}
         Ok(_) => anyhow::bail!(
-            "{} already holds a different token than {}",
+            "{} holds the hash of a different token than {}",
+            hash_path.display(),
+            src.display()
+        ),
+        Err(_) => nimbus_server::write_private(&hash_path, format!("{hash}\n").as_bytes())
+            .with_context(|| format!("writing {}", hash_path.display()))?,
+    }
+    if std::fs::read_to_string(dest).is_ok_and(|cur| cur.trim() == token) {
+        std::fs::remove_file(dest).with_context(|| format!("removing {}", dest.display()))?;
+    }
+    Ok(())
+}
+
+/// Copies the cluster secret into the data dir (0600; refusing to replace a different one).
+fn install_secret(src: &Path, dest: &Path) -> Result<()> {
+    let secret = read_secret(src)?;
+    anyhow::ensure!(
+        secret.len() >= 32,
+        "{}: a cluster secret needs at least 32 characters (e.g. 64 random hex digits)",
+        src.display()
+    );
+    match std::fs::read_to_string(dest) {
+        Ok(cur) if cur.trim() == secret => Ok(()),
+        Ok(_) => anyhow::bail!(
+            "{} already holds a different cluster secret than {}",
             dest.display(),
             src.display()
         ),
-        Err(_) => {}
+        Err(_) => nimbus_server::write_private(dest, format!("{secret}\n").as_bytes())
+            .with_context(|| format!("writing {}", dest.display())),
     }
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(dest)
-        .with_context(|| format!("writing {}", dest.display()))?;
-    std::io::Write::write_all(&mut f, format!("{token}\n").as_bytes())
-        .with_context(|| format!("writing {}", dest.display()))?;
-    Ok(())
 }
 
 /// `nimbus server`.
@@ -265,10 +306,13 @@ pub async fn server(args: ServerArgs) -> Result<()> {
     nimbus_server::check_data_dir(&data_dir)
         .with_context(|| format!("starting the control plane in {}", data_dir.display()))?;
     if let Some(f) = &args.node_token_file {
-        install_token(f, &data_dir.join("node.token"))?;
+        install_token_hash(f, &data_dir.join("node.token"))?;
     }
     if let Some(f) = &args.admin_token_file {
-        install_token(f, &data_dir.join("admin.token"))?;
+        install_token_hash(f, &data_dir.join("admin.token"))?;
+    }
+    if let Some(f) = &args.cluster_secret_file {
+        install_secret(f, &data_dir.join(nimbus_server::CLUSTER_SECRET_FILE))?;
     }
     let node_id = nimbus_server::cluster::load_or_create_node_id(&data_dir)?;
     let opts = nimbus_server::ClusterOptions {
@@ -293,11 +337,16 @@ pub async fn server(args: ServerArgs) -> Result<()> {
     )
     .await
     .with_context(|| format!("starting the control plane in {}", data_dir.display()))?;
+    let node_token = args
+        .node_token_file
+        .clone()
+        .unwrap_or_else(|| data_dir.join("node.token"));
     println!(
-        "nimbus server {node_id} ready at http://{}{} (node token in {})",
+        "nimbus server {node_id} ready at http://{}{} (node token in {}, cluster secret in {})",
         server.local_addr,
         if waiting { ", forming the cluster" } else { "" },
-        data_dir.join("node.token").display()
+        node_token.display(),
+        data_dir.join(nimbus_server::CLUSTER_SECRET_FILE).display()
     );
     wait_for_signal().await;
     server.shutdown().await;
@@ -311,6 +360,11 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
         .with_context(|| format!("reading the node token from {}", args.token_file.display()))?
         .trim()
         .to_string();
+    let metrics_token = args
+        .metrics_token_file
+        .as_deref()
+        .map(read_secret)
+        .transpose()?;
     let mut labels = std::collections::BTreeMap::new();
     for kv in &args.labels {
         let (k, v) = kv
@@ -322,11 +376,13 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
         return crate::hollow::run(args, token, labels).await;
     }
     let (drivers, caps, vm) = drivers(&args.data_dir, args.runtime_scope.as_deref());
+    private_agent_dir(&args.data_dir)?;
     let agent = Agent::start(
         AgentConfig {
             name: args.name.unwrap_or_else(hostname),
             servers: args.servers,
             token,
+            metrics_token,
             image_dir: args.data_dir.join("images"),
             data_dir: args.data_dir,
             listen: args.listen,

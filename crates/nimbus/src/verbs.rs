@@ -468,6 +468,10 @@ pub async fn node(c: &Client, cmd: NodeCmd) -> Result<()> {
             c.cordon_node(&name, true).await?;
             println!("{name} cordoned");
         }
+        NodeCmd::Remove { name, force } => {
+            c.remove_node(&name, force).await?;
+            println!("{name} removed");
+        }
         NodeCmd::Drain { name } => {
             c.drain_node(&name).await?;
             let pb = spinner(format!("draining {name}"));

@@ -336,7 +336,12 @@ async fn lb_in_front_of_containers() {
 
     // Metrics on the agent's Prometheus endpoint.
     let node = c.list_nodes().await.unwrap().remove(0);
-    let text = reqwest::get(format!("{}/metrics", node.agent_url))
+    // The agent's `/metrics` takes the metrics token `nimbus up` created.
+    let metrics_token = std::fs::read_to_string(cloud.data_dir.join("metrics.token")).unwrap();
+    let text = reqwest::Client::new()
+        .get(format!("{}/metrics", node.agent_url))
+        .bearer_auth(metrics_token.trim())
+        .send()
         .await
         .unwrap()
         .text()

@@ -290,6 +290,62 @@ async fn futures_ids(net: &Net, hosts: &[usize]) -> Vec<Option<String>> {
     out
 }
 
+/// A server without the cluster secret cannot join, not even with the node token every agent
+/// holds: the members refuse it at once and the membership is unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ha_a_server_without_the_cluster_secret_cannot_join() {
+    if !require("root, ip, tc and nft (netns harness)", netns::available()) {
+        return;
+    }
+    let mut net = Net::new(bin(), 2).expect("netns hosts");
+    net.start_servers_with(0, &["--bootstrap-expect", "1"])
+        .expect("start 0");
+    net.wait_cluster(&[0], 1, Duration::from_secs(60))
+        .await
+        .expect("cluster");
+    let h = &net.hosts[1];
+    let args: Vec<String> = [
+        "server",
+        "--data-dir",
+        &h.data_dir.display().to_string(),
+        "--listen",
+        &format!("{}:{}", h.addr, netns::PORT),
+        "--advertise",
+        &h.url(),
+        "--join",
+        &net.hosts[0].url(),
+        "--cluster-secret-file",
+        &net.node_token_file.display().to_string(),
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .collect();
+    let mut child = net
+        .spawn_in(1, "intruder", &bin().display().to_string(), &args)
+        .expect("spawn");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("a server with the node token as cluster secret kept trying to join");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(!status.success());
+    let log =
+        std::fs::read_to_string(h.data_dir.with_extension("intruder.log")).unwrap_or_default();
+    assert!(
+        log.contains("refused this server's cluster secret"),
+        "{log}"
+    );
+    let info = net.client(0).cluster_info().await.expect("info");
+    assert_eq!(info.members.len(), 1, "{info:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ha_removing_the_last_voter_is_refused() {
     if !require("root", nix::unistd::geteuid().is_root()) {

@@ -42,10 +42,8 @@ pub struct AppState {
     pub raft: RaftNode,
     /// Image store.
     pub images: Arc<ImageStore>,
-    /// Admin bearer token.
-    pub admin_token: Arc<String>,
-    /// Node (agent) bearer token.
-    pub node_token: Arc<String>,
+    /// What bearer tokens are checked against (see [`crate::auth`]).
+    pub creds: Arc<crate::auth::Credentials>,
     /// HTTP client for calls to agents.
     pub http: reqwest::Client,
     /// Group-committing write path.

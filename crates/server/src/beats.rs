@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 
 use axum::extract::{Query, Request, State};
-use axum::http::{header, StatusCode};
+use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -149,12 +149,7 @@ pub(crate) async fn require_secret(
     req: Request,
     next: Next,
 ) -> Response {
-    let ok = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| app.forwarder.is_cluster_secret(t));
+    let ok = crate::auth::bearer(req.headers()).is_some_and(|t| app.forwarder.is_cluster_secret(t));
     if ok {
         next.run(req).await
     } else {

@@ -105,7 +105,7 @@ async fn fetch_from(app: &AppState, peer: &str, digest: &str) -> Result<(), Stri
     let resp = app
         .blob_http
         .get(&url)
-        .bearer_auth(app.node_token.as_str())
+        .bearer_auth(app.creds.cluster_secret.as_str())
         .send()
         .await
         .map_err(|e| e.to_string())?;

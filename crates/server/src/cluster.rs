@@ -8,7 +8,7 @@
 //!   persisted in `<data-dir>/cluster.id`; other servers adopt it from the cluster when they
 //!   join (and refuse a cluster whose id differs from theirs).
 //! - **bootstrap-expect N**: the servers poll each other's `GET /v1/cluster/info` (with the
-//!   shared node token) until N uninitialized servers see each other; the one with the lowest
+//!   shared cluster secret) until N uninitialized servers see each other; the one with the lowest
 //!   id initializes Raft with all of them as voters; the others receive the membership through
 //!   replication. A server whose peer is already initialized joins it instead.
 //! - **join**: a new server asks any member (`POST /v1/cluster/join`); the member proxies the
@@ -17,10 +17,10 @@
 //!
 //! | route | token | what |
 //! |---|---|---|
-//! | `GET /v1/cluster` | admin or node | [`ClusterInfo`] of this server's view |
+//! | `GET /v1/cluster` | admin or cluster secret | [`ClusterInfo`] of this server's view |
 //! | `POST /v1/cluster/members` | admin | add the server at `{"url"}` |
 //! | `DELETE /v1/cluster/members/{id}` | admin | remove a server (never the last voter) |
-//! | `POST /v1/cluster/join` | node | a server asks to be added ([`JoinRequest`]) |
+//! | `POST /v1/cluster/join` | cluster secret | a server asks to be added ([`JoinRequest`]) |
 
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
@@ -175,8 +175,7 @@ impl ClusterState {
 
 fn write_file(path: &Path, content: &str) -> Result<(), String> {
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, format!("{content}\n"))
-        .and_then(|()| std::fs::File::open(&tmp)?.sync_all())
+    crate::write_private(&tmp, format!("{content}\n").as_bytes())
         .and_then(|()| std::fs::rename(&tmp, path))
         .map_err(|e| format!("writing {}: {e}", path.display()))
 }
@@ -231,51 +230,30 @@ pub fn load_or_create_node_id(data_dir: &Path) -> Result<u64, StartError> {
     Ok(id)
 }
 
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim)
-}
-
-fn eq(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
-}
-
-/// Which tokens a route accepts.
+/// Which credentials a route accepts.
 #[derive(Clone, Copy)]
 enum Allow {
     Admin,
-    Node,
+    Server,
     Either,
 }
 
 fn authorize(app: &AppState, headers: &HeaderMap, allow: Allow) -> Result<(), HttpError> {
-    let Some(t) = bearer(headers) else {
-        return Err(ApiError::new(ErrorCode::Unauthorized, "missing bearer token").into());
-    };
-    let admin = eq(t, &app.admin_token);
-    let node = eq(t, &app.node_token);
-    let ok = match allow {
-        Allow::Admin => admin,
-        Allow::Node => node,
-        Allow::Either => admin || node,
-    };
+    use crate::auth::Identity;
+    let who = app.identify(headers)?;
+    let ok = matches!(
+        (allow, &who),
+        (Allow::Admin | Allow::Either, Identity::Admin)
+            | (Allow::Server | Allow::Either, Identity::Server)
+    );
     if ok {
         Ok(())
-    } else if admin || node {
+    } else {
         Err(ApiError::new(
             ErrorCode::Forbidden,
-            "this token may not change cluster membership",
+            "this credential may not read or change cluster membership",
         )
         .into())
-    } else {
-        Err(ApiError::new(ErrorCode::Unauthorized, "invalid bearer token").into())
     }
 }
 
@@ -355,7 +333,7 @@ async fn proxy_to_leader(
         .request(method, format!("{}{path}", url.trim_end_matches('/')))
         .header(header::CONTENT_TYPE, "application/json")
         .body(body);
-    if let Some(t) = bearer(headers) {
+    if let Some(t) = crate::auth::bearer(headers) {
         rb = rb.bearer_auth(t);
     }
     Some(match rb.send().await {
@@ -374,7 +352,7 @@ async fn proxy_to_leader(
 }
 
 async fn join_handler(State(app): State<AppState>, headers: HeaderMap, body: Bytes) -> Response {
-    if let Err(e) = authorize(&app, &headers, Allow::Node) {
+    if let Err(e) = authorize(&app, &headers, Allow::Server) {
         return e.into_response();
     }
     let req: JoinRequest = match serde_json::from_slice(&body) {
@@ -429,7 +407,7 @@ async fn add_server(State(app): State<AppState>, headers: HeaderMap, body: Bytes
     {
         return r;
     }
-    let info = match fetch_info(&app.http, &req.url, &app.node_token).await {
+    let info = match fetch_info(&app.http, &req.url, &app.creds.cluster_secret).await {
         Ok(i) => i,
         Err(m) => return HttpError(ApiError::new(ErrorCode::BadRequest, m)).into_response(),
     };
@@ -472,7 +450,7 @@ async fn remove_server(
     }
 }
 
-/// `GET {url}/v1/cluster` with the node token.
+/// `GET {url}/v1/cluster` with the cluster secret.
 pub async fn fetch_info(
     http: &reqwest::Client,
     url: &str,
@@ -488,7 +466,7 @@ pub async fn fetch_info(
     let status = resp.status();
     if status == reqwest::StatusCode::UNAUTHORIZED {
         return Err(format!(
-            "{url} refused this server's node token: every server must share the same node.token"
+            "{url} refused this server's cluster secret: every server must share the same cluster.secret (--cluster-secret-file)"
         ));
     }
     if !status.is_success() {
@@ -511,7 +489,7 @@ pub async fn join_via(app: &AppState, url: &str) -> Result<(), String> {
     let resp = app
         .http
         .post(format!("{}/v1/cluster/join", url.trim_end_matches('/')))
-        .bearer_auth(app.node_token.as_str())
+        .bearer_auth(app.creds.cluster_secret.as_str())
         .json(&req)
         .timeout(Duration::from_secs(120))
         .send()
@@ -519,6 +497,14 @@ pub async fn join_via(app: &AppState, url: &str) -> Result<(), String> {
         .map_err(|e| format!("cannot reach {url}: {e}"))?;
     let status = resp.status();
     let text = resp.text().await.unwrap_or_default();
+    if matches!(
+        status,
+        reqwest::StatusCode::UNAUTHORIZED | reqwest::StatusCode::FORBIDDEN
+    ) {
+        return Err(format!(
+            "{url} refused this server's cluster secret: every server must share the same cluster.secret (--cluster-secret-file)"
+        ));
+    }
     if !status.is_success() {
         let msg = serde_json::from_str::<nimbus_api::ErrorBody>(&text)
             .map_or_else(|_| format!("HTTP {status}"), |b| b.error.message);
@@ -536,7 +522,7 @@ pub async fn join_via(app: &AppState, url: &str) -> Result<(), String> {
 fn permanent(msg: &str) -> bool {
     msg.contains("cluster id mismatch")
         || msg.contains("belongs to cluster")
-        || msg.contains("node token")
+        || msg.contains("cluster secret")
 }
 
 /// Joins the cluster through one of `members` (retrying for up to a minute).
@@ -572,7 +558,7 @@ pub async fn check_peers(app: &AppState, peers: &[String]) -> Result<(), StartEr
         return Ok(());
     };
     for p in peers {
-        if let Ok(info) = fetch_info(&app.http, p, &app.node_token).await {
+        if let Ok(info) = fetch_info(&app.http, p, &app.creds.cluster_secret).await {
             if let Some(theirs) = info.cluster_id.filter(|t| *t != ours) {
                 return Err(StartError::Cluster(format!(
                     "this server belongs to cluster {ours} but {p} belongs to cluster {theirs}; refusing to start"
@@ -634,7 +620,7 @@ async fn form_cluster(app: &AppState, expect: usize, peers: &[String]) {
         let mut initialized_peer = None;
         let mut named_in_membership = false;
         for p in peers {
-            match fetch_info(&app.http, p, &app.node_token).await {
+            match fetch_info(&app.http, p, &app.creds.cluster_secret).await {
                 Ok(info) if info.initialized && info.members.iter().any(|m| m.id == me.0) => {
                     // The cluster was initialized with this server as a voter: the membership
                     // arrives through replication; joining would only race it.
@@ -714,7 +700,7 @@ pub async fn adopt_cluster_id(app: AppState) {
             if m.id == app.raft.node_id() {
                 continue;
             }
-            match fetch_info(&app.http, &m.url, &app.node_token).await {
+            match fetch_info(&app.http, &m.url, &app.creds.cluster_secret).await {
                 Ok(ClusterInfo {
                     cluster_id: Some(id),
                     ..

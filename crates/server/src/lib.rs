@@ -64,9 +64,26 @@ pub struct Server {
     serve: tokio::task::JoinHandle<()>,
 }
 
-/// Reads a token file, or creates it (mode 0600) with a fresh token.
+/// File holding the server-to-server cluster secret (plain, 0600: this server presents it).
+pub const CLUSTER_SECRET_FILE: &str = "cluster.secret";
+
+/// Writes `contents` to a new or truncated file of mode 0600 and syncs it.
+pub fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    // An existing file keeps its mode through `open`.
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    std::io::Write::write_all(&mut f, contents)?;
+    f.sync_all()
+}
+
+/// Reads a token file, or creates it (mode 0600) with a fresh 256-bit token.
 pub fn load_or_create_token(path: &Path) -> Result<String, StartError> {
-    use std::os::unix::fs::OpenOptionsExt;
     let err = |m: String| StartError::DataDir {
         path: path.display().to_string(),
         message: m,
@@ -78,18 +95,60 @@ pub fn load_or_create_token(path: &Path) -> Result<String, StartError> {
         Err(e) => return Err(err(format!("reading token: {e}"))),
     }
     let token = auth::generate_token();
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
+    write_private(path, format!("{token}\n").as_bytes())
         .map_err(|e| err(format!("writing token: {e}")))?;
-    std::io::Write::write_all(&mut f, format!("{token}\n").as_bytes())
-        .map_err(|e| err(format!("writing token: {e}")))?;
-    f.sync_all()
-        .map_err(|e| err(format!("syncing token: {e}")))?;
     Ok(token)
+}
+
+/// Makes `dir` and the directories below it, down to `depth` levels, private to their owner
+/// (0700), and the regular files down to `file_depth` levels 0600.
+pub fn restrict_tree(dir: &Path, depth: usize, file_depth: usize) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        let t = e.file_type()?;
+        if t.is_dir() && depth > 0 {
+            restrict_tree(&e.path(), depth - 1, file_depth.saturating_sub(1))?;
+        } else if t.is_file() && file_depth > 0 {
+            std::fs::set_permissions(e.path(), std::fs::Permissions::from_mode(0o600))?;
+        }
+    }
+    Ok(())
+}
+
+/// The path of the hash of the token file `path` (`<path>.sha256`).
+pub fn token_hash_path(path: &Path) -> std::path::PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".sha256");
+    p.into()
+}
+
+/// The SHA-256 of the token of `path`, kept in `<path>.sha256`. On first start it creates the
+/// token in `path` (0600: the one plain copy, the credential file of the CLI or the agents;
+/// the server never reads it again) and its hash; a data dir of an earlier build (the plain
+/// file only) gets its hash written.
+pub fn load_or_create_token_hash(path: &Path) -> Result<[u8; 32], StartError> {
+    let hash_path = token_hash_path(path);
+    let err = |m: String| StartError::DataDir {
+        path: hash_path.display().to_string(),
+        message: m,
+    };
+    match std::fs::read_to_string(&hash_path) {
+        Ok(h) => {
+            let mut out = [0u8; 32];
+            hex::decode_to_slice(h.trim(), &mut out)
+                .map_err(|e| err(format!("not a SHA-256 hash: {e}")))?;
+            return Ok(out);
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(format!("reading: {e}"))),
+    }
+    let token = load_or_create_token(path)?;
+    let hash = auth::token_hash(&token);
+    write_private(&hash_path, format!("{}\n", hex::encode(hash)).as_bytes())
+        .map_err(|e| err(format!("writing: {e}")))?;
+    Ok(hash)
 }
 
 /// Checks that `dir` is a nimbus data directory (or empty / new), writing a marker file.
@@ -99,6 +158,9 @@ pub fn check_data_dir(dir: &Path) -> Result<(), StartError> {
         message: m,
     };
     std::fs::create_dir_all(dir).map_err(|e| err(format!("cannot create: {e}")))?;
+    // Nothing in a data dir is for other users.
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .map_err(|e| err(format!("cannot restrict to its owner: {e}")))?;
     let marker = dir.join("NIMBUS_DATA_DIR");
     match std::fs::read_to_string(&marker) {
         Ok(s) if s.trim() == "nimbus-data-v1" => Ok(()),
@@ -114,11 +176,28 @@ pub fn check_data_dir(dir: &Path) -> Result<(), StartError> {
             if foreign {
                 return Err(err("not empty and not a nimbus data directory (no NIMBUS_DATA_DIR marker); choose another --data-dir".into()));
             }
-            std::fs::write(&marker, "nimbus-data-v1\n")
+            write_private(&marker, b"nimbus-data-v1\n")
                 .map_err(|e| err(format!("cannot write marker: {e}")))
         }
         Err(e) => Err(err(format!("cannot read marker: {e}"))),
     }
+}
+
+/// The cluster secret of this server: `<data-dir>/cluster.secret` (installed from
+/// `--cluster-secret-file` for a server of a multi-server cluster). A stand-alone server, or
+/// the first server of a cluster formed with `--bootstrap-expect 1`, creates it; a server that
+/// joins or forms a cluster with others must have it, since a secret of its own would not
+/// let it talk to them.
+fn cluster_secret(data_dir: &Path, opts: &ClusterOptions) -> Result<String, StartError> {
+    let path = data_dir.join(CLUSTER_SECRET_FILE);
+    if !path.exists() && !opts.is_single() && opts.bootstrap_expect != Some(1) {
+        return Err(StartError::Cluster(format!(
+            "no cluster secret: servers of a cluster share one; give every server the same \
+             --cluster-secret-file (e.g. the {CLUSTER_SECRET_FILE} of an existing server, or a \
+             file with 64 random hex digits for a new cluster)"
+        )));
+    }
+    load_or_create_token(&path)
 }
 
 impl Server {
@@ -138,8 +217,11 @@ impl Server {
     /// A server whose store is already initialized just rejoins its cluster.
     pub async fn start_with(cfg: ServerConfig, opts: ClusterOptions) -> Result<Self, StartError> {
         check_data_dir(&cfg.data_dir)?;
-        let admin_token = load_or_create_token(&cfg.data_dir.join("admin.token"))?;
-        let node_token = load_or_create_token(&cfg.data_dir.join("node.token"))?;
+        let creds = auth::Credentials {
+            admin_sha256: load_or_create_token_hash(&cfg.data_dir.join("admin.token"))?,
+            node_sha256: load_or_create_token_hash(&cfg.data_dir.join("node.token"))?,
+            cluster_secret: cluster_secret(&cfg.data_dir, &opts)?,
+        };
         let images =
             ImageStore::open(&cfg.data_dir.join("images")).map_err(|e| StartError::DataDir {
                 path: cfg.data_dir.display().to_string(),
@@ -168,12 +250,17 @@ impl Server {
             node_id: cfg.node_id,
             data_dir: cfg.data_dir.join("raft"),
             advertise_url: cfg.advertise_url.clone(),
-            cluster_secret: node_token.clone(),
+            cluster_secret: creds.cluster_secret.clone(),
             snapshot_every: 5000,
         })
         .await
         .map_err(|e| StartError::Raft(Box::new(e)))?;
-        let forwarder = forward::Forwarder::new(raft.clone(), node_token.clone());
+        // The store holds the whole state: owner only (redb creates it 0644).
+        restrict_tree(&cfg.data_dir.join("raft"), 0, 1).map_err(|e| StartError::DataDir {
+            path: cfg.data_dir.join("raft").display().to_string(),
+            message: format!("cannot restrict to its owner: {e}"),
+        })?;
+        let forwarder = forward::Forwarder::new(raft.clone(), creds.cluster_secret.clone());
         let app = AppState {
             cluster: Arc::new(cluster::ClusterState::load(
                 &cfg.data_dir,
@@ -182,8 +269,7 @@ impl Server {
             cfg: Arc::new(cfg),
             raft: raft.clone(),
             images: Arc::new(images),
-            admin_token: Arc::new(admin_token),
-            node_token: Arc::new(node_token),
+            creds: Arc::new(creds),
             proposer: proposer::Proposer::spawn(forwarder.clone()),
             forwarder,
             http: reqwest::Client::builder()
@@ -376,4 +462,46 @@ async fn bootstrap_defaults(app: &AppState) -> Result<(), StartError> {
         routes::secrets::migrate_lb_keys(app).await;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_kept_as_hashes_after_their_creation() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("admin.token");
+        let hash = load_or_create_token_hash(&path).unwrap();
+        let token = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(hash, auth::token_hash(token.trim()));
+        // The plain file is the client's copy: the server goes by the hash.
+        std::fs::write(&path, "changed").unwrap();
+        assert_eq!(load_or_create_token_hash(&path).unwrap(), hash);
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(load_or_create_token_hash(&path).unwrap(), hash);
+        // A data dir of an earlier build (plain file only) gets its hash.
+        let old = dir.path().join("node.token");
+        std::fs::write(&old, "t0\n").unwrap();
+        assert_eq!(
+            load_or_create_token_hash(&old).unwrap(),
+            auth::token_hash("t0")
+        );
+        assert!(token_hash_path(&old).exists());
+    }
+
+    #[test]
+    fn a_server_joining_others_needs_the_cluster_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        let join = ClusterOptions {
+            join: vec!["http://10.0.0.1:7443".into()],
+            ..ClusterOptions::default()
+        };
+        let e = cluster_secret(dir.path(), &join).unwrap_err();
+        assert!(e.to_string().contains("--cluster-secret-file"), "{e}");
+        // A stand-alone server creates one (and keeps it).
+        let s = cluster_secret(dir.path(), &ClusterOptions::single()).unwrap();
+        assert_eq!(s.len(), 64);
+        assert_eq!(cluster_secret(dir.path(), &join).unwrap(), s);
+    }
 }

@@ -23,13 +23,21 @@ fn config(dir: &std::path::Path) -> ServerConfig {
     }
 }
 
+/// The admin token `Server::start` created (the server itself keeps only its hash).
+fn admin_token(server: &Server) -> String {
+    std::fs::read_to_string(server.app.cfg.data_dir.join("admin.token"))
+        .unwrap()
+        .trim()
+        .to_owned()
+}
+
 async fn create_secret(server: &Server, name: &str, value: &[u8]) -> reqwest::Response {
     reqwest::Client::new()
         .post(format!(
             "http://{}/v1/projects/default/secrets",
             server.local_addr
         ))
-        .bearer_auth(server.app.admin_token.as_str())
+        .bearer_auth(admin_token(server))
         .json(&serde_json::json!({
             "name": name,
             "data": nimbus_api::secret::encode(value),
@@ -151,11 +159,11 @@ async fn a_master_key_file_with_wrong_mode_or_another_key_is_refused() {
     assert!(e.contains("0644"), "{e}");
 }
 
-/// A second data dir sharing the first's tokens (the cluster secret is the node token today).
+/// A second data dir sharing the first's tokens and cluster secret.
 fn member_dir(first: &std::path::Path, dir: &std::path::Path) {
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(dir.join("NIMBUS_DATA_DIR"), "nimbus-data-v1\n").unwrap();
-    for f in ["admin.token", "node.token"] {
+    for f in ["admin.token", "node.token", "cluster.secret"] {
         std::fs::copy(first.join(f), dir.join(f)).unwrap();
     }
 }

@@ -27,6 +27,26 @@ pub struct CommandEnvelope {
     pub command: Command,
 }
 
+/// Who registers a node, which decides what it may register.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum NodeRegistrar {
+    /// A holder of the shared node token: only a node that has no credential yet (a new
+    /// name, a hollow node, or a node of an earlier build); the node gets this credential.
+    NodeToken {
+        /// SHA-256 (hex) of the credential the server issued.
+        credential_sha256: String,
+    },
+    /// The node itself, with the credential the server checked against the state it read
+    /// (re-checked here: a node removed meanwhile stays removed).
+    Node {
+        /// SHA-256 (hex) of the credential it presented.
+        credential_sha256: String,
+    },
+    /// A hollow fleet (node token): only nodes without a credential.
+    Fleet,
+}
+
 /// A typed mutation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -68,8 +88,24 @@ pub enum Command {
         /// Name.
         name: String,
     },
-    /// Register or re-register a node.
+    /// Register or re-register a node (entries of older builds: no credential checks).
     RegisterNode(RegisterNodeRequest),
+    /// Register or re-register a node on behalf of `by` (validated, see `nodes.rs`).
+    RegisterNodeAs {
+        /// The registration.
+        node: RegisterNodeRequest,
+        /// Who registers it.
+        by: NodeRegistrar,
+    },
+    /// Remove a node: refused while instances are assigned to it unless `force`, which first
+    /// fences it like a lost node (its instances fail over). Its credential dies with it.
+    RemoveNode {
+        /// Node.
+        name: String,
+        /// Remove it even with instances assigned.
+        #[serde(default)]
+        force: bool,
+    },
     /// Record a heartbeat (and the node's measured utilisation, if it sent one). Written by
     /// older builds only: heartbeats are leader-held leases now (see `MarkNodeReady` and
     /// `UtilizationSnapshot`); kept so their log entries still apply.

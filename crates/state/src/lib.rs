@@ -23,7 +23,8 @@ mod vm_probe;
 pub mod vpc;
 
 pub use command::{
-    Command, CommandEnvelope, CommandOutput, CommandResult, InstanceAction, COMMAND_FORMAT_VERSION,
+    Command, CommandEnvelope, CommandOutput, CommandResult, InstanceAction, NodeRegistrar,
+    COMMAND_FORMAT_VERSION,
 };
 pub use machine::{StateData, StateMachine};
 
@@ -33,6 +34,8 @@ mod index_tests;
 mod lb_tests;
 #[cfg(test)]
 mod machine_tests;
+#[cfg(test)]
+mod nodes_tests;
 #[cfg(test)]
 mod preemption_tests;
 #[cfg(test)]

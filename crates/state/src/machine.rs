@@ -93,6 +93,10 @@ pub struct StateData {
     /// Secrets by `project/name`, sealed.
     #[serde(default)]
     pub secrets: BTreeMap<String, crate::secrets::StoredSecret>,
+    /// Per node: SHA-256 (hex) of its credential (issued at its first registration; hollow
+    /// nodes and nodes of earlier builds have none).
+    #[serde(default)]
+    pub node_credentials: BTreeMap<String, String>,
 }
 
 /// The replicated state ([`StateData`], which it dereferences to) with its derived indexes,
@@ -336,6 +340,8 @@ impl StateMachine {
             } => self.create_project(env, name, description, idempotency_key.as_deref()),
             Command::DeleteProject { name } => self.delete_project(env, name),
             Command::RegisterNode(req) => self.register_node(env, req),
+            Command::RegisterNodeAs { node, by } => self.register_node_as(env, node, by),
+            Command::RemoveNode { name, force } => self.remove_node(env, name, *force),
             Command::NodeHeartbeat { name, utilization } => self.heartbeat(env, name, *utilization),
             Command::MarkNodeReady { name } => self.mark_node_ready(env, name),
             Command::FinishDrain { ids } => {

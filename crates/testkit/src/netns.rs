@@ -172,6 +172,8 @@ pub struct Net {
     /// The shared node token file.
     pub node_token_file: PathBuf,
     admin_token_file: PathBuf,
+    /// The servers' shared cluster secret file.
+    pub cluster_secret_file: PathBuf,
     bridge: String,
     slot: SlotLock,
     bin: PathBuf,
@@ -200,12 +202,18 @@ impl Net {
         let node_token_file = tmp.path().join("node.tok");
         std::fs::write(&admin_token_file, &admin_token)?;
         std::fs::write(&node_token_file, &node_token)?;
+        let cluster_secret_file = tmp.path().join("cluster.secret");
+        std::fs::write(
+            &cluster_secret_file,
+            format!("{:032x}{:032x}", rand_u128(), rand_u128()),
+        )?;
         let mut net = Self {
             switch: switch.clone(),
             hosts: Vec::new(),
             admin_token,
             node_token_file,
             admin_token_file,
+            cluster_secret_file,
             bridge: bridge.clone(),
             slot,
             bin: bin.to_owned(),
@@ -345,6 +353,8 @@ impl Net {
             self.node_token_file.display().to_string(),
             "--admin-token-file".into(),
             self.admin_token_file.display().to_string(),
+            "--cluster-secret-file".into(),
+            self.cluster_secret_file.display().to_string(),
         ];
         args.extend(extra.iter().map(|s| (*s).to_owned()));
         self.hosts[i].server_args = args;

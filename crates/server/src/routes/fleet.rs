@@ -13,7 +13,7 @@ use nimbus_api::agent::{
     FleetWatchResponse, FLEET_LABEL,
 };
 use nimbus_api::{ApiError, ErrorCode};
-use nimbus_state::{netmap, Command, StateMachine};
+use nimbus_state::{netmap, Command, NodeRegistrar, StateMachine};
 use serde::Deserialize;
 use tokio::sync::broadcast::error::RecvError;
 
@@ -34,7 +34,28 @@ fn check_batch(n: usize) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Registers (or re-registers) many nodes.
+/// Checks that every node exists and is not a real node (one with its own credential: the
+/// node token of a fleet may not act for it).
+fn fleet_nodes<'a>(
+    s: &StateMachine,
+    mut nodes: impl Iterator<Item = &'a String>,
+) -> Result<(), ApiError> {
+    nodes.try_for_each(|n| {
+        if !s.nodes.contains_key(n.as_str()) {
+            Err(ApiError::not_found("node", n))
+        } else if s.node_credentials.contains_key(n.as_str()) {
+            Err(ApiError::new(
+                ErrorCode::Forbidden,
+                format!("node {n} is a real node; a hollow fleet may not act for it"),
+            )
+            .with_field("nodes"))
+        } else {
+            Ok(())
+        }
+    })
+}
+
+/// Registers (or re-registers) many hollow nodes (never a real node: one with a credential).
 #[utoipa::path(post, path = "/v1/fleet/register", request_body = FleetRegisterRequest,
     responses((status = 200, body = FleetRegisterResponse), (status = 400, body = nimbus_api::ErrorBody), (status = 422, body = nimbus_api::ErrorBody)))]
 pub async fn register(
@@ -47,7 +68,11 @@ pub async fn register(
         let app = app.clone();
         async move {
             let name = n.name.clone();
-            (name, app.propose(Command::RegisterNode(n)).await)
+            let by = NodeRegistrar::Fleet;
+            (
+                name,
+                app.propose(Command::RegisterNodeAs { node: n, by }).await,
+            )
         }
     }))
     .await;
@@ -66,14 +91,7 @@ pub async fn heartbeats(
     ApiJson(req): ApiJson<FleetHeartbeatRequest>,
 ) -> HttpResult<axum::http::StatusCode> {
     check_batch(req.nodes.len())?;
-    if let Some(unknown) = app.read(|s| {
-        req.nodes
-            .iter()
-            .find(|n| !s.nodes.contains_key(n.as_str()))
-            .cloned()
-    }) {
-        return Err(ApiError::not_found("node", &unknown).into());
-    }
+    app.read(|s| fleet_nodes(s, req.nodes.iter()))?;
     app.record_beats(
         req.nodes
             .into_iter()
@@ -95,14 +113,7 @@ pub async fn status(
     ApiJson(req): ApiJson<FleetStatusRequest>,
 ) -> HttpResult<axum::http::StatusCode> {
     check_batch(req.nodes.len())?;
-    if let Some(unknown) = app.read(|s| {
-        req.nodes
-            .keys()
-            .find(|n| !s.nodes.contains_key(n.as_str()))
-            .cloned()
-    }) {
-        return Err(ApiError::not_found("node", &unknown).into());
-    }
+    app.read(|s| fleet_nodes(s, req.nodes.keys()))?;
     let results =
         futures::future::join_all(req.nodes.into_iter().filter(|(_, r)| !r.is_empty()).map(
             |(node, reports)| {
@@ -137,6 +148,7 @@ fn in_fleet(s: &StateMachine, node: &str, fleet: &str) -> bool {
         .get(node)
         .and_then(|n| n.meta.labels.get(FLEET_LABEL))
         .is_some_and(|f| f == fleet)
+        && !s.node_credentials.contains_key(node)
 }
 
 /// The nodes whose assignments woken keys may concern: `n/NODE`, and the nodes serving a
@@ -158,6 +170,7 @@ fn changed(s: &StateMachine, fleet: &str, since: u64) -> Vec<String> {
     s.nodes
         .values()
         .filter(|n| n.meta.labels.get(FLEET_LABEL).is_some_and(|f| f == fleet))
+        .filter(|n| !s.node_credentials.contains_key(&n.meta.name))
         .filter(|n| since == 0 || s.assignment_revision(&n.meta.name) > since)
         .map(|n| n.meta.name.clone())
         .collect()

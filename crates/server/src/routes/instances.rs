@@ -194,18 +194,24 @@ pub async fn delete(
     Ok((StatusCode::ACCEPTED, Json(i)))
 }
 
-fn agent_of(app: &AppState, inst: &Instance) -> Result<String, ApiError> {
+/// The URL of the agent running `inst` and the credential the servers present to it.
+fn agent_of(app: &AppState, inst: &Instance) -> Result<(String, String), ApiError> {
     let node = inst.status.node.clone().ok_or_else(|| {
         ApiError::conflict(format!(
             "instance {} is not placed on a node",
             inst.meta.name
         ))
     })?;
-    let (url, hollow) = app
+    let (target, hollow) = app
         .read(|s| {
             s.nodes.get(&node).map(|n| {
                 let hollow = n.meta.labels.contains_key(nimbus_api::agent::FLEET_LABEL);
-                (n.agent_url.clone(), hollow)
+                let token = crate::auth::agent_api_token(
+                    &app.creds.cluster_secret,
+                    &n.meta.name,
+                    &n.meta.id,
+                );
+                ((n.agent_url.clone(), token), hollow)
             })
         })
         .ok_or_else(|| ApiError::new(ErrorCode::Unavailable, format!("node {node} is unknown")))?;
@@ -215,7 +221,7 @@ fn agent_of(app: &AppState, inst: &Instance) -> Result<String, ApiError> {
             inst.meta.name
         )));
     }
-    Ok(url)
+    Ok(target)
 }
 
 /// Run a command in a running instance.
@@ -232,13 +238,13 @@ pub async fn exec(
     if inst.spec.desired == DesiredState::Deleted {
         return Err(ApiError::not_found("instance", &n).into());
     }
-    let url = agent_of(&app, &inst)?;
+    let (url, token) = agent_of(&app, &inst)?;
     let timeout =
         std::time::Duration::from_secs(req.timeout_secs.unwrap_or(60).clamp(1, 3600) + 10);
     let resp = app
         .http
         .post(format!("{url}/agent/v1/instances/{}/exec", inst.meta.id))
-        .bearer_auth(app.node_token.as_str())
+        .bearer_auth(token)
         .timeout(timeout)
         .json(&req)
         .send()
@@ -286,11 +292,11 @@ pub async fn logs(
     ApiQuery(o): ApiQuery<LogOpts>,
 ) -> HttpResult<Response> {
     let inst = find(&app, &p, &n)?;
-    let url = agent_of(&app, &inst)?;
+    let (url, token) = agent_of(&app, &inst)?;
     let mut req = app
         .http
         .get(format!("{url}/agent/v1/instances/{}/logs", inst.meta.id))
-        .bearer_auth(app.node_token.as_str())
+        .bearer_auth(token)
         .query(&[("follow", o.follow.to_string())]);
     if let Some(t) = o.tail {
         req = req.query(&[("tail", t.to_string())]);
@@ -327,11 +333,11 @@ pub async fn console(
     mut req: axum::extract::Request,
 ) -> HttpResult<Response> {
     let inst = find(&app, &p, &n)?;
-    let url = agent_of(&app, &inst)?;
+    let (url, token) = agent_of(&app, &inst)?;
     let resp = app
         .http
         .get(format!("{url}/agent/v1/instances/{}/console", inst.meta.id))
-        .bearer_auth(app.node_token.as_str())
+        .bearer_auth(token)
         .header(axum::http::header::CONNECTION, "upgrade")
         .header(axum::http::header::UPGRADE, "nimbus-console")
         .send()

@@ -56,6 +56,7 @@ pub mod spec;
         nodes::list,
         nodes::get,
         nodes::update,
+        nodes::remove,
         nodes::drain,
         nodes::heartbeat,
         nodes::status,
@@ -197,7 +198,10 @@ pub fn router(app: AppState) -> Router {
             axum::routing::delete(networks::delete_rule),
         )
         .route("/v1/nodes", post(nodes::register).get(nodes::list))
-        .route("/v1/nodes/{name}", get(nodes::get).patch(nodes::update))
+        .route(
+            "/v1/nodes/{name}",
+            get(nodes::get).patch(nodes::update).delete(nodes::remove),
+        )
         .route("/v1/nodes/{name}/heartbeat", post(nodes::heartbeat))
         .route("/v1/nodes/{name}/drain", post(nodes::drain))
         .route("/v1/nodes/{name}/status", post(nodes::status))

@@ -1,34 +1,108 @@
 //! `/v1/nodes`: agent registration, heartbeats, assignments (long-poll), status; operator
-//! cordon/uncordon.
+//! cordon/uncordon, drain and removal. Which caller may call which route is decided by
+//! [`crate::auth::permits`]; registration also depends on the body (below).
 
 use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use axum::Json;
+use axum::{Extension, Json};
 use nimbus_api::agent::{
-    AssignmentsResponse, HeartbeatRequest, LbHealthReport, RegisterNodeRequest, StatusReport,
+    AssignmentsResponse, HeartbeatRequest, LbHealthReport, RegisterNodeRequest, RegisteredNode,
+    StatusReport,
 };
 use nimbus_api::lb::{VipLeaseRequest, VipLeaseResponse};
-use nimbus_api::{ApiError, Node, UpdateNodeRequest};
-use nimbus_state::{netmap, Command, CommandOutput};
+use nimbus_api::{ApiError, ErrorCode, Node, UpdateNodeRequest};
+use nimbus_state::{netmap, Command, CommandOutput, NodeRegistrar};
 use serde::Deserialize;
 
 use crate::app::AppState;
+use crate::auth::Identity;
 use crate::beats::Beat;
 use crate::error::{ApiJson, ApiQuery, HttpResult};
 use crate::routes::page::{ListOpts, Page};
 
-/// Register (or re-register) a node.
-#[utoipa::path(post, path = "/v1/nodes", request_body = RegisterNodeRequest, responses((status = 200, body = Node)))]
+/// Register a node (shared node token: new nodes only; the answer carries the node's
+/// credential, shown once) or re-register it (its own credential).
+#[utoipa::path(post, path = "/v1/nodes", request_body = RegisterNodeRequest,
+    responses((status = 200, body = RegisteredNode),
+        (status = 400, body = nimbus_api::ErrorBody), (status = 401, body = nimbus_api::ErrorBody),
+        (status = 403, body = nimbus_api::ErrorBody),
+        (status = 409, description = "the node is registered already (the node token may only register new nodes) or its underlay address is another node's", body = nimbus_api::ErrorBody),
+        (status = 422, body = nimbus_api::ErrorBody)))]
 pub async fn register(
     State(app): State<AppState>,
+    Extension(who): Extension<Identity>,
     ApiJson(req): ApiJson<RegisterNodeRequest>,
-) -> HttpResult<Json<Node>> {
-    match app.propose(Command::RegisterNode(req)).await? {
-        CommandOutput::Node(n) => Ok(Json(n)),
+) -> HttpResult<Json<RegisteredNode>> {
+    let (by, credential) = if let Identity::Node(me) = &who {
+        if *me != req.name {
+            return Err(ApiError::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "the credential of node {me} may not register node {}",
+                    req.name
+                ),
+            )
+            .with_field("name")
+            .into());
+        }
+        let credential_sha256 = app
+            .read(|s| s.node_credentials.get(me).cloned())
+            .unwrap_or_default();
+        (NodeRegistrar::Node { credential_sha256 }, None)
+    } else {
+        let (secret, credential_sha256) = crate::auth::new_node_credential(&req.name);
+        (NodeRegistrar::NodeToken { credential_sha256 }, Some(secret))
+    };
+    match app
+        .propose(Command::RegisterNodeAs { node: req, by })
+        .await?
+    {
+        CommandOutput::Node(node) => {
+            let agent_api_token = Some(crate::auth::agent_api_token(
+                &app.creds.cluster_secret,
+                &node.meta.name,
+                &node.meta.id,
+            ));
+            Ok(Json(RegisteredNode {
+                node,
+                credential,
+                agent_api_token,
+            }))
+        }
         other => Err(ApiError::internal(format!("unexpected output {other:?}")).into()),
     }
+}
+
+/// Removal options.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct RemoveOpts {
+    /// Remove the node even while instances are assigned to it: it is fenced like a lost node
+    /// first (instances that restart move to other nodes, the others fail).
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// Remove a node (admin): refused while instances are assigned unless `force`. Its credential
+/// stops working at once; its agent must register anew (node token) to come back.
+#[utoipa::path(delete, path = "/v1/nodes/{name}", params(("name" = String, Path), RemoveOpts),
+    responses((status = 204),
+        (status = 401, body = nimbus_api::ErrorBody), (status = 403, body = nimbus_api::ErrorBody),
+        (status = 404, body = nimbus_api::ErrorBody),
+        (status = 409, description = "instances are assigned to the node (use force)", body = nimbus_api::ErrorBody)))]
+pub async fn remove(
+    State(app): State<AppState>,
+    Path(name): Path<String>,
+    ApiQuery(o): ApiQuery<RemoveOpts>,
+) -> HttpResult<StatusCode> {
+    app.propose(Command::RemoveNode {
+        name,
+        force: o.force,
+    })
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// List nodes, in name order; `limit` and `continue` page through them.

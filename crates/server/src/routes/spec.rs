@@ -96,8 +96,9 @@ impl Modify for Documented {
                 Http::builder()
                     .scheme(HttpAuthScheme::Bearer)
                     .description(Some(
-                        "`Authorization: Bearer TOKEN`: the admin token (every route) or the node \
-                         token (the agent's routes)",
+                        "`Authorization: Bearer TOKEN`: the admin token (every route), a node's \
+                         own credential (its node's routes) or the shared node token \
+                         (registering new nodes, hollow fleets)",
                     ))
                     .build(),
             ),

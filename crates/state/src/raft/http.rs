@@ -30,7 +30,8 @@ const MAX_BODY: usize = 1 << 30;
 /// The router serving `/raft/append`, `/raft/vote`, `/raft/snapshot`,
 /// `/raft/snapshot-chunk`, and the forwarding endpoints `/raft/client-write` and
 /// `/raft/read-index` for `node`. Every request must carry
-/// `Authorization: Bearer <cluster secret>`; others get 401.
+/// `Authorization: Bearer <cluster secret>` (the servers' own secret, never the node token
+/// agents hold); others get 401.
 pub fn raft_router(node: RaftNode) -> Router {
     Router::new()
         .route(PATH_APPEND, post(append))
@@ -46,10 +47,13 @@ pub fn raft_router(node: RaftNode) -> Router {
 
 /// Checks the bearer token in constant time.
 fn authorized(node: &RaftNode, headers: &HeaderMap) -> bool {
+    // The scheme is case-insensitive (RFC 7235).
     let Some(token) = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t.trim())
     else {
         return false;
     };
