@@ -49,14 +49,29 @@ allow_header_conformance,ignored_auth";
 /// of the API).
 const EXCLUDED: &str = "/logs$|/console$|/watch$|/assignments$|^/v1/events$|^/v1/fleet/register$";
 
+/// Path parameters named `project` get the project that exists, so the operations under it
+/// reach their handlers' logic instead of a 404. Phases: examples, coverage and fuzzing (no
+/// stateful links). `POST /v1/nodes` skips the coverage phase only: its generator for that
+/// body trips the same Python 3.11 AST bug intermittently (a Hypothesis `FlakyFailure` inside
+/// schemathesis, before any request); the fuzzing phase still covers the operation.
+const CONFIG: &str = r#"[parameters]
+"path.project" = "default"
+
+[phases.stateful]
+enabled = false
+
+[[operations]]
+include-path = "/v1/nodes"
+include-method = "POST"
+phases.coverage.enabled = false
+"#;
+
 /// Runs schemathesis over the spec saved in `spec` against `url` with `token`; (passed,
 /// output, time taken).
 fn fuzz(st: &Path, spec: &Path, url: &str, token: &str, report: &Path) -> (bool, String, Duration) {
     let started = Instant::now();
-    // Path parameters named `project` get the project that exists, so the operations under
-    // it reach their handlers' logic instead of a 404.
     let config = report.with_extension("toml");
-    std::fs::write(&config, "[parameters]\n\"path.project\" = \"default\"\n").expect("config");
+    std::fs::write(&config, CONFIG).expect("config");
     let out = Command::new(st)
         .arg("--config-file")
         .arg(&config)
@@ -66,7 +81,6 @@ fn fuzz(st: &Path, spec: &Path, url: &str, token: &str, report: &Path) -> (bool,
         .args(["--checks", CHECKS])
         .args(["--header", &format!("Authorization: Bearer {token}")])
         .args(["--max-examples", EXAMPLES, "--seed", SEED])
-        .args(["--phases", "examples,coverage,fuzzing"])
         .args(["--exclude-path-regex", EXCLUDED])
         .args(["--request-timeout", "20", "--workers", "2", "--no-shrink"])
         .args(["--suppress-health-check", "all"])
