@@ -53,6 +53,8 @@ pub enum NodeRegistrar {
 pub enum Command {
     /// No-op (used to probe the write path).
     Noop,
+    /// A PKI change (CA certificate, join tokens, revocations).
+    Pki(crate::pki::PkiCommand),
     /// Several commands proposed together as one log entry (group commit): applied in order,
     /// each with its own envelope; each succeeds or fails on its own.
     Batch {
