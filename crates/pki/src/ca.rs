@@ -9,7 +9,8 @@ use rcgen::{
 
 use crate::{Identity, PkiError};
 
-/// How far back a leaf's validity starts (clock skew between machines).
+/// How far back a leaf's validity starts at most (clock skew between machines); a tenth of
+/// the lifetime if that is shorter, so renewal at 2/3 of the validity stays after issuance.
 pub const BACKDATE: Duration = Duration::from_secs(60);
 
 /// The cluster CA: its certificate and signing key.
@@ -111,7 +112,8 @@ impl Ca {
     }
 
     /// Issues a leaf certificate for `id` over the public key of `csr_pem` (the CSR's own
-    /// names are ignored), valid from now minus [`BACKDATE`] for `lifetime`, with `dns` and
+    /// names are ignored), valid from a little before now (see [`BACKDATE`]) until `lifetime`
+    /// from now, with `dns` and
     /// `ips` as extra SANs (so stock clients can check a host name too).
     pub fn issue(
         &self,
@@ -207,4 +209,11 @@ pub fn new_key_and_csr(id: &Identity) -> Result<(String, String), PkiError> {
     params.subject_alt_names = vec![SanType::URI(rcgen::Ia5String::try_from(id.uri())?)];
     let csr = params.serialize_request(&key)?;
     Ok((key.serialize_pem(), csr.pem()?))
+}
+
+/// Checks that `csr_pem` is a well-formed, correctly self-signed CSR.
+pub fn check_csr(csr_pem: &str) -> Result<(), PkiError> {
+    CertificateSigningRequestParams::from_pem(csr_pem)
+        .map(|_| ())
+        .map_err(|e| PkiError::Invalid(format!("invalid certificate signing request: {e}")))
 }

@@ -20,12 +20,12 @@ pub struct CertStore {
 #[derive(Debug)]
 struct Loaded {
     key: Arc<CertifiedKey>,
-    peer: PeerCert,
+    peer: Option<PeerCert>,
 }
 
 fn load(chain_pem: &str, key_pem: &str) -> Result<Loaded, PkiError> {
     let chain = crate::certs_from_pem(chain_pem)?;
-    let peer = PeerCert::from_der(&chain[0])?;
+    let peer = PeerCert::from_der(&chain[0]).ok();
     let key = crate::key_from_pem(key_pem)?;
     let signer = rustls::crypto::ring::sign::any_supported_type(&key)?;
     Ok(Loaded {
@@ -48,8 +48,9 @@ impl CertStore {
         Ok(())
     }
 
-    /// What the current certificate says.
-    pub fn current(&self) -> PeerCert {
+    /// What the current certificate says (`None`: not a nimbus identity, e.g. an operator's
+    /// certificate for the public API).
+    pub fn current(&self) -> Option<PeerCert> {
         self.current.load().peer.clone()
     }
 }

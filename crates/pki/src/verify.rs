@@ -62,6 +62,7 @@ pub struct ClusterServerVerifier {
     roots: Arc<RootCertStore>,
     roles: Vec<Role>,
     revocation: Arc<dyn Revocation>,
+    fallback: Option<Arc<rustls::client::WebPkiServerVerifier>>,
 }
 
 impl ClusterServerVerifier {
@@ -75,7 +76,21 @@ impl ClusterServerVerifier {
             roots,
             roles,
             revocation,
+            fallback: None,
         }
+    }
+
+    /// Also accepts a leaf without a nimbus identity (an operator's `--tls-cert`) if it
+    /// chains to `roots` and names the host (standard WebPKI rules).
+    pub fn with_host_name_fallback(mut self) -> Result<Self, crate::PkiError> {
+        let v = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            self.roots.clone(),
+            Arc::new(rustls::crypto::ring::default_provider()),
+        )
+        .build()
+        .map_err(|e| crate::PkiError::Invalid(format!("server verifier: {e}")))?;
+        self.fallback = Some(v);
+        Ok(self)
     }
 }
 
@@ -84,10 +99,21 @@ impl ServerCertVerifier for ClusterServerVerifier {
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, Error> {
+        if let Some(f) = &self.fallback {
+            if PeerCert::from_der(end_entity).is_err() {
+                return f.verify_server_cert(
+                    end_entity,
+                    intermediates,
+                    server_name,
+                    ocsp_response,
+                    now,
+                );
+            }
+        }
         let parsed = ParsedCertificate::try_from(end_entity)?;
         rustls::client::verify_server_cert_signed_by_trust_anchor(
             &parsed,

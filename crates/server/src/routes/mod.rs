@@ -227,6 +227,7 @@ pub fn router(app: AppState) -> Router {
             get(secrets::for_instance),
         )
         .route("/v1/cluster/master-key/rotate", post(secrets::rotate))
+        .merge(crate::identity::router())
         .layer(DefaultBodyLimit::max(limit));
     let upload = Router::new()
         .route("/v1/images", post(images::import))

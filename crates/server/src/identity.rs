@@ -1,0 +1,520 @@
+//! Cluster identity: the internal CA, this server's certificate, join tokens, certificate
+//! renewal and revocation.
+//!
+//! - **CA**: the first server creates it (ECDSA P-256, rcgen) in `<data-dir>/pki/ca.crt` and
+//!   `ca.key` (0600, not yet sealed under a master key) and records the certificate in the
+//!   replicated state ([`nimbus_state::pki`]).
+//! - **This server's certificate** (`nimbus://server/server-<id>`) is issued at start from a
+//!   key that never leaves memory, lives `--cert-lifetime`, and is re-issued at 2/3 of its life
+//!   into the [`CertStore`] both TLS sides read per handshake: no restart, no dropped
+//!   connection.
+//! - **Join tokens**: `POST /v1/join-tokens` (admin) returns a random 256-bit token once; the
+//!   state keeps its SHA-256 and expiry. `POST /v1/pki/join` (no bearer) trades a token and a
+//!   CSR for a certificate `nimbus://agent/<name>`; the redeem is a Raft command, so a token
+//!   works once cluster-wide.
+//! - **Renewal**: `POST /v1/pki/renew` with the current client certificate.
+//! - **Revocation**: `POST /v1/pki/revoke/{name}` (admin) records the holder in the state;
+//!   every handshake and every request checks it (so open keep-alive connections are cut off
+//!   at their next request).
+//!
+//! | route | credential | what |
+//! |---|---|---|
+//! | `POST /v1/join-tokens` | admin | create a join token |
+//! | `GET /v1/pki/ca` | admin | the CA certificate |
+//! | `POST /v1/pki/join` | join token (body) | certificate for a new node |
+//! | `POST /v1/pki/renew` | agent certificate | certificate for the same node |
+//! | `POST /v1/pki/revoke/{name}` | admin | revoke every certificate of a node |
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use axum::extract::{Path as UrlPath, Request, State};
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use nimbus_api::pki::{
+    CreateJoinTokenRequest, IssuedCert, JoinToken, NodeJoinRequest, RenewRequest,
+};
+use nimbus_api::{ApiError, ErrorCode};
+use nimbus_pki::{Ca, CertStore, Identity, PeerCert, Revocation, Role};
+use nimbus_state::pki::PkiCommand;
+use nimbus_state::raft::RaftNode;
+use nimbus_state::Command;
+
+use crate::app::AppState;
+use crate::error::{ApiJson, HttpResult};
+use crate::StartError;
+
+/// Directory (in the data dir) of the CA files.
+pub const PKI_DIR: &str = "pki";
+/// Longest join-token lifetime.
+pub const MAX_JOIN_TOKEN_TTL: Duration = Duration::from_secs(7 * 86_400);
+
+/// How the public API is served.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum TlsMode {
+    /// Plain HTTP (`nimbus up`, `nimbus server --insecure`).
+    #[default]
+    Plain,
+    /// TLS with a certificate of the internal CA.
+    InternalCa,
+    /// TLS with the operator's certificate and key (PEM files); the internal CA still
+    /// identifies servers and agents.
+    Files {
+        /// Certificate chain.
+        cert: PathBuf,
+        /// Private key.
+        key: PathBuf,
+    },
+}
+
+/// TLS settings of a server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    /// How the API is served.
+    pub mode: TlsMode,
+    /// Lifetime of the certificates the CA issues (servers' and agents').
+    pub cert_lifetime: Duration,
+}
+
+impl Default for TlsSettings {
+    fn default() -> Self {
+        Self {
+            mode: TlsMode::Plain,
+            cert_lifetime: Duration::from_secs(86_400),
+        }
+    }
+}
+
+/// The verified client certificate of a request's connection (set by [`crate::tls`]).
+#[derive(Debug, Clone)]
+pub struct PeerIdentity(pub PeerCert);
+
+/// The revocation list in the replicated state.
+pub struct StateRevocation(RaftNode);
+
+impl std::fmt::Debug for StateRevocation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("StateRevocation")
+    }
+}
+
+impl Revocation for StateRevocation {
+    fn is_revoked(&self, peer: &PeerCert) -> bool {
+        self.0
+            .read(|s| s.pki.revoked.contains_key(&peer.identity.name))
+    }
+}
+
+/// This server's PKI material (all `None` in plain mode).
+pub struct Pki {
+    /// The CA (with its key).
+    pub ca: Option<Ca>,
+    /// This server's own cluster certificate.
+    pub own: Option<Arc<CertStore>>,
+    /// The public API's TLS configuration.
+    pub server_tls: Option<Arc<rustls::ServerConfig>>,
+    /// TLS for calls to agents: presents `own`, accepts only agent certificates.
+    pub agent_client_tls: Option<rustls::ClientConfig>,
+    /// The revocation list.
+    pub revocation: Arc<StateRevocation>,
+    /// Certificate lifetime.
+    pub lifetime: Duration,
+    identity: Identity,
+    dns: Vec<String>,
+    ips: Vec<IpAddr>,
+}
+
+impl std::fmt::Debug for Pki {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pki")
+            .field("ca", &self.ca)
+            .field("identity", &self.identity)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Current Unix time in seconds.
+pub fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+fn write_private(path: &Path, data: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(data.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(tmp, path)
+}
+
+/// Loads `<data-dir>/pki/ca.{crt,key}`, or creates the CA there.
+pub fn load_or_create_ca(data_dir: &Path, cluster: &str) -> Result<Ca, String> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = data_dir.join(PKI_DIR);
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let (crt, key) = (dir.join("ca.crt"), dir.join("ca.key"));
+    match (std::fs::read_to_string(&crt), std::fs::read_to_string(&key)) {
+        (Ok(c), Ok(k)) => {
+            Ca::from_pem(&c, &k).map_err(|e| format!("loading the CA from {}: {e}", dir.display()))
+        }
+        (Err(e), _) | (_, Err(e)) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(format!("reading the CA in {}: {e}", dir.display()))
+        }
+        _ => {
+            let ca = Ca::generate(cluster).map_err(|e| e.to_string())?;
+            write_private(&key, &ca.key_pem())
+                .map_err(|e| format!("writing {}: {e}", key.display()))?;
+            write_private(&crt, ca.cert_pem())
+                .map_err(|e| format!("writing {}: {e}", crt.display()))?;
+            tracing::info!(fingerprint = %ca.fingerprint(), "created the cluster CA");
+            Ok(ca)
+        }
+    }
+}
+
+fn host_of(url: &str) -> Option<&str> {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let host = rest.split('/').next()?;
+    let host = match host.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    };
+    Some(host.trim_start_matches('[').trim_end_matches(']'))
+}
+
+impl Pki {
+    /// Plain mode: no TLS, nothing issued.
+    pub fn plain(raft: RaftNode) -> Self {
+        Self {
+            ca: None,
+            own: None,
+            server_tls: None,
+            agent_client_tls: None,
+            revocation: Arc::new(StateRevocation(raft)),
+            lifetime: Duration::from_secs(86_400),
+            identity: Identity::new(Role::Server, "server"),
+            dns: Vec::new(),
+            ips: Vec::new(),
+        }
+    }
+
+    /// Sets up TLS per `settings`: the CA, this server's certificate, the configs.
+    pub fn setup(
+        settings: &TlsSettings,
+        data_dir: &Path,
+        raft: RaftNode,
+        node_id: u64,
+        listen: std::net::SocketAddr,
+        advertise_url: &str,
+    ) -> Result<Self, StartError> {
+        let mut pki = Self::plain(raft);
+        if settings.mode == TlsMode::Plain {
+            return Ok(pki);
+        }
+        let err = |m: String| StartError::DataDir {
+            path: data_dir.display().to_string(),
+            message: m,
+        };
+        let ca = load_or_create_ca(data_dir, &format!("{node_id:x}")).map_err(err)?;
+        pki.lifetime = settings.cert_lifetime;
+        pki.identity = Identity::new(Role::Server, format!("server-{node_id:x}"));
+        pki.dns = vec!["localhost".into(), crate::identity::hostname()];
+        pki.ips = vec![IpAddr::from([127, 0, 0, 1])];
+        if !listen.ip().is_unspecified() {
+            pki.ips.push(listen.ip());
+        }
+        if let Some(h) = host_of(advertise_url) {
+            match h.parse::<IpAddr>() {
+                Ok(ip) => pki.ips.push(ip),
+                Err(_) if !h.is_empty() => pki.dns.push(h.to_owned()),
+                Err(_) => {}
+            }
+        }
+        pki.ips.dedup();
+        let (chain, key) = pki.issue_own(&ca).map_err(err)?;
+        let own = Arc::new(CertStore::new(&chain, &key).map_err(|e| err(e.to_string()))?);
+        let api = match &settings.mode {
+            TlsMode::Files { cert, key } => {
+                let read = |p: &PathBuf| {
+                    std::fs::read_to_string(p)
+                        .map_err(|e| err(format!("reading {}: {e}", p.display())))
+                };
+                Arc::new(
+                    CertStore::new(&read(cert)?, &read(key)?)
+                        .map_err(|e| err(format!("--tls-cert/--tls-key: {e}")))?,
+                )
+            }
+            _ => own.clone(),
+        };
+        let roots = nimbus_pki::verify::roots(ca.cert_pem()).map_err(|e| err(e.to_string()))?;
+        let revocation: Arc<dyn Revocation> = pki.revocation.clone();
+        let verifier = nimbus_pki::ClusterClientVerifier::new(
+            roots.clone(),
+            vec![Role::Server, Role::Agent],
+            revocation.clone(),
+            false,
+        )
+        .map_err(|e| err(e.to_string()))?;
+        pki.server_tls = Some(Arc::new(
+            nimbus_pki::server_config(api, Some(Arc::new(verifier)))
+                .map_err(|e| err(e.to_string()))?,
+        ));
+        pki.agent_client_tls = Some(
+            nimbus_pki::client_config(
+                Arc::new(nimbus_pki::ClusterServerVerifier::new(
+                    roots,
+                    vec![Role::Agent],
+                    revocation,
+                )),
+                Some(own.clone()),
+            )
+            .map_err(|e| err(e.to_string()))?,
+        );
+        pki.own = Some(own);
+        pki.ca = Some(ca);
+        Ok(pki)
+    }
+
+    /// Issues this server a certificate over a fresh key: (chain PEM, key PEM).
+    fn issue_own(&self, ca: &Ca) -> Result<(String, String), String> {
+        let (key, csr) = nimbus_pki::new_key_and_csr(&self.identity).map_err(|e| e.to_string())?;
+        let issued = ca
+            .issue(&csr, &self.identity, self.lifetime, &self.dns, &self.ips)
+            .map_err(|e| e.to_string())?;
+        Ok((format!("{}{}", issued.cert_pem, ca.cert_pem()), key))
+    }
+
+    /// Whether the API is served over TLS.
+    pub fn is_tls(&self) -> bool {
+        self.server_tls.is_some()
+    }
+}
+
+/// The host name as a certificate DNS name.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map_or_else(|_| "localhost".into(), |h| h.trim().to_ascii_lowercase())
+}
+
+/// Renews this server's certificate at 2/3 of its life, forever.
+pub fn spawn_renewal(app: AppState) {
+    let (Some(ca), Some(own)) = (app.pki.ca.as_ref(), app.pki.own.clone()) else {
+        return;
+    };
+    let _ = ca;
+    tokio::spawn(async move {
+        loop {
+            let due = own
+                .current()
+                .map_or(0, |c| nimbus_pki::renew_at(c.not_before, c.not_after));
+            let wait = (due - unix_now()).max(1);
+            tokio::time::sleep(Duration::from_secs(wait as u64)).await;
+            let Some(ca) = app.pki.ca.as_ref() else {
+                return;
+            };
+            match app
+                .pki
+                .issue_own(ca)
+                .and_then(|(chain, key)| own.replace(&chain, &key).map_err(|e| e.to_string()))
+            {
+                Ok(()) => tracing::info!("renewed this server's certificate"),
+                Err(e) => {
+                    tracing::warn!("renewing this server's certificate: {e}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    });
+}
+
+/// Records the CA certificate in the replicated state (once the store is writable).
+pub async fn publish_ca(app: &AppState) -> Result<(), ApiError> {
+    let Some(ca) = app.pki.ca.as_ref() else {
+        return Ok(());
+    };
+    if app.read(|s| s.pki.ca_cert_pem.is_some()) {
+        return Ok(());
+    }
+    app.propose(Command::Pki(PkiCommand::SetCa {
+        cert_pem: ca.cert_pem().to_owned(),
+    }))
+    .await
+    .map(|_| ())
+}
+
+/// The routes (behind `require_token`, which lets `/v1/pki/join` through; see
+/// [`authorize`]).
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/join-tokens", post(create_join_token))
+        .route("/v1/pki/ca", get(ca_cert))
+        .route(JOIN_PATH, post(join))
+        .route("/v1/pki/renew", post(renew))
+        .route("/v1/pki/revoke/{name}", post(revoke))
+}
+
+fn no_ca() -> ApiError {
+    ApiError::new(
+        ErrorCode::Conflict,
+        "this server runs without TLS (--insecure or `nimbus up`): it has no cluster CA",
+    )
+}
+
+fn sha256_hex(s: &str) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(s.as_bytes()))
+}
+
+async fn create_join_token(
+    State(app): State<AppState>,
+    ApiJson(req): ApiJson<CreateJoinTokenRequest>,
+) -> HttpResult<(StatusCode, Json<JoinToken>)> {
+    let ca = app.pki.ca.as_ref().ok_or_else(no_ca)?;
+    if req.ttl_seconds == 0 || req.ttl_seconds > MAX_JOIN_TOKEN_TTL.as_secs() {
+        return Err(
+            ApiError::invalid("ttl_seconds", "ttl_seconds must be 1 to 604800 (7 days)").into(),
+        );
+    }
+    let token = crate::auth::generate_token();
+    let now = unix_now();
+    let expires_at = now + req.ttl_seconds as i64;
+    app.propose(Command::Pki(PkiCommand::CreateJoinToken {
+        hash: sha256_hex(&token),
+        expires_at,
+        now,
+    }))
+    .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(JoinToken {
+            token,
+            expires_at,
+            ca_fingerprint: ca.fingerprint(),
+        }),
+    ))
+}
+
+async fn ca_cert(State(app): State<AppState>) -> HttpResult<String> {
+    Ok(app.pki.ca.as_ref().ok_or_else(no_ca)?.cert_pem().to_owned())
+}
+
+fn issue(app: &AppState, csr: &str, id: &Identity) -> Result<IssuedCert, ApiError> {
+    let ca = app.pki.ca.as_ref().ok_or_else(no_ca)?;
+    let issued = ca
+        .issue(csr, id, app.pki.lifetime, &[], &[])
+        .map_err(|e| ApiError::invalid("csr", e.to_string()))?;
+    Ok(IssuedCert {
+        cert_pem: issued.cert_pem,
+        ca_pem: ca.cert_pem().to_owned(),
+        serial: issued.serial,
+        not_after: issued.not_after,
+    })
+}
+
+async fn join(
+    State(app): State<AppState>,
+    ApiJson(req): ApiJson<NodeJoinRequest>,
+) -> HttpResult<(StatusCode, Json<IssuedCert>)> {
+    if app.pki.ca.is_none() {
+        return Err(no_ca().into());
+    }
+    if !nimbus_pki::valid_name(&req.name) {
+        return Err(
+            ApiError::invalid("name", "use 1 to 63 lowercase letters, digits or '-'").into(),
+        );
+    }
+    let id = Identity::new(Role::Agent, req.name.clone());
+    // Check the CSR before using the token up.
+    nimbus_pki::ca::check_csr(&req.csr).map_err(|e| ApiError::invalid("csr", e.to_string()))?;
+    app.propose(Command::Pki(PkiCommand::RedeemJoinToken {
+        hash: sha256_hex(&req.join_token),
+        node: req.name.clone(),
+        now: unix_now(),
+    }))
+    .await?;
+    let cert = issue(&app, &req.csr, &id)?;
+    tracing::info!(node = %req.name, serial = %cert.serial, "node joined with a join token");
+    Ok((StatusCode::CREATED, Json(cert)))
+}
+
+async fn renew(
+    State(app): State<AppState>,
+    peer: Option<Extension<PeerIdentity>>,
+    ApiJson(req): ApiJson<RenewRequest>,
+) -> HttpResult<Json<IssuedCert>> {
+    let Some(Extension(PeerIdentity(peer))) = peer else {
+        return Err(ApiError::new(
+            ErrorCode::Unauthorized,
+            "renewal needs the current client certificate",
+        )
+        .into());
+    };
+    Ok(Json(issue(&app, &req.csr, &peer.identity)?))
+}
+
+async fn revoke(
+    State(app): State<AppState>,
+    UrlPath(name): UrlPath<String>,
+) -> HttpResult<StatusCode> {
+    if !nimbus_pki::valid_name(&name) {
+        return Err(
+            ApiError::invalid("name", "use 1 to 63 lowercase letters, digits or '-'").into(),
+        );
+    }
+    app.propose(Command::Pki(PkiCommand::Revoke {
+        node: name.clone(),
+        now: unix_now(),
+    }))
+    .await?;
+    tracing::info!(node = %name, "revoked the node's certificates");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// The route a node joins by (no bearer token: the join token is in the body).
+pub const JOIN_PATH: &str = "/v1/pki/join";
+
+/// The caller named by the request's verified client certificate (`None`: no certificate, the
+/// bearer token decides): an agent certificate is its node ([`auth::Identity::Node`]), a server
+/// certificate a server; a revoked certificate is refused on every request (so open keep-alive
+/// connections are cut off at their next request).
+///
+/// [`auth::Identity::Node`]: crate::auth::Identity::Node
+pub fn certificate_identity(
+    app: &AppState,
+    req: &Request,
+) -> Option<Result<crate::auth::Identity, ApiError>> {
+    let PeerIdentity(peer) = req.extensions().get::<PeerIdentity>()?;
+    if app.pki.revocation.is_revoked(peer) {
+        return Some(Err(ApiError::new(
+            ErrorCode::Unauthorized,
+            format!("the certificate of {} is revoked", peer.identity),
+        )));
+    }
+    Some(Ok(match peer.identity.role {
+        Role::Agent => crate::auth::Identity::Node(peer.identity.name.clone()),
+        Role::Server => crate::auth::Identity::Server,
+    }))
+}
+
+/// Whether this is a certificate renewal (`POST /v1/pki/renew` with a client certificate): the
+/// handler renews the certificate's own identity, whatever its role.
+pub fn certificate_renewal(req: &Request) -> bool {
+    req.uri().path() == "/v1/pki/renew"
+        && req.method() == axum::http::Method::POST
+        && req.extensions().get::<PeerIdentity>().is_some()
+}
