@@ -115,6 +115,53 @@ async fn api_over_tls_with_the_ca_pinned() {
         "the fingerprint must be shown: {err}"
     );
 
+    // At a terminal the CLI shows the fingerprint and asks; the answer pins the CA, and later
+    // runs (without a terminal) trust it.
+    if require("script (util-linux)", have("script")) {
+        use std::io::Write;
+        let mut child = std::process::Command::new("script")
+            .args([
+                "-qec",
+                &format!("{} project list", bin().display()),
+                "/dev/null",
+            ])
+            .env("NIMBUS_URL", &cloud.url)
+            .env("NIMBUS_TOKEN", &cloud.token)
+            .env("HOME", home.path())
+            .env_remove("NIMBUS_CA")
+            .env_remove("XDG_CONFIG_HOME")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(b"y\n").unwrap();
+        let out = child.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains(&ca_fingerprint(&cloud)),
+            "the prompt shows the fingerprint: {text}"
+        );
+        assert!(
+            text.contains("default"),
+            "after pinning the command runs: {text}"
+        );
+        let known = std::fs::read_to_string(home.path().join(".config/nimbus/known_cas")).unwrap();
+        assert!(known.contains(&ca_fingerprint(&cloud)), "{known}");
+        let out = cloud
+            .cli()
+            .env_remove("NIMBUS_CA")
+            .env("HOME", home.path())
+            .env_remove("XDG_CONFIG_HOME")
+            .args(["project", "list"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pinned: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     // With the CA pinned (--ca / NIMBUS_CA) the CLI works.
     let out = cloud.cli().args(["project", "list"]).output().unwrap();
     assert!(
