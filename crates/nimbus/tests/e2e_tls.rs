@@ -393,6 +393,51 @@ async fn foreign_or_expired_client_certificates_are_refused() {
         "control: a valid certificate works"
     );
 
+    // The certificate registers its own node only (the body is checked, then handed on).
+    let http = mtls(&cloud, (&c, &k));
+    let register = |name: &str| nimbus_api::agent::RegisterNodeRequest {
+        name: name.into(),
+        agent_url: "https://127.0.0.1:9".into(),
+        capacity: nimbus_api::Capacity {
+            cpu_millis: 1000,
+            memory_bytes: 1 << 30,
+            disk_bytes: 1 << 30,
+        },
+        capabilities: nimbus_api::NodeCapabilities::default(),
+        zone: String::new(),
+        labels: std::collections::BTreeMap::new(),
+        agent_version: "test".into(),
+        underlay_ip: String::new(),
+    };
+    let r = http
+        .post(format!("{}/v1/nodes", cloud.url))
+        .json(&register("victim"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status().as_u16(),
+        403,
+        "another node's name: {}",
+        r.text().await.unwrap()
+    );
+    let r = http
+        .post(format!("{}/v1/nodes", cloud.url))
+        .json(&register("probe"))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        r.status().is_success(),
+        "its own name: {}",
+        r.text().await.unwrap()
+    );
+    let nodes = cloud.client().list_nodes().await.unwrap();
+    assert!(
+        nodes.iter().any(|n| n.meta.name == "probe")
+            && !nodes.iter().any(|n| n.meta.name == "victim")
+    );
+
     let foreign = Ca::generate("foreign").unwrap();
     let (c, k) = valid_for_an_hour(&foreign, &id);
     assert!(
