@@ -353,3 +353,20 @@ async fn renew_once(
     tracing::info!(serial = %issued.serial, "renewed the node certificate");
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::host_port;
+
+    #[test]
+    fn host_and_port_of_urls() {
+        assert_eq!(
+            host_port("https://10.0.0.1:7443").unwrap(),
+            ("10.0.0.1".into(), 7443)
+        );
+        assert_eq!(host_port("https://srv/x").unwrap(), ("srv".into(), 443));
+        assert_eq!(host_port("https://[::1]:9/").unwrap(), ("::1".into(), 9));
+        assert!(host_port("https://").is_err());
+        assert!(host_port("https://h:99999").is_err());
+    }
+}

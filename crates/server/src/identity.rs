@@ -357,6 +357,20 @@ pub async fn publish_ca(app: &AppState) -> Result<(), ApiError> {
     .map(|_| ())
 }
 
+/// The OpenAPI description of these routes (merged into the API's).
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    paths(create_join_token, ca_cert, join, renew, revoke),
+    components(schemas(
+        CreateJoinTokenRequest,
+        JoinToken,
+        NodeJoinRequest,
+        RenewRequest,
+        IssuedCert
+    ))
+)]
+pub struct PkiDoc;
+
 /// The routes (behind `require_token`, which lets `/v1/pki/join` through; see
 /// [`authorize`]).
 pub fn router() -> Router<AppState> {
@@ -380,6 +394,8 @@ fn sha256_hex(s: &str) -> String {
     hex::encode(sha2::Sha256::digest(s.as_bytes()))
 }
 
+/// Create a one-time join token (admin).
+#[utoipa::path(post, path = "/v1/join-tokens", request_body = CreateJoinTokenRequest, responses((status = 201, body = JoinToken), (status = 400, body = nimbus_api::ErrorBody), (status = 401, body = nimbus_api::ErrorBody), (status = 403, body = nimbus_api::ErrorBody), (status = 409, body = nimbus_api::ErrorBody)))]
 async fn create_join_token(
     State(app): State<AppState>,
     ApiJson(req): ApiJson<CreateJoinTokenRequest>,
@@ -409,6 +425,8 @@ async fn create_join_token(
     ))
 }
 
+/// The cluster CA certificate (PEM).
+#[utoipa::path(get, path = "/v1/pki/ca", responses((status = 200, body = String, content_type = "application/x-pem-file"), (status = 401, body = nimbus_api::ErrorBody), (status = 409, body = nimbus_api::ErrorBody)))]
 async fn ca_cert(State(app): State<AppState>) -> HttpResult<String> {
     Ok(app.pki.ca.as_ref().ok_or_else(no_ca)?.cert_pem().to_owned())
 }
@@ -426,6 +444,8 @@ fn issue(app: &AppState, csr: &str, id: &Identity) -> Result<IssuedCert, ApiErro
     })
 }
 
+/// Trade a join token and a CSR for a node certificate (no bearer token).
+#[utoipa::path(post, path = "/v1/pki/join", request_body = NodeJoinRequest, responses((status = 201, body = IssuedCert), (status = 400, body = nimbus_api::ErrorBody), (status = 401, body = nimbus_api::ErrorBody), (status = 403, body = nimbus_api::ErrorBody), (status = 409, body = nimbus_api::ErrorBody)))]
 async fn join(
     State(app): State<AppState>,
     ApiJson(req): ApiJson<NodeJoinRequest>,
@@ -452,6 +472,8 @@ async fn join(
     Ok((StatusCode::CREATED, Json(cert)))
 }
 
+/// A fresh certificate for the client certificate's identity.
+#[utoipa::path(post, path = "/v1/pki/renew", request_body = RenewRequest, responses((status = 200, body = IssuedCert), (status = 400, body = nimbus_api::ErrorBody), (status = 401, body = nimbus_api::ErrorBody), (status = 409, body = nimbus_api::ErrorBody)))]
 async fn renew(
     State(app): State<AppState>,
     peer: Option<Extension<PeerIdentity>>,
@@ -467,6 +489,8 @@ async fn renew(
     Ok(Json(issue(&app, &req.csr, &peer.identity)?))
 }
 
+/// Revoke every certificate of a node (admin).
+#[utoipa::path(post, path = "/v1/pki/revoke/{name}", params(("name" = String, Path)), responses((status = 204), (status = 400, body = nimbus_api::ErrorBody), (status = 401, body = nimbus_api::ErrorBody), (status = 403, body = nimbus_api::ErrorBody)))]
 async fn revoke(
     State(app): State<AppState>,
     UrlPath(name): UrlPath<String>,
@@ -517,4 +541,51 @@ pub fn certificate_renewal(req: &Request) -> bool {
     req.uri().path() == "/v1/pki/renew"
         && req.method() == axum::http::Method::POST
         && req.extensions().get::<PeerIdentity>().is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_of_urls() {
+        assert_eq!(host_of("https://10.0.0.1:7443"), Some("10.0.0.1"));
+        assert_eq!(host_of("https://srv.example:7443/x"), Some("srv.example"));
+        assert_eq!(host_of("http://[::1]:7443"), Some("::1"));
+        assert_eq!(host_of("srv"), Some("srv"));
+    }
+
+    #[test]
+    fn openapi_documents_the_pki_routes() {
+        use utoipa::OpenApi;
+        let doc = PkiDoc::openapi();
+        for p in [
+            "/v1/join-tokens",
+            "/v1/pki/join",
+            "/v1/pki/renew",
+            "/v1/pki/revoke/{name}",
+            "/v1/pki/ca",
+        ] {
+            assert!(doc.paths.paths.contains_key(p), "{p}");
+        }
+    }
+
+    #[test]
+    fn ca_is_created_once_with_a_private_key_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let a = load_or_create_ca(dir.path(), "c").unwrap();
+        let b = load_or_create_ca(dir.path(), "c").unwrap();
+        assert_eq!(a.fingerprint(), b.fingerprint());
+        let mode = std::fs::metadata(dir.path().join("pki/ca.key"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let mode = std::fs::metadata(dir.path().join("pki"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o700);
+    }
 }

@@ -104,7 +104,9 @@ pub async fn health(State(app): State<AppState>) -> Json<Health> {
 }
 
 async fn openapi() -> Json<utoipa::openapi::OpenApi> {
-    Json(ApiDoc::openapi())
+    let mut doc = ApiDoc::openapi();
+    doc.merge(crate::identity::PkiDoc::openapi());
+    Json(doc)
 }
 
 async fn not_found() -> crate::error::HttpError {
