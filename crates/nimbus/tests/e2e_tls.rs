@@ -27,8 +27,16 @@ fn deps() -> bool {
 /// The cluster CA with its key, read from the server's data dir (tests sign odd certificates
 /// with it).
 fn cluster_ca(cloud: &TlsCloud) -> Ca {
-    let key = std::fs::read_to_string(cloud.data_dir.join("pki/ca.key")).expect("ca.key");
-    Ca::from_pem(&cloud.ca_pem(), &key).expect("CA")
+    let master =
+        nimbus_seal::MasterKey::from_file(&cloud.data_dir.join("master.key")).expect("master.key");
+    let sealed: nimbus_seal::Sealed = serde_json::from_str(
+        &std::fs::read_to_string(cloud.data_dir.join("pki/ca.key.sealed")).expect("ca.key.sealed"),
+    )
+    .expect("sealed CA key");
+    let key = master
+        .open(&sealed, b"nimbus-ca-key")
+        .expect("opens with the master key");
+    Ca::from_pem(&cloud.ca_pem(), std::str::from_utf8(&key).unwrap()).expect("CA")
 }
 
 /// A certificate for `id` signed by `ca`, valid between the two times: (chain PEM, key PEM).
@@ -161,6 +169,18 @@ async fn api_over_tls_with_the_ca_pinned() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
+
+    // The CA key is on disk only sealed under the master key.
+    for e in std::fs::read_dir(cloud.data_dir.join("pki")).unwrap() {
+        let e = e.unwrap();
+        let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+        assert!(
+            !text.contains("PRIVATE KEY"),
+            "{} holds a plain private key",
+            e.path().display()
+        );
+    }
+    assert!(cloud.data_dir.join("pki/ca.key.sealed").exists());
 
     // With the CA pinned (--ca / NIMBUS_CA) the CLI works.
     let out = cloud.cli().args(["project", "list"]).output().unwrap();

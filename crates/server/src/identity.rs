@@ -2,8 +2,9 @@
 //! renewal and revocation.
 //!
 //! - **CA**: the first server creates it (ECDSA P-256, rcgen) in `<data-dir>/pki/ca.crt` and
-//!   `ca.key` (0600, not yet sealed under a master key) and records the certificate in the
-//!   replicated state ([`nimbus_state::pki`]).
+//!   `ca.key.sealed` (0600: the key sealed under the cluster master key, AES-256-GCM with its
+//!   own data key, re-sealed within a second when a rotation promotes a new master key) and
+//!   records the certificate in the replicated state ([`nimbus_state::pki`]).
 //! - **This server's certificate** (`nimbus://server/server-<id>`) is issued at start from a
 //!   key that never leaves memory, lives `--cert-lifetime`, and is re-issued at 2/3 of its life
 //!   into the [`CertStore`] both TLS sides read per handshake: no restart, no dropped
@@ -45,6 +46,7 @@ use nimbus_state::Command;
 
 use crate::app::AppState;
 use crate::error::{ApiJson, HttpResult};
+use crate::masterkey::MasterKeys;
 use crate::StartError;
 
 /// Directory (in the data dir) of the CA files.
@@ -122,6 +124,8 @@ pub struct Pki {
     pub revocation: Arc<StateRevocation>,
     /// Certificate lifetime.
     pub lifetime: Duration,
+    /// Id of the master key the CA key file is sealed with.
+    pub sealed_by: Option<String>,
     identity: Identity,
     dns: Vec<String>,
     ips: Vec<IpAddr>,
@@ -158,8 +162,30 @@ fn write_private(path: &Path, data: &str) -> std::io::Result<()> {
     std::fs::rename(tmp, path)
 }
 
-/// Loads `<data-dir>/pki/ca.{crt,key}`, or creates the CA there.
-pub fn load_or_create_ca(data_dir: &Path, cluster: &str) -> Result<Ca, String> {
+/// AAD of the sealed CA key.
+const CA_KEY_AAD: &[u8] = b"nimbus-ca-key";
+/// The sealed CA key in `<data-dir>/pki`.
+pub const CA_KEY_FILE: &str = "ca.key.sealed";
+
+fn seal_ca_key(dir: &Path, ca: &Ca, keys: &MasterKeys) -> Result<String, String> {
+    let master = keys
+        .current()
+        .ok_or("no master key to seal the CA key with")?;
+    let sealed = master.seal(ca.key_pem().as_bytes(), CA_KEY_AAD);
+    let json = serde_json::to_string(&sealed).map_err(|e| e.to_string())?;
+    let path = dir.join(CA_KEY_FILE);
+    write_private(&path, &json).map_err(|e| format!("writing {}: {e}", path.display()))?;
+    Ok(sealed.key_id)
+}
+
+/// Loads `<data-dir>/pki/ca.crt` and the CA key sealed under the cluster master key
+/// (`ca.key.sealed`, 0600), or creates the CA there; returns it with the id of the master key
+/// that seals it now (re-sealed under the current key if an older one sealed it).
+pub fn load_or_create_ca(
+    data_dir: &Path,
+    cluster: &str,
+    keys: &MasterKeys,
+) -> Result<(Ca, String), String> {
     use std::os::unix::fs::DirBuilderExt;
     let dir = data_dir.join(PKI_DIR);
     std::fs::DirBuilder::new()
@@ -167,24 +193,70 @@ pub fn load_or_create_ca(data_dir: &Path, cluster: &str) -> Result<Ca, String> {
         .mode(0o700)
         .create(&dir)
         .map_err(|e| format!("creating {}: {e}", dir.display()))?;
-    let (crt, key) = (dir.join("ca.crt"), dir.join("ca.key"));
+    let (crt, key) = (dir.join("ca.crt"), dir.join(CA_KEY_FILE));
     match (std::fs::read_to_string(&crt), std::fs::read_to_string(&key)) {
         (Ok(c), Ok(k)) => {
-            Ca::from_pem(&c, &k).map_err(|e| format!("loading the CA from {}: {e}", dir.display()))
+            let sealed: nimbus_seal::Sealed =
+                serde_json::from_str(&k).map_err(|e| format!("reading {}: {e}", key.display()))?;
+            let master = keys.get(&sealed.key_id).ok_or_else(|| {
+                format!(
+                    "{} is sealed by master key {}, which this server does not hold",
+                    key.display(),
+                    sealed.key_id
+                )
+            })?;
+            let pem = master
+                .open(&sealed, CA_KEY_AAD)
+                .map_err(|e| format!("opening {}: {e}", key.display()))?;
+            let pem = std::str::from_utf8(&pem).map_err(|e| e.to_string())?;
+            let ca = Ca::from_pem(&c, pem)
+                .map_err(|e| format!("loading the CA from {}: {e}", dir.display()))?;
+            let current = keys.current().map(|k| k.key_id().to_owned());
+            let id = if current.as_deref() == Some(sealed.key_id.as_str()) {
+                sealed.key_id
+            } else {
+                seal_ca_key(&dir, &ca, keys)?
+            };
+            Ok((ca, id))
         }
         (Err(e), _) | (_, Err(e)) if e.kind() != std::io::ErrorKind::NotFound => {
             Err(format!("reading the CA in {}: {e}", dir.display()))
         }
         _ => {
             let ca = Ca::generate(cluster).map_err(|e| e.to_string())?;
-            write_private(&key, &ca.key_pem())
-                .map_err(|e| format!("writing {}: {e}", key.display()))?;
+            let id = seal_ca_key(&dir, &ca, keys)?;
             write_private(&crt, ca.cert_pem())
                 .map_err(|e| format!("writing {}: {e}", crt.display()))?;
-            tracing::info!(fingerprint = %ca.fingerprint(), "created the cluster CA");
-            Ok(ca)
+            tracing::info!(fingerprint = %ca.fingerprint(), "created the cluster CA (key sealed)");
+            Ok((ca, id))
         }
     }
+}
+
+/// Keeps the sealed CA key under the current master key: after a rotation promotes a new key
+/// (the old one still opens until it is retired), the CA key is re-sealed within a second.
+pub fn spawn_reseal(app: AppState) {
+    let Some(mut sealed_by) = app.pki.sealed_by.clone() else {
+        return;
+    };
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let (Some(ca), Some(cur)) = (app.pki.ca.as_ref(), app.keys.current()) else {
+                continue;
+            };
+            if cur.key_id() == sealed_by {
+                continue;
+            }
+            match seal_ca_key(&app.cfg.data_dir.join(PKI_DIR), ca, &app.keys) {
+                Ok(id) => {
+                    tracing::info!(key_id = %id, "re-sealed the CA key under the new master key");
+                    sealed_by = id;
+                }
+                Err(e) => tracing::warn!("re-sealing the CA key: {e}"),
+            }
+        }
+    });
 }
 
 fn host_of(url: &str) -> Option<&str> {
@@ -207,6 +279,7 @@ impl Pki {
             agent_client_tls: None,
             revocation: Arc::new(StateRevocation(raft)),
             lifetime: Duration::from_secs(86_400),
+            sealed_by: None,
             identity: Identity::new(Role::Server, "server"),
             dns: Vec::new(),
             ips: Vec::new(),
@@ -221,6 +294,7 @@ impl Pki {
         node_id: u64,
         listen: std::net::SocketAddr,
         advertise_url: &str,
+        keys: &MasterKeys,
     ) -> Result<Self, StartError> {
         let mut pki = Self::plain(raft);
         if settings.mode == TlsMode::Plain {
@@ -230,7 +304,11 @@ impl Pki {
             path: data_dir.display().to_string(),
             message: m,
         };
-        let ca = load_or_create_ca(data_dir, &format!("{node_id:x}")).map_err(err)?;
+        // A TLS server is a single server (for now): it holds or creates the master key.
+        keys.create().map_err(err)?;
+        let (ca, sealed_by) =
+            load_or_create_ca(data_dir, &format!("{node_id:x}"), keys).map_err(err)?;
+        pki.sealed_by = Some(sealed_by);
         pki.lifetime = settings.cert_lifetime;
         pki.identity = Identity::new(Role::Server, format!("server-{node_id:x}"));
         pki.dns = vec!["localhost".into(), crate::identity::hostname()];
@@ -571,13 +649,28 @@ mod tests {
     }
 
     #[test]
-    fn ca_is_created_once_with_a_private_key_file() {
+    fn ca_is_created_once_with_its_key_sealed() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
-        let a = load_or_create_ca(dir.path(), "c").unwrap();
-        let b = load_or_create_ca(dir.path(), "c").unwrap();
+        let keys = MasterKeys::load(dir.path(), None).unwrap();
+        keys.create().unwrap();
+        let (a, id) = load_or_create_ca(dir.path(), "c", &keys).unwrap();
+        let (b, id2) = load_or_create_ca(dir.path(), "c", &keys).unwrap();
         assert_eq!(a.fingerprint(), b.fingerprint());
-        let mode = std::fs::metadata(dir.path().join("pki/ca.key"))
+        assert_eq!(id, id2);
+        let raw = std::fs::read_to_string(dir.path().join("pki").join(CA_KEY_FILE)).unwrap();
+        let pem = a.key_pem();
+        let body = pem.lines().nth(1).unwrap();
+        assert!(
+            !raw.contains(body) && !raw.contains("PRIVATE KEY"),
+            "the key is sealed"
+        );
+        // Another cluster's master key cannot open it.
+        let other = tempfile::tempdir().unwrap();
+        let other_keys = MasterKeys::load(other.path(), None).unwrap();
+        other_keys.create().unwrap();
+        assert!(load_or_create_ca(dir.path(), "c", &other_keys).is_err());
+        let mode = std::fs::metadata(dir.path().join("pki").join(CA_KEY_FILE))
             .unwrap()
             .permissions()
             .mode();

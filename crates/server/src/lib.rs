@@ -276,6 +276,7 @@ impl Server {
             cfg.node_id,
             local_addr,
             &cfg.advertise_url,
+            &keys,
         )?);
         let forwarder = forward::Forwarder::new(raft.clone(), creds.cluster_secret.clone());
         let app = AppState {
@@ -332,6 +333,7 @@ impl Server {
             return Err(e);
         }
         identity::spawn_renewal(app.clone());
+        identity::spawn_reseal(app.clone());
         controllers::spawn(app);
         Ok(server)
     }
