@@ -391,11 +391,12 @@ impl TlsVsPlain {
             b,
             "\n### TLS vs plain\n\nThe same writes against a lone `nimbus server` (no local agent), once with \
              `--insecure` (plain HTTP) and once over TLS 1.3 with its internal CA (ECDSA P-256 \
-             certificate, TLS13_AES_128_GCM_SHA256 negotiated first, no session resumption), one \
-             after the other in this run. Keep-alive rows reuse connections as above; the \
+             certificate, TLS13_AES_128_GCM_SHA256 negotiated first, no session resumption), in \
+             ABBA order (plain, TLS, TLS, plain: a fresh server each round), each figure the mean \
+             of its two rounds. Keep-alive rows reuse connections as above; the \
              new-connection row opens a TCP connection and does a full handshake for each of \
-             {} sequential writes (after 20 warm-up writes).\n",
-            self.plain_new.n
+             {} sequential writes per round (after 20 warm-up writes).\n",
+            self.plain_new.n / 2
         );
         let _ = writeln!(
             b,
@@ -464,14 +465,46 @@ impl TlsVsPlain {
     }
 }
 
+/// The mean of two summaries (field by field).
+fn mean_summary(a: &Summary, b: &Summary) -> Summary {
+    let m = |x: Duration, y: Duration| (x + y) / 2;
+    Summary {
+        n: a.n + b.n,
+        min: a.min.min(b.min),
+        p50: m(a.p50, b.p50),
+        p90: m(a.p90, b.p90),
+        p99: m(a.p99, b.p99),
+        max: a.max.max(b.max),
+    }
+}
+
+fn mean_measured(a: &Measured, b: &Measured) -> Measured {
+    Measured {
+        single: mean_summary(&a.single, &b.single),
+        conc: mean_summary(&a.conc, &b.conc),
+        rate: f64::midpoint(a.rate, b.rate),
+    }
+}
+
+/// Plain and TLS servers in ABBA order (plain, TLS, TLS, plain), each figure the mean of its
+/// two rounds, so a drift in the machine's load (other work on the same cores) weighs on both.
 async fn tls_vs_plain(opts: &WritesArgs, dir: &std::path::Path) -> anyhow::Result<TlsVsPlain> {
     let new_count = opts.single_count.min(500);
-    let mut out = Vec::new();
-    for (name, tls) in [("plain", false), ("tls", true)] {
+    let mut plain_runs = Vec::new();
+    let mut tls_runs = Vec::new();
+    for (round, (name, tls)) in [
+        ("plain", false),
+        ("tls", true),
+        ("tls", true),
+        ("plain", false),
+    ]
+    .into_iter()
+    .enumerate()
+    {
         let mut s = crate::harness::ApiServer::start(
             &opts.nimbus_bin,
             dir,
-            &format!("server-{name}"),
+            &format!("server-{name}-{round}"),
             tls,
         )?;
         let cfg = s.tls_config()?;
@@ -479,25 +512,36 @@ async fn tls_vs_plain(opts: &WritesArgs, dir: &std::path::Path) -> anyhow::Resul
             url: s.url.clone(),
             token: s.token.clone(),
         };
-        let m = measure_with(&target, &name[..1], opts, cfg.clone()).await;
-        let n = measure_new_connections(&target, &name[..1], new_count, cfg).await;
+        let tag = format!("{}{round}", &name[..1]);
+        let m = measure_with(&target, &tag, opts, cfg.clone()).await;
+        let n = measure_new_connections(&target, &tag, new_count, cfg).await;
         s.stop();
         let (m, n) = (m?, n?);
         print(
-            &format!("nimbus server {name} keep-alive"),
+            &format!("nimbus server {name} (round {round}) keep-alive"),
             &m,
             opts.clients,
         );
         println!(
-            "writes nimbus server {name} new connection per write, 1 client: n={} p50={} ms p99={} ms",
+            "writes nimbus server {name} (round {round}) new connection per write, 1 client: n={} p50={} ms p99={} ms",
             n.n,
             ms(n.p50),
             ms(n.p99)
         );
-        out.push((m, n));
+        if tls {
+            tls_runs.push((m, n));
+        } else {
+            plain_runs.push((m, n));
+        }
     }
-    let (tls, tls_new) = out.pop().expect("two runs");
-    let (plain, plain_new) = out.pop().expect("two runs");
+    let (plain, plain_new) = (
+        mean_measured(&plain_runs[0].0, &plain_runs[1].0),
+        mean_summary(&plain_runs[0].1, &plain_runs[1].1),
+    );
+    let (tls, tls_new) = (
+        mean_measured(&tls_runs[0].0, &tls_runs[1].0),
+        mean_summary(&tls_runs[0].1, &tls_runs[1].1),
+    );
     let r = TlsVsPlain {
         plain,
         tls,
