@@ -523,7 +523,7 @@ fn issue(app: &AppState, csr: &str, id: &Identity) -> Result<IssuedCert, ApiErro
 }
 
 /// Trade a join token and a CSR for a node certificate (no bearer token).
-#[utoipa::path(post, path = "/v1/pki/join", request_body = NodeJoinRequest, responses((status = 201, body = IssuedCert), (status = 400, body = nimbus_api::ErrorBody), (status = 401, body = nimbus_api::ErrorBody), (status = 403, body = nimbus_api::ErrorBody), (status = 409, body = nimbus_api::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/pki/join", request_body = NodeJoinRequest, responses((status = 201, body = IssuedCert), (status = 400, body = nimbus_api::ErrorBody), (status = 401, body = nimbus_api::ErrorBody), (status = 403, body = nimbus_api::ErrorBody), (status = 404, body = nimbus_api::ErrorBody), (status = 409, body = nimbus_api::ErrorBody), (status = 413, body = nimbus_api::ErrorBody), (status = 422, body = nimbus_api::ErrorBody), (status = 503, body = nimbus_api::ErrorBody)))]
 async fn join(
     State(app): State<AppState>,
     ApiJson(req): ApiJson<NodeJoinRequest>,

@@ -106,6 +106,7 @@ pub async fn health(State(app): State<AppState>) -> Json<Health> {
 async fn openapi() -> Json<utoipa::openapi::OpenApi> {
     let mut doc = ApiDoc::openapi();
     doc.merge(crate::identity::PkiDoc::openapi());
+    utoipa::Modify::modify(&Documented, &mut doc);
     Json(doc)
 }
 
