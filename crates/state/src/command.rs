@@ -45,6 +45,9 @@ pub enum NodeRegistrar {
     },
     /// A hollow fleet (node token): only nodes without a credential.
     Fleet,
+    /// The node itself, authenticated by a certificate of the cluster CA (checked at the TLS
+    /// handshake): any node it names but a revoked one (see [`crate::pki`]).
+    Certificate,
 }
 
 /// A typed mutation.
