@@ -44,4 +44,10 @@ pub struct AgentConfig {
     /// The nftables table the agent owns (default: the cluster's datapath prefix). Agents
     /// sharing a network namespace (tests) need distinct tables.
     pub nft_table: Option<String>,
+    /// TLS to the servers with this node's client certificate (joined with a join token);
+    /// `None`: the node token over whatever the URLs say.
+    pub server_tls: Option<rustls::ClientConfig>,
+    /// TLS of the agent's own API (only server certificates of the cluster CA get in);
+    /// `None`: plain HTTP with the node token.
+    pub api_tls: Option<std::sync::Arc<rustls::ServerConfig>>,
 }

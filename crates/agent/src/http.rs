@@ -69,8 +69,14 @@ fn unauthorized() -> Response {
     ))
 }
 
+/// Whether the request came over TLS with a cluster server's certificate (the agent API's
+/// TLS listener lets no other client certificate in; see `tls.rs`).
+fn over_server_tls(req: &Request) -> bool {
+    req.extensions().get::<crate::tls::ServerPeer>().is_some()
+}
+
 async fn auth(State(agent): State<Arc<Agent>>, req: Request, next: Next) -> Response {
-    if bearer(&req).is_some_and(|t| is_server(&agent, t)) {
+    if over_server_tls(&req) || bearer(&req).is_some_and(|t| is_server(&agent, t)) {
         next.run(req).await
     } else {
         unauthorized()
@@ -79,14 +85,14 @@ async fn auth(State(agent): State<Arc<Agent>>, req: Request, next: Next) -> Resp
 
 /// Prometheus exposition of the node's load-balancer data plane.
 async fn metrics(State(agent): State<Arc<Agent>>, req: Request) -> Response {
-    let ok = bearer(&req).is_some_and(|t| {
-        is_server(&agent, t)
-            || agent
-                .cfg
-                .metrics_token
-                .as_ref()
-                .is_some_and(|m| !m.is_empty() && constant_time_eq(t.as_bytes(), m.as_bytes()))
-    });
+    let ok =
+        over_server_tls(&req)
+            || bearer(&req).is_some_and(|t| {
+                is_server(&agent, t)
+                    || agent.cfg.metrics_token.as_ref().is_some_and(|m| {
+                        !m.is_empty() && constant_time_eq(t.as_bytes(), m.as_bytes())
+                    })
+            });
     if !ok {
         return unauthorized();
     }

@@ -15,6 +15,7 @@ pub mod logs;
 mod netloop;
 pub mod runtime;
 pub mod server_link;
+pub mod tls;
 pub mod usage;
 pub mod vip;
 

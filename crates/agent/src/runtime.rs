@@ -165,7 +165,7 @@ impl Agent {
             source,
         })?;
         let agent = Arc::new(Self {
-            link: ServerLink::new(cfg.servers.clone(), token),
+            link: ServerLink::with_tls(cfg.servers.clone(), token, cfg.server_tls.clone()),
             credentials: Mutex::new(credentials),
             drivers: drivers
                 .into_iter()
@@ -188,16 +188,25 @@ impl Agent {
             cfg,
         });
         let api = crate::http::router(agent.clone());
-        let mut tasks = vec![tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, api).await {
-                tracing::error!("agent API stopped: {e}");
-            }
-        })];
+        let mut tasks = vec![if let Some(tls) = agent.cfg.api_tls.clone() {
+            crate::tls::serve(listener, api, tls)
+        } else {
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, api).await {
+                    tracing::error!("agent API stopped: {e}");
+                }
+            })
+        }];
+        let scheme = if agent.cfg.api_tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         let advertise = agent
             .cfg
             .advertise_url
             .clone()
-            .unwrap_or_else(|| format!("http://{local_addr}"));
+            .unwrap_or_else(|| format!("{scheme}://{local_addr}"));
         let reg = RegisterNodeRequest {
             name: agent.cfg.name.clone(),
             agent_url: advertise,

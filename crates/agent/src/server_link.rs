@@ -40,10 +40,21 @@ pub struct ServerLink {
 impl ServerLink {
     /// A link to `servers` with a bearer token (the node token, or the node's credential).
     pub fn new(servers: Vec<String>, token: String) -> Self {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(3))
-            .build()
-            .unwrap_or_default();
+        Self::with_tls(servers, token, None)
+    }
+
+    /// A link to `servers` authenticated by `tls` (a client certificate; see
+    /// `nimbus_pki`) or, without it, by the node token.
+    pub fn with_tls(
+        servers: Vec<String>,
+        token: String,
+        tls: Option<rustls::ClientConfig>,
+    ) -> Self {
+        let mut b = reqwest::Client::builder().connect_timeout(Duration::from_secs(3));
+        if let Some(tls) = tls {
+            b = b.use_preconfigured_tls(tls);
+        }
+        let http = b.build().unwrap_or_default();
         Self {
             servers,
             current: AtomicUsize::new(0),
@@ -59,6 +70,19 @@ impl ServerLink {
 
     fn token(&self) -> String {
         self.token.read().expect("token lock").clone()
+    }
+
+    /// A fresh certificate for this node's identity over the key of `csr` (authenticated by
+    /// the current client certificate).
+    pub async fn renew_cert(&self, csr: String) -> Result<nimbus_api::pki::IssuedCert, LinkError> {
+        self.call(
+            reqwest::Method::POST,
+            "/v1/pki/renew",
+            Some(&nimbus_api::pki::RenewRequest { csr }),
+            Duration::from_secs(10),
+        )
+        .await?
+        .ok_or_else(|| LinkError::NotNimbus(self.servers.join(","), "empty answer".into()))
     }
 
     async fn call<B: Serialize + Sync, R: DeserializeOwned>(

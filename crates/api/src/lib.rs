@@ -9,6 +9,7 @@ pub mod lb_place;
 pub mod lb_tls;
 pub mod netmap_delta;
 pub mod network;
+pub mod pki;
 pub mod requests;
 pub mod resources;
 pub mod secret;

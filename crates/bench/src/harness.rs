@@ -499,3 +499,98 @@ pub fn pids_matching(pred: impl Fn(&[String]) -> bool) -> Vec<u32> {
     out.sort_unstable();
     out
 }
+
+/// A lone `nimbus server` (no agent), in plain HTTP (`--insecure`) or over TLS with its
+/// internal CA: the TLS-vs-plain comparisons.
+pub struct ApiServer {
+    child: Option<Child>,
+    /// API base URL (`http://` or `https://`).
+    pub url: String,
+    /// Admin token.
+    pub token: String,
+    /// The cluster CA certificate (PEM), over TLS.
+    pub ca_pem: Option<String>,
+    log: PathBuf,
+}
+
+impl ApiServer {
+    /// Starts `bin server` with its data directory `dir/<name>`.
+    pub fn start(bin: &Path, dir: &Path, name: &str, tls: bool) -> anyhow::Result<Self> {
+        let data_dir = dir.join(name);
+        let log = dir.join(format!("{name}.log"));
+        let port = free_port()?;
+        let mut cmd = Command::new(bin);
+        cmd.args(["server", "--data-dir"])
+            .arg(&data_dir)
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--net-prefix", "nbtls", "--network-pool", "10.162.0.0/16"])
+            .env("NIMBUS_LOG", "info,openraft=warn")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log)?);
+        if !tls {
+            cmd.arg("--insecure");
+        }
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.contains("ready") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        let mut me = Self {
+            child: Some(child),
+            url: format!("{}://127.0.0.1:{port}", if tls { "https" } else { "http" }),
+            token: String::new(),
+            ca_pem: None,
+            log,
+        };
+        if rx.recv_timeout(Duration::from_secs(100)).is_err() {
+            let t = tail(&me.log, 20);
+            me.stop();
+            bail!("nimbus server did not print ready:\n{t}");
+        }
+        me.token = std::fs::read_to_string(data_dir.join("admin.token"))?
+            .trim()
+            .to_string();
+        if tls {
+            me.ca_pem = Some(std::fs::read_to_string(data_dir.join("pki/ca.crt"))?);
+        }
+        Ok(me)
+    }
+
+    /// The TLS 1.3 client config trusting the cluster CA (AES-128-GCM first).
+    pub fn tls_config(&self) -> anyhow::Result<Option<rustls::ClientConfig>> {
+        let Some(pem) = &self.ca_pem else {
+            return Ok(None);
+        };
+        let roots = nimbus_pki::verify::roots(pem)?;
+        let v = nimbus_pki::ClusterServerVerifier::new(
+            roots,
+            vec![nimbus_pki::Role::Server],
+            std::sync::Arc::new(nimbus_pki::NoRevocation),
+        );
+        Ok(Some(nimbus_pki::client_config(
+            std::sync::Arc::new(v),
+            None,
+        )?))
+    }
+
+    /// SIGKILLs the server (it holds nothing worth a clean stop).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

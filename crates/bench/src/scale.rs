@@ -94,6 +94,7 @@ impl Server {
             .args(["server", "--data-dir"])
             .arg(dir.join("server"))
             .args(["--listen", &format!("127.0.0.1:{port}")])
+            .arg("--insecure")
             // Room for 65,536 project networks of a /24.
             .args(["--net-prefix", "nbscl", "--network-pool", "10.0.0.0/8"])
             .env("NIMBUS_LOG", "info,openraft=warn")

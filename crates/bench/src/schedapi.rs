@@ -51,6 +51,7 @@ fn start_server(bin: &Path, dir: &Path) -> anyhow::Result<(KillOnDrop, String)> 
         .args(["server", "--data-dir"])
         .arg(dir.join("server"))
         .args(["--listen", &format!("127.0.0.1:{port}")])
+        .arg("--insecure")
         .args(["--net-prefix", "nbh", "--network-pool", "10.161.0.0/16"])
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(dir.join("server.log"))?)

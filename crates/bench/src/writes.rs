@@ -104,16 +104,53 @@ struct Measured {
     rate: f64,
 }
 
-fn http_client() -> anyhow::Result<reqwest::Client> {
-    Ok(reqwest::Client::builder()
-        .pool_max_idle_per_host(512)
+/// The load generator's client: keep-alive (one connection per concurrent client) or a new
+/// connection (TCP + TLS handshake) per request; over TLS with `tls`.
+fn http_client(
+    tls: Option<rustls::ClientConfig>,
+    keep_alive: bool,
+) -> anyhow::Result<reqwest::Client> {
+    let mut b = reqwest::Client::builder()
+        .pool_max_idle_per_host(if keep_alive { 512 } else { 0 })
         .tcp_nodelay(true)
-        .timeout(Duration::from_secs(30))
-        .build()?)
+        .timeout(Duration::from_secs(30));
+    if let Some(tls) = tls {
+        b = b.use_preconfigured_tls(tls);
+    }
+    Ok(b.build()?)
+}
+
+/// Sequential writes of one client that opens a new connection for each: latencies.
+async fn measure_new_connections(
+    target: &Target,
+    tag: &str,
+    count: u64,
+    tls: Option<rustls::ClientConfig>,
+) -> anyhow::Result<Summary> {
+    let http = http_client(tls, false)?;
+    let prefix = format!("c{}{tag}-", std::process::id());
+    let mut lat = Vec::new();
+    for i in 0..count + 20 {
+        let t0 = Instant::now();
+        target.write(&http, &prefix, i).await?;
+        if i >= 20 {
+            lat.push(t0.elapsed());
+        }
+    }
+    Ok(Summary::of(&lat))
 }
 
 async fn measure(target: &Target, tag: &str, opts: &WritesArgs) -> anyhow::Result<Measured> {
-    let http = http_client()?;
+    measure_with(target, tag, opts, None).await
+}
+
+async fn measure_with(
+    target: &Target,
+    tag: &str,
+    opts: &WritesArgs,
+    tls: Option<rustls::ClientConfig>,
+) -> anyhow::Result<Measured> {
+    let http = http_client(tls, true)?;
     let prefix = format!("w{}{tag}-", std::process::id());
     let next = Arc::new(AtomicU64::new(0));
     // Single client: warm-up, then sequential writes.
@@ -225,6 +262,7 @@ pub async fn run(opts: &WritesArgs) -> anyhow::Result<()> {
     if let Some((rss, hwm)) = rss {
         eprintln!("nimbus VmRSS after the run: {rss} KiB (peak {hwm} KiB)");
     }
+    let tls = tls_vs_plain(opts, dir.path()).await?;
 
     if let Some(doc) = &opts.doc {
         let mut b = String::new();
@@ -291,8 +329,9 @@ pub async fn run(opts: &WritesArgs) -> anyhow::Result<()> {
                  etcd, which also fsyncs every put, is spent elsewhere in the propose/apply path.\n",
             );
         }
+        tls.describe(&mut b, opts);
         let date = crate::doc::today();
-        let rows = [
+        let mut rows = vec![
             crate::doc::Row {
                 metric: "Control-plane writes: 1 client, p50 (`bench-writes`)".into(),
                 target: "<= 2 ms".into(),
@@ -310,9 +349,10 @@ pub async fn run(opts: &WritesArgs) -> anyhow::Result<()> {
                 result: format!("{:.0}/s (etcd {:.0}/s)", m.rate, e.rate),
                 ratio: format!("{r_rate:.2}x etcd"),
                 verdict: crate::doc::verdict(rate_ok),
-                date,
+                date: date.clone(),
             },
         ];
+        rows.extend(tls.rows(opts, &date));
         crate::doc::record(&crate::doc::Record {
             doc,
             script: "bench-writes",
@@ -323,6 +363,201 @@ pub async fn run(opts: &WritesArgs) -> anyhow::Result<()> {
         })?;
     }
     Ok(())
+}
+
+/// `nimbus server` over TLS 1.3 against `nimbus server --insecure`, same load, same run.
+struct TlsVsPlain {
+    plain: Measured,
+    tls: Measured,
+    plain_new: Summary,
+    tls_new: Summary,
+}
+
+impl TlsVsPlain {
+    fn p50_ratio(&self) -> f64 {
+        self.tls.single.p50.as_secs_f64() / self.plain.single.p50.as_secs_f64()
+    }
+
+    fn rate_ratio(&self) -> f64 {
+        self.tls.rate / self.plain.rate
+    }
+
+    fn new_conn_ratio(&self) -> f64 {
+        self.tls_new.p50.as_secs_f64() / self.plain_new.p50.as_secs_f64()
+    }
+
+    fn describe(&self, b: &mut String, opts: &WritesArgs) {
+        let _ = writeln!(
+            b,
+            "\n### TLS vs plain\n\nThe same writes against a lone `nimbus server` (no local agent), once with \
+             `--insecure` (plain HTTP) and once over TLS 1.3 with its internal CA (ECDSA P-256 \
+             certificate, TLS13_AES_128_GCM_SHA256 negotiated first, no session resumption), in \
+             ABBA order (plain, TLS, TLS, plain: a fresh server each round), each figure the mean \
+             of its two rounds. Keep-alive rows reuse connections as above; the \
+             new-connection row opens a TCP connection and does a full handshake for each of \
+             {} sequential writes per round (after 20 warm-up writes).\n",
+            self.plain_new.n / 2
+        );
+        let _ = writeln!(
+            b,
+            "| server | keep-alive 1 client p50 ms | keep-alive 1 client p99 ms | {c} clients writes/s | {c} clients p50 ms | new connection 1 client p50 ms | new connection p99 ms |",
+            c = opts.clients
+        );
+        let _ = writeln!(b, "|---|---|---|---|---|---|---|");
+        for (label, m, n) in [
+            ("plain (`--insecure`)", &self.plain, &self.plain_new),
+            ("TLS 1.3", &self.tls, &self.tls_new),
+        ] {
+            let _ = writeln!(
+                b,
+                "| {label} | {} | {} | {:.0} | {} | {} | {} |",
+                ms(m.single.p50),
+                ms(m.single.p99),
+                m.rate,
+                ms(m.conc.p50),
+                ms(n.p50),
+                ms(n.p99)
+            );
+        }
+        let _ = writeln!(
+            b,
+            "| TLS / plain | {:.2}x | {:.2}x | {:.2}x | {:.2}x | {:.2}x | {:.2}x |",
+            self.p50_ratio(),
+            self.tls.single.p99.as_secs_f64() / self.plain.single.p99.as_secs_f64(),
+            self.rate_ratio(),
+            self.tls.conc.p50.as_secs_f64() / self.plain.conc.p50.as_secs_f64(),
+            self.new_conn_ratio(),
+            self.tls_new.p99.as_secs_f64() / self.plain_new.p99.as_secs_f64()
+        );
+        let _ = writeln!(
+            b,
+            "\nTargets: TLS keep-alive p50 <= 1.15x plain: {} ({:.2}x). TLS {} clients writes/s >= 0.9x plain: {} ({:.2}x).",
+            if self.p50_ratio() <= 1.15 { "**met**" } else { "**missed**" },
+            self.p50_ratio(),
+            opts.clients,
+            if self.rate_ratio() >= 0.9 { "**met**" } else { "**missed**" },
+            self.rate_ratio()
+        );
+    }
+
+    fn rows(&self, opts: &WritesArgs, date: &str) -> Vec<crate::doc::Row> {
+        vec![
+            crate::doc::Row {
+                metric: "Control-plane writes over TLS: 1 client p50, TLS / plain (`bench-writes`)".into(),
+                target: "<= 1.15x".into(),
+                result: format!("{} ms (plain {} ms)", ms(self.tls.single.p50), ms(self.plain.single.p50)),
+                ratio: format!("{:.2}x plain", self.p50_ratio()),
+                verdict: crate::doc::verdict(self.p50_ratio() <= 1.15),
+                date: date.to_owned(),
+            },
+            crate::doc::Row {
+                metric: format!(
+                    "Control-plane writes over TLS: {} clients writes/s, TLS / plain (`bench-writes`)",
+                    opts.clients
+                ),
+                target: ">= 0.9x".into(),
+                result: format!("{:.0}/s (plain {:.0}/s)", self.tls.rate, self.plain.rate),
+                ratio: format!("{:.2}x plain", self.rate_ratio()),
+                verdict: crate::doc::verdict(self.rate_ratio() >= 0.9),
+                date: date.to_owned(),
+            },
+        ]
+    }
+}
+
+/// The mean of two summaries (field by field).
+fn mean_summary(a: &Summary, b: &Summary) -> Summary {
+    let m = |x: Duration, y: Duration| (x + y) / 2;
+    Summary {
+        n: a.n + b.n,
+        min: a.min.min(b.min),
+        p50: m(a.p50, b.p50),
+        p90: m(a.p90, b.p90),
+        p99: m(a.p99, b.p99),
+        max: a.max.max(b.max),
+    }
+}
+
+fn mean_measured(a: &Measured, b: &Measured) -> Measured {
+    Measured {
+        single: mean_summary(&a.single, &b.single),
+        conc: mean_summary(&a.conc, &b.conc),
+        rate: f64::midpoint(a.rate, b.rate),
+    }
+}
+
+/// Plain and TLS servers in ABBA order (plain, TLS, TLS, plain), each figure the mean of its
+/// two rounds, so a drift in the machine's load (other work on the same cores) weighs on both.
+async fn tls_vs_plain(opts: &WritesArgs, dir: &std::path::Path) -> anyhow::Result<TlsVsPlain> {
+    let new_count = opts.single_count.min(500);
+    let mut plain_runs = Vec::new();
+    let mut tls_runs = Vec::new();
+    for (round, (name, tls)) in [
+        ("plain", false),
+        ("tls", true),
+        ("tls", true),
+        ("plain", false),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut s = crate::harness::ApiServer::start(
+            &opts.nimbus_bin,
+            dir,
+            &format!("server-{name}-{round}"),
+            tls,
+        )?;
+        let cfg = s.tls_config()?;
+        let target = Target::Nimbus {
+            url: s.url.clone(),
+            token: s.token.clone(),
+        };
+        let tag = format!("{}{round}", &name[..1]);
+        let m = measure_with(&target, &tag, opts, cfg.clone()).await;
+        let n = measure_new_connections(&target, &tag, new_count, cfg).await;
+        s.stop();
+        let (m, n) = (m?, n?);
+        print(
+            &format!("nimbus server {name} (round {round}) keep-alive"),
+            &m,
+            opts.clients,
+        );
+        println!(
+            "writes nimbus server {name} (round {round}) new connection per write, 1 client: n={} p50={} ms p99={} ms",
+            n.n,
+            ms(n.p50),
+            ms(n.p99)
+        );
+        if tls {
+            tls_runs.push((m, n));
+        } else {
+            plain_runs.push((m, n));
+        }
+    }
+    let (plain, plain_new) = (
+        mean_measured(&plain_runs[0].0, &plain_runs[1].0),
+        mean_summary(&plain_runs[0].1, &plain_runs[1].1),
+    );
+    let (tls, tls_new) = (
+        mean_measured(&tls_runs[0].0, &tls_runs[1].0),
+        mean_summary(&tls_runs[0].1, &tls_runs[1].1),
+    );
+    let r = TlsVsPlain {
+        plain,
+        tls,
+        plain_new,
+        tls_new,
+    };
+    println!(
+        "writes ratio TLS/plain: 1-client p50 {:.2}x (target <=1.15x {}) | {}-client writes/s {:.2}x (target >=0.9x {}) | new-connection p50 {:.2}x",
+        r.p50_ratio(),
+        if r.p50_ratio() <= 1.15 { "MET" } else { "MISSED" },
+        opts.clients,
+        r.rate_ratio(),
+        if r.rate_ratio() >= 0.9 { "MET" } else { "MISSED" },
+        r.new_conn_ratio()
+    );
+    Ok(r)
 }
 
 fn etcd_version() -> String {

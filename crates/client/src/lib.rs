@@ -117,6 +117,8 @@ pub struct Client {
     /// Project used by instance calls.
     pub project: String,
     http: reqwest::Client,
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    timeout: Option<Duration>,
 }
 
 impl Client {
@@ -135,6 +137,36 @@ impl Client {
             token: token.into(),
             project: project.into(),
             http,
+            tls: None,
+            timeout: None,
+        }
+    }
+
+    fn build_http(
+        tls: Option<&rustls::ClientConfig>,
+        timeout: Option<Duration>,
+    ) -> reqwest::Client {
+        let mut b = reqwest::Client::builder().connect_timeout(
+            timeout.map_or(Duration::from_secs(5), |t| t.min(Duration::from_secs(5))),
+        );
+        if let Some(t) = timeout {
+            b = b.timeout(t);
+        }
+        if let Some(tls) = tls {
+            b = b.use_preconfigured_tls(tls.clone());
+        }
+        b.build().unwrap_or_default()
+    }
+
+    /// The same client speaking TLS with `config` (e.g. trusting only the cluster CA, see
+    /// `nimbus_pki`).
+    #[must_use]
+    pub fn with_tls(&self, config: rustls::ClientConfig) -> Self {
+        let http = Self::build_http(Some(&config), self.timeout);
+        Self {
+            http,
+            tls: Some(std::sync::Arc::new(config)),
+            ..self.clone()
         }
     }
 
@@ -150,13 +182,10 @@ impl Client {
     /// The same client with a timeout on every whole request (connect and answer).
     #[must_use]
     pub fn with_timeout(&self, timeout: Duration) -> Self {
-        let http = reqwest::Client::builder()
-            .connect_timeout(timeout.min(Duration::from_secs(5)))
-            .timeout(timeout)
-            .build()
-            .unwrap_or_default();
+        let http = Self::build_http(self.tls.as_deref(), Some(timeout));
         Self {
             http,
+            timeout: Some(timeout),
             ..self.clone()
         }
     }
@@ -498,6 +527,28 @@ impl Client {
     pub async fn cluster_remove_server(&self, id: u64) -> Result<ClusterInfo> {
         self.call::<(), _>(Method::DELETE, &format!("/v1/cluster/members/{id}"), None)
             .await
+    }
+
+    /// Creates a one-time join token valid for `ttl_seconds`.
+    pub async fn create_join_token(&self, ttl_seconds: u64) -> Result<nimbus_api::pki::JoinToken> {
+        let body = nimbus_api::pki::CreateJoinTokenRequest { ttl_seconds };
+        self.call(Method::POST, "/v1/join-tokens", Some(&body))
+            .await
+    }
+
+    /// Trades a join token and a CSR for a node certificate (needs no bearer token).
+    pub async fn join_node(
+        &self,
+        req: &nimbus_api::pki::NodeJoinRequest,
+    ) -> Result<nimbus_api::pki::IssuedCert> {
+        self.call(Method::POST, "/v1/pki/join", Some(req)).await
+    }
+
+    /// Revokes every certificate of node `name` (refused at the next handshake or request).
+    pub async fn revoke_node(&self, name: &str) -> Result<()> {
+        self.send(self.req(Method::POST, &format!("/v1/pki/revoke/{name}")))
+            .await
+            .map(|_| ())
     }
 
     /// Raw request for tests: returns status and body text.

@@ -18,6 +18,10 @@ pub struct Cli {
     /// Project.
     #[arg(long, global = true, env = "NIMBUS_PROJECT", default_value = "default")]
     pub project: String,
+    /// The cluster CA certificate (PEM) to trust for an https:// URL (default: the CA pinned
+    /// on first use, see `~/.config/nimbus/known_cas`).
+    #[arg(long, global = true, env = "NIMBUS_CA", value_name = "FILE")]
+    pub ca: Option<PathBuf>,
     /// Command.
     #[command(subcommand)]
     pub command: Command,
@@ -244,6 +248,20 @@ pub struct ServerArgs {
     /// Seconds without a heartbeat before a node is marked down.
     #[arg(long, default_value_t = 10, value_name = "SECONDS")]
     pub heartbeat_grace: u64,
+    /// Serve the API in plain HTTP (no TLS, no certificates; also needed for multi-server
+    /// clusters until servers speak mTLS to each other).
+    #[arg(long)]
+    pub insecure: bool,
+    /// Serve the API with this certificate chain (PEM) instead of one of the internal CA.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Lifetime of the certificates the internal CA issues to servers and agents (renewed
+    /// at 2/3 of it), e.g. 24h, 30m, 30s.
+    #[arg(long, default_value = "24h", value_parser = parse_duration, value_name = "DURATION")]
+    pub cert_lifetime: std::time::Duration,
     /// Log as JSON.
     #[arg(long)]
     pub log_json: bool,
@@ -265,6 +283,20 @@ pub enum ServerCmd {
         /// Node id or URL.
         server: String,
     },
+    /// One-time tokens new agents join with (`nimbus agent --join-token`).
+    #[command(subcommand)]
+    JoinToken(JoinTokenCmd),
+}
+
+/// `nimbus server join-token ...`.
+#[derive(Debug, Subcommand)]
+pub enum JoinTokenCmd {
+    /// Create a one-time join token (printed once; servers keep only its hash).
+    Create {
+        /// How long it stays valid, e.g. 1h, 30m.
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        ttl: std::time::Duration,
+    },
 }
 
 /// `nimbus agent`.
@@ -273,11 +305,24 @@ pub struct AgentArgs {
     /// Control-plane server URL (repeat for several).
     #[arg(long = "server", required = true)]
     pub servers: Vec<String>,
-    /// File holding the node token (the server's `<data-dir>/node.token`). Used only for
-    /// the node's first registration: the node then gets its own credential (kept in
-    /// `<data-dir>/node.credential`, 0600) and uses it for everything else.
-    #[arg(long, env = "NIMBUS_NODE_TOKEN_FILE")]
-    pub token_file: PathBuf,
+    /// LEGACY (kept for one release): authenticate with the cluster's shared node token from
+    /// this file (the server's `<data-dir>/node.token`) instead of a node certificate.
+    #[arg(
+        long,
+        alias = "node-token-file",
+        env = "NIMBUS_NODE_TOKEN_FILE",
+        conflicts_with = "join_token"
+    )]
+    pub token_file: Option<PathBuf>,
+    /// Join the cluster with this one-time token (`nimbus server join-token create`): the
+    /// agent makes its key, gets a certificate of the cluster CA and authenticates with it
+    /// (mTLS) from then on; later starts reuse `<data-dir>/pki`.
+    #[arg(long, env = "NIMBUS_JOIN_TOKEN", hide_env_values = true)]
+    pub join_token: Option<String>,
+    /// With --join-token and no --ca: the expected SHA-256 fingerprint of the cluster CA
+    /// (`sha256:...`, printed by `nimbus server` and `join-token create`).
+    #[arg(long)]
+    pub ca_fingerprint: Option<String>,
     /// File holding a token that may scrape this agent's `/metrics` (besides the servers).
     #[arg(long, value_name = "FILE")]
     pub metrics_token_file: Option<PathBuf>,
@@ -328,6 +373,26 @@ pub struct AgentArgs {
     /// machine's).
     #[arg(long, requires = "hollow")]
     pub hollow_memory: Option<String>,
+}
+
+/// `30s`, `5m`, `24h`, `7d` (a bare number is seconds).
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: use e.g. 30s, 5m, 24h, 7d"))?;
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("invalid duration unit {unit:?}: use s, m, h or d")),
+    };
+    n.checked_mul(mult)
+        .filter(|&v| v > 0)
+        .map(std::time::Duration::from_secs)
+        .ok_or_else(|| format!("duration {s:?} must be positive and reasonable"))
 }
 
 fn parse_scope(s: &str) -> Result<String, String> {
@@ -461,6 +526,12 @@ pub enum NodeCmd {
         #[arg(long)]
         force: bool,
     },
+    /// Revoke every certificate of a node: refused at its next handshake or request (on
+    /// every server within a second).
+    Revoke {
+        /// Node.
+        name: String,
+    },
 }
 
 /// `nimbus project`.
@@ -478,4 +549,22 @@ pub enum ProjectCmd {
         /// Name.
         name: String,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::parse_duration;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("45"), Ok(Duration::from_secs(45)));
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86_400)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(604_800)));
+        for bad in ["", "0s", "1w", "h", "-5s", "99999999999999999999d"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
 }

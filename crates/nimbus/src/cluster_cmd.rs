@@ -58,5 +58,18 @@ pub async fn run(c: &Client, cmd: &ServerCmd) -> Result<()> {
             println!("server {id} removed");
             print(&info, Output::Table)
         }
+        ServerCmd::JoinToken(crate::cli::JoinTokenCmd::Create { ttl }) => {
+            let t = c.create_join_token(ttl.as_secs()).await?;
+            println!("{}", t.token);
+            eprintln!(
+                "join token valid once for {} s (until Unix time {}); cluster CA {}\n  nimbus agent --server {} --join-token TOKEN --ca-fingerprint {}",
+                t.expires_at - nimbus_server::identity::unix_now(),
+                t.expires_at,
+                t.ca_fingerprint,
+                c.base_url(),
+                t.ca_fingerprint
+            );
+            Ok(())
+        }
     }
 }

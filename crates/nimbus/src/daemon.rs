@@ -194,6 +194,7 @@ pub async fn up(args: UpArgs) -> Result<()> {
         network_pool: args.network_pool,
         net_prefix: args.net_prefix,
         master_key_file: args.master_key_file,
+        tls: nimbus_server::identity::TlsSettings::default(),
     })
     .await
     .with_context(|| format!("starting the control plane in {}", data_dir.display()))?;
@@ -226,6 +227,8 @@ pub async fn up(args: UpArgs) -> Result<()> {
             capacity: None,
             underlay_ip: None,
             nft_table: None,
+            server_tls: None,
+            api_tls: None,
         },
         drivers,
         caps.clone(),
@@ -302,6 +305,7 @@ fn install_secret(src: &Path, dest: &Path) -> Result<()> {
 /// `nimbus server`.
 pub async fn server(args: ServerArgs) -> Result<()> {
     init_logging(args.log_json);
+    let tls = tls_settings(&args)?;
     let data_dir = args.data_dir.unwrap_or_else(default_data_dir);
     nimbus_server::check_data_dir(&data_dir)
         .with_context(|| format!("starting the control plane in {}", data_dir.display()))?;
@@ -332,34 +336,85 @@ pub async fn server(args: ServerArgs) -> Result<()> {
             network_pool: args.network_pool,
             net_prefix: args.net_prefix,
             master_key_file: args.master_key_file,
+            tls,
         },
         opts,
     )
     .await
     .with_context(|| format!("starting the control plane in {}", data_dir.display()))?;
+    let scheme = if server.app.pki.is_tls() {
+        "https"
+    } else {
+        "http"
+    };
     let node_token = args
         .node_token_file
         .clone()
         .unwrap_or_else(|| data_dir.join("node.token"));
     println!(
-        "nimbus server {node_id} ready at http://{}{} (node token in {}, cluster secret in {})",
+        "nimbus server {node_id} ready at {scheme}://{}{} (node token in {}, cluster secret in {})",
         server.local_addr,
         if waiting { ", forming the cluster" } else { "" },
         node_token.display(),
         data_dir.join(nimbus_server::CLUSTER_SECRET_FILE).display()
     );
+    if let Some(ca) = &server.app.pki.ca {
+        println!(
+            "cluster CA {} (certificate in {})",
+            ca.fingerprint(),
+            data_dir.join("pki/ca.crt").display()
+        );
+    }
     wait_for_signal().await;
     server.shutdown().await;
     Ok(())
 }
 
+/// `--insecure`, `--tls-cert/--tls-key`, `--cert-lifetime` as server TLS settings.
+fn tls_settings(args: &ServerArgs) -> Result<nimbus_server::identity::TlsSettings> {
+    use nimbus_server::identity::{TlsMode, TlsSettings};
+    let mode = match (&args.tls_cert, &args.tls_key) {
+        _ if args.insecure => TlsMode::Plain,
+        (Some(cert), Some(key)) => TlsMode::Files {
+            cert: cert.clone(),
+            key: key.clone(),
+        },
+        (None, None) => TlsMode::InternalCa,
+        _ => anyhow::bail!("--tls-cert and --tls-key go together"),
+    };
+    Ok(TlsSettings {
+        mode,
+        cert_lifetime: args.cert_lifetime,
+    })
+}
+
 /// `nimbus agent`.
-pub async fn agent(args: AgentArgs) -> Result<()> {
+pub async fn agent(args: AgentArgs, ca: Option<PathBuf>) -> Result<()> {
     init_logging(args.log_json);
-    let token = std::fs::read_to_string(&args.token_file)
-        .with_context(|| format!("reading the node token from {}", args.token_file.display()))?
-        .trim()
-        .to_string();
+    let name = args.name.clone().unwrap_or_else(hostname);
+    let node_tls = if args.token_file.is_some() || args.hollow {
+        None
+    } else {
+        crate::tls_cmd::node_tls(
+            &args.data_dir,
+            &name,
+            &args.servers,
+            args.join_token.as_deref(),
+            ca.as_deref(),
+            args.ca_fingerprint.as_deref(),
+        )
+        .await?
+    };
+    let token = match &args.token_file {
+        Some(f) => std::fs::read_to_string(f)
+            .with_context(|| format!("reading the node token from {}", f.display()))?
+            .trim()
+            .to_string(),
+        None if node_tls.is_some() => String::new(),
+        None => anyhow::bail!(
+            "no credential: pass --join-token (from `nimbus server join-token create`), or the legacy --node-token-file"
+        ),
+    };
     let metrics_token = args
         .metrics_token_file
         .as_deref()
@@ -377,9 +432,12 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
     }
     let (drivers, caps, vm) = drivers(&args.data_dir, args.runtime_scope.as_deref());
     private_agent_dir(&args.data_dir)?;
+    if let Some(t) = &node_tls {
+        t.spawn_renewal(args.servers.clone());
+    }
     let agent = Agent::start(
         AgentConfig {
-            name: args.name.unwrap_or_else(hostname),
+            name,
             servers: args.servers,
             token,
             metrics_token,
@@ -395,6 +453,8 @@ pub async fn agent(args: AgentArgs) -> Result<()> {
             capacity: None,
             underlay_ip: args.underlay_ip,
             nft_table: args.nft_table,
+            server_tls: node_tls.as_ref().map(|t| t.server_tls.clone()),
+            api_tls: node_tls.as_ref().map(|t| t.api_tls.clone()),
         },
         drivers,
         caps.clone(),

@@ -8,6 +8,7 @@ mod lb_cmd;
 mod lb_route;
 mod net_cmd;
 mod secret_cmd;
+mod tls_cmd;
 mod verbs;
 
 use std::process::ExitCode;
@@ -18,7 +19,7 @@ use nimbus_client::{Client, ClientError};
 
 use crate::cli::{Cli, Command};
 
-fn client(cli: &Cli) -> Result<Client> {
+async fn client(cli: &Cli) -> Result<Client> {
     let url = cli
         .url
         .clone()
@@ -39,20 +40,27 @@ fn client(cli: &Cli) -> Result<Client> {
             .trim()
             .to_string()
     };
-    Ok(Client::new(url, token, cli.project.clone()))
+    let tls = tls_cmd::cli_tls(&url, cli.ca.as_deref()).await?;
+    let c = Client::new(url, token, cli.project.clone());
+    Ok(match tls {
+        Some(t) => c.with_tls(t),
+        None => c,
+    })
 }
 
 async fn run(cli: Cli) -> Result<i32> {
     if let Command::Server(cli::ServerArgs { cmd: Some(cmd), .. }) = &cli.command {
-        return cluster_cmd::run(&client(&cli)?, cmd).await.map(|()| 0);
+        return cluster_cmd::run(&client(&cli).await?, cmd)
+            .await
+            .map(|()| 0);
     }
     let code = match cli.command {
         Command::Up(a) => daemon::up(a).await.map(|()| 0)?,
         Command::Server(a) => daemon::server(a).await.map(|()| 0)?,
-        Command::Agent(a) => daemon::agent(a).await.map(|()| 0)?,
+        Command::Agent(a) => daemon::agent(a, cli.ca.clone()).await.map(|()| 0)?,
         Command::Shim { .. } => unreachable!("handled before the runtime starts"),
         ref other => {
-            let c = client(&cli)?;
+            let c = client(&cli).await?;
             match other {
                 Command::Launch(_) => {
                     let Command::Launch(a) = cli.command else {

@@ -506,6 +506,10 @@ pub async fn node(c: &Client, cmd: NodeCmd) -> Result<()> {
             c.cordon_node(&name, false).await?;
             println!("{name} uncordoned");
         }
+        NodeCmd::Revoke { name } => {
+            c.revoke_node(&name).await?;
+            println!("{name} revoked: its certificates are refused from now on");
+        }
     }
     Ok(())
 }

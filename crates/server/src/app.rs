@@ -31,6 +31,8 @@ pub struct ServerConfig {
     pub net_prefix: String,
     /// The cluster master key to install when the data dir has none (`--master-key-file`).
     pub master_key_file: Option<PathBuf>,
+    /// TLS of the API and the cluster's certificates.
+    pub tls: crate::identity::TlsSettings,
 }
 
 /// Everything handlers need.
@@ -64,6 +66,8 @@ pub struct AppState {
     pub keys: Arc<crate::masterkey::MasterKeys>,
     /// When this leader first saw each load-balancer drain (its timeout clock).
     pub drain_clock: Arc<std::sync::Mutex<std::collections::HashMap<String, tokio::time::Instant>>>,
+    /// The cluster CA, this server's certificate, the revocation list.
+    pub pki: Arc<crate::identity::Pki>,
 }
 
 pub use crate::proposer::now;

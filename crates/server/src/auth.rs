@@ -225,15 +225,21 @@ impl AppState {
 /// handler as a request extension.
 pub async fn require_token(State(app): State<AppState>, mut req: Request, next: Next) -> Response {
     let path = req.uri().path();
-    if path == "/healthz" {
+    if path == "/healthz" || path == crate::identity::JOIN_PATH {
+        // Joining needs no token: the one-time join token is in the body.
         return next.run(req).await;
     }
-    let who = match app.identify(req.headers()) {
+    // A verified client certificate (TLS) names the caller before any bearer token.
+    let who = match crate::identity::certificate_identity(&app, &req)
+        .unwrap_or_else(|| app.identify(req.headers()))
+    {
         Ok(w) => w,
         Err(e) => return HttpError(e).into_response(),
     };
-    if let Err(e) = permits(&who, req.method(), path) {
-        return HttpError(e).into_response();
+    if !crate::identity::certificate_renewal(&req) {
+        if let Err(e) = permits(&who, req.method(), path) {
+            return HttpError(e).into_response();
+        }
     }
     req.extensions_mut().insert(who);
     next.run(req).await

@@ -9,10 +9,12 @@ pub mod cluster;
 pub mod controllers;
 pub mod error;
 pub mod forward;
+pub mod identity;
 pub mod masterkey;
 pub mod proposer;
 pub mod routes;
 pub mod telemetry;
+pub mod tls;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -243,8 +245,15 @@ impl Server {
             source,
         })?;
         let mut cfg = cfg;
+        let tls_on = cfg.tls.mode != identity::TlsMode::Plain;
+        if tls_on && !opts.is_single() {
+            return Err(StartError::Cluster(
+                "TLS between servers (mTLS Raft, the CA on every server) is not built yet: run a multi-server cluster with --insecure".into(),
+            ));
+        }
         if cfg.advertise_url.is_empty() {
-            cfg.advertise_url = format!("http://{local_addr}");
+            let scheme = if tls_on { "https" } else { "http" };
+            cfg.advertise_url = format!("{scheme}://{local_addr}");
         }
         let raft = RaftNode::open(RaftConfig {
             node_id: cfg.node_id,
@@ -260,6 +269,15 @@ impl Server {
             path: cfg.data_dir.join("raft").display().to_string(),
             message: format!("cannot restrict to its owner: {e}"),
         })?;
+        let pki = Arc::new(identity::Pki::setup(
+            &cfg.tls,
+            &cfg.data_dir,
+            raft.clone(),
+            cfg.node_id,
+            local_addr,
+            &cfg.advertise_url,
+            &keys,
+        )?);
         let forwarder = forward::Forwarder::new(raft.clone(), creds.cluster_secret.clone());
         let app = AppState {
             cluster: Arc::new(cluster::ClusterState::load(
@@ -272,31 +290,34 @@ impl Server {
             creds: Arc::new(creds),
             proposer: proposer::Proposer::spawn(forwarder.clone()),
             forwarder,
-            http: reqwest::Client::builder()
-                .build()
-                .map_err(|e| StartError::NotReady(e.to_string()))?,
+            http: agent_http(&pki).map_err(|e| StartError::NotReady(e.to_string()))?,
             blob_http: blobs::http_client(),
             blob_fetches: Arc::default(),
             telemetry: Arc::default(),
             net_maps: Arc::default(),
             drain_clock: Arc::default(),
             keys: Arc::new(keys),
+            pki: pki.clone(),
         };
         let router = routes::router(app.clone())
             .merge(cluster::router(app.clone()))
             .merge(beats::internal_router(app.clone()))
             .merge(masterkey::internal_router(app.clone()))
             .merge(nimbus_state::raft::raft_router(raft.clone()));
-        let serve = tokio::spawn(async move {
-            if let Err(e) = axum::serve(
-                listener,
-                router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-            )
-            .await
-            {
-                tracing::error!("API server stopped: {e}");
-            }
-        });
+        let serve = if let Some(tls) = pki.server_tls.clone() {
+            tls::serve(listener, router, tls)
+        } else {
+            tokio::spawn(async move {
+                if let Err(e) = axum::serve(
+                    listener,
+                    router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+                )
+                .await
+                {
+                    tracing::error!("API server stopped: {e}");
+                }
+            })
+        };
         let server = Self {
             app: app.clone(),
             local_addr,
@@ -311,6 +332,8 @@ impl Server {
             server.shutdown().await;
             return Err(e);
         }
+        identity::spawn_renewal(app.clone());
+        identity::spawn_reseal(app.clone());
         controllers::spawn(app);
         Ok(server)
     }
@@ -331,7 +354,10 @@ impl Server {
                 .set_cluster_id(&cluster::new_cluster_id())
                 .map_err(StartError::Cluster)?;
         }
-        bootstrap_defaults(app).await
+        bootstrap_defaults(app).await?;
+        identity::publish_ca(app)
+            .await
+            .map_err(|e| StartError::NotReady(e.message))
     }
 
     async fn start_member(app: &AppState, opts: ClusterOptions) -> Result<(), StartError> {
@@ -359,6 +385,16 @@ impl Server {
     pub async fn shutdown(self) {
         self.serve.abort();
         self.app.raft.shutdown().await;
+    }
+}
+
+/// The client for calls to agents: over TLS it presents this server's certificate and accepts
+/// only agent certificates of the cluster CA (plain `http://` agents still work).
+fn agent_http(pki: &identity::Pki) -> Result<reqwest::Client, reqwest::Error> {
+    let b = reqwest::Client::builder();
+    match pki.agent_client_tls.clone() {
+        Some(tls) => b.use_preconfigured_tls(tls).build(),
+        None => b.build(),
     }
 }
 

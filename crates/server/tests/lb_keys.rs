@@ -24,6 +24,7 @@ async fn inline_lb_keys_of_older_builds_move_into_secrets() {
         network_pool: "10.232.0.0/16".into(),
         net_prefix: "nblk".into(),
         master_key_file: None,
+        tls: nimbus_server::identity::TlsSettings::default(),
     })
     .await
     .unwrap();

@@ -20,6 +20,7 @@ fn config(dir: &std::path::Path) -> ServerConfig {
         network_pool: "10.231.0.0/16".into(),
         net_prefix: "nbmk".into(),
         master_key_file: None,
+        tls: nimbus_server::identity::TlsSettings::default(),
     }
 }
 

@@ -45,6 +45,9 @@ pub enum NodeRegistrar {
     },
     /// A hollow fleet (node token): only nodes without a credential.
     Fleet,
+    /// The node itself, authenticated by a certificate of the cluster CA (checked at the TLS
+    /// handshake): any node it names but a revoked one (see [`crate::pki`]).
+    Certificate,
 }
 
 /// A typed mutation.
@@ -53,6 +56,8 @@ pub enum NodeRegistrar {
 pub enum Command {
     /// No-op (used to probe the write path).
     Noop,
+    /// A PKI change (CA certificate, join tokens, revocations).
+    Pki(crate::pki::PkiCommand),
     /// Several commands proposed together as one log entry (group commit): applied in order,
     /// each with its own envelope; each succeeds or fails on its own.
     Batch {

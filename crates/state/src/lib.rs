@@ -11,6 +11,7 @@ pub mod machine;
 pub mod netmap;
 pub mod network;
 mod nodes;
+pub mod pki;
 pub mod placement;
 pub mod preemption;
 pub mod raft;

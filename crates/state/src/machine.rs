@@ -97,6 +97,9 @@ pub struct StateData {
     /// nodes and nodes of earlier builds have none).
     #[serde(default)]
     pub node_credentials: BTreeMap<String, String>,
+    /// The cluster PKI: CA certificate, join tokens, revoked holders.
+    #[serde(default)]
+    pub pki: crate::pki::PkiState,
 }
 
 /// The replicated state ([`StateData`], which it dereferences to) with its derived indexes,
@@ -285,6 +288,7 @@ impl StateMachine {
     fn apply_command(&mut self, index: u64, env: &CommandEnvelope) -> CommandResult {
         match &env.command {
             Command::Noop => Ok(CommandOutput::None),
+            Command::Pki(c) => self.data.pki.apply(c).map(|()| CommandOutput::None),
             Command::Batch { commands: envs } => Ok(CommandOutput::Batch(
                 envs.iter()
                     .map(|e| {

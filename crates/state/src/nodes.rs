@@ -142,6 +142,14 @@ impl StateMachine {
                     ));
                 }
             }
+            NodeRegistrar::Certificate => {
+                if self.pki.revoked.contains_key(&req.name) {
+                    return Err(ApiError::new(
+                        ErrorCode::Unauthorized,
+                        format!("node {} was revoked", req.name),
+                    ));
+                }
+            }
             NodeRegistrar::Fleet => {
                 if held.is_some() {
                     return Err(ApiError::new(

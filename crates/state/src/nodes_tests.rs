@@ -213,3 +213,26 @@ fn removal_is_refused_with_instances_unless_forced_and_fences_the_node() {
         force: false,
     });
 }
+
+#[test]
+fn a_certificate_registers_its_node_unless_revoked() {
+    let mut h = H::new();
+    h.ok(as_node(
+        reg("c1", "https://10.0.0.5:7444", "10.0.0.5"),
+        NodeRegistrar::Certificate,
+    ));
+    assert!(h.sm.nodes.contains_key("c1"));
+    assert!(
+        !h.sm.node_credentials.contains_key("c1"),
+        "no bearer credential issued"
+    );
+    h.ok(Command::Pki(crate::pki::PkiCommand::Revoke {
+        node: "c1".into(),
+        now: 1,
+    }));
+    let e = h.err(as_node(
+        reg("c1", "https://10.0.0.5:7444", "10.0.0.5"),
+        NodeRegistrar::Certificate,
+    ));
+    assert_eq!(e.code, ErrorCode::Unauthorized);
+}

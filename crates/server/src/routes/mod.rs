@@ -104,7 +104,10 @@ pub async fn health(State(app): State<AppState>) -> Json<Health> {
 }
 
 async fn openapi() -> Json<utoipa::openapi::OpenApi> {
-    Json(ApiDoc::openapi())
+    let mut doc = ApiDoc::openapi();
+    doc.merge(crate::identity::PkiDoc::openapi());
+    utoipa::Modify::modify(&Documented, &mut doc);
+    Json(doc)
 }
 
 async fn not_found() -> crate::error::HttpError {
@@ -227,6 +230,7 @@ pub fn router(app: AppState) -> Router {
             get(secrets::for_instance),
         )
         .route("/v1/cluster/master-key/rotate", post(secrets::rotate))
+        .merge(crate::identity::router())
         .layer(DefaultBodyLimit::max(limit));
     let upload = Router::new()
         .route("/v1/images", post(images::import))

@@ -33,6 +33,7 @@ use crate::routes::page::{ListOpts, Page};
 pub async fn register(
     State(app): State<AppState>,
     Extension(who): Extension<Identity>,
+    cert: Option<Extension<crate::identity::PeerIdentity>>,
     ApiJson(req): ApiJson<RegisterNodeRequest>,
 ) -> HttpResult<Json<RegisteredNode>> {
     let (by, credential) = if let Identity::Node(me) = &who {
@@ -47,10 +48,15 @@ pub async fn register(
             .with_field("name")
             .into());
         }
-        let credential_sha256 = app
-            .read(|s| s.node_credentials.get(me).cloned())
-            .unwrap_or_default();
-        (NodeRegistrar::Node { credential_sha256 }, None)
+        if cert.is_some() {
+            // A certificate of the cluster CA names the node (see `identity`).
+            (NodeRegistrar::Certificate, None)
+        } else {
+            let credential_sha256 = app
+                .read(|s| s.node_credentials.get(me).cloned())
+                .unwrap_or_default();
+            (NodeRegistrar::Node { credential_sha256 }, None)
+        }
     } else {
         let (secret, credential_sha256) = crate::auth::new_node_credential(&req.name);
         (NodeRegistrar::NodeToken { credential_sha256 }, Some(secret))

@@ -16,7 +16,7 @@ use utoipa::Modify;
 pub const BEARER: &str = "bearer";
 
 /// Routes that need no token.
-const PUBLIC: &[&str] = &["/healthz"];
+const PUBLIC: &[&str] = &["/healthz", "/v1/pki/join"];
 
 /// The error statuses an operation can answer with: every authenticated route can refuse the
 /// token (401) or its role (403), a malformed path or query string (400), a missing resource

@@ -1,0 +1,210 @@
+//! The cluster's PKI records: the CA certificate every server verifies with, one-time join
+//! tokens (stored as SHA-256 hashes, expiring) and revoked certificate holders. Times come in
+//! the commands (the proposer's clock), so `apply` stays deterministic. The CA private key is
+//! not here: it stays on the server that created it (see `nimbus_server::identity`).
+
+use std::collections::BTreeMap;
+
+use nimbus_api::{ApiError, ErrorCode};
+use serde::{Deserialize, Serialize};
+
+/// How many unexpired join tokens may exist at once.
+pub const MAX_JOIN_TOKENS: usize = 1000;
+
+/// Replicated PKI state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PkiState {
+    /// The cluster CA certificate (PEM), once created.
+    #[serde(default)]
+    pub ca_cert_pem: Option<String>,
+    /// Join tokens by SHA-256 hash (hex): expiry (Unix seconds).
+    #[serde(default)]
+    pub join_tokens: BTreeMap<String, i64>,
+    /// Revoked holders (node names): when (Unix seconds). Their certificates are refused.
+    #[serde(default)]
+    pub revoked: BTreeMap<String, i64>,
+}
+
+/// A PKI mutation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "pki_op", rename_all = "snake_case")]
+pub enum PkiCommand {
+    /// Record the cluster CA certificate (once; the same certificate again is a no-op).
+    SetCa {
+        /// PEM.
+        cert_pem: String,
+    },
+    /// Add a join token.
+    CreateJoinToken {
+        /// SHA-256 of the token (hex).
+        hash: String,
+        /// Expiry (Unix seconds).
+        expires_at: i64,
+        /// The proposer's time (Unix seconds); expired tokens are dropped.
+        now: i64,
+    },
+    /// Use a join token up (it exists, has not expired, and `node` is not revoked).
+    RedeemJoinToken {
+        /// SHA-256 of the token (hex).
+        hash: String,
+        /// The joining node's name.
+        node: String,
+        /// The proposer's time (Unix seconds).
+        now: i64,
+    },
+    /// Revoke every certificate of `node`.
+    Revoke {
+        /// Node name.
+        node: String,
+        /// The proposer's time (Unix seconds).
+        now: i64,
+    },
+}
+
+impl PkiState {
+    /// Applies a PKI command; on error nothing changed.
+    pub fn apply(&mut self, cmd: &PkiCommand) -> Result<(), ApiError> {
+        match cmd {
+            PkiCommand::SetCa { cert_pem } => match &self.ca_cert_pem {
+                Some(cur) if cur == cert_pem => Ok(()),
+                Some(_) => Err(ApiError::new(
+                    ErrorCode::Conflict,
+                    "the cluster already has a different CA",
+                )),
+                None => {
+                    self.ca_cert_pem = Some(cert_pem.clone());
+                    Ok(())
+                }
+            },
+            PkiCommand::CreateJoinToken {
+                hash,
+                expires_at,
+                now,
+            } => {
+                self.join_tokens.retain(|_, exp| *exp > *now);
+                if self.join_tokens.len() >= MAX_JOIN_TOKENS {
+                    return Err(ApiError::new(
+                        ErrorCode::Conflict,
+                        format!(
+                            "{MAX_JOIN_TOKENS} join tokens are pending; wait for some to expire"
+                        ),
+                    ));
+                }
+                self.join_tokens.insert(hash.clone(), *expires_at);
+                Ok(())
+            }
+            PkiCommand::RedeemJoinToken { hash, node, now } => {
+                let refused =
+                    |m: &str| ApiError::new(ErrorCode::Unauthorized, m).with_field("join_token");
+                match self.join_tokens.get(hash) {
+                    None => Err(refused(
+                        "unknown join token (already used, or never created); create one with `nimbus server join-token create`",
+                    )),
+                    Some(exp) if *exp <= *now => {
+                        self.join_tokens.remove(hash);
+                        Err(refused("the join token has expired; create a new one"))
+                    }
+                    Some(_) if self.revoked.contains_key(node) => Err(ApiError::new(
+                        ErrorCode::Forbidden,
+                        format!("node {node} was revoked; join under another name"),
+                    )
+                    .with_field("name")),
+                    Some(_) => {
+                        self.join_tokens.remove(hash);
+                        Ok(())
+                    }
+                }
+            }
+            PkiCommand::Revoke { node, now } => {
+                self.revoked.entry(node.clone()).or_insert(*now);
+                Ok(())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn create(s: &mut PkiState, hash: &str, exp: i64, now: i64) {
+        s.apply(&PkiCommand::CreateJoinToken {
+            hash: hash.into(),
+            expires_at: exp,
+            now,
+        })
+        .unwrap();
+    }
+
+    fn redeem(s: &mut PkiState, hash: &str, node: &str, now: i64) -> Result<(), ApiError> {
+        s.apply(&PkiCommand::RedeemJoinToken {
+            hash: hash.into(),
+            node: node.into(),
+            now,
+        })
+    }
+
+    #[test]
+    fn join_token_is_one_time() {
+        let mut s = PkiState::default();
+        create(&mut s, "h", 100, 0);
+        redeem(&mut s, "h", "n1", 10).unwrap();
+        let before = s.clone();
+        let e = redeem(&mut s, "h", "n2", 11).unwrap_err();
+        assert_eq!(e.code, ErrorCode::Unauthorized);
+        assert_eq!(s, before);
+    }
+
+    #[test]
+    fn expired_join_token_is_refused() {
+        let mut s = PkiState::default();
+        create(&mut s, "h", 100, 0);
+        let e = redeem(&mut s, "h", "n1", 100).unwrap_err();
+        assert!(e.message.contains("expired"), "{}", e.message);
+        assert!(s.join_tokens.is_empty());
+    }
+
+    #[test]
+    fn revoked_node_cannot_rejoin_and_keeps_the_token() {
+        let mut s = PkiState::default();
+        s.apply(&PkiCommand::Revoke {
+            node: "n1".into(),
+            now: 5,
+        })
+        .unwrap();
+        create(&mut s, "h", 100, 0);
+        assert_eq!(
+            redeem(&mut s, "h", "n1", 10).unwrap_err().code,
+            ErrorCode::Forbidden
+        );
+        redeem(&mut s, "h", "n2", 10).unwrap();
+    }
+
+    #[test]
+    fn ca_is_set_once() {
+        let mut s = PkiState::default();
+        let set = |p: &str| PkiCommand::SetCa { cert_pem: p.into() };
+        s.apply(&set("a")).unwrap();
+        s.apply(&set("a")).unwrap();
+        assert_eq!(s.apply(&set("b")).unwrap_err().code, ErrorCode::Conflict);
+        assert_eq!(s.ca_cert_pem.as_deref(), Some("a"));
+    }
+
+    #[test]
+    fn command_round_trips_through_the_log_encoding() {
+        let c = crate::Command::Pki(PkiCommand::Revoke {
+            node: "n1".into(),
+            now: 5,
+        });
+        let json = serde_json::to_string(&c).unwrap();
+        assert_eq!(serde_json::from_str::<crate::Command>(&json).unwrap(), c);
+    }
+
+    #[test]
+    fn expired_tokens_are_pruned_on_create() {
+        let mut s = PkiState::default();
+        create(&mut s, "old", 10, 0);
+        create(&mut s, "new", 100, 50);
+        assert_eq!(s.join_tokens.keys().collect::<Vec<_>>(), vec!["new"]);
+    }
+}
