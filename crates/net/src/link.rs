@@ -220,6 +220,30 @@ impl Netlink {
             .map_err(NetError::netlink(format!("attach {ifname} to {bridge}")))
     }
 
+    /// Points this namespace's neighbour entry for `ip` on link `dev` at `mac` (`STALE`: used at
+    /// once, confirmed by the next exchange). Addresses are reused: an entry still naming the
+    /// previous holder's MAC stays `REACHABLE` for up to 45 s, and the gratuitous ARP that would
+    /// correct it can be dropped while a new link's carrier is still being processed.
+    pub async fn point_neighbour(
+        &self,
+        dev: &str,
+        ip: Ipv4Addr,
+        mac: [u8; 6],
+    ) -> Result<(), NetError> {
+        let index = self.require_index(dev).await?;
+        self.handle
+            .neighbours()
+            .add(index, IpAddr::V4(ip))
+            .link_local_address(&mac)
+            .state(netlink_packet_route::neighbour::NeighbourState::Stale)
+            .replace()
+            .execute()
+            .await
+            .map_err(NetError::netlink(format!(
+                "point the neighbour {ip} on {dev} at its MAC"
+            )))
+    }
+
     /// Deletes link `name` (for a veth, both ends); no-op if absent.
     pub async fn delete_link(&self, name: &str) -> Result<(), NetError> {
         let Some(index) = self.link_index(name).await? else {

@@ -130,7 +130,8 @@ where
 /// ensures the bridge `att.bridge` with `att.gateway/att.prefix_len`, a veth pair whose host end
 /// (`host_ifname("nv", id)`) is on the bridge and whose other end is `eth0` inside the
 /// namespace with `att.mac` and `att.ip/att.prefix_len`, `lo` up and a default route via
-/// `att.gateway`. Returns the namespace path ([`netns_path`]).
+/// `att.gateway`; the host's neighbour entry for `att.ip` on the bridge names `att.mac` (see
+/// [`Netlink::point_neighbour`]). Returns the namespace path ([`netns_path`]).
 pub async fn create_container_netns(
     nl: &Netlink,
     instance_id: &str,
@@ -185,6 +186,7 @@ pub async fn create_container_netns(
         nl.add_default_route(gateway).await
     })
     .await?;
+    nl.point_neighbour(&att.bridge, ip, mac).await?;
     info!(instance = instance_id, ip = %ip, bridge = %att.bridge, "container network ready");
     Ok(path)
 }

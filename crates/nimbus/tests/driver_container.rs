@@ -565,3 +565,84 @@ async fn agent_sigkill_keeps_containers() {
     );
     env.cleanup().await;
 }
+
+/// The host's neighbour entry for `ip` on `bridge`: its MAC and state.
+fn host_neighbour(bridge: &str, ip: &str) -> String {
+    let out = std::process::Command::new("ip")
+        .args(["neigh", "show", "to", ip, "dev", bridge])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// GET `/` of `addr` once, with short timeouts.
+fn http_once(addr: SocketAddr) -> std::io::Result<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    s.write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+/// An address freed by a deleted container and given to a new one reaches the new one at once:
+/// the host (where load balancers and health checks run) talked to the old holder a moment
+/// ago, so its neighbour entry is `REACHABLE` with the old MAC for up to 45 s; the create must
+/// point it at the new MAC (not only hope a gratuitous ARP gets through).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_address_reaches_its_new_holder_at_once() {
+    let Some(env) = Env::new() else { return };
+    let d = env.driver();
+    let serve = |page: &str| {
+        sh(&format!(
+            "mkdir -p /www && echo {page} > /www/index.html && exec httpd -f -p 8080 -h /www"
+        ))
+    };
+    let old = conformance::new_id();
+    let old_spec = env.spec(&old, serve("old-holder"));
+    let ip = old_spec.network.ip.clone();
+    let addr: SocketAddr = format!("{ip}:8080").parse().unwrap();
+    d.create(&old_spec).await.unwrap();
+    d.start(&old).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !http_once(addr).is_ok_and(|b| b.contains("old-holder")) {
+        assert!(Instant::now() < deadline, "the first holder never answered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let before = host_neighbour(&env.bridge, &ip);
+    assert!(
+        before.contains(&old_spec.network.mac),
+        "the host resolved {ip} to the first holder: {before}"
+    );
+    d.delete(&old).await.unwrap();
+    // Still naming the deleted holder's MAC: the state a node with a busy bridge is in.
+    eprintln!("after the delete: {}", host_neighbour(&env.bridge, &ip));
+
+    let new = conformance::new_id();
+    let mut new_spec = env.spec(&new, serve("new-holder"));
+    new_spec.network.ip.clone_from(&ip);
+    new_spec.network.mac = format!("02:00:0a:d7:{:02x}:fe", env.subnet);
+    d.create(&new_spec).await.unwrap();
+    let after = host_neighbour(&env.bridge, &ip);
+    assert!(
+        after.contains(&new_spec.network.mac),
+        "after the create, the host's entry for {ip} must name the new MAC {}: {after}",
+        new_spec.network.mac
+    );
+    d.start(&new).await.unwrap();
+    let started = Instant::now();
+    let answered = loop {
+        match http_once(addr) {
+            Ok(b) if b.contains("new-holder") => break started.elapsed(),
+            other => assert!(
+                started.elapsed() < Duration::from_secs(3),
+                "the new holder of {ip} did not answer within 3 s: {other:?} (neighbour: {})",
+                host_neighbour(&env.bridge, &ip)
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    eprintln!("new holder of {ip} answered {answered:?} after start");
+    d.delete(&new).await.unwrap();
+    env.cleanup().await;
+}

@@ -347,9 +347,52 @@ fn probe_pids(data_dir: &Path) -> Vec<u32> {
 }
 
 /// A cloud whose VM accelerator probe starts from an empty cache (it must probe).
+/// `nimbus up` with an empty probe cache in `cache`, whose accelerator probe takes at least
+/// `PROBE_DELAY`: a `qemu-system-x86_64` first on its `PATH` (written into `cache`) sleeps
+/// that long before it runs the real QEMU when it is the probe. Where KVM fails at once (no
+/// VMX in a nested guest) the probe would otherwise be over before a test could watch it.
 fn cloud_with_fresh_probe_cache(cache: &Path) -> Cloud {
+    let real = which("qemu-system-x86_64").expect("qemu-system-x86_64 on PATH");
+    let wrappers = cache.join("bin");
+    std::fs::create_dir_all(&wrappers).unwrap();
+    let wrapper = wrappers.join("qemu-system-x86_64");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\ncase \"$*\" in *nimbus.probe=1*) sleep {};; esac\nexec {} \"$@\"\n",
+            PROBE_DELAY.as_secs(),
+            real.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        &wrapper,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let path = format!(
+        "{}:{}",
+        wrappers.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
     let cache = cache.to_string_lossy().into_owned();
-    Cloud::start_with_env(bin(), &[("NIMBUS_CACHE_DIR", cache.as_str())]).expect("nimbus up")
+    Cloud::start_with_env(
+        bin(),
+        &[
+            ("NIMBUS_CACHE_DIR", cache.as_str()),
+            ("PATH", path.as_str()),
+        ],
+    )
+    .expect("nimbus up")
+}
+
+/// How long the probe takes at least in [`cloud_with_fresh_probe_cache`].
+const PROBE_DELAY: Duration = Duration::from_secs(4);
+
+fn which(tool: &str) -> Option<std::path::PathBuf> {
+    std::env::split_paths(&std::env::var_os("PATH")?)
+        .map(|d| d.join(tool))
+        .find(|p| p.is_file())
 }
 
 fn cli_ok(out: &std::process::Output, what: &str) -> String {

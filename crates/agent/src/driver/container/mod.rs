@@ -769,11 +769,16 @@ impl Driver for ContainerDriver {
     }
 }
 
-/// Sends a gratuitous ARP for the container's address from its `eth0` (in the namespace of
-/// `net_key`). Addresses are reused: a neighbour (the host, another instance on the bridge)
-/// that talked to the previous holder keeps its MAC for up to ~8 s (the kernel's
-/// `delay_first_probe_time` plus three unicast probes) unless told; a gratuitous ARP overrides
-/// such an entry at once. Best effort: a failure is logged.
+/// Gratuitous ARPs after a start, as delays from the first one: a new link's carrier is
+/// processed by the kernel's link watcher up to a second late, and a frame sent before that is
+/// dropped.
+const GARP_AT_MS: [u64; 3] = [0, 250, 1_000];
+
+/// Tells the container's neighbours its address is at its MAC. Addresses are reused: a
+/// neighbour that talked to the previous holder keeps that MAC for up to 45 s unless told. The
+/// host's own entry on the bridge is set directly (the LB and health checks run there); the
+/// other instances on the bridge learn it from gratuitous ARPs sent from the container's `eth0`
+/// (in the namespace of `net_key`). Best effort: a failure is logged.
 async fn announce(net_key: String, att: NetworkAttachment) {
     let (Ok(ip), Ok(mac)) = (
         nimbus_net::parse_ipv4("ip", &att.ip),
@@ -781,17 +786,33 @@ async fn announce(net_key: String, att: NetworkAttachment) {
     ) else {
         return;
     };
+    if !att.bridge.is_empty() {
+        let pointed = match nimbus_net::Netlink::connect().await {
+            Ok(nl) => nl.point_neighbour(&att.bridge, ip, mac).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = pointed {
+            warn!("announcing {ip} to the host: {e}");
+        }
+    }
     let path = nimbus_net::netns_path(&net_key);
-    let sent = nimbus_net::in_netns(&path, move |nl| async move {
-        let index = nl
-            .link_index("eth0")
-            .await?
-            .ok_or_else(|| nimbus_net::NetError::NoSuchLink("eth0".into()))?;
-        nimbus_net::vip::send_garp(nimbus_net::vip::Iface { index, mac }, ip)
-    })
-    .await;
-    if let Err(e) = sent {
-        warn!(netns = %path.display(), "announcing {ip}: {e}");
+    let mut last = 0;
+    for at in GARP_AT_MS {
+        tokio::time::sleep(Duration::from_millis(at - last)).await;
+        last = at;
+        let sent = nimbus_net::in_netns(&path, move |nl| async move {
+            let index = nl
+                .link_index("eth0")
+                .await?
+                .ok_or_else(|| nimbus_net::NetError::NoSuchLink("eth0".into()))?;
+            nimbus_net::vip::send_garp(nimbus_net::vip::Iface { index, mac }, ip)
+        })
+        .await;
+        if let Err(e) = sent {
+            // Deleted meanwhile, or no network: nothing more to announce.
+            debug!(netns = %path.display(), "announcing {ip}: {e}");
+            return;
+        }
     }
 }
 

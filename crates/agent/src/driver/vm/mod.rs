@@ -530,8 +530,7 @@ impl VmDriver {
         let started = Instant::now();
         let pid = process::launch(&self.config.qemu, &args, &procs, &paths, LAUNCH_TIMEOUT).await?;
         if !net.bridge.is_empty() {
-            if let Err(e) = net::set_master_and_up(&Self::tap_name(id), &net.bridge, net.mtu).await
-            {
+            if let Err(e) = net::attach_tap(&Self::tap_name(id), net).await {
                 process::kill_hard(pid);
                 return Err(e.into());
             }
