@@ -505,8 +505,14 @@ async fn create_join_token(
 
 /// The cluster CA certificate (PEM).
 #[utoipa::path(get, path = "/v1/pki/ca", responses((status = 200, body = String, content_type = "application/x-pem-file"), (status = 401, body = nimbus_api::ErrorBody), (status = 409, body = nimbus_api::ErrorBody)))]
-async fn ca_cert(State(app): State<AppState>) -> HttpResult<String> {
-    Ok(app.pki.ca.as_ref().ok_or_else(no_ca)?.cert_pem().to_owned())
+async fn ca_cert(
+    State(app): State<AppState>,
+) -> HttpResult<([(axum::http::HeaderName, &'static str); 1], String)> {
+    let pem = app.pki.ca.as_ref().ok_or_else(no_ca)?.cert_pem().to_owned();
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/x-pem-file")],
+        pem,
+    ))
 }
 
 /// Issues `id` a certificate. A node's also names the node as a DNS name, so a stock scraper
