@@ -55,7 +55,9 @@ const EXCLUDED: &str = "/logs$|/console$|/watch$|/assignments$|^/v1/events$|^/v1
 /// reach their handlers' logic instead of a 404. Phases: examples, coverage and fuzzing (no
 /// stateful links). `POST /v1/nodes` skips the coverage phase only: its generator for that
 /// body trips the same Python 3.11 AST bug intermittently (a Hypothesis `FlakyFailure` inside
-/// schemathesis, before any request); the fuzzing phase still covers the operation.
+/// schemathesis, before any request); the fuzzing phase still covers the operation. `POST
+/// /v1/fleet/heartbeats` skips the fuzzing phase for the same bug (`AST constructor recursion
+/// depth mismatch` in 2 of 9 runs against the TLS server); its coverage phase still runs.
 const CONFIG: &str = r#"[parameters]
 "path.project" = "default"
 
@@ -66,6 +68,11 @@ enabled = false
 include-path = "/v1/nodes"
 include-method = "POST"
 phases.coverage.enabled = false
+
+[[operations]]
+include-path = "/v1/fleet/heartbeats"
+include-method = "POST"
+phases.fuzzing.enabled = false
 "#;
 
 /// How the fuzzer authenticates.

@@ -98,6 +98,34 @@ fn ca_fingerprint(cloud: &TlsCloud) -> String {
     nimbus_pki::fingerprint(&der[0])
 }
 
+/// A request refused before its body is read still gets its answer, also while the client is
+/// sending megabytes of body (the server's socket lingers instead of resetting).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_request_with_a_large_body_gets_its_answer() {
+    let cloud = TlsCloud::start(bin(), &[]).expect("nimbus server");
+    let http = reqwest::Client::builder()
+        .use_preconfigured_tls(cloud.tls_config(None))
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let body = vec![b'a'; 4 << 20];
+    let mut errors = Vec::new();
+    for _ in 0..20 {
+        match http
+            .patch(format!("{}/v1/projects/default/loadbalancers/x", cloud.url))
+            .bearer_auth("not-a-token")
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+        {
+            Ok(r) => assert_eq!(r.status().as_u16(), 401),
+            Err(e) => errors.push(format!("{e:?}")),
+        }
+    }
+    assert!(errors.is_empty(), "{} of 20: {errors:?}", errors.len());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_over_tls_with_the_ca_pinned() {
     let cloud = TlsCloud::start(bin(), &[]).expect("nimbus server");

@@ -15,6 +15,7 @@ pub mod proposer;
 pub mod routes;
 pub mod telemetry;
 pub mod tls;
+pub mod unread;
 
 use std::path::Path;
 use std::sync::Arc;
