@@ -254,6 +254,20 @@ async fn api_over_tls_with_the_ca_pinned() {
         wrong.health().await,
         Err(ClientError::Connect { .. })
     ));
+
+    // The CA certificate, with the content type the spec documents.
+    let r = reqwest::Client::builder()
+        .use_preconfigured_tls(cloud.tls_config(None))
+        .build()
+        .unwrap()
+        .get(format!("{}/v1/pki/ca", cloud.url))
+        .bearer_auth(&cloud.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(r.headers()["content-type"], "application/x-pem-file");
+    assert_eq!(r.text().await.unwrap(), cloud.ca_pem());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
