@@ -15,7 +15,8 @@ pub struct AgentConfig {
     /// The shared node token: used only to register this node the first time (afterwards the
     /// node's own credential, see [`crate::credential`]).
     pub token: String,
-    /// A token Prometheus may scrape `/metrics` with (besides the servers' credential).
+    /// A token Prometheus may scrape `/metrics` with, besides the servers and the cluster's
+    /// metrics token (whose hash comes with the registration answer).
     pub metrics_token: Option<String>,
     /// Agent data directory (local state, drivers' state).
     pub data_dir: PathBuf,
@@ -47,7 +48,8 @@ pub struct AgentConfig {
     /// TLS to the servers with this node's client certificate (joined with a join token);
     /// `None`: the node token over whatever the URLs say.
     pub server_tls: Option<rustls::ClientConfig>,
-    /// TLS of the agent's own API (only server certificates of the cluster CA get in);
-    /// `None`: plain HTTP with the node token.
+    /// TLS of the agent's own API: exec, logs and console need a server certificate of the
+    /// cluster CA, `/metrics` takes one or the metrics token; `None`: plain HTTP with the
+    /// servers' bearer credential.
     pub api_tls: Option<std::sync::Arc<rustls::ServerConfig>>,
 }

@@ -67,7 +67,8 @@ impl Agent {
     }
 
     /// Keeps (and saves) what a registration answer carries: the node's credential after its
-    /// first registration (used for every call from then on) and the servers' token.
+    /// first registration (used for every call from then on), the servers' token and the
+    /// metrics token's hash.
     pub(crate) fn keep_credentials(&self, r: &nimbus_api::agent::RegisteredNode) {
         let mut c = self.credentials.lock().expect("credentials lock");
         let mut changed = false;
@@ -82,6 +83,14 @@ impl Agent {
             .filter(|t| **t != c.agent_api_token)
         {
             c.agent_api_token.clone_from(t);
+            changed = true;
+        }
+        if let Some(h) = r
+            .metrics_token_sha256
+            .as_ref()
+            .filter(|h| **h != c.metrics_token_sha256)
+        {
+            c.metrics_token_sha256.clone_from(h);
             changed = true;
         }
         if changed {

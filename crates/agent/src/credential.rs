@@ -4,7 +4,9 @@
 //!   registration (made with the shared node token) and used for every later call; the node
 //!   token is never used again by this node.
 //! - `agent_api_token`: what the servers present to this agent's API (exec, logs, console,
-//!   metrics); refreshed by every registration answer.
+//!   metrics) in plain HTTP; refreshed by every registration answer.
+//! - `metrics_token_sha256`: the hash of the cluster's metrics token, which opens `/metrics`
+//!   only; refreshed by every registration answer.
 
 use std::path::{Path, PathBuf};
 
@@ -21,6 +23,9 @@ pub struct NodeCredentials {
     /// The servers' credential towards this agent.
     #[serde(default)]
     pub agent_api_token: String,
+    /// SHA-256 (hex) of the cluster's metrics token (empty: none known).
+    #[serde(default)]
+    pub metrics_token_sha256: String,
 }
 
 /// The path of the file in `data_dir`.
@@ -76,6 +81,7 @@ mod tests {
         let c = NodeCredentials {
             credential: "nimbus-node.n1.x".into(),
             agent_api_token: "t".into(),
+            metrics_token_sha256: "00".repeat(32),
         };
         save(dir.path(), &c).unwrap();
         assert_eq!(load(dir.path()).unwrap(), Some(c));

@@ -1,14 +1,16 @@
 //! The agent's own API, called by the control plane: exec, logs, console; and `/metrics`.
 //!
-//! - exec, logs, console: only the servers' credential for this node (the
-//!   `agent_api_token` of its registration answer; never the node token every agent holds);
-//! - `/metrics`: the servers' credential or the configured metrics token (`nimbus agent
-//!   --metrics-token-file`; `nimbus up` creates `<data-dir>/metrics.token`), so a Prometheus
-//!   can scrape it;
+//! - exec, logs, console: only the servers. Over TLS (a node joined with a certificate) that
+//!   is a server certificate of the cluster CA, and nothing else; in plain HTTP the servers'
+//!   credential for this node (the `agent_api_token` of its registration answer; never the
+//!   node token every agent holds).
+//! - `/metrics`: the servers as above, or the cluster's metrics token (its SHA-256 comes with
+//!   every registration answer; `nimbus agent --metrics-token-file` adds a local one), so a
+//!   stock Prometheus can scrape it over TLS without a client certificate;
 //! - `/agent/healthz`: open, answers only `ok` (liveness for load balancers and probes; it
 //!   reveals nothing about the node).
 //!
-//! Tokens are compared in constant time.
+//! Tokens are compared in constant time (the metrics token by its hash).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -23,6 +25,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use nimbus_api::{ApiError, ErrorBody, ErrorCode, ExecRequest};
 use serde::Deserialize;
+use sha2::Digest;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use crate::credential::constant_time_eq;
@@ -55,11 +58,34 @@ fn bearer(req: &Request) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
-/// Whether `token` is the servers' credential for this node.
+/// Whether `token` is the servers' credential for this node (plain HTTP only: over TLS the
+/// servers present their certificates).
 fn is_server(agent: &Agent, token: &str) -> bool {
+    if agent.cfg.api_tls.is_some() {
+        return false;
+    }
     let c = agent.credentials.lock().expect("credentials lock");
     !c.agent_api_token.is_empty()
         && constant_time_eq(token.as_bytes(), c.agent_api_token.as_bytes())
+}
+
+/// Whether `token` is a metrics token: the cluster's (by the hash the servers sent) or the
+/// locally configured one.
+fn is_metrics(agent: &Agent, token: &str) -> bool {
+    let hash = hex::encode(sha2::Sha256::digest(token.as_bytes()));
+    let cluster = {
+        let c = agent.credentials.lock().expect("credentials lock");
+        !c.metrics_token_sha256.is_empty()
+            && constant_time_eq(hash.as_bytes(), c.metrics_token_sha256.as_bytes())
+    };
+    let local = agent.cfg.metrics_token.as_ref().is_some_and(|m| {
+        !m.is_empty()
+            && constant_time_eq(
+                hash.as_bytes(),
+                hex::encode(sha2::Sha256::digest(m.as_bytes())).as_bytes(),
+            )
+    });
+    cluster | local
 }
 
 fn unauthorized() -> Response {
@@ -85,16 +111,13 @@ async fn auth(State(agent): State<Arc<Agent>>, req: Request, next: Next) -> Resp
 
 /// Prometheus exposition of the node's load-balancer data plane.
 async fn metrics(State(agent): State<Arc<Agent>>, req: Request) -> Response {
-    let ok =
-        over_server_tls(&req)
-            || bearer(&req).is_some_and(|t| {
-                is_server(&agent, t)
-                    || agent.cfg.metrics_token.as_ref().is_some_and(|m| {
-                        !m.is_empty() && constant_time_eq(t.as_bytes(), m.as_bytes())
-                    })
-            });
+    let ok = over_server_tls(&req)
+        || bearer(&req).is_some_and(|t| is_server(&agent, t) || is_metrics(&agent, t));
     if !ok {
-        return unauthorized();
+        return err(ApiError::new(
+            ErrorCode::Unauthorized,
+            "missing or invalid metrics token or server credential",
+        ));
     }
     (
         [(

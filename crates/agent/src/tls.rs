@@ -1,6 +1,9 @@
-//! The agent API over TLS 1.3: the listener's config demands a client certificate of the
-//! cluster CA with the `server` role (see `nimbus_pki::ClusterClientVerifier`), so every
-//! request that reaches the router carries [`ServerPeer`].
+//! The agent API over TLS 1.3. The listener's config asks for a client certificate of the
+//! cluster CA with the `server` role (see `nimbus_pki::ClusterClientVerifier`) but lets a
+//! client without one in (a Prometheus with the metrics token): a request carries
+//! [`ServerPeer`] exactly when its connection presented a server certificate, and `http.rs`
+//! lets only such requests past its routes other than `/metrics` and `/agent/healthz`. Any
+//! other certificate fails the handshake.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,19 +48,19 @@ pub fn serve(
                     }
                     Err(_) => return,
                 };
-                let Some(peer) = tls
+                // Verified by the handshake: only a server certificate gets this far.
+                let peer = tls
                     .get_ref()
                     .1
                     .peer_certificates()
                     .and_then(|c| c.first())
                     .and_then(|d| nimbus_pki::PeerCert::from_der(d).ok())
-                else {
-                    return;
-                };
-                let peer = ServerPeer(peer.identity.name);
+                    .map(|p| ServerPeer(p.identity.name));
                 let svc = hyper::service::service_fn(
                     move |mut req: hyper::Request<hyper::body::Incoming>| {
-                        req.extensions_mut().insert(peer.clone());
+                        if let Some(p) = &peer {
+                            req.extensions_mut().insert(p.clone());
+                        }
                         router.clone().oneshot(req)
                     },
                 );

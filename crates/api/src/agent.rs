@@ -45,6 +45,11 @@ pub struct RegisteredNode {
     /// metrics); the agent accepts no other server credential.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_api_token: Option<String>,
+    /// SHA-256 (hex) of the cluster's metrics token: the agent's `/metrics` also answers a
+    /// bearer token with this hash (a Prometheus scraping without a server certificate); the
+    /// token opens nothing else.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_token_sha256: Option<String>,
 }
 
 /// `POST /v1/nodes/{name}/heartbeat`.

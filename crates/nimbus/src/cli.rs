@@ -239,6 +239,11 @@ pub struct ServerArgs {
     /// the data dir.
     #[arg(long, value_name = "FILE")]
     pub admin_token_file: Option<PathBuf>,
+    /// The cluster's metrics token, with which a Prometheus scrapes the agents' `/metrics`
+    /// (every server needs the same one; default: `<data-dir>/metrics.token`, created on first
+    /// start). Only its SHA-256 is kept in the data dir and handed to the agents.
+    #[arg(long, value_name = "FILE")]
+    pub metrics_token_file: Option<PathBuf>,
     /// The servers' shared secret (Raft, forwarded writes, joins; never given to agents):
     /// every server of a cluster needs the same one, e.g. the `cluster.secret` of the first
     /// server, or 64 random hex digits. Copied into the data dir (0600). Required to form or

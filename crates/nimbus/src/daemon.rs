@@ -315,6 +315,9 @@ pub async fn server(args: ServerArgs) -> Result<()> {
     if let Some(f) = &args.admin_token_file {
         install_token_hash(f, &data_dir.join("admin.token"))?;
     }
+    if let Some(f) = &args.metrics_token_file {
+        install_token_hash(f, &data_dir.join("metrics.token"))?;
+    }
     if let Some(f) = &args.cluster_secret_file {
         install_secret(f, &data_dir.join(nimbus_server::CLUSTER_SECRET_FILE))?;
     }

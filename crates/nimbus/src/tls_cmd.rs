@@ -193,7 +193,8 @@ pub struct NodeTls {
     pub store: Arc<CertStore>,
     /// Link to the servers: presents the node certificate, accepts server certificates.
     pub server_tls: rustls::ClientConfig,
-    /// The agent API: demands a server certificate.
+    /// The agent API: verifies a server certificate if the client presents one (only
+    /// `/metrics` and `/agent/healthz` answer a client without one; see `nimbus_agent::http`).
     pub api_tls: Arc<rustls::ServerConfig>,
     dir: PathBuf,
 }
@@ -213,7 +214,7 @@ fn node_configs(dir: &Path, ca_pem: &str, cert_pem: &str, key_pem: &str) -> Resu
         roots,
         vec![Role::Server],
         Arc::new(NoRevocation),
-        true,
+        false,
     )?;
     let api_tls = Arc::new(nimbus_pki::server_config(
         store.clone(),

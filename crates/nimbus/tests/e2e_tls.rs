@@ -98,6 +98,34 @@ fn ca_fingerprint(cloud: &TlsCloud) -> String {
     nimbus_pki::fingerprint(&der[0])
 }
 
+/// A request refused before its body is read still gets its answer, also while the client is
+/// sending megabytes of body (the server's socket lingers instead of resetting).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_request_with_a_large_body_gets_its_answer() {
+    let cloud = TlsCloud::start(bin(), &[]).expect("nimbus server");
+    let http = reqwest::Client::builder()
+        .use_preconfigured_tls(cloud.tls_config(None))
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let body = vec![b'a'; 4 << 20];
+    let mut errors = Vec::new();
+    for _ in 0..20 {
+        match http
+            .patch(format!("{}/v1/projects/default/loadbalancers/x", cloud.url))
+            .bearer_auth("not-a-token")
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+        {
+            Ok(r) => assert_eq!(r.status().as_u16(), 401),
+            Err(e) => errors.push(format!("{e:?}")),
+        }
+    }
+    assert!(errors.is_empty(), "{} of 20: {errors:?}", errors.len());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_over_tls_with_the_ca_pinned() {
     let cloud = TlsCloud::start(bin(), &[]).expect("nimbus server");
@@ -226,6 +254,20 @@ async fn api_over_tls_with_the_ca_pinned() {
         wrong.health().await,
         Err(ClientError::Connect { .. })
     ));
+
+    // The CA certificate, with the content type the spec documents.
+    let r = reqwest::Client::builder()
+        .use_preconfigured_tls(cloud.tls_config(None))
+        .build()
+        .unwrap()
+        .get(format!("{}/v1/pki/ca", cloud.url))
+        .bearer_auth(&cloud.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(r.headers()["content-type"], "application/x-pem-file");
+    assert_eq!(r.text().await.unwrap(), cloud.ca_pem());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -327,15 +369,12 @@ async fn agent_joins_with_a_join_token_and_serves_instances() {
         .await
         .expect("a server certificate gets in");
     assert_eq!(r.status().as_u16(), 200);
-    assert!(
-        to_agent(None).get(&health).send().await.is_err(),
-        "no certificate: refused"
-    );
     let as_agent = valid_for_an_hour(&ca, &Identity::new(Role::Agent, "n2"));
     assert!(
         to_agent(Some(as_agent)).get(&health).send().await.is_err(),
-        "an agent certificate: refused"
+        "an agent certificate: refused at the handshake"
     );
+    agent_api_without_a_certificate(&cloud, &node.agent_url, &to_agent).await;
 
     // Restarted, the agent reuses its certificate (no token needed).
     cloud
@@ -351,6 +390,112 @@ async fn agent_joins_with_a_join_token_and_serves_instances() {
         "exec after the restart: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The joined agent's API to a client without a certificate: `/metrics` answers the cluster's
+/// metrics token (as a stock Prometheus sends it: CA-verified, the node's name as server name)
+/// and nothing else; exec, logs and console refuse every bearer token (the metrics token, the
+/// servers' HMAC credential of plain mode, the admin token).
+async fn agent_api_without_a_certificate(
+    cloud: &TlsCloud,
+    agent_url: &str,
+    to_agent: &dyn Fn(Option<(String, String)>) -> reqwest::Client,
+) {
+    let metrics_token = std::fs::read_to_string(cloud.data_dir.join("metrics.token"))
+        .expect("the server made a metrics token")
+        .trim()
+        .to_owned();
+    // A stock scraper: the cluster CA, host-name verification of the node's name, no
+    // client certificate, TLS 1.3.
+    let mut roots = rustls::RootCertStore::empty();
+    for c in nimbus_pki::certs_from_pem(&cloud.ca_pem()).unwrap() {
+        roots.add(c).unwrap();
+    }
+    let stock = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let addr: std::net::SocketAddr = agent_url
+        .trim_start_matches("https://")
+        .trim_end_matches('/')
+        .parse()
+        .expect("agent address");
+    let prometheus = reqwest::Client::builder()
+        .use_preconfigured_tls(stock)
+        .resolve("n1", addr)
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let metrics = format!("https://n1:{}/metrics", addr.port());
+    let r = prometheus
+        .get(&metrics)
+        .bearer_auth(&metrics_token)
+        .send()
+        .await
+        .expect("the agent's certificate verifies against the cluster CA as n1");
+    assert_eq!(r.status().as_u16(), 200, "metrics with the metrics token");
+    assert!(
+        r.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/openmetrics-text"),
+        "{:?}",
+        r.headers()
+    );
+    let servers_hmac = nimbus_agent::credential::load(&cloud.agent_dir("n1"))
+        .unwrap()
+        .expect("node.credential")
+        .agent_api_token;
+    assert!(
+        !servers_hmac.is_empty(),
+        "the agent knows the servers' token"
+    );
+    let none = to_agent(None);
+    for token in [None, Some("nope"), Some(cloud.token.as_str())] {
+        let mut req = none.get(format!("{agent_url}/metrics"));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        let r = req
+            .send()
+            .await
+            .expect("no certificate: the handshake passes");
+        assert_eq!(r.status().as_u16(), 401, "metrics with {token:?}");
+    }
+    let web = cloud.client().get_instance("web").await.unwrap().meta.id;
+    for token in [
+        None,
+        Some(&metrics_token),
+        Some(&servers_hmac),
+        Some(&cloud.token),
+    ] {
+        let with = |r: reqwest::RequestBuilder| match token {
+            Some(t) => r.bearer_auth(t),
+            None => r,
+        };
+        let exec = with(none.post(format!("{agent_url}/agent/v1/instances/{web}/exec")))
+            .json(&serde_json::json!({"command": ["true"]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(exec.status().as_u16(), 401, "exec with {token:?}");
+        for route in ["logs", "console"] {
+            let r = with(none.get(format!("{agent_url}/agent/v1/instances/{web}/{route}")))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status().as_u16(), 401, "{route} with {token:?}");
+        }
+    }
+    let health = none
+        .get(format!("{agent_url}/agent/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status().as_u16(), 200, "healthz is open");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

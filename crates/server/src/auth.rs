@@ -15,6 +15,10 @@
 //! presented token is hashed and compared in constant time. The cluster secret is kept plain
 //! by every server (each presents it to the others).
 //!
+//! The metrics token (`metrics.token`, kept as `metrics.token.sha256` like the others) is no
+//! identity of this API: its hash goes to every agent in its registration answer, and only the
+//! agents' `/metrics` accepts the token.
+//!
 //! A later transport identity (a client certificate) resolves to the same [`Identity`]s, so
 //! [`permits`] stays the one place that decides.
 
@@ -117,6 +121,9 @@ pub struct Credentials {
     pub node_sha256: [u8; 32],
     /// The server-to-server cluster secret (plain: this server presents it to the others).
     pub cluster_secret: String,
+    /// SHA-256 of the metrics token: no identity here (the servers serve no `/metrics`); handed
+    /// to the agents in their registration answers, whose `/metrics` accepts the token.
+    pub metrics_sha256: [u8; 32],
 }
 
 /// Who a caller is.
@@ -254,6 +261,7 @@ mod tests {
             admin_sha256: token_hash("admin"),
             node_sha256: token_hash("node"),
             cluster_secret: "cluster".into(),
+            metrics_sha256: token_hash("metrics"),
         }
     }
 
@@ -275,6 +283,8 @@ mod tests {
         let forged = format!("{NODE_CREDENTIAL_PREFIX}n1.{}", "0".repeat(64));
         assert_eq!(identify(&c, &forged, lookup), None);
         assert_eq!(identify(&c, "nope", lookup), None);
+        // The metrics token opens only the agents' `/metrics`: no identity here.
+        assert_eq!(identify(&c, "metrics", lookup), None);
     }
 
     #[test]

@@ -505,14 +505,28 @@ async fn create_join_token(
 
 /// The cluster CA certificate (PEM).
 #[utoipa::path(get, path = "/v1/pki/ca", responses((status = 200, body = String, content_type = "application/x-pem-file"), (status = 401, body = nimbus_api::ErrorBody), (status = 409, body = nimbus_api::ErrorBody)))]
-async fn ca_cert(State(app): State<AppState>) -> HttpResult<String> {
-    Ok(app.pki.ca.as_ref().ok_or_else(no_ca)?.cert_pem().to_owned())
+async fn ca_cert(
+    State(app): State<AppState>,
+) -> HttpResult<([(axum::http::HeaderName, &'static str); 1], String)> {
+    let pem = app.pki.ca.as_ref().ok_or_else(no_ca)?.cert_pem().to_owned();
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/x-pem-file")],
+        pem,
+    ))
 }
 
+/// Issues `id` a certificate. A node's also names the node as a DNS name, so a stock scraper
+/// (Prometheus with the cluster CA and `server_name: <node>`) can verify the agent's `/metrics`
+/// endpoint; the cluster's own peers check the `nimbus://` URI instead.
 fn issue(app: &AppState, csr: &str, id: &Identity) -> Result<IssuedCert, ApiError> {
     let ca = app.pki.ca.as_ref().ok_or_else(no_ca)?;
+    let dns = if id.role == Role::Agent {
+        vec![id.name.clone()]
+    } else {
+        Vec::new()
+    };
     let issued = ca
-        .issue(csr, id, app.pki.lifetime, &[], &[])
+        .issue(csr, id, app.pki.lifetime, &dns, &[])
         .map_err(|e| ApiError::invalid("csr", e.to_string()))?;
     Ok(IssuedCert {
         cert_pem: issued.cert_pem,

@@ -15,6 +15,7 @@ pub mod proposer;
 pub mod routes;
 pub mod telemetry;
 pub mod tls;
+pub mod unread;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -223,6 +224,7 @@ impl Server {
             admin_sha256: load_or_create_token_hash(&cfg.data_dir.join("admin.token"))?,
             node_sha256: load_or_create_token_hash(&cfg.data_dir.join("node.token"))?,
             cluster_secret: cluster_secret(&cfg.data_dir, &opts)?,
+            metrics_sha256: load_or_create_token_hash(&cfg.data_dir.join("metrics.token"))?,
         };
         let images =
             ImageStore::open(&cfg.data_dir.join("images")).map_err(|e| StartError::DataDir {

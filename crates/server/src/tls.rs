@@ -3,7 +3,9 @@
 //! presented a verified certificate, its [`PeerIdentity`].
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::extract::ConnectInfo;
@@ -16,6 +18,68 @@ use crate::identity::PeerIdentity;
 
 /// How long a client may take to finish its handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a closed connection still reads (and drops) what the client sends.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// A connection that closes lingering: once dropped, its socket keeps reading and discarding
+/// for up to [`LINGER`] before it closes. A request refused before its body was read (`401`,
+/// `403`, `413`) ends the connection while the client may still be sending the body; closing
+/// the socket at once with those bytes unread makes the kernel answer with a reset, which can
+/// destroy the response on its way to the client.
+struct Lingering(Option<tokio::net::TcpStream>);
+
+impl Lingering {
+    fn tcp(&mut self) -> Pin<&mut tokio::net::TcpStream> {
+        Pin::new(self.0.as_mut().expect("the stream until drop"))
+    }
+}
+
+impl tokio::io::AsyncRead for Lingering {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        self.get_mut().tcp().poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for Lingering {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.get_mut().tcp().poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.get_mut().tcp().poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.get_mut().tcp().poll_shutdown(cx)
+    }
+}
+
+impl Drop for Lingering {
+    fn drop(&mut self) {
+        let Some(mut tcp) = self.0.take() else { return };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        rt.spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let _ = tcp.shutdown().await;
+            let mut sink = [0u8; 16 << 10];
+            let _ = tokio::time::timeout(LINGER, async {
+                while matches!(tcp.read(&mut sink).await, Ok(n) if n > 0) {}
+            })
+            .await;
+        });
+    }
+}
 
 /// Serves `router` on `listener` with `config` until the task is aborted.
 pub fn serve(
@@ -46,7 +110,9 @@ async fn connection(
     addr: SocketAddr,
     router: Router,
 ) {
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(Lingering(Some(tcp))))
+        .await
+    {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             tracing::debug!(%addr, "TLS handshake refused: {e}");

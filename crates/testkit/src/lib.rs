@@ -11,6 +11,7 @@ use nimbus_client::Client;
 
 pub mod history;
 pub mod netns;
+pub mod pcap;
 pub mod tls;
 
 /// Harness failures.

@@ -109,6 +109,8 @@ pub struct Host {
     pub addr: String,
     /// The server's data dir.
     pub data_dir: PathBuf,
+    /// Whether its server serves TLS with its internal CA ([`Net::start_tls_server`]).
+    pub tls: bool,
     veth: String,
     server_args: Vec<String>,
     server: Option<Child>,
@@ -119,7 +121,13 @@ pub struct Host {
 impl Host {
     /// The server's URL.
     pub fn url(&self) -> String {
-        format!("http://{}:{PORT}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}:{PORT}", self.addr)
+    }
+
+    /// The cluster CA certificate of its TLS server (`<data dir>/pki/ca.crt`).
+    pub fn ca_file(&self) -> PathBuf {
+        self.data_dir.join("pki").join("ca.crt")
     }
 
     fn spawn(&self, args: &[String], bin: &Path, log: &Path) -> Result<Child, KitError> {
@@ -285,6 +293,7 @@ impl Net {
                 ns,
                 addr,
                 data_dir: net.tmp.path().join(format!("host{i}")),
+                tls: false,
                 veth,
                 server_args: Vec::new(),
                 server: None,
@@ -305,9 +314,23 @@ impl Net {
         self.hosts.iter().map(Host::url).collect()
     }
 
-    /// An admin client of host `i`'s server.
+    /// An admin client of host `i`'s server (trusting its CA if it serves TLS; the CA file
+    /// must exist by then).
     pub fn client(&self, i: usize) -> Client {
-        Client::new(self.hosts[i].url(), &self.admin_token, "default")
+        let h = &self.hosts[i];
+        let c = Client::new(h.url(), &self.admin_token, "default");
+        if h.tls {
+            let ca = std::fs::read_to_string(h.ca_file()).unwrap_or_default();
+            c.with_tls(crate::tls::client_config(&ca, None))
+        } else {
+            c
+        }
+    }
+
+    /// The switch's network namespace: its bridge `br0` carries every packet between the
+    /// hosts and between the test process and the hosts (e.g. for a capture).
+    pub fn switch_ns(&self) -> &str {
+        &self.switch
     }
 
     /// Starts `nimbus server --bootstrap-expect N --peers <all>` on every host, with `extra`
@@ -355,12 +378,21 @@ impl Net {
             self.admin_token_file.display().to_string(),
             "--cluster-secret-file".into(),
             self.cluster_secret_file.display().to_string(),
-            // Server-to-server mTLS is not built yet: these clusters run in plain HTTP.
-            "--insecure".into(),
         ];
+        if !h.tls {
+            // Server-to-server mTLS is not built yet: clusters run in plain HTTP.
+            args.push("--insecure".into());
+        }
         args.extend(extra.iter().map(|s| (*s).to_owned()));
         self.hosts[i].server_args = args;
         self.start_server(i)
+    }
+
+    /// Starts `nimbus server` on host `i` over TLS with its internal CA (a server on its own:
+    /// servers do not speak mTLS to each other yet), with `extra` arguments.
+    pub fn start_tls_server(&mut self, i: usize, extra: &[&str]) -> Result<(), KitError> {
+        self.hosts[i].tls = true;
+        self.start_servers_with(i, extra)
     }
 
     /// Starts (again) host `i`'s server with the arguments it was first started with.
@@ -385,15 +417,49 @@ impl Net {
         servers: &[String],
         extra: &[&str],
     ) -> Result<(), KitError> {
+        let credential = [
+            "--token-file".to_owned(),
+            self.node_token_file.display().to_string(),
+        ];
+        self.spawn_agent(i, name, servers, &credential, extra)
+    }
+
+    /// Starts `nimbus agent` named `name` on host `i`, joining the TLS server of host
+    /// `server` with `join_token` (its CA from that server's data dir).
+    pub fn join_agent(
+        &mut self,
+        i: usize,
+        name: &str,
+        server: usize,
+        join_token: &str,
+        extra: &[&str],
+    ) -> Result<(), KitError> {
+        let s = &self.hosts[server];
+        let credential = [
+            "--join-token".to_owned(),
+            join_token.to_owned(),
+            "--ca".to_owned(),
+            s.ca_file().display().to_string(),
+        ];
+        self.spawn_agent(i, name, &[s.url()], &credential, extra)
+    }
+
+    fn spawn_agent(
+        &mut self,
+        i: usize,
+        name: &str,
+        servers: &[String],
+        credential: &[String],
+        extra: &[&str],
+    ) -> Result<(), KitError> {
         let h = &self.hosts[i];
         let mut args: Vec<String> = vec!["agent".into()];
         for u in servers {
             args.push("--server".into());
             args.push(u.clone());
         }
+        args.extend_from_slice(credential);
         args.extend([
-            "--token-file".into(),
-            self.node_token_file.display().to_string(),
             "--name".into(),
             name.into(),
             "--data-dir".into(),

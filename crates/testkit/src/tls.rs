@@ -13,6 +13,20 @@ use crate::{
     KitError, Slot,
 };
 
+/// A TLS 1.3 client config trusting only the CA of `ca_pem` for server certificates,
+/// presenting `client` (chain PEM, key PEM) if given.
+pub fn client_config(ca_pem: &str, client: Option<(&str, &str)>) -> rustls::ClientConfig {
+    let roots = nimbus_pki::verify::roots(ca_pem).expect("CA");
+    let v = nimbus_pki::ClusterServerVerifier::new(
+        roots,
+        vec![nimbus_pki::Role::Server],
+        Arc::new(nimbus_pki::NoRevocation),
+    );
+    let certs =
+        client.map(|(c, k)| Arc::new(nimbus_pki::CertStore::new(c, k).expect("client cert")));
+    nimbus_pki::client_config(Arc::new(v), certs).expect("TLS config")
+}
+
 /// A running TLS server and its joined agents.
 pub struct TlsCloud {
     /// The server's data directory.
@@ -101,15 +115,7 @@ impl TlsCloud {
     /// A TLS 1.3 client config trusting only the cluster CA for server certificates,
     /// presenting `client` (chain PEM, key PEM) if given.
     pub fn tls_config(&self, client: Option<(&str, &str)>) -> rustls::ClientConfig {
-        let roots = nimbus_pki::verify::roots(&self.ca_pem()).expect("CA");
-        let v = nimbus_pki::ClusterServerVerifier::new(
-            roots,
-            vec![nimbus_pki::Role::Server],
-            Arc::new(nimbus_pki::NoRevocation),
-        );
-        let certs =
-            client.map(|(c, k)| Arc::new(nimbus_pki::CertStore::new(c, k).expect("client cert")));
-        nimbus_pki::client_config(Arc::new(v), certs).expect("TLS config")
+        client_config(&self.ca_pem(), client)
     }
 
     /// An admin client (TLS, the CA pinned).

@@ -244,5 +244,6 @@ pub fn router(app: AppState) -> Router {
         ))
         // Outermost: every error, the token check's included, leaves as a JSON error body.
         .layer(axum::middleware::from_fn(crate::error::json_errors))
+        .layer(axum::middleware::from_fn(crate::unread::close_if_unread))
         .with_state(app)
 }

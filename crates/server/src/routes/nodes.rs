@@ -75,6 +75,7 @@ pub async fn register(
                 node,
                 credential,
                 agent_api_token,
+                metrics_token_sha256: Some(hex::encode(app.creds.metrics_sha256)),
             }))
         }
         other => Err(ApiError::internal(format!("unexpected output {other:?}")).into()),
