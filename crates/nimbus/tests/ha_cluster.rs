@@ -316,6 +316,7 @@ async fn ha_a_server_without_the_cluster_secret_cannot_join() {
         &net.hosts[0].url(),
         "--cluster-secret-file",
         &net.node_token_file.display().to_string(),
+        "--insecure",
     ]
     .iter()
     .map(|s| (*s).to_owned())

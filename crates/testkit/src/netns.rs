@@ -110,6 +110,7 @@ pub struct Host {
     /// The server's data dir.
     pub data_dir: PathBuf,
     veth: String,
+    tls: bool,
     server_args: Vec<String>,
     server: Option<Child>,
     agent_args: Vec<String>,
@@ -119,7 +120,13 @@ pub struct Host {
 impl Host {
     /// The server's URL.
     pub fn url(&self) -> String {
-        format!("http://{}:{PORT}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}:{PORT}", self.addr)
+    }
+
+    /// The cluster CA this server holds (`<data-dir>/pki/ca.crt`; TLS clusters).
+    pub fn ca_file(&self) -> PathBuf {
+        self.data_dir.join("pki").join("ca.crt")
     }
 
     fn spawn(&self, args: &[String], bin: &Path, log: &Path) -> Result<Child, KitError> {
@@ -286,6 +293,7 @@ impl Net {
                 addr,
                 data_dir: net.tmp.path().join(format!("host{i}")),
                 veth,
+                tls: false,
                 server_args: Vec::new(),
                 server: None,
                 agent_args: Vec::new(),
@@ -305,9 +313,81 @@ impl Net {
         self.hosts.iter().map(Host::url).collect()
     }
 
-    /// An admin client of host `i`'s server.
+    /// An admin client of host `i`'s server (TLS clusters: trusting the cluster CA).
     pub fn client(&self, i: usize) -> Client {
-        Client::new(self.hosts[i].url(), &self.admin_token, "default")
+        let c = Client::new(self.hosts[i].url(), &self.admin_token, "default");
+        if self.hosts[i].tls {
+            c.with_tls(self.tls_config(None))
+        } else {
+            c
+        }
+    }
+
+    /// Makes the servers of this net serve TLS and speak mTLS to each other (no `--insecure`);
+    /// form the cluster with [`Net::start_tls_servers`].
+    #[must_use]
+    pub fn with_tls(mut self) -> Self {
+        for h in &mut self.hosts {
+            h.tls = true;
+        }
+        self
+    }
+
+    /// The cluster CA (PEM) of a TLS cluster, from the first server that holds it.
+    pub fn ca_pem(&self) -> String {
+        self.hosts
+            .iter()
+            .find_map(|h| std::fs::read_to_string(h.ca_file()).ok())
+            .unwrap_or_default()
+    }
+
+    /// A TLS 1.3 client config trusting only server certificates of the cluster CA,
+    /// presenting `client` (chain PEM, key PEM) if given.
+    pub fn tls_config(&self, client: Option<(&str, &str)>) -> rustls::ClientConfig {
+        let roots = nimbus_pki::verify::roots(&self.ca_pem()).expect("cluster CA");
+        let v = nimbus_pki::ClusterServerVerifier::new(
+            roots,
+            vec![nimbus_pki::Role::Server],
+            std::sync::Arc::new(nimbus_pki::NoRevocation),
+        );
+        let certs = client.map(|(c, k)| {
+            std::sync::Arc::new(nimbus_pki::CertStore::new(c, k).expect("client cert"))
+        });
+        nimbus_pki::client_config(std::sync::Arc::new(v), certs).expect("TLS config")
+    }
+
+    /// TLS: starts host 0's server as a new cluster (`--bootstrap-expect 1`), waits for its
+    /// CA, then the others with `--join <host 0>`, trusting the CA by file (`--ca`) on host 1
+    /// and by fingerprint (`--ca-fingerprint`) on the others; `extra` goes to every server.
+    pub async fn start_tls_servers(&mut self, extra: &[&str]) -> Result<(), KitError> {
+        let mut first = vec!["--bootstrap-expect", "1"];
+        first.extend_from_slice(extra);
+        self.start_servers_with(0, &first)?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.ca_pem().is_empty() || self.client(0).cluster_info().await.is_err() {
+            if Instant::now() > deadline {
+                return Err(KitError::NotReady(format!(
+                    "the first TLS server did not come up\n{}",
+                    self.logs_tail(20)
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let ca_file = self.hosts[0].ca_file().display().to_string();
+        let der = nimbus_pki::certs_from_pem(&self.ca_pem()).expect("CA");
+        let fingerprint = nimbus_pki::fingerprint(&der[0]);
+        let join = self.hosts[0].url();
+        for i in 1..self.hosts.len() {
+            let mut args = vec!["--join", join.as_str()];
+            if i == 1 {
+                args.extend(["--ca", ca_file.as_str()]);
+            } else {
+                args.extend(["--ca-fingerprint", fingerprint.as_str()]);
+            }
+            args.extend_from_slice(extra);
+            self.start_servers_with(i, &args)?;
+        }
+        Ok(())
     }
 
     /// Starts `nimbus server --bootstrap-expect N --peers <all>` on every host, with `extra`
@@ -355,9 +435,10 @@ impl Net {
             self.admin_token_file.display().to_string(),
             "--cluster-secret-file".into(),
             self.cluster_secret_file.display().to_string(),
-            // Server-to-server mTLS is not built yet: these clusters run in plain HTTP.
-            "--insecure".into(),
         ];
+        if !h.tls {
+            args.push("--insecure".into());
+        }
         args.extend(extra.iter().map(|s| (*s).to_owned()));
         self.hosts[i].server_args = args;
         self.start_server(i)
