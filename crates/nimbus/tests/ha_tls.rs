@@ -184,3 +184,83 @@ async fn ha_tls_servers_join_forward_fail_over_and_keep_raft_to_server_certifica
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// Runs `nimbus server --join <host 0>` on host 1 with `extra`; returns its exit status and
+/// log once it exits (it must, within 30 s).
+async fn failing_join(net: &Net, name: &str, extra: &[&str]) -> (bool, String) {
+    let h = &net.hosts[1];
+    let mut args: Vec<String> = vec![
+        "server".into(),
+        "--data-dir".into(),
+        h.data_dir.with_extension(name).display().to_string(),
+        "--listen".into(),
+        format!("{}:{}", h.addr, netns::PORT),
+        "--advertise".into(),
+        h.url(),
+        "--join".into(),
+        net.hosts[0].url(),
+    ];
+    args.extend(extra.iter().map(|s| (*s).to_owned()));
+    let mut child = net
+        .spawn_in(1, name, &bin().display().to_string(), &args)
+        .expect("spawn");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait") {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{name}: the server kept trying to join");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let log = std::fs::read_to_string(h.data_dir.with_extension(format!("{name}.log")))
+        .unwrap_or_default();
+    (status.success(), log)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ha_tls_join_refuses_another_ca_and_needs_the_cluster_secret() {
+    if !require("root, ip, tc and nft (netns harness)", netns::available()) {
+        return;
+    }
+    let mut net = Net::new(bin(), 2).expect("netns hosts").with_tls();
+    net.start_tls_first(&[]).await.expect("start 0");
+    net.wait_cluster(&[0], 1, Duration::from_secs(60))
+        .await
+        .expect("cluster");
+    let secret = net.cluster_secret_file.display().to_string();
+    let wrong_fp = format!("sha256:{}", "0".repeat(64));
+    let (ok, log) = failing_join(
+        &net,
+        "other-ca",
+        &[
+            "--cluster-secret-file",
+            &secret,
+            "--ca-fingerprint",
+            &wrong_fp,
+        ],
+    )
+    .await;
+    assert!(!ok && log.contains("refusing to join"), "{log}");
+    // No CA given: refused, naming the fingerprint to check.
+    let (ok, log) = failing_join(&net, "no-ca", &["--cluster-secret-file", &secret]).await;
+    assert!(!ok && log.contains("--ca-fingerprint sha256:"), "{log}");
+    // The right CA but the node token as cluster secret: no server certificate.
+    let ca = net.hosts[0].ca_file().display().to_string();
+    let node_token = net.node_token_file.display().to_string();
+    let (ok, log) = failing_join(
+        &net,
+        "intruder",
+        &["--cluster-secret-file", &node_token, "--ca", &ca],
+    )
+    .await;
+    assert!(
+        !ok && log.contains("refused this server's cluster secret"),
+        "{log}"
+    );
+    let info = net.client(0).cluster_info().await.expect("info");
+    assert_eq!(info.members.len(), 1, "{info:?}");
+}

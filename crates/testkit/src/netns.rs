@@ -360,19 +360,7 @@ impl Net {
     /// CA, then the others with `--join <host 0>`, trusting the CA by file (`--ca`) on host 1
     /// and by fingerprint (`--ca-fingerprint`) on the others; `extra` goes to every server.
     pub async fn start_tls_servers(&mut self, extra: &[&str]) -> Result<(), KitError> {
-        let mut first = vec!["--bootstrap-expect", "1"];
-        first.extend_from_slice(extra);
-        self.start_servers_with(0, &first)?;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while self.ca_pem().is_empty() || self.client(0).cluster_info().await.is_err() {
-            if Instant::now() > deadline {
-                return Err(KitError::NotReady(format!(
-                    "the first TLS server did not come up\n{}",
-                    self.logs_tail(20)
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        self.start_tls_first(extra).await?;
         let ca_file = self.hosts[0].ca_file().display().to_string();
         let der = nimbus_pki::certs_from_pem(&self.ca_pem()).expect("CA");
         let fingerprint = nimbus_pki::fingerprint(&der[0]);
@@ -386,6 +374,25 @@ impl Net {
             }
             args.extend_from_slice(extra);
             self.start_servers_with(i, &args)?;
+        }
+        Ok(())
+    }
+
+    /// TLS: starts host 0's server as a new cluster (`--bootstrap-expect 1`) and waits until
+    /// it answers with its CA.
+    pub async fn start_tls_first(&mut self, extra: &[&str]) -> Result<(), KitError> {
+        let mut first = vec!["--bootstrap-expect", "1"];
+        first.extend_from_slice(extra);
+        self.start_servers_with(0, &first)?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.ca_pem().is_empty() || self.client(0).cluster_info().await.is_err() {
+            if Instant::now() > deadline {
+                return Err(KitError::NotReady(format!(
+                    "the first TLS server did not come up\n{}",
+                    self.logs_tail(20)
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
         Ok(())
     }
