@@ -140,6 +140,45 @@ async fn ha_tls_servers_join_forward_fail_over_and_keep_raft_to_server_certifica
     // ... but not without the cluster secret.
     assert_eq!(read_index(&server, &url, "wrong").await, Ok(401));
 
+    // A master-key rotation reaches every server over mTLS, and the leader re-seals the CA
+    // key in the replicated state under the new key (what a later joiner takes over).
+    let resp = https(&net, None)
+        .post(format!("{url}/v1/cluster/master-key/rotate"))
+        .bearer_auth(&net.admin_token)
+        .send()
+        .await
+        .expect("rotate");
+    assert_eq!(resp.status().as_u16(), 200);
+    let rotated: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(rotated["servers"], 3, "{rotated}");
+    let new_key = rotated["new_key_id"].clone();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ca: serde_json::Value = server
+            .get(format!("{url}/raft/pki/ca"))
+            .bearer_auth(secret)
+            .send()
+            .await
+            .expect("CA")
+            .json()
+            .await
+            .expect("CA JSON");
+        if ca["key_sealed"]["key_id"] == new_key {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the CA key in the state is still sealed by {}",
+            ca["key_sealed"]["key_id"]
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let key = std::fs::read(net.hosts[0].data_dir.join("master.key")).unwrap();
+    assert_ne!(key, key0);
+    for h in &net.hosts[1..] {
+        assert_eq!(std::fs::read(h.data_dir.join("master.key")).unwrap(), key);
+    }
+
     // kill -9 of the leader: a write through another server succeeds within 10 s, and the
     // killed server (restarted from its data dir: no join, its own CA copy) rejoins.
     let since = Instant::now();
