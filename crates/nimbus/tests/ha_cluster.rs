@@ -306,6 +306,7 @@ async fn ha_a_server_without_the_cluster_secret_cannot_join() {
     let h = &net.hosts[1];
     let args: Vec<String> = [
         "server",
+        "--insecure",
         "--data-dir",
         &h.data_dir.display().to_string(),
         "--listen",
@@ -316,7 +317,6 @@ async fn ha_a_server_without_the_cluster_secret_cannot_join() {
         &net.hosts[0].url(),
         "--cluster-secret-file",
         &net.node_token_file.display().to_string(),
-        "--insecure",
     ]
     .iter()
     .map(|s| (*s).to_owned())
