@@ -516,6 +516,17 @@ pub struct ApiServer {
 impl ApiServer {
     /// Starts `bin server` with its data directory `dir/<name>`.
     pub fn start(bin: &Path, dir: &Path, name: &str, tls: bool) -> anyhow::Result<Self> {
+        Self::start_with(bin, dir, name, tls, &[])
+    }
+
+    /// Like [`ApiServer::start`] with `extra` arguments (e.g. `--join URL`).
+    pub fn start_with(
+        bin: &Path,
+        dir: &Path,
+        name: &str,
+        tls: bool,
+        extra: &[String],
+    ) -> anyhow::Result<Self> {
         let data_dir = dir.join(name);
         let log = dir.join(format!("{name}.log"));
         let port = free_port()?;
@@ -530,6 +541,7 @@ impl ApiServer {
         if !tls {
             cmd.arg("--insecure");
         }
+        cmd.args(extra);
         let mut child = cmd
             .spawn()
             .with_context(|| format!("starting {}", bin.display()))?;
@@ -554,7 +566,9 @@ impl ApiServer {
             me.stop();
             bail!("nimbus server did not print ready:\n{t}");
         }
-        me.token = std::fs::read_to_string(data_dir.join("admin.token"))?
+        // A server given `--admin-token-file` keeps only the token's hash.
+        me.token = std::fs::read_to_string(data_dir.join("admin.token"))
+            .unwrap_or_default()
             .trim()
             .to_string();
         if tls {

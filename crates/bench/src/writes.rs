@@ -11,6 +11,8 @@ use anyhow::bail;
 use serde_json::json;
 
 use crate::harness::{workdir, Etcd, Nimbus};
+
+mod cluster;
 use crate::stats::{ms, Summary};
 
 /// Options of `nimbus-bench writes`.
@@ -263,6 +265,7 @@ pub async fn run(opts: &WritesArgs) -> anyhow::Result<()> {
         eprintln!("nimbus VmRSS after the run: {rss} KiB (peak {hwm} KiB)");
     }
     let tls = tls_vs_plain(opts, dir.path()).await?;
+    let cluster = cluster::cluster_tls_vs_plain(opts, dir.path()).await?;
 
     if let Some(doc) = &opts.doc {
         let mut b = String::new();
@@ -330,6 +333,7 @@ pub async fn run(opts: &WritesArgs) -> anyhow::Result<()> {
             );
         }
         tls.describe(&mut b, opts);
+        cluster.describe(&mut b, opts);
         let date = crate::doc::today();
         let mut rows = vec![
             crate::doc::Row {
@@ -353,6 +357,7 @@ pub async fn run(opts: &WritesArgs) -> anyhow::Result<()> {
             },
         ];
         rows.extend(tls.rows(opts, &date));
+        rows.extend(cluster.rows(opts, &date));
         crate::doc::record(&crate::doc::Record {
             doc,
             script: "bench-writes",

@@ -228,7 +228,8 @@ pub struct ServerArgs {
     /// Other servers' URLs (comma-separated or repeated), for --bootstrap-expect.
     #[arg(long, value_delimiter = ',', value_name = "URL")]
     pub peers: Vec<String>,
-    /// Join an existing cluster through this member (repeatable; any member works).
+    /// Join an existing cluster through this member (repeatable; any member works). A TLS
+    /// server also needs the cluster's CA: --ca FILE or --ca-fingerprint.
     #[arg(long, value_name = "URL")]
     pub join: Vec<String>,
     /// The cluster's node token (agents register new nodes with it); every server needs the
@@ -253,10 +254,13 @@ pub struct ServerArgs {
     /// Seconds without a heartbeat before a node is marked down.
     #[arg(long, default_value_t = 10, value_name = "SECONDS")]
     pub heartbeat_grace: u64,
-    /// Serve the API in plain HTTP (no TLS, no certificates; also needed for multi-server
-    /// clusters until servers speak mTLS to each other).
+    /// Serve the API, and talk to the other servers, in plain HTTP (no TLS, no certificates).
     #[arg(long)]
     pub insecure: bool,
+    /// With --join and no --ca: the expected SHA-256 fingerprint of the cluster CA
+    /// (`sha256:...`, printed by the first server); the new server takes the CA over.
+    #[arg(long, value_name = "SHA256")]
+    pub ca_fingerprint: Option<String>,
     /// Serve the API with this certificate chain (PEM) instead of one of the internal CA.
     #[arg(long, value_name = "FILE", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,

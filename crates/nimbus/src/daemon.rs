@@ -303,10 +303,17 @@ fn install_secret(src: &Path, dest: &Path) -> Result<()> {
 }
 
 /// `nimbus server`.
-pub async fn server(args: ServerArgs) -> Result<()> {
+pub async fn server(args: ServerArgs, ca: Option<PathBuf>) -> Result<()> {
     init_logging(args.log_json);
-    let tls = tls_settings(&args)?;
+    let mut tls = tls_settings(&args)?;
     let data_dir = args.data_dir.unwrap_or_else(default_data_dir);
+    if tls.mode != nimbus_server::identity::TlsMode::Plain
+        && !args.join.is_empty()
+        && !data_dir.join("pki/ca.crt").exists()
+    {
+        tls.cluster_ca =
+            Some(cluster_ca(&args.join, ca.as_deref(), args.ca_fingerprint.as_deref()).await?);
+    }
     nimbus_server::check_data_dir(&data_dir)
         .with_context(|| format!("starting the control plane in {}", data_dir.display()))?;
     if let Some(f) = &args.node_token_file {
@@ -373,6 +380,36 @@ pub async fn server(args: ServerArgs) -> Result<()> {
     Ok(())
 }
 
+/// The CA of the TLS cluster a new server joins: `--ca`, or the CA a member presents if its
+/// fingerprint is `--ca-fingerprint`.
+async fn cluster_ca(
+    join: &[String],
+    ca: Option<&Path>,
+    fingerprint: Option<&str>,
+) -> Result<String> {
+    if let Some(ca) = ca {
+        return std::fs::read_to_string(ca)
+            .with_context(|| format!("reading --ca {}", ca.display()));
+    }
+    let mut last = None;
+    for url in join {
+        match crate::tls_cmd::probe_ca(url).await {
+            Ok((pem, fp)) => {
+                return match fingerprint {
+                    Some(want) if want.trim().eq_ignore_ascii_case(&fp) => Ok(pem),
+                    Some(want) => anyhow::bail!("the cluster CA of {url} has fingerprint {fp}, not {want}: refusing to join"),
+                    None => anyhow::bail!(
+                        "the cluster CA of {url} is unknown; its fingerprint is {fp}. Pass --ca FILE or --ca-fingerprint {fp} after checking it"
+                    ),
+                }
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("no --join URL")))
+        .context("fetching the cluster CA to join (or pass --ca FILE)")
+}
+
 /// `--insecure`, `--tls-cert/--tls-key`, `--cert-lifetime` as server TLS settings.
 fn tls_settings(args: &ServerArgs) -> Result<nimbus_server::identity::TlsSettings> {
     use nimbus_server::identity::{TlsMode, TlsSettings};
@@ -388,6 +425,7 @@ fn tls_settings(args: &ServerArgs) -> Result<nimbus_server::identity::TlsSetting
     Ok(TlsSettings {
         mode,
         cert_lifetime: args.cert_lifetime,
+        cluster_ca: None,
     })
 }
 

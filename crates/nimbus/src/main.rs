@@ -56,7 +56,7 @@ async fn run(cli: Cli) -> Result<i32> {
     }
     let code = match cli.command {
         Command::Up(a) => daemon::up(a).await.map(|()| 0)?,
-        Command::Server(a) => daemon::server(a).await.map(|()| 0)?,
+        Command::Server(a) => daemon::server(a, cli.ca.clone()).await.map(|()| 0)?,
         Command::Agent(a) => daemon::agent(a, cli.ca.clone()).await.map(|()| 0)?,
         Command::Shim { .. } => unreachable!("handled before the runtime starts"),
         ref other => {

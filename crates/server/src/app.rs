@@ -48,6 +48,9 @@ pub struct AppState {
     pub creds: Arc<crate::auth::Credentials>,
     /// HTTP client for calls to agents.
     pub http: reqwest::Client,
+    /// HTTP client for calls to other servers (cluster info, joins, proxied membership
+    /// changes; see [`crate::peers`]).
+    pub peer_http: reqwest::Client,
     /// Group-committing write path.
     pub proposer: crate::proposer::Proposer,
     /// Forwards writes and read barriers from a follower to the leader.

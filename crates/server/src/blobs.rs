@@ -176,10 +176,12 @@ pub async fn sync_loop(app: AppState) {
 }
 
 /// The HTTP client used for peer blob downloads (no overall timeout: layers can be large).
-pub fn http_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .connect_timeout(CONNECT_TIMEOUT)
-        .read_timeout(Duration::from_secs(30))
-        .build()
-        .unwrap_or_default()
+pub fn http_client(tls: Option<&rustls::ClientConfig>) -> reqwest::Client {
+    crate::peers::client(
+        tls,
+        reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .read_timeout(Duration::from_secs(30)),
+    )
+    .unwrap_or_default()
 }

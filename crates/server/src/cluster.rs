@@ -329,7 +329,7 @@ async fn proxy_to_leader(
         );
     };
     let mut rb = app
-        .http
+        .peer_http
         .request(method, format!("{}{path}", url.trim_end_matches('/')))
         .header(header::CONTENT_TYPE, "application/json")
         .body(body);
@@ -407,7 +407,7 @@ async fn add_server(State(app): State<AppState>, headers: HeaderMap, body: Bytes
     {
         return r;
     }
-    let info = match fetch_info(&app.http, &req.url, &app.creds.cluster_secret).await {
+    let info = match fetch_info(&app.peer_http, &req.url, &app.creds.cluster_secret).await {
         Ok(i) => i,
         Err(m) => return HttpError(ApiError::new(ErrorCode::BadRequest, m)).into_response(),
     };
@@ -487,7 +487,7 @@ pub async fn join_via(app: &AppState, url: &str) -> Result<(), String> {
         cluster_id: app.cluster.cluster_id(),
     };
     let resp = app
-        .http
+        .peer_http
         .post(format!("{}/v1/cluster/join", url.trim_end_matches('/')))
         .bearer_auth(app.creds.cluster_secret.as_str())
         .json(&req)
@@ -558,7 +558,7 @@ pub async fn check_peers(app: &AppState, peers: &[String]) -> Result<(), StartEr
         return Ok(());
     };
     for p in peers {
-        if let Ok(info) = fetch_info(&app.http, p, &app.creds.cluster_secret).await {
+        if let Ok(info) = fetch_info(&app.peer_http, p, &app.creds.cluster_secret).await {
             if let Some(theirs) = info.cluster_id.filter(|t| *t != ours) {
                 return Err(StartError::Cluster(format!(
                     "this server belongs to cluster {ours} but {p} belongs to cluster {theirs}; refusing to start"
@@ -620,7 +620,7 @@ async fn form_cluster(app: &AppState, expect: usize, peers: &[String]) {
         let mut initialized_peer = None;
         let mut named_in_membership = false;
         for p in peers {
-            match fetch_info(&app.http, p, &app.creds.cluster_secret).await {
+            match fetch_info(&app.peer_http, p, &app.creds.cluster_secret).await {
                 Ok(info) if info.initialized && info.members.iter().any(|m| m.id == me.0) => {
                     // The cluster was initialized with this server as a voter: the membership
                     // arrives through replication; joining would only race it.
@@ -700,7 +700,7 @@ pub async fn adopt_cluster_id(app: AppState) {
             if m.id == app.raft.node_id() {
                 continue;
             }
-            match fetch_info(&app.http, &m.url, &app.creds.cluster_secret).await {
+            match fetch_info(&app.peer_http, &m.url, &app.creds.cluster_secret).await {
                 Ok(ClusterInfo {
                     cluster_id: Some(id),
                     ..

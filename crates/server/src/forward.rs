@@ -54,13 +54,16 @@ pub struct Forwarder {
 }
 
 impl Forwarder {
-    /// A forwarder for `raft`, authenticating with the cluster secret.
-    pub fn new(raft: RaftNode, secret: String) -> Self {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(1))
-            .timeout(CALL_TIMEOUT)
-            .build()
-            .unwrap_or_default();
+    /// A forwarder for `raft`, authenticating with the cluster secret (and over TLS with
+    /// `tls`, this server's certificate: see [`crate::peers`]).
+    pub fn new(raft: RaftNode, secret: String, tls: Option<&rustls::ClientConfig>) -> Self {
+        let http = crate::peers::client(
+            tls,
+            reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(1))
+                .timeout(CALL_TIMEOUT),
+        )
+        .unwrap_or_default();
         Self { raft, http, secret }
     }
 

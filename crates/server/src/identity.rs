@@ -79,6 +79,9 @@ pub struct TlsSettings {
     pub mode: TlsMode,
     /// Lifetime of the certificates the CA issues (servers' and agents').
     pub cert_lifetime: Duration,
+    /// The CA (PEM) of the cluster this server joins (`--ca`, or pinned by
+    /// `--ca-fingerprint`), needed until it holds the CA itself.
+    pub cluster_ca: Option<String>,
 }
 
 impl Default for TlsSettings {
@@ -86,6 +89,7 @@ impl Default for TlsSettings {
         Self {
             mode: TlsMode::Plain,
             cert_lifetime: Duration::from_secs(86_400),
+            cluster_ca: None,
         }
     }
 }
@@ -94,8 +98,17 @@ impl Default for TlsSettings {
 #[derive(Debug, Clone)]
 pub struct PeerIdentity(pub PeerCert);
 
-/// The revocation list in the replicated state.
-pub struct StateRevocation(RaftNode);
+/// The revocation list in the replicated state (nothing is revoked until the store is
+/// attached: the TLS configurations exist before the store opens).
+#[derive(Default)]
+pub struct StateRevocation(std::sync::OnceLock<RaftNode>);
+
+impl StateRevocation {
+    /// Reads the revocation list from `raft` from now on.
+    pub fn attach(&self, raft: RaftNode) {
+        let _ = self.0.set(raft);
+    }
+}
 
 impl std::fmt::Debug for StateRevocation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -106,7 +119,8 @@ impl std::fmt::Debug for StateRevocation {
 impl Revocation for StateRevocation {
     fn is_revoked(&self, peer: &PeerCert) -> bool {
         self.0
-            .read(|s| s.pki.revoked.contains_key(&peer.identity.name))
+            .get()
+            .is_some_and(|r| r.read(|s| s.pki.revoked.contains_key(&peer.identity.name)))
     }
 }
 
@@ -120,6 +134,9 @@ pub struct Pki {
     pub server_tls: Option<Arc<rustls::ServerConfig>>,
     /// TLS for calls to agents: presents `own`, accepts only agent certificates.
     pub agent_client_tls: Option<rustls::ClientConfig>,
+    /// TLS for calls to other servers (Raft, forwarding, blobs, joins, the master key):
+    /// presents `own`, accepts only server certificates of the CA.
+    pub peer_client_tls: Option<rustls::ClientConfig>,
     /// The revocation list.
     pub revocation: Arc<StateRevocation>,
     /// Certificate lifetime.
@@ -245,6 +262,11 @@ pub fn spawn_reseal(app: AppState) {
             let (Some(ca), Some(cur)) = (app.pki.ca.as_ref(), app.keys.current()) else {
                 continue;
             };
+            if app.raft.is_leader() {
+                if let Err(e) = publish_ca(&app).await {
+                    tracing::debug!("recording the sealed CA key: {}", e.message);
+                }
+            }
             if cur.key_id() == sealed_by {
                 continue;
             }
@@ -271,13 +293,14 @@ fn host_of(url: &str) -> Option<&str> {
 
 impl Pki {
     /// Plain mode: no TLS, nothing issued.
-    pub fn plain(raft: RaftNode) -> Self {
+    pub fn plain() -> Self {
         Self {
             ca: None,
             own: None,
             server_tls: None,
             agent_client_tls: None,
-            revocation: Arc::new(StateRevocation(raft)),
+            peer_client_tls: None,
+            revocation: Arc::default(),
             lifetime: Duration::from_secs(86_400),
             sealed_by: None,
             identity: Identity::new(Role::Server, "server"),
@@ -290,13 +313,12 @@ impl Pki {
     pub fn setup(
         settings: &TlsSettings,
         data_dir: &Path,
-        raft: RaftNode,
         node_id: u64,
         listen: std::net::SocketAddr,
         advertise_url: &str,
         keys: &MasterKeys,
     ) -> Result<Self, StartError> {
-        let mut pki = Self::plain(raft);
+        let mut pki = Self::plain();
         if settings.mode == TlsMode::Plain {
             return Ok(pki);
         }
@@ -304,7 +326,8 @@ impl Pki {
             path: data_dir.display().to_string(),
             message: m,
         };
-        // A TLS server is a single server (for now): it holds or creates the master key.
+        // The first server creates the master key; a joining server received it (or the CA
+        // files and the key) before ([`crate::peers::prepare_join`]).
         keys.create().map_err(err)?;
         let (ca, sealed_by) =
             load_or_create_ca(data_dir, &format!("{node_id:x}"), keys).map_err(err)?;
@@ -352,17 +375,19 @@ impl Pki {
             nimbus_pki::server_config(api, Some(Arc::new(verifier)))
                 .map_err(|e| err(e.to_string()))?,
         ));
-        pki.agent_client_tls = Some(
+        let client = |role: Role| {
             nimbus_pki::client_config(
                 Arc::new(nimbus_pki::ClusterServerVerifier::new(
-                    roots,
-                    vec![Role::Agent],
-                    revocation,
+                    roots.clone(),
+                    vec![role],
+                    revocation.clone(),
                 )),
                 Some(own.clone()),
             )
-            .map_err(|e| err(e.to_string()))?,
-        );
+            .map_err(|e| err(e.to_string()))
+        };
+        pki.agent_client_tls = Some(client(Role::Agent)?);
+        pki.peer_client_tls = Some(client(Role::Server)?);
         pki.own = Some(own);
         pki.ca = Some(ca);
         Ok(pki)
@@ -420,19 +445,64 @@ pub fn spawn_renewal(app: AppState) {
     });
 }
 
-/// Records the CA certificate in the replicated state (once the store is writable).
+/// Records the CA certificate and its key, sealed under the current master key, in the
+/// replicated state (once the store is writable), so that a joining server can take them
+/// over; a sealing by another key is replaced (after a master-key rotation).
 pub async fn publish_ca(app: &AppState) -> Result<(), ApiError> {
-    let Some(ca) = app.pki.ca.as_ref() else {
+    let (Some(ca), Some(cur)) = (app.pki.ca.as_ref(), app.keys.current()) else {
         return Ok(());
     };
-    if app.read(|s| s.pki.ca_cert_pem.is_some()) {
+    if app.read(|s| s.pki.ca_cert_pem.is_none()) {
+        app.propose(Command::Pki(PkiCommand::SetCa {
+            cert_pem: ca.cert_pem().to_owned(),
+        }))
+        .await?;
+    }
+    if app.read(|s| {
+        s.pki.ca_cert_pem.as_deref() != Some(ca.cert_pem())
+            || s.pki
+                .ca_key_sealed
+                .as_ref()
+                .is_some_and(|k| k.key_id == cur.key_id())
+    }) {
         return Ok(());
     }
-    app.propose(Command::Pki(PkiCommand::SetCa {
-        cert_pem: ca.cert_pem().to_owned(),
-    }))
-    .await
-    .map(|_| ())
+    let sealed = cur.seal(ca.key_pem().as_bytes(), CA_KEY_AAD);
+    app.propose(Command::Pki(PkiCommand::SetCaKey { sealed }))
+        .await
+        .map(|_| ())
+}
+
+/// Installs the CA a joining server received from a member: the certificate and the key
+/// sealed under the master key (which this server must hold: the key is opened to check).
+pub fn install_ca(
+    data_dir: &Path,
+    cert_pem: &str,
+    sealed: &nimbus_seal::Sealed,
+    keys: &MasterKeys,
+) -> Result<(), String> {
+    use std::os::unix::fs::DirBuilderExt;
+    let master = keys.get(&sealed.key_id).ok_or_else(|| {
+        format!(
+            "the CA key is sealed by master key {}, which this server does not hold",
+            sealed.key_id
+        )
+    })?;
+    let pem = master
+        .open(sealed, CA_KEY_AAD)
+        .map_err(|e| format!("opening the CA key: {e}"))?;
+    let pem = std::str::from_utf8(&pem).map_err(|e| e.to_string())?;
+    Ca::from_pem(cert_pem, pem).map_err(|e| format!("the CA received: {e}"))?;
+    let dir = data_dir.join(PKI_DIR);
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let json = serde_json::to_string(sealed).map_err(|e| e.to_string())?;
+    write_private(&dir.join(CA_KEY_FILE), &json).map_err(|e| e.to_string())?;
+    // The certificate last: its presence means the CA is installed.
+    write_private(&dir.join("ca.crt"), cert_pem).map_err(|e| e.to_string())
 }
 
 /// The OpenAPI description of these routes (merged into the API's).

@@ -11,6 +11,7 @@ pub mod error;
 pub mod forward;
 pub mod identity;
 pub mod masterkey;
+pub mod peers;
 pub mod proposer;
 pub mod routes;
 pub mod telemetry;
@@ -248,39 +249,58 @@ impl Server {
         })?;
         let mut cfg = cfg;
         let tls_on = cfg.tls.mode != identity::TlsMode::Plain;
-        if tls_on && !opts.is_single() {
+        if matches!(cfg.tls.mode, identity::TlsMode::Files { .. }) && !opts.is_single() {
             return Err(StartError::Cluster(
-                "TLS between servers (mTLS Raft, the CA on every server) is not built yet: run a multi-server cluster with --insecure".into(),
+                "--tls-cert is for a single server: servers of a cluster present their certificates of the cluster CA to each other".into(),
+            ));
+        }
+        if tls_on && opts.bootstrap_expect.is_some_and(|n| n > 1) {
+            return Err(StartError::Cluster(
+                "--bootstrap-expect N>1 is not built for TLS clusters yet: start the first server with --bootstrap-expect 1 and the others with --join URL (and --ca or --ca-fingerprint), or run the cluster with --insecure".into(),
             ));
         }
         if cfg.advertise_url.is_empty() {
             let scheme = if tls_on { "https" } else { "http" };
             cfg.advertise_url = format!("{scheme}://{local_addr}");
         }
-        let raft = RaftNode::open(RaftConfig {
-            node_id: cfg.node_id,
-            data_dir: cfg.data_dir.join("raft"),
-            advertise_url: cfg.advertise_url.clone(),
-            cluster_secret: creds.cluster_secret.clone(),
-            snapshot_every: 5000,
-        })
-        .await
-        .map_err(|e| StartError::Raft(Box::new(e)))?;
-        // The store holds the whole state: owner only (redb creates it 0644).
-        restrict_tree(&cfg.data_dir.join("raft"), 0, 1).map_err(|e| StartError::DataDir {
-            path: cfg.data_dir.join("raft").display().to_string(),
-            message: format!("cannot restrict to its owner: {e}"),
-        })?;
+        if peers::must_prepare_join(&cfg, &opts.join) {
+            peers::prepare_join(&cfg, &creds.cluster_secret, &keys, &opts.join).await?;
+        }
         let pki = Arc::new(identity::Pki::setup(
             &cfg.tls,
             &cfg.data_dir,
-            raft.clone(),
             cfg.node_id,
             local_addr,
             &cfg.advertise_url,
             &keys,
         )?);
-        let forwarder = forward::Forwarder::new(raft.clone(), creds.cluster_secret.clone());
+        let peer_tls = pki.peer_client_tls.as_ref();
+        let raft_cfg = RaftConfig {
+            node_id: cfg.node_id,
+            data_dir: cfg.data_dir.join("raft"),
+            advertise_url: cfg.advertise_url.clone(),
+            cluster_secret: creds.cluster_secret.clone(),
+            snapshot_every: 5000,
+        };
+        let openraft_cfg = raft_cfg.openraft_config();
+        let raft_http = peers::client(
+            peer_tls,
+            reqwest::Client::builder()
+                .connect_timeout(std::time::Duration::from_secs(2))
+                .pool_idle_timeout(std::time::Duration::from_secs(90)),
+        )
+        .map_err(|e| StartError::NotReady(e.to_string()))?;
+        let raft = RaftNode::open_with_client(raft_cfg, openraft_cfg, Some(raft_http))
+            .await
+            .map_err(|e| StartError::Raft(Box::new(e)))?;
+        pki.revocation.attach(raft.clone());
+        // The store holds the whole state: owner only (redb creates it 0644).
+        restrict_tree(&cfg.data_dir.join("raft"), 0, 1).map_err(|e| StartError::DataDir {
+            path: cfg.data_dir.join("raft").display().to_string(),
+            message: format!("cannot restrict to its owner: {e}"),
+        })?;
+        let forwarder =
+            forward::Forwarder::new(raft.clone(), creds.cluster_secret.clone(), peer_tls);
         let app = AppState {
             cluster: Arc::new(cluster::ClusterState::load(
                 &cfg.data_dir,
@@ -293,7 +313,9 @@ impl Server {
             proposer: proposer::Proposer::spawn(forwarder.clone()),
             forwarder,
             http: agent_http(&pki).map_err(|e| StartError::NotReady(e.to_string()))?,
-            blob_http: blobs::http_client(),
+            peer_http: peers::client(peer_tls, reqwest::Client::builder())
+                .map_err(|e| StartError::NotReady(e.to_string()))?,
+            blob_http: blobs::http_client(peer_tls),
             blob_fetches: Arc::default(),
             telemetry: Arc::default(),
             net_maps: Arc::default(),
@@ -301,11 +323,18 @@ impl Server {
             keys: Arc::new(keys),
             pki: pki.clone(),
         };
-        let router = routes::router(app.clone())
+        let mut router = routes::router(app.clone())
             .merge(cluster::router(app.clone()))
             .merge(beats::internal_router(app.clone()))
             .merge(masterkey::internal_router(app.clone()))
+            .merge(peers::router(app.clone()))
             .merge(nimbus_state::raft::raft_router(raft.clone()));
+        if tls_on {
+            router = router.layer(axum::middleware::from_fn_with_state(
+                app.clone(),
+                peers::server_gate,
+            ));
+        }
         let serve = if let Some(tls) = pki.server_tls.clone() {
             tls::serve(listener, router, tls)
         } else {

@@ -4,7 +4,8 @@
 //! The key lives in `<data-dir>/master.key` (32 bytes, 0600) and never in the replicated
 //! state. The first server creates it (`nimbus up`, or the leader of a new cluster); a server
 //! without one gets it from a member over the internal routes (`/raft/master-key*`,
-//! authenticated with the cluster secret like the Raft RPCs) or from `--master-key-file`.
+//! authenticated like the Raft RPCs: the cluster secret, and with TLS a server certificate
+//! over mTLS, see [`crate::peers`]) or from `--master-key-file`.
 //!
 //! Rotation (`POST /v1/cluster/master-key/rotate`, admin): the new key is staged on every
 //! member (`master.key.next`: it opens but does not seal yet), every sealed item is re-wrapped
@@ -63,7 +64,7 @@ impl KeyTransfer {
         }
     }
 
-    fn key(&self) -> Result<MasterKey, String> {
+    pub(crate) fn key(&self) -> Result<MasterKey, String> {
         let bytes = Zeroizing::new(
             base64::engine::general_purpose::STANDARD
                 .decode(self.key.as_bytes())

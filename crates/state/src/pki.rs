@@ -1,7 +1,8 @@
 //! The cluster's PKI records: the CA certificate every server verifies with, one-time join
 //! tokens (stored as SHA-256 hashes, expiring) and revoked certificate holders. Times come in
 //! the commands (the proposer's clock), so `apply` stays deterministic. The CA private key is
-//! not here: it stays on the server that created it (see `nimbus_server::identity`).
+//! here only sealed under the cluster master key (which never enters the state), so every
+//! server holding the master key can issue certificates (see `nimbus_server::identity`).
 
 use std::collections::BTreeMap;
 
@@ -17,6 +18,9 @@ pub struct PkiState {
     /// The cluster CA certificate (PEM), once created.
     #[serde(default)]
     pub ca_cert_pem: Option<String>,
+    /// The CA private key (PEM) sealed under the cluster master key.
+    #[serde(default)]
+    pub ca_key_sealed: Option<nimbus_seal::Sealed>,
     /// Join tokens by SHA-256 hash (hex): expiry (Unix seconds).
     #[serde(default)]
     pub join_tokens: BTreeMap<String, i64>,
@@ -33,6 +37,12 @@ pub enum PkiCommand {
     SetCa {
         /// PEM.
         cert_pem: String,
+    },
+    /// Record the CA key sealed under the current master key (replacing an earlier sealing:
+    /// a master-key rotation re-seals it). Refused before the CA certificate is recorded.
+    SetCaKey {
+        /// The sealed PEM.
+        sealed: nimbus_seal::Sealed,
     },
     /// Add a join token.
     CreateJoinToken {
@@ -76,6 +86,16 @@ impl PkiState {
                     Ok(())
                 }
             },
+            PkiCommand::SetCaKey { sealed } => {
+                if self.ca_cert_pem.is_none() {
+                    return Err(ApiError::new(
+                        ErrorCode::Conflict,
+                        "the cluster has no CA certificate yet",
+                    ));
+                }
+                self.ca_key_sealed = Some(sealed.clone());
+                Ok(())
+            }
             PkiCommand::CreateJoinToken {
                 hash,
                 expires_at,
@@ -188,6 +208,34 @@ mod tests {
         s.apply(&set("a")).unwrap();
         assert_eq!(s.apply(&set("b")).unwrap_err().code, ErrorCode::Conflict);
         assert_eq!(s.ca_cert_pem.as_deref(), Some("a"));
+    }
+
+    #[test]
+    fn the_sealed_ca_key_follows_the_ca_and_is_replaced_by_a_resealing() {
+        let mut s = PkiState::default();
+        let sealed = |id: &str| nimbus_seal::Sealed {
+            key_id: id.into(),
+            wrapped_data_key: vec![1],
+            nonce: vec![2],
+            ciphertext: vec![3],
+        };
+        let set_key = |id: &str| PkiCommand::SetCaKey { sealed: sealed(id) };
+        assert_eq!(
+            s.apply(&set_key("k1")).unwrap_err().code,
+            ErrorCode::Conflict
+        );
+        s.apply(&PkiCommand::SetCa {
+            cert_pem: "a".into(),
+        })
+        .unwrap();
+        s.apply(&set_key("k1")).unwrap();
+        s.apply(&set_key("k2")).unwrap();
+        assert_eq!(s.ca_key_sealed, Some(sealed("k2")));
+        let json = serde_json::to_string(&crate::Command::Pki(set_key("k3"))).unwrap();
+        assert_eq!(
+            serde_json::from_str::<crate::Command>(&json).unwrap(),
+            crate::Command::Pki(set_key("k3"))
+        );
     }
 
     #[test]

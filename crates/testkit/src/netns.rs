@@ -125,7 +125,7 @@ impl Host {
         format!("{scheme}://{}:{PORT}", self.addr)
     }
 
-    /// The cluster CA certificate of its TLS server (`<data dir>/pki/ca.crt`).
+    /// The cluster CA this server holds (`<data-dir>/pki/ca.crt`; TLS clusters).
     pub fn ca_file(&self) -> PathBuf {
         self.data_dir.join("pki").join("ca.crt")
     }
@@ -314,14 +314,11 @@ impl Net {
         self.hosts.iter().map(Host::url).collect()
     }
 
-    /// An admin client of host `i`'s server (trusting its CA if it serves TLS; the CA file
-    /// must exist by then).
+    /// An admin client of host `i`'s server (TLS clusters: trusting the cluster CA).
     pub fn client(&self, i: usize) -> Client {
-        let h = &self.hosts[i];
-        let c = Client::new(h.url(), &self.admin_token, "default");
-        if h.tls {
-            let ca = std::fs::read_to_string(h.ca_file()).unwrap_or_default();
-            c.with_tls(crate::tls::client_config(&ca, None))
+        let c = Client::new(self.hosts[i].url(), &self.admin_token, "default");
+        if self.hosts[i].tls {
+            c.with_tls(self.tls_config(None))
         } else {
             c
         }
@@ -331,6 +328,80 @@ impl Net {
     /// hosts and between the test process and the hosts (e.g. for a capture).
     pub fn switch_ns(&self) -> &str {
         &self.switch
+    }
+
+    /// Makes the servers of this net serve TLS and speak mTLS to each other (no `--insecure`);
+    /// form the cluster with [`Net::start_tls_servers`].
+    #[must_use]
+    pub fn with_tls(mut self) -> Self {
+        for h in &mut self.hosts {
+            h.tls = true;
+        }
+        self
+    }
+
+    /// The cluster CA (PEM) of a TLS cluster, from the first server that holds it.
+    pub fn ca_pem(&self) -> String {
+        self.hosts
+            .iter()
+            .find_map(|h| std::fs::read_to_string(h.ca_file()).ok())
+            .unwrap_or_default()
+    }
+
+    /// A TLS 1.3 client config trusting only server certificates of the cluster CA,
+    /// presenting `client` (chain PEM, key PEM) if given.
+    pub fn tls_config(&self, client: Option<(&str, &str)>) -> rustls::ClientConfig {
+        let roots = nimbus_pki::verify::roots(&self.ca_pem()).expect("cluster CA");
+        let v = nimbus_pki::ClusterServerVerifier::new(
+            roots,
+            vec![nimbus_pki::Role::Server],
+            std::sync::Arc::new(nimbus_pki::NoRevocation),
+        );
+        let certs = client.map(|(c, k)| {
+            std::sync::Arc::new(nimbus_pki::CertStore::new(c, k).expect("client cert"))
+        });
+        nimbus_pki::client_config(std::sync::Arc::new(v), certs).expect("TLS config")
+    }
+
+    /// TLS: starts host 0's server as a new cluster (`--bootstrap-expect 1`), waits for its
+    /// CA, then the others with `--join <host 0>`, trusting the CA by file (`--ca`) on host 1
+    /// and by fingerprint (`--ca-fingerprint`) on the others; `extra` goes to every server.
+    pub async fn start_tls_servers(&mut self, extra: &[&str]) -> Result<(), KitError> {
+        self.start_tls_first(extra).await?;
+        let ca_file = self.hosts[0].ca_file().display().to_string();
+        let der = nimbus_pki::certs_from_pem(&self.ca_pem()).expect("CA");
+        let fingerprint = nimbus_pki::fingerprint(&der[0]);
+        let join = self.hosts[0].url();
+        for i in 1..self.hosts.len() {
+            let mut args = vec!["--join", join.as_str()];
+            if i == 1 {
+                args.extend(["--ca", ca_file.as_str()]);
+            } else {
+                args.extend(["--ca-fingerprint", fingerprint.as_str()]);
+            }
+            args.extend_from_slice(extra);
+            self.start_servers_with(i, &args)?;
+        }
+        Ok(())
+    }
+
+    /// TLS: starts host 0's server as a new cluster (`--bootstrap-expect 1`) and waits until
+    /// it answers with its CA.
+    pub async fn start_tls_first(&mut self, extra: &[&str]) -> Result<(), KitError> {
+        let mut first = vec!["--bootstrap-expect", "1"];
+        first.extend_from_slice(extra);
+        self.start_servers_with(0, &first)?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.ca_pem().is_empty() || self.client(0).cluster_info().await.is_err() {
+            if Instant::now() > deadline {
+                return Err(KitError::NotReady(format!(
+                    "the first TLS server did not come up\n{}",
+                    self.logs_tail(20)
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Ok(())
     }
 
     /// Starts `nimbus server --bootstrap-expect N --peers <all>` on every host, with `extra`
@@ -380,7 +451,6 @@ impl Net {
             self.cluster_secret_file.display().to_string(),
         ];
         if !h.tls {
-            // Server-to-server mTLS is not built yet: clusters run in plain HTTP.
             args.push("--insecure".into());
         }
         args.extend(extra.iter().map(|s| (*s).to_owned()));
@@ -388,8 +458,8 @@ impl Net {
         self.start_server(i)
     }
 
-    /// Starts `nimbus server` on host `i` over TLS with its internal CA (a server on its own:
-    /// servers do not speak mTLS to each other yet), with `extra` arguments.
+    /// Starts `nimbus server` on host `i` over TLS with its internal CA as a server on its own
+    /// (a cluster of them: [`Net::start_tls_servers`]), with `extra` arguments.
     pub fn start_tls_server(&mut self, i: usize, extra: &[&str]) -> Result<(), KitError> {
         self.hosts[i].tls = true;
         self.start_servers_with(i, extra)

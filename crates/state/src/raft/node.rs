@@ -289,6 +289,16 @@ impl RaftNode {
 
     /// Like [`RaftNode::open`] with an explicit openraft configuration (tests, tuning).
     pub async fn open_with(cfg: RaftConfig, raft_cfg: openraft::Config) -> Result<Self, OpenError> {
+        Self::open_with_client(cfg, raft_cfg, None).await
+    }
+
+    /// Like [`RaftNode::open_with`], sending the Raft RPCs with `client` (e.g. one speaking
+    /// mTLS with this server's certificate) instead of a plain HTTP client.
+    pub async fn open_with_client(
+        cfg: RaftConfig,
+        raft_cfg: openraft::Config,
+        client: Option<reqwest::Client>,
+    ) -> Result<Self, OpenError> {
         let raft_cfg = Arc::new(
             raft_cfg
                 .validate()
@@ -300,7 +310,10 @@ impl RaftNode {
         let applied_rx = sm.applied_watch();
         let wakeups = sm.wakeups();
         let growth = sm.growth();
-        let network = HttpNetworkFactory::new(cfg.cluster_secret.clone());
+        let network = match client {
+            Some(c) => HttpNetworkFactory::with_client(c, cfg.cluster_secret.clone()),
+            None => HttpNetworkFactory::new(cfg.cluster_secret.clone()),
+        };
         let raft = Raft::new(cfg.node_id, raft_cfg, network, log, sm)
             .await
             .map_err(|e| OpenError::Start(Box::new(e)))?;
