@@ -150,6 +150,7 @@ pub fn listener_config(
             .map(|t| TlsConfig {
                 cert_pem: t.cert_pem.clone(),
                 key_pem: t.key_pem.clone(),
+                cipher_suites: Vec::new(),
             }),
         limits: Limits::default(),
         kernel_l4: kernel_l4.map(str::to_string),

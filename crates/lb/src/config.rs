@@ -202,6 +202,11 @@ pub struct TlsConfig {
     pub cert_pem: String,
     /// Private key, PEM (PKCS#8, PKCS#1 or SEC1).
     pub key_pem: String,
+    /// TLS 1.3 cipher suites offered, by IANA name (`TLS_AES_128_GCM_SHA256`,
+    /// `TLS_AES_256_GCM_SHA384`, `TLS_CHACHA20_POLY1305_SHA256`); the client's preference picks
+    /// among them. Empty: all three.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cipher_suites: Vec<String>,
 }
 
 impl std::fmt::Debug for TlsConfig {

@@ -120,7 +120,8 @@
 //!   fixed services and listeners, its own runtimes) where the agent starts and updates LBs
 //!   in-process; it would also add ~80 crates and cmake to the build. Figures and reasoning:
 //!   docs/benchmarks.md, "hyper vs pingora".
-//! - **TLS** (`tls.rs`): rustls (ring provider), TLS 1.3 only, ALPN h2 and http/1.1; a key that does
+//! - **TLS** (`tls.rs`): rustls (ring provider), TLS 1.3 only, ALPN h2 and http/1.1, optionally
+//!   restricted to some cipher suites (`TlsConfig::cipher_suites`); a key that does
 //!   not match the certificate is refused. The acceptor is part of the snapshot, so a certificate
 //!   change applies to new handshakes without rebinding.
 //! - **Edge cache** (`cache.rs`): opt-in, GET/HEAD without `Authorization`; shared-cache rules of RFC

@@ -1,4 +1,5 @@
-//! TLS termination: a rustls server config (TLS 1.3 only, ALPN h2 and http/1.1) from PEM.
+//! TLS termination: a rustls server config (TLS 1.3 only, ALPN h2 and http/1.1, optionally
+//! fewer cipher suites) from PEM.
 
 use std::sync::Arc;
 
@@ -33,7 +34,9 @@ pub fn parse_key(pem: &str) -> Result<PrivateKeyDer<'static>, LbError> {
 pub fn server_config(tls: &TlsConfig) -> Result<Arc<rustls::ServerConfig>, LbError> {
     let certs = parse_certs(&tls.cert_pem)?;
     let key = parse_key(&tls.key_pem)?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.cipher_suites = cipher_suites(&tls.cipher_suites)?;
+    let provider = Arc::new(provider);
     let signing = provider
         .key_provider
         .load_private_key(key)
@@ -50,6 +53,36 @@ pub fn server_config(tls: &TlsConfig) -> Result<Arc<rustls::ServerConfig>, LbErr
     cfg.cert_resolver = Arc::new(Single(Arc::new(certified)));
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))
+}
+
+/// The TLS 1.3 suites named (IANA names, in order); all of them when `names` is empty.
+fn cipher_suites(names: &[String]) -> Result<Vec<rustls::SupportedCipherSuite>, LbError> {
+    use rustls::crypto::ring::cipher_suite as cs;
+    let all = [
+        ("TLS_AES_256_GCM_SHA384", cs::TLS13_AES_256_GCM_SHA384),
+        ("TLS_AES_128_GCM_SHA256", cs::TLS13_AES_128_GCM_SHA256),
+        (
+            "TLS_CHACHA20_POLY1305_SHA256",
+            cs::TLS13_CHACHA20_POLY1305_SHA256,
+        ),
+    ];
+    if names.is_empty() {
+        return Ok(all.iter().map(|(_, s)| *s).collect());
+    }
+    let mut out = Vec::with_capacity(names.len());
+    for n in names {
+        let Some((_, s)) = all.iter().find(|(name, _)| name == n) else {
+            return Err(bad(format!(
+                "unknown TLS 1.3 cipher suite {n:?} (known: TLS_AES_128_GCM_SHA256, \
+                 TLS_AES_256_GCM_SHA384, TLS_CHACHA20_POLY1305_SHA256)"
+            )));
+        };
+        if out.contains(s) {
+            return Err(bad(format!("cipher suite {n:?} is listed twice")));
+        }
+        out.push(*s);
+    }
+    Ok(out)
 }
 
 #[derive(Debug)]

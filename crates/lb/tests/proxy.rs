@@ -485,6 +485,7 @@ async fn https_termination_with_a_generated_certificate() {
     c.tls = Some(TlsConfig {
         cert_pem: ck.cert.pem(),
         key_pem: ck.key_pair.serialize_pem(),
+        cipher_suites: Vec::new(),
     });
     let (lb, _) = start_lb(c.clone()).await;
     let port = lb.addr(Protocol::Https).unwrap().port();
@@ -535,7 +536,85 @@ async fn https_termination_with_a_generated_certificate() {
     c.tls = Some(TlsConfig {
         cert_pem: ck.cert.pem(),
         key_pem: other.serialize_pem(),
+        cipher_suites: Vec::new(),
     });
     let err = lb.update(c).await.unwrap_err().to_string();
     assert!(err.contains("does not match"), "{err}");
+}
+
+/// TLS 1.3 handshake with a client offering `suites` (in that preference order); the suite
+/// negotiated, or `None` when the handshake fails.
+async fn negotiated_suite(
+    port: u16,
+    root: &rcgen::CertifiedKey,
+    suites: Vec<rustls::SupportedCipherSuite>,
+) -> Option<rustls::CipherSuite> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(root.cert.der().clone()).unwrap();
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.cipher_suites = suites;
+    let cc = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cc))
+        .connect(name, tcp)
+        .await
+        .ok()?;
+    tls.get_ref().1.negotiated_cipher_suite().map(|s| s.suite())
+}
+
+#[tokio::test]
+async fn https_cipher_suites_restrict_what_is_negotiated() {
+    use rustls::crypto::ring::cipher_suite as cs;
+    let a = TestBackend::start("a").await;
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    let mut c = cfg(&[&a]);
+    c.listeners = vec![listener(Protocol::Https)];
+    c.tls = Some(TlsConfig {
+        cert_pem: ck.cert.pem(),
+        key_pem: ck.key_pair.serialize_pem(),
+        cipher_suites: Vec::new(),
+    });
+    let (lb, _) = start_lb(c.clone()).await;
+    let port = lb.addr(Protocol::Https).unwrap().port();
+    let prefer_256 = || vec![cs::TLS13_AES_256_GCM_SHA384, cs::TLS13_AES_128_GCM_SHA256];
+    // Unrestricted, the client's first choice wins.
+    assert_eq!(
+        negotiated_suite(port, &ck, prefer_256()).await,
+        Some(rustls::CipherSuite::TLS13_AES_256_GCM_SHA384)
+    );
+    // Restricted to AES-128-GCM: chosen although the client prefers AES-256-GCM, and a client
+    // without it is refused.
+    c.tls.as_mut().unwrap().cipher_suites = vec!["TLS_AES_128_GCM_SHA256".into()];
+    lb.update(c.clone()).await.unwrap();
+    assert_eq!(
+        negotiated_suite(port, &ck, prefer_256()).await,
+        Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256)
+    );
+    assert_eq!(
+        negotiated_suite(port, &ck, vec![cs::TLS13_AES_256_GCM_SHA384]).await,
+        None
+    );
+    // Unknown and repeated names are refused.
+    for bad in [
+        vec!["TLS_AES_128_CCM_SHA256".to_string()],
+        vec![
+            "TLS_AES_128_GCM_SHA256".into(),
+            "TLS_AES_128_GCM_SHA256".into(),
+        ],
+    ] {
+        c.tls.as_mut().unwrap().cipher_suites = bad;
+        let err = lb.update(c.clone()).await.unwrap_err().to_string();
+        assert!(err.contains("cipher suite"), "{err}");
+    }
+    // The JSON form the proxy reads.
+    let json = serde_json::to_value(c.tls.as_ref().unwrap()).unwrap();
+    assert!(json.get("cipher_suites").is_some());
+    c.tls.as_mut().unwrap().cipher_suites.clear();
+    let json = serde_json::to_value(c.tls.as_ref().unwrap()).unwrap();
+    assert!(json.get("cipher_suites").is_none(), "omitted when empty");
 }
