@@ -212,6 +212,7 @@ impl Agent {
                             .map(|a| (a.id.clone(), a))
                             .collect();
                         *self.assignments.lock().expect("assignments lock") = map;
+                        self.assignments_known.send_replace(true);
                         after = resp.revision;
                         let _ = tx.send(Some(after));
                     }

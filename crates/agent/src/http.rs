@@ -47,6 +47,9 @@ fn driver_err(e: &DriverError) -> ApiError {
     }
 }
 
+/// How long exec, logs and console wait for the agent's first assignments after a start.
+const FIRST_POLL_WAIT: Duration = Duration::from_secs(10);
+
 /// The bearer token of a request (scheme in any case, RFC 7235).
 fn bearer(req: &Request) -> Option<&str> {
     let v = req
@@ -146,6 +149,7 @@ async fn exec(
     Path(id): Path<String>,
     Json(req): Json<ExecRequest>,
 ) -> Response {
+    agent.assignments_loaded(FIRST_POLL_WAIT).await;
     let Some((driver, a)) = agent.lookup(&id) else {
         return err(ApiError::not_found("instance", &id));
     };
@@ -197,6 +201,7 @@ async fn logs(
     Path(id): Path<String>,
     Query(q): Query<LogQuery>,
 ) -> Response {
+    agent.assignments_loaded(FIRST_POLL_WAIT).await;
     let Some((driver, _)) = agent.lookup(&id) else {
         return err(ApiError::not_found("instance", &id));
     };
@@ -259,6 +264,7 @@ async fn console(
     Path(id): Path<String>,
     mut req: Request,
 ) -> Response {
+    agent.assignments_loaded(FIRST_POLL_WAIT).await;
     let Some((driver, a)) = agent.lookup(&id) else {
         return err(ApiError::not_found("instance", &id));
     };

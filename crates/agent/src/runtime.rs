@@ -60,6 +60,9 @@ pub struct Agent {
     pub(crate) local: Mutex<LocalState>,
     /// Current assignments by id.
     pub(crate) assignments: Mutex<BTreeMap<String, Assignment>>,
+    /// Whether `assignments` holds the control plane's answer yet (false from the start until
+    /// the first poll answered).
+    pub(crate) assignments_known: watch::Sender<bool>,
     pub(crate) capabilities: Mutex<NodeCapabilities>,
     /// The registration as last sent (re-sent when capabilities change or the server forgets us).
     pub(crate) registration: Mutex<Option<RegisterNodeRequest>>,
@@ -174,6 +177,7 @@ impl Agent {
             images: Arc::new(images),
             local: Mutex::new(local),
             assignments: Mutex::new(BTreeMap::new()),
+            assignments_known: watch::Sender::new(false),
             capabilities: Mutex::new(capabilities),
             registration: Mutex::new(None),
             lbs: Arc::new(crate::lb_host::LbHost::new(
@@ -379,6 +383,14 @@ impl Agent {
     }
 
     /// The driver and assignment of an instance held by this node.
+    /// Waits, at most `limit`, until the first assignments since this agent started are
+    /// known: a restarted agent's API listens before its first poll has answered, and the
+    /// instances it runs would be "not found" meanwhile.
+    pub(crate) async fn assignments_loaded(&self, limit: std::time::Duration) {
+        let mut known = self.assignments_known.subscribe();
+        let _ = tokio::time::timeout(limit, known.wait_for(|k| *k)).await;
+    }
+
     pub(crate) fn lookup(&self, id: &str) -> Option<(Arc<dyn Driver>, Assignment)> {
         let a = self
             .assignments
