@@ -382,7 +382,6 @@ impl Agent {
         Ok(out)
     }
 
-    /// The driver and assignment of an instance held by this node.
     /// Waits, at most `limit`, until the first assignments since this agent started are
     /// known: a restarted agent's API listens before its first poll has answered, and the
     /// instances it runs would be "not found" meanwhile.
@@ -391,6 +390,7 @@ impl Agent {
         let _ = tokio::time::timeout(limit, known.wait_for(|k| *k)).await;
     }
 
+    /// The driver and assignment of an instance held by this node.
     pub(crate) fn lookup(&self, id: &str) -> Option<(Arc<dyn Driver>, Assignment)> {
         let a = self
             .assignments
