@@ -17,13 +17,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Path, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use nimbus_api::{ApiError, ErrorBody, ErrorCode, ExecRequest};
+use nimbus_api::{ApiError, ErrorBody, ErrorCode, ExecRequest, ExecResponse};
+use nimbus_http::{ApiJson, ApiQuery, HttpError};
 use serde::Deserialize;
 use sha2::Digest;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
@@ -33,9 +34,7 @@ use crate::driver::DriverError;
 use crate::runtime::Agent;
 
 fn err(e: ApiError) -> Response {
-    let status =
-        StatusCode::from_u16(e.code.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    (status, Json(ErrorBody { error: e })).into_response()
+    HttpError(e).into_response()
 }
 
 fn driver_err(e: &DriverError) -> ApiError {
@@ -113,6 +112,12 @@ async fn auth(State(agent): State<Arc<Agent>>, req: Request, next: Next) -> Resp
 }
 
 /// Prometheus exposition of the node's load-balancer data plane.
+#[utoipa::path(get, path = "/metrics", tag = "agent",
+    security(("mutual_tls" = []), ("bearer" = [])),
+    responses(
+        (status = 200, description = "OpenMetrics text", content_type = "application/openmetrics-text", body = String),
+        (status = 401, description = "no server certificate, servers' credential or metrics token", body = ErrorBody),
+    ))]
 async fn metrics(State(agent): State<Arc<Agent>>, req: Request) -> Response {
     let ok = over_server_tls(&req)
         || bearer(&req).is_some_and(|t| is_server(&agent, t) || is_metrics(&agent, t));
@@ -132,28 +137,111 @@ async fn metrics(State(agent): State<Arc<Agent>>, req: Request) -> Response {
         .into_response()
 }
 
-/// The router.
+/// Liveness: answers `ok` to anyone and reveals nothing else.
+#[utoipa::path(get, path = "/agent/healthz", tag = "agent", security(()),
+    responses((status = 200, description = "the agent is up", content_type = "text/plain", body = String)))]
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// This API's OpenAPI document.
+#[utoipa::path(get, path = "/agent/v1/openapi.json", tag = "agent",
+    responses(
+        (status = 200, description = "the OpenAPI document", content_type = "application/json", body = Object),
+        (status = 401, description = "not a server of the cluster", body = ErrorBody),
+    ))]
+async fn openapi() -> Response {
+    Json(api_doc()).into_response()
+}
+
+async fn not_found() -> Response {
+    err(ApiError::new(ErrorCode::NotFound, "no such route"))
+}
+
+/// The OpenAPI description of the agent's API.
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "nimbus agent API", description = "Called by the cluster's servers (mutual TLS with a server certificate, or the servers' bearer credential for this node in plain HTTP); `/metrics` also takes the metrics token."),
+    paths(exec, logs, console, metrics, healthz, openapi),
+    components(schemas(ExecRequest, ExecResponse, ErrorBody)),
+    modifiers(&Security),
+)]
+struct AgentApiDoc;
+
+struct Security;
+
+impl utoipa::Modify for Security {
+    fn modify(&self, api: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{
+            Http, HttpAuthScheme, SecurityRequirement, SecurityScheme,
+        };
+        let components = api.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "mutual_tls",
+            SecurityScheme::MutualTls {
+                description: Some("a server certificate of the cluster CA".into()),
+                extensions: None,
+            },
+        );
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)),
+        );
+        api.security = Some(vec![
+            SecurityRequirement::new("mutual_tls", Vec::<String>::new()),
+            SecurityRequirement::new("bearer", Vec::<String>::new()),
+        ]);
+    }
+}
+
+/// The agent API's OpenAPI document.
+pub fn api_doc() -> utoipa::openapi::OpenApi {
+    use utoipa::OpenApi;
+    AgentApiDoc::openapi()
+}
+
+/// The router. Every error leaves as the JSON error body of the server's API.
 pub fn router(agent: Arc<Agent>) -> Router {
     Router::new()
         .route("/agent/v1/instances/{id}/exec", post(exec))
         .route("/agent/v1/instances/{id}/logs", get(logs))
         .route("/agent/v1/instances/{id}/console", get(console))
+        .route("/agent/v1/openapi.json", get(openapi))
         .layer(axum::middleware::from_fn_with_state(agent.clone(), auth))
-        .route("/agent/healthz", get(|| async { "ok" }))
+        .route("/agent/healthz", get(healthz))
         .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn(nimbus_http::json_errors))
         .with_state(agent)
 }
 
+/// Runs a command in the instance and answers its exit code and output.
+#[utoipa::path(post, path = "/agent/v1/instances/{id}/exec", tag = "agent",
+    params(("id" = String, Path, description = "instance id")),
+    request_body = ExecRequest,
+    responses(
+        (status = 200, description = "the command ran (its own exit code inside)", body = ExecResponse),
+        (status = 400, description = "malformed request", body = ErrorBody),
+        (status = 401, description = "not a server of the cluster", body = ErrorBody),
+        (status = 404, description = "no such instance on this node", body = ErrorBody),
+        (status = 409, description = "the instance is not running", body = ErrorBody),
+        (status = 413, description = "request body too large", body = ErrorBody),
+        (status = 422, description = "invalid request (an empty command)", body = ErrorBody),
+        (status = 503, description = "the instance did not answer in time", body = ErrorBody),
+    ))]
 async fn exec(
     State(agent): State<Arc<Agent>>,
     Path(id): Path<String>,
-    Json(req): Json<ExecRequest>,
+    ApiJson(req): ApiJson<ExecRequest>,
 ) -> Response {
+    let timeout = match nimbus_api::validate::exec(&req) {
+        Ok(t) => t,
+        Err(e) => return err(e),
+    };
     agent.assignments_loaded(FIRST_POLL_WAIT).await;
     let Some((driver, a)) = agent.lookup(&id) else {
         return err(ApiError::not_found("instance", &id));
     };
-    let timeout = Duration::from_secs(req.timeout_secs.unwrap_or(60).clamp(1, 3600));
     match driver.exec(&id, &req.command, timeout).await {
         Ok(r) => Json(r).into_response(),
         Err(DriverError::NotRunning(_)) => err(ApiError::conflict(format!(
@@ -164,13 +252,14 @@ async fn exec(
     }
 }
 
-/// Log query.
-#[derive(Debug, Deserialize)]
+/// `GET .../logs` query.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct LogQuery {
-    /// Follow.
+    /// Keep the response open and stream lines as they are written.
     #[serde(default)]
     follow: bool,
-    /// Last N lines.
+    /// Start this many lines before the end.
     #[serde(default)]
     tail: Option<u64>,
 }
@@ -196,10 +285,19 @@ fn tail_offset(data: &[u8], lines: u64) -> usize {
     0
 }
 
+/// The instance's output (both streams, as one log).
+#[utoipa::path(get, path = "/agent/v1/instances/{id}/logs", tag = "agent",
+    params(("id" = String, Path, description = "instance id"), LogQuery),
+    responses(
+        (status = 200, description = "the log (streamed with follow)", content_type = "text/plain", body = String),
+        (status = 400, description = "malformed query string", body = ErrorBody),
+        (status = 401, description = "not a server of the cluster", body = ErrorBody),
+        (status = 404, description = "no such instance on this node", body = ErrorBody),
+    ))]
 async fn logs(
     State(agent): State<Arc<Agent>>,
     Path(id): Path<String>,
-    Query(q): Query<LogQuery>,
+    ApiQuery(q): ApiQuery<LogQuery>,
 ) -> Response {
     agent.assignments_loaded(FIRST_POLL_WAIT).await;
     let Some((driver, _)) = agent.lookup(&id) else {
@@ -259,6 +357,14 @@ async fn logs(
 
 /// Attaches to the instance's interactive console: answers `101 Switching Protocols` and then
 /// splices the upgraded connection to the console socket.
+#[utoipa::path(get, path = "/agent/v1/instances/{id}/console", tag = "agent",
+    params(("id" = String, Path, description = "instance id")),
+    responses(
+        (status = 101, description = "upgraded: the connection is the console (`Upgrade: nimbus-console`)"),
+        (status = 401, description = "not a server of the cluster", body = ErrorBody),
+        (status = 404, description = "no such instance on this node", body = ErrorBody),
+        (status = 409, description = "the instance has no console, or it is not available", body = ErrorBody),
+    ))]
 async fn console(
     State(agent): State<Arc<Agent>>,
     Path(id): Path<String>,

@@ -299,6 +299,17 @@ pub fn create_instance(
     })
 }
 
+/// `exec`: a command must be given; answers how long it may run (`timeout_secs`, default 60,
+/// clamped to 1 s..1 h). Both the server and the agent that runs it check.
+pub fn exec(req: &crate::ExecRequest) -> Result<std::time::Duration, ApiError> {
+    if req.command.is_empty() {
+        return Err(ApiError::invalid("command", "command must not be empty"));
+    }
+    Ok(std::time::Duration::from_secs(
+        req.timeout_secs.unwrap_or(60).clamp(1, 3600),
+    ))
+}
+
 /// Checks a label key and value.
 pub fn label(k: &str, v: &str) -> Result<(), ApiError> {
     let ok_key = !k.is_empty()

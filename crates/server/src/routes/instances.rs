@@ -231,16 +231,12 @@ pub async fn exec(
     Path((p, n)): Path<(String, String)>,
     ApiJson(req): ApiJson<ExecRequest>,
 ) -> HttpResult<Json<ExecResponse>> {
-    if req.command.is_empty() {
-        return Err(ApiError::invalid("command", "command must not be empty").into());
-    }
+    let timeout = nimbus_api::validate::exec(&req)? + std::time::Duration::from_secs(10);
     let inst = find(&app, &p, &n)?;
     if inst.spec.desired == DesiredState::Deleted {
         return Err(ApiError::not_found("instance", &n).into());
     }
     let (url, token) = agent_of(&app, &inst)?;
-    let timeout =
-        std::time::Duration::from_secs(req.timeout_secs.unwrap_or(60).clamp(1, 3600) + 10);
     let resp = app
         .http
         .post(format!("{url}/agent/v1/instances/{}/exec", inst.meta.id))
