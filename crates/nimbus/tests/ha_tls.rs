@@ -469,6 +469,26 @@ async fn ha_tls_bootstrap_expect_settles_one_ca_for_the_cluster() {
         .await
         .expect("write through a follower");
     assert_eq!(info.members.len(), 3, "{info:?}");
+    // A server restarted from its data dir (its CA copy there) rejoins at once, same CA.
+    let other = (0..3).find(|&i| i != lowest).unwrap();
+    net.kill9(other);
+    net.start_server(other).expect("restart");
+    net.wait_cluster(&[0, 1, 2], 3, Duration::from_secs(30))
+        .await
+        .expect("cluster whole again");
+    let wrote = nimbus_testkit::eventually(Duration::from_secs(30), || async {
+        net.client(other).create_project("after-restart").await.ok()
+    })
+    .await;
+    assert!(
+        wrote.is_some(),
+        "no write through the restarted server\n{}",
+        net.log(other)
+    );
+    assert_eq!(
+        std::fs::read_to_string(net.hosts[other].ca_file()).unwrap(),
+        ca
+    );
 
     // The intruder got no CA, no master key, no membership; it is still waiting.
     assert!(

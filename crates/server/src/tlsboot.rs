@@ -34,6 +34,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
+use axum::http::StatusCode;
 use axum::routing::post;
 use axum::{Json, Router};
 use nimbus_pki::{Ca, CertStore, Role};
@@ -49,6 +50,9 @@ pub const PATH_HELLO: &str = "/raft/pki/hello";
 
 /// Domain separation of the hello MAC.
 const HELLO_LABEL: &[u8] = b"nimbus-tls-bootstrap-hello-v1\n";
+
+/// Length of a hello's nonce.
+const NONCE_LEN: usize = 32;
 
 /// How long a hello may take.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(3);
@@ -117,19 +121,24 @@ pub fn check_hello(
     serde_json::from_str(&resp.info).map_err(|e| format!("reading its hello: {e}"))
 }
 
+/// Answers a hello; only a nonce of exactly [`NONCE_LEN`] bytes is signed, so that the signed
+/// message (fixed-length nonce and fingerprint) cannot be shifted into another.
 fn answer(
     secret: &str,
     nonce_hex: &str,
     ca_fingerprint: &str,
     info: &HelloInfo,
-) -> Json<HelloResponse> {
-    let nonce = hex::decode(nonce_hex).unwrap_or_default();
+) -> Result<Json<HelloResponse>, (StatusCode, &'static str)> {
+    let nonce = hex::decode(nonce_hex)
+        .ok()
+        .filter(|n| n.len() == NONCE_LEN)
+        .ok_or((StatusCode::BAD_REQUEST, "the nonce must be 32 bytes in hex"))?;
     let info = serde_json::to_string(info).unwrap_or_default();
     let mac = hello_mac(secret, &nonce, ca_fingerprint, &info);
-    Json(HelloResponse {
+    Ok(Json(HelloResponse {
         mac: hex::encode(mac.as_ref()),
         info,
-    })
+    }))
 }
 
 /// The hello route of a running server (the gate lets it through without a certificate).
@@ -219,6 +228,11 @@ pub fn pem_fingerprint(pem: &str) -> Option<String> {
 /// Says hello to the server at `url`: who it is (authenticated with `secret`) and its CA.
 pub async fn say_hello(url: &str, secret: &str) -> Result<(HelloInfo, String), String> {
     use rand::RngCore;
+    if !url.starts_with("https://") {
+        return Err(format!(
+            "{url}: the peers of a TLS server are https:// URLs"
+        ));
+    }
     let ca_pem = presented_ca(url).await?;
     let fp = pem_fingerprint(&ca_pem).ok_or_else(|| format!("{url}: unreadable CA"))?;
     let roots = nimbus_pki::verify::roots(&ca_pem).map_err(|e| e.to_string())?;
@@ -233,7 +247,7 @@ pub async fn say_hello(url: &str, secret: &str) -> Result<(HelloInfo, String), S
         reqwest::Client::builder().timeout(HELLO_TIMEOUT),
     )
     .map_err(|e| e.to_string())?;
-    let mut nonce = [0u8; 32];
+    let mut nonce = [0u8; NONCE_LEN];
     rand::rngs::OsRng.fill_bytes(&mut nonce);
     let resp = http
         .post(format!("{}{PATH_HELLO}", url.trim_end_matches('/')))
@@ -422,7 +436,10 @@ mod tests {
         };
         let secret = "s".repeat(64);
         let nonce = [1u8; 32];
-        let Json(resp) = answer(&secret, &hex::encode(nonce), "sha256:aa", &info);
+        let Json(resp) = answer(&secret, &hex::encode(nonce), "sha256:aa", &info).unwrap();
+        // Only a 32-byte nonce is answered.
+        assert!(answer(&secret, &hex::encode([1u8; 33]), "sha256:aa", &info).is_err());
+        assert!(answer(&secret, "", "sha256:aa", &info).is_err());
         assert_eq!(check_hello(&secret, &nonce, "sha256:aa", &resp), Ok(info));
         // Another secret, another nonce (a replay), another CA (an interceptor's): refused.
         let other = "t".repeat(64);
