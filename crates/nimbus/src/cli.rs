@@ -284,7 +284,9 @@ pub enum ServerCmd {
     List(OutputArg),
     /// Add the running server at URL to the cluster (learner, then voter).
     Join {
-        /// The new server's URL.
+        /// The new server's URL (its own id: an argument named `url` would be the global
+        /// `--url`, the server the request goes to).
+        #[arg(id = "new_server_url", value_name = "URL")]
         url: String,
     },
     /// Remove a server (by id or URL); the last voter cannot be removed.
@@ -575,5 +577,27 @@ mod tests {
         for bad in ["", "0s", "1w", "h", "-5s", "99999999999999999999d"] {
             assert!(parse_duration(bad).is_err(), "{bad}");
         }
+    }
+    #[test]
+    fn server_join_sends_to_the_url_not_to_the_new_server() {
+        use clap::Parser;
+        let cli = super::Cli::try_parse_from([
+            "nimbus",
+            "--url",
+            "https://member:7443",
+            "server",
+            "join",
+            "https://new:7443",
+        ])
+        .unwrap();
+        assert_eq!(cli.url.as_deref(), Some("https://member:7443"));
+        let super::Command::Server(super::ServerArgs {
+            cmd: Some(super::ServerCmd::Join { url }),
+            ..
+        }) = cli.command
+        else {
+            panic!("not server join");
+        };
+        assert_eq!(url, "https://new:7443");
     }
 }

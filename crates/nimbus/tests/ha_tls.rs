@@ -302,4 +302,203 @@ async fn ha_tls_join_refuses_another_ca_and_needs_the_cluster_secret() {
     );
     let info = net.client(0).cluster_info().await.expect("info");
     assert_eq!(info.members.len(), 1, "{info:?}");
+
+    // `nimbus server join URL` of a running TLS server with its own CA: refused, saying how
+    // to start it instead.
+    net.start_servers_with(1, &["--bootstrap-expect", "1"])
+        .expect("start 1");
+    let own_ca = nimbus_testkit::eventually(Duration::from_secs(30), || async {
+        std::fs::read_to_string(net.hosts[1].ca_file()).ok()
+    })
+    .await
+    .expect("host 1's own CA");
+    assert_ne!(own_ca, net.ca_pem());
+    let out = std::process::Command::new(bin())
+        .args(["server", "join", &net.hosts[1].url()])
+        .env("NIMBUS_URL", net.hosts[0].url())
+        .env("NIMBUS_TOKEN", &net.admin_token)
+        .env("NIMBUS_CA", net.hosts[0].ca_file())
+        .output()
+        .expect("cli");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    let ours = net
+        .client(0)
+        .create_join_token(60)
+        .await
+        .unwrap()
+        .ca_fingerprint;
+    assert!(
+        err.contains("has its own CA")
+            && err.contains(&format!(
+                "--join {} --ca-fingerprint {ours}",
+                net.hosts[0].url()
+            )),
+        "{err}"
+    );
+    let info = net.client(0).cluster_info().await.expect("info");
+    assert_eq!(info.members.len(), 1, "{info:?}");
+}
+
+/// A child process killed when dropped (also when the test fails).
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `--bootstrap-expect 3` over TLS: three servers that start without a CA settle on one (the
+/// lowest node id's), the others take it and the master key over with certificates of it,
+/// and the cluster forms over mTLS. A fourth server with another cluster secret, listed as a
+/// peer, is not trusted: it gets nothing and the others do not count it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ha_tls_bootstrap_expect_settles_one_ca_for_the_cluster() {
+    if !require("root, ip, tc and nft (netns harness)", netns::available()) {
+        return;
+    }
+    let mut net = Net::new(bin(), 4).expect("netns hosts").with_tls();
+    let peers = net.urls().join(",");
+    let boot = ["--bootstrap-expect", "3", "--peers", peers.as_str()];
+    // The intruder: host 3, another cluster secret.
+    let other_secret = net.scratch().join("other.secret");
+    std::fs::write(&other_secret, "f".repeat(64)).unwrap();
+    let h3 = &net.hosts[3];
+    let mut args: Vec<String> = vec![
+        "server".into(),
+        "--data-dir".into(),
+        h3.data_dir.display().to_string(),
+        "--listen".into(),
+        format!("{}:{}", h3.addr, netns::PORT),
+        "--advertise".into(),
+        h3.url(),
+        "--cluster-secret-file".into(),
+        other_secret.display().to_string(),
+    ];
+    args.extend(boot.iter().map(|s| (*s).to_owned()));
+    let mut intruder = Reaped(
+        net.spawn_in(3, "intruder", &bin().display().to_string(), &args)
+            .expect("spawn the intruder"),
+    );
+    // One server alone waits, and serves nothing in plain HTTP meanwhile.
+    net.start_servers_with(0, &boot).expect("start 0");
+    let waited = nimbus_testkit::eventually(Duration::from_secs(20), || async {
+        net.log(0)
+            .contains("waiting for 2 more servers (bootstrap-expect 3)")
+            .then_some(())
+    })
+    .await;
+    assert!(waited.is_some(), "no waiting message:\n{}", net.log(0));
+    let plain = reqwest::Client::builder()
+        .timeout(Duration::from_secs(3))
+        .build()
+        .unwrap();
+    let url0 = net.hosts[0].url().replace("https://", "http://");
+    let res = plain.get(format!("{url0}/v1/cluster")).send().await;
+    assert!(
+        res.is_err(),
+        "a plain-HTTP answer while bootstrapping: {res:?}"
+    );
+    let refused = nimbus_testkit::eventually(Duration::from_secs(15), || async {
+        net.log(0)
+            .contains("not authenticated by this server's cluster secret")
+            .then_some(())
+    })
+    .await;
+    assert!(refused.is_some(), "the intruder's hello:\n{}", net.log(0));
+    for i in 1..3 {
+        net.start_servers_with(i, &boot).expect("start");
+    }
+    let settled = nimbus_testkit::eventually(Duration::from_secs(30), || async {
+        (0..3)
+            .all(|i| net.hosts[i].ca_file().exists())
+            .then_some(())
+    })
+    .await;
+    assert!(settled.is_some(), "no cluster CA\n{}", net.logs_tail(20));
+    let leader = net
+        .wait_cluster(&[0, 1, 2], 3, Duration::from_secs(60))
+        .await
+        .expect("TLS cluster formed");
+
+    // One CA and one master key; every server presents a server certificate of that CA
+    // (the clients trust only it); the lowest id's CA it is.
+    let ca = net.ca_pem();
+    let key = std::fs::read(net.hosts[0].data_dir.join("master.key")).unwrap();
+    let info = net.client(leader).cluster_info().await.expect("info");
+    let lowest = &info.members.iter().min_by_key(|m| m.id).unwrap().url;
+    let lowest = net.hosts.iter().position(|h| &h.url() == lowest).unwrap();
+    for i in 0..3 {
+        let log = net.log(i);
+        assert_eq!(
+            log.contains("is the cluster CA"),
+            i == lowest,
+            "host {i} (lowest id: host {lowest}):\n{log}"
+        );
+    }
+    for (i, h) in net.hosts[..3].iter().enumerate() {
+        assert_eq!(
+            std::fs::read_to_string(h.ca_file()).unwrap(),
+            ca,
+            "host {i}"
+        );
+        assert_eq!(
+            std::fs::read(h.data_dir.join("master.key")).unwrap(),
+            key,
+            "host {i}"
+        );
+        let presented = nimbus_server::tlsboot::presented_ca(&h.url())
+            .await
+            .unwrap();
+        assert_eq!(
+            presented.trim(),
+            ca.trim(),
+            "host {i} presents a certificate of another CA"
+        );
+        net.client(i)
+            .cluster_info()
+            .await
+            .expect("mTLS-verified API");
+    }
+    // A write through a follower is forwarded to the leader over mTLS.
+    let follower = (0..3).find(|&i| i != leader).unwrap();
+    net.client(follower)
+        .create_project("booted")
+        .await
+        .expect("write through a follower");
+    assert_eq!(info.members.len(), 3, "{info:?}");
+    // A server restarted from its data dir (its CA copy there) rejoins at once, same CA.
+    let other = (0..3).find(|&i| i != lowest).unwrap();
+    net.kill9(other);
+    net.start_server(other).expect("restart");
+    net.wait_cluster(&[0, 1, 2], 3, Duration::from_secs(30))
+        .await
+        .expect("cluster whole again");
+    let wrote = nimbus_testkit::eventually(Duration::from_secs(30), || async {
+        net.client(other).create_project("after-restart").await.ok()
+    })
+    .await;
+    assert!(
+        wrote.is_some(),
+        "no write through the restarted server\n{}",
+        net.log(other)
+    );
+    assert_eq!(
+        std::fs::read_to_string(net.hosts[other].ca_file()).unwrap(),
+        ca
+    );
+
+    // The intruder got no CA, no master key, no membership; it is still waiting.
+    assert!(
+        intruder.0.try_wait().unwrap().is_none(),
+        "the intruder exited"
+    );
+    drop(intruder);
+    assert!(!net.hosts[3].ca_file().exists());
+    assert!(!net.hosts[3].data_dir.join("master.key").exists());
+    let log = std::fs::read_to_string(net.hosts[3].data_dir.with_extension("intruder.log"))
+        .unwrap_or_default();
+    assert!(log.contains("waiting for 2 more servers"), "{log}");
 }

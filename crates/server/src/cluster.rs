@@ -409,7 +409,12 @@ async fn add_server(State(app): State<AppState>, headers: HeaderMap, body: Bytes
     }
     let info = match fetch_info(&app.peer_http, &req.url, &app.creds.cluster_secret).await {
         Ok(i) => i,
-        Err(m) => return HttpError(ApiError::new(ErrorCode::BadRequest, m)).into_response(),
+        Err(m) => {
+            if let Some(e) = other_ca(&app, &req.url).await {
+                return HttpError(e).into_response();
+            }
+            return HttpError(ApiError::new(ErrorCode::BadRequest, m)).into_response();
+        }
     };
     if let (Some(ours), Some(theirs)) = (app.cluster.cluster_id(), &info.cluster_id) {
         if &ours != theirs {
@@ -427,6 +432,26 @@ async fn add_server(State(app): State<AppState>, headers: HeaderMap, body: Bytes
         Ok(()) => Json(cluster_info(&app).await).into_response(),
         Err(e) => unavailable(&e).into_response(),
     }
+}
+
+/// TLS: why the server at `url` cannot be added if it presents a certificate of another CA
+/// than the cluster's (it created its own at its first start: its identity, master key and
+/// state belong to another cluster), with what to do instead.
+async fn other_ca(app: &AppState, url: &str) -> Option<ApiError> {
+    let ours = app.pki.ca.as_ref()?.fingerprint();
+    let theirs = crate::tlsboot::presented_ca(url)
+        .await
+        .ok()
+        .and_then(|pem| crate::tlsboot::pem_fingerprint(&pem))?;
+    (theirs != ours).then(|| {
+        ApiError::new(
+            ErrorCode::Conflict,
+            format!(
+                "the server at {url} has its own CA ({theirs}), not this cluster's ({ours}): a TLS server cannot be added once it runs with its own CA. Stop it, and start it with an empty data dir as `nimbus server --join {} --ca-fingerprint {ours} --cluster-secret-file FILE` (it then gets its certificate, the master key and the CA from the cluster)",
+                app.raft.advertise_url()
+            ),
+        )
+    })
 }
 
 async fn remove_server(

@@ -180,7 +180,7 @@ fn write_private(path: &Path, data: &str) -> std::io::Result<()> {
 }
 
 /// AAD of the sealed CA key.
-const CA_KEY_AAD: &[u8] = b"nimbus-ca-key";
+pub const CA_KEY_AAD: &[u8] = b"nimbus-ca-key";
 /// The sealed CA key in `<data-dir>/pki`.
 pub const CA_KEY_FILE: &str = "ca.key.sealed";
 
@@ -241,13 +241,28 @@ pub fn load_or_create_ca(
         }
         _ => {
             let ca = Ca::generate(cluster).map_err(|e| e.to_string())?;
-            let id = seal_ca_key(&dir, &ca, keys)?;
-            write_private(&crt, ca.cert_pem())
-                .map_err(|e| format!("writing {}: {e}", crt.display()))?;
+            let id = store_new_ca(data_dir, &ca, keys)?;
             tracing::info!(fingerprint = %ca.fingerprint(), "created the cluster CA (key sealed)");
             Ok((ca, id))
         }
     }
+}
+
+/// Keeps `ca` as this server's CA in `<data-dir>/pki` (its key sealed under the current
+/// master key); returns the id of that master key.
+pub fn store_new_ca(data_dir: &Path, ca: &Ca, keys: &MasterKeys) -> Result<String, String> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = data_dir.join(PKI_DIR);
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+    let id = seal_ca_key(&dir, ca, keys)?;
+    // The certificate last: its presence means the CA is installed.
+    let crt = dir.join("ca.crt");
+    write_private(&crt, ca.cert_pem()).map_err(|e| format!("writing {}: {e}", crt.display()))?;
+    Ok(id)
 }
 
 /// Keeps the sealed CA key under the current master key: after a rotation promotes a new key

@@ -16,6 +16,7 @@ pub mod proposer;
 pub mod routes;
 pub mod telemetry;
 pub mod tls;
+pub mod tlsboot;
 pub mod unread;
 
 use std::path::Path;
@@ -216,7 +217,8 @@ impl Server {
     ///   writable (`nimbus up`);
     /// - `join`: returns once a member has added this server (learner, then voter);
     /// - `bootstrap_expect`: returns at once while the servers find each other in the
-    ///   background (printing "waiting for N more servers").
+    ///   background (printing "waiting for N more servers"); over TLS (N > 1) only once the
+    ///   servers settled whose CA is the cluster's ([`tlsboot`]).
     ///
     /// A server whose store is already initialized just rejoins its cluster.
     pub async fn start_with(cfg: ServerConfig, opts: ClusterOptions) -> Result<Self, StartError> {
@@ -254,15 +256,15 @@ impl Server {
                 "--tls-cert is for a single server: servers of a cluster present their certificates of the cluster CA to each other".into(),
             ));
         }
-        if tls_on && opts.bootstrap_expect.is_some_and(|n| n > 1) {
-            return Err(StartError::Cluster(
-                "--bootstrap-expect N>1 is not built for TLS clusters yet: start the first server with --bootstrap-expect 1 and the others with --join URL (and --ca or --ca-fingerprint), or run the cluster with --insecure".into(),
-            ));
-        }
         if cfg.advertise_url.is_empty() {
             let scheme = if tls_on { "https" } else { "http" };
             cfg.advertise_url = format!("{scheme}://{local_addr}");
         }
+        let listener = if tlsboot::must_settle(&cfg, &opts) {
+            tlsboot::settle_ca(&mut cfg, listener, &creds.cluster_secret, &keys, &opts).await?
+        } else {
+            listener
+        };
         if peers::must_prepare_join(&cfg, &opts.join) {
             peers::prepare_join(&cfg, &creds.cluster_secret, &keys, &opts.join).await?;
         }
@@ -328,6 +330,7 @@ impl Server {
             .merge(beats::internal_router(app.clone()))
             .merge(masterkey::internal_router(app.clone()))
             .merge(peers::router(app.clone()))
+            .merge(tlsboot::router(app.clone()))
             .merge(nimbus_state::raft::raft_router(raft.clone()));
         if tls_on {
             router = router.layer(axum::middleware::from_fn_with_state(

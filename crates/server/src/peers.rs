@@ -93,7 +93,7 @@ pub async fn server_gate(State(app): State<AppState>, req: Request, next: Next) 
     let secret =
         crate::auth::bearer(req.headers()).is_some_and(|t| app.forwarder.is_cluster_secret(t));
     let internal = path.starts_with("/raft/") || path == "/v1/cluster/join";
-    if (internal || secret) && path != PATH_JOIN {
+    if (internal || secret) && path != PATH_JOIN && path != crate::tlsboot::PATH_HELLO {
         match req.extensions().get::<PeerIdentity>() {
             Some(PeerIdentity(p))
                 if p.identity.role == Role::Server && !app.pki.revocation.is_revoked(p) => {}
@@ -158,6 +158,9 @@ async fn join(
     }
 }
 
+/// The CA from the replicated state; while the state holds none (a cluster still forming
+/// with `--bootstrap-expect`, see [`crate::tlsboot`]), this server's own CA, its key sealed
+/// now under the current master key.
 async fn give_ca(State(app): State<AppState>) -> Response {
     match app.read(|s| (s.pki.ca_cert_pem.clone(), s.pki.ca_key_sealed.clone())) {
         (Some(cert_pem), Some(key_sealed)) => Json(CaTransfer {
@@ -165,10 +168,19 @@ async fn give_ca(State(app): State<AppState>) -> Response {
             key_sealed,
         })
         .into_response(),
-        _ => refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the sealed CA key is not in the replicated state yet; retry",
-        ),
+        (state_ca, _) => match (app.pki.ca.as_ref(), app.keys.current()) {
+            (Some(ca), Some(key)) if state_ca.is_none() && !app.raft.is_initialized().await => {
+                Json(CaTransfer {
+                    cert_pem: ca.cert_pem().to_owned(),
+                    key_sealed: key.seal(ca.key_pem().as_bytes(), crate::identity::CA_KEY_AAD),
+                })
+                .into_response()
+            }
+            _ => refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the sealed CA key is not in the replicated state yet; retry",
+            ),
+        },
     }
 }
 

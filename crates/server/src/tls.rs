@@ -87,21 +87,40 @@ pub fn serve(
     router: Router,
     config: Arc<rustls::ServerConfig>,
 ) -> tokio::task::JoinHandle<()> {
-    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    tokio::spawn(async move { accept(&listener, router, config).await })
+}
+
+/// Serves `router` on `listener` with `config` until `stop` fires (or is dropped); the task
+/// then hands the listener back (connections already accepted run on).
+pub fn serve_until(
+    listener: TcpListener,
+    router: Router,
+    config: Arc<rustls::ServerConfig>,
+    stop: tokio::sync::oneshot::Receiver<()>,
+) -> tokio::task::JoinHandle<TcpListener> {
     tokio::spawn(async move {
-        loop {
-            let (tcp, addr) = match listener.accept().await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!("accepting a connection: {e}");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let _ = tcp.set_nodelay(true);
-            tokio::spawn(connection(acceptor.clone(), tcp, addr, router.clone()));
+        tokio::select! {
+            () = accept(&listener, router, config) => {}
+            _ = stop => {}
         }
+        listener
     })
+}
+
+async fn accept(listener: &TcpListener, router: Router, config: Arc<rustls::ServerConfig>) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    loop {
+        let (tcp, addr) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!("accepting a connection: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        tokio::spawn(connection(acceptor.clone(), tcp, addr, router.clone()));
+    }
 }
 
 async fn connection(
