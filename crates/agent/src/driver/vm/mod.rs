@@ -360,13 +360,18 @@ impl VmDriver {
         Ok(self.qmp(id).await?.vcpu_threads().await?)
     }
 
-    /// Waits until the guest agent answers.
+    /// Waits until the guest agent answers and has the VM's secrets.
     pub async fn wait_ready(&self, id: &str, timeout: Duration) -> Result<(), DriverError> {
         let paths = self.paths(id);
         let Some(pid) = process::running_pid(&paths) else {
             return Err(DriverError::NotRunning(id.into()));
         };
-        ready::confirm(&paths, pid, timeout).await?;
+        let deadline = Instant::now() + timeout;
+        guest::wait_ready(&paths.guest_agent(), timeout).await?;
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_secs(1));
+        ready::confirm(&paths, pid, left).await?;
         Ok(())
     }
 
