@@ -90,7 +90,7 @@ pub struct CreateInstanceRequest {
     #[serde(default)]
     pub publish: Vec<String>,
     /// Secrets of the project to deliver: each as a read-only file (`path`) or an environment
-    /// variable (`env`). Containers only.
+    /// variable (`env`), for containers and VMs.
     #[serde(default)]
     pub secrets: Vec<crate::secret::SecretUse>,
 }

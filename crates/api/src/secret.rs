@@ -111,19 +111,9 @@ pub struct SecretUse {
 
 /// Validates the secret uses of an instance (`env` is its plain environment, which a secret
 /// variable may not shadow).
-pub fn secret_uses(
-    uses: &[SecretUse],
-    env: &BTreeMap<String, String>,
-    vm: bool,
-) -> Result<(), ApiError> {
+pub fn secret_uses(uses: &[SecretUse], env: &BTreeMap<String, String>) -> Result<(), ApiError> {
     if uses.is_empty() {
         return Ok(());
-    }
-    if vm {
-        return Err(ApiError::invalid(
-            "secrets",
-            "secrets are not delivered to VMs yet (only containers get secret files and variables)",
-        ));
     }
     if uses.len() > MAX_SECRET_USES {
         return Err(ApiError::invalid(
@@ -296,8 +286,8 @@ mod tests {
             use_("a", Some("/run/secrets/a"), None),
             use_("a", None, Some("A_PW")),
         ];
-        secret_uses(&ok, &env, false).unwrap();
-        let field = |u: &[SecretUse]| secret_uses(u, &env, false).unwrap_err().field.unwrap();
+        secret_uses(&ok, &env).unwrap();
+        let field = |u: &[SecretUse]| secret_uses(u, &env).unwrap_err().field.unwrap();
         assert_eq!(field(&[use_("a", None, None)]), "secrets[0]");
         assert_eq!(field(&[use_("a", Some("/x"), Some("X"))]), "secrets[0]");
         assert_eq!(field(&[use_("a", Some("rel"), None)]), "secrets[0].path");
@@ -317,7 +307,5 @@ mod tests {
             field(&[use_("a", Some("/x"), None), use_("b", Some("/x"), None)]),
             "secrets[1].path"
         );
-        let e = secret_uses(&ok, &env, true).unwrap_err();
-        assert!(e.message.contains("VMs"), "{}", e.message);
     }
 }

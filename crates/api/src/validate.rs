@@ -261,7 +261,7 @@ pub fn create_instance(
         security_groups.push(crate::DEFAULT_SECURITY_GROUP.to_string());
     }
     let publish = net::publish_list(&req.publish)?;
-    crate::secret::secret_uses(&req.secrets, &req.env, vm)?;
+    crate::secret::secret_uses(&req.secrets, &req.env)?;
     Ok(InstanceDraft {
         name: req.name.clone(),
         project: project.to_string(),

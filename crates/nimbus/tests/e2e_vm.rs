@@ -647,3 +647,174 @@ async fn vm_without_a_command_stays_up_until_stopped() {
     assert!(!pid_alive(pid));
     cloud.shutdown();
 }
+
+/// Mount points of this mount namespace.
+fn mount_points() -> Vec<std::path::PathBuf> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(std::path::PathBuf::from)
+        .collect()
+}
+
+/// Regular files under `dir` whose raw bytes contain `needle`, not descending into mount
+/// points (the VM's secrets tmpfs is not a disk file).
+fn files_containing(dir: &Path, needle: &[u8], mounts: &[std::path::PathBuf]) -> Vec<String> {
+    walk(dir)
+        .into_iter()
+        .filter(|p| {
+            !mounts
+                .iter()
+                .any(|m| p.starts_with(m) && m.starts_with(dir))
+        })
+        .filter(|p| p.is_file() && !p.is_symlink())
+        .filter(|p| std::fs::read(p).is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle)))
+        .map(|p| p.display().to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vm_gets_secrets_over_virtio_serial_and_never_on_disk() {
+    if !deps() {
+        return;
+    }
+    let cloud = Cloud::start(bin()).expect("nimbus up");
+    let c = cloud.client();
+    let node = eventually(Duration::from_secs(120), || async {
+        c.list_nodes()
+            .await
+            .ok()?
+            .into_iter()
+            .find(|n| n.capabilities.vms)
+    })
+    .await;
+    assert!(node.is_some(), "the node must report VM support");
+    let tag = uuid::Uuid::new_v4().simple().to_string();
+    let file_value = format!("vm-file-secret-{tag}");
+    let env_value = format!("vm-env-secret-{tag}");
+    let scratch = tempfile::tempdir().unwrap();
+    for (name, value) in [("db", &file_value), ("token", &env_value)] {
+        let f = scratch.path().join(name);
+        std::fs::write(&f, value).unwrap();
+        let out = cloud
+            .cli()
+            .args(["secret", "create", name, "--from-file"])
+            .arg(&f)
+            .output()
+            .unwrap();
+        cli_ok(&out, "secret create");
+    }
+    drop(scratch);
+
+    // The main service records the variable it got on the guest's /run (a tmpfs); the file's
+    // mount point is on the guest's root disk.
+    let out = cloud
+        .cli()
+        .args([
+            "launch",
+            "busybox",
+            "sv",
+            "--vm",
+            "--cpus",
+            "1",
+            "--memory",
+            "256M",
+            "--secret",
+            "db:/etc/app/db.conf",
+            "--secret-env",
+            "token:DB_TOKEN",
+            "--",
+            "sh",
+            "-c",
+            "echo \"main:$DB_TOKEN\" > /run/main-env; exec sleep 100000",
+        ])
+        .output()
+        .unwrap();
+    let mut outputs = vec![cli_ok(&out, "launch with secrets")];
+    let exec = |cmd: &'static str| {
+        let c = cloud.client();
+        async move {
+            c.exec("sv", vec!["sh".into(), "-c".into(), cmd.into()])
+                .await
+        }
+    };
+    let r = exec("cat /etc/app/db.conf").await.expect("exec cat");
+    assert_eq!(
+        (r.exit_code, r.stdout.as_str()),
+        (0, file_value.as_str()),
+        "{r:?}"
+    );
+    let main = eventually(Duration::from_secs(20), || async {
+        exec("cat /run/main-env")
+            .await
+            .ok()
+            .filter(|r| r.exit_code == 0)
+    })
+    .await
+    .expect("the main service wrote /run/main-env");
+    assert_eq!(main.stdout.trim_end(), format!("main:{env_value}"));
+    // `exec` gets the secret variables too, like a container's exec.
+    let r = exec("echo \"$DB_TOKEN\"").await.unwrap();
+    assert_eq!(r.stdout.trim_end(), env_value);
+    // 0400 root, a read-only tmpfs bind mount.
+    let r = exec("stat -c '%a %u' /etc/app/db.conf; grep ' /etc/app/db.conf ' /proc/mounts")
+        .await
+        .unwrap();
+    let mut lines = r.stdout.lines();
+    assert_eq!(lines.next(), Some("400 0"), "{r:?}");
+    let mnt = lines.next().unwrap_or_default();
+    assert!(mnt.starts_with("tmpfs /etc/app/db.conf tmpfs ro,"), "{r:?}");
+    let r = exec("echo x > /etc/app/db.conf").await.unwrap();
+    assert_ne!(r.exit_code, 0, "the secret file must be read-only");
+    // Flush the guest's page cache to its disk before the disk is searched.
+    assert_eq!(exec("sync").await.unwrap().exit_code, 0);
+
+    // On the node the values live only on the VM's secrets tmpfs.
+    let vm = c.get_instance("sv").await.unwrap();
+    let id = vm.meta.id.clone();
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        mountinfo
+            .lines()
+            .any(|l| l.contains(&format!("{id}/secrets ")) && l.contains(" - tmpfs ")),
+        "no tmpfs for the secrets of {id}"
+    );
+    for args in [
+        &["show", "sv", "-o", "json"][..],
+        &["events", "--all", "-o", "json"],
+        &["logs", "sv"],
+    ] {
+        let out = cloud.cli().args(args).output().unwrap();
+        outputs.push(cli_ok(&out, "show/events/logs"));
+    }
+    for out in &outputs {
+        assert!(
+            !out.contains(&file_value) && !out.contains(&env_value),
+            "a secret value leaked into an output: {out}"
+        );
+    }
+    // Not in the raw bytes of any file of the server's and agent's data dirs (raft.redb, the
+    // logs, spec.json, initrd.img, the qcow2 disk, the console log).
+    let root = cloud.data_dir.parent().unwrap().to_path_buf();
+    let mounts = mount_points();
+    assert!(
+        walk(&root)
+            .iter()
+            .any(|p| p.ends_with("disk.qcow2") && p.to_string_lossy().contains(&id)),
+        "no VM disk to search under {}",
+        root.display()
+    );
+    for needle in [&file_value, &env_value] {
+        let found = files_containing(&root, needle.as_bytes(), &mounts);
+        assert!(found.is_empty(), "{needle} found in {found:?}");
+    }
+
+    // Delete takes the tmpfs away.
+    let out = cloud.cli().args(["delete", "sv"]).output().unwrap();
+    cli_ok(&out, "delete");
+    assert!(!std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .contains(&format!("{id}/secrets ")));
+    cloud.shutdown();
+}

@@ -13,7 +13,13 @@
 //!                                             <- {"id":2,"ok":true,"exit_code":0,"stdout":"..","stderr":".."}
 //! -> {"id":3,"op":"stats"}                    <- {"id":3,"ok":true,"cpu_nanos":..,"memory_bytes":..,"memory_total":..}
 //! -> {"id":4,"op":"shutdown"}                 <- {"id":4,"ok":true}  (then sync, umount, power off)
+//! -> {"id":5,"op":"secrets","files":[{"path":"/abs","data":"<base64>"}],"env":[{"name":"V","value":".."}]}
+//!                                             <- {"id":5,"ok":true}
 //! ```
+//! When the config says `"secrets": true`, user-data and the command wait (up to
+//! [`secrets::WAIT`]) for the node agent to send them (see `secrets`); without them the
+//! command does not start (a main service then exits with code 1). `exec` runs with the
+//! instance's environment (config `env` and the secret variables), like a container's exec.
 //! Failures answer `{"id":N,"ok":false,"error":"..."}`. When the main service exits, its code
 //! is written as `{"event":"exit","code":N}` to the port `org.nimbus.status.0` (a file on the
 //! host) and the VM powers off, like a container whose main process exits. A plain service's exit
@@ -21,11 +27,12 @@
 
 mod boot;
 mod reaper;
+mod secrets;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
@@ -40,6 +47,8 @@ const AGENT_PORT: &str = "org.nimbus.agent.0";
 const STATUS_PORT: &str = "org.nimbus.status.0";
 /// Set once a shutdown began: the main service's exit is then not its own.
 static SHUTTING_DOWN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+/// The config's environment `(name, value)`, for the services and `exec`.
+static CONFIG_ENV: OnceLock<Vec<(String, String)>> = OnceLock::new();
 
 fn main() {
     let pid1 = std::process::id() == 1;
@@ -48,6 +57,15 @@ fn main() {
     }
     reaper::start();
     let cfg = boot::read_config();
+    let _ = CONFIG_ENV.set(
+        boot::strings(&cfg, "env")
+            .into_iter()
+            .filter_map(|kv| {
+                kv.split_once('=')
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            })
+            .collect(),
+    );
     boot::apply_metadata(&cfg);
     if pid1 {
         boot::grow_root();
@@ -61,6 +79,17 @@ fn main() {
         let cfg = cfg.clone();
         let main_pid = Arc::clone(&main_pid);
         std::thread::spawn(move || {
+            let announced = cfg.get("secrets").and_then(Value::as_bool) == Some(true);
+            if announced && !secrets::wait(secrets::WAIT) {
+                log(&format!(
+                    "the instance's secrets did not arrive within {} s: not starting its command",
+                    secrets::WAIT.as_secs()
+                ));
+                if !boot::strings(&cfg, "command").is_empty() {
+                    main_exited(1, &main_pid);
+                }
+                return;
+            }
             boot::run_user_data(&cfg);
             run_main_service(&cfg, &main_pid);
         });
@@ -152,12 +181,12 @@ fn handle(op: &str, req: &Value) -> Result<Value, String> {
         "ping" => Ok(json!({"ok": true, "event": "ready", "version": env!("CARGO_PKG_VERSION")})),
         "exec" => {
             let argv = boot::strings(req, "argv");
-            let env: Vec<(String, String)> = boot::strings(req, "env")
+            let env: Vec<(String, String)> = instance_env()
                 .into_iter()
-                .filter_map(|kv| {
+                .chain(boot::strings(req, "env").into_iter().filter_map(|kv| {
                     kv.split_once('=')
                         .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                })
+                }))
                 .collect();
             let timeout = Duration::from_millis(
                 req.get("timeout_ms")
@@ -171,6 +200,7 @@ fn handle(op: &str, req: &Value) -> Result<Value, String> {
             )
         }
         "stats" => Ok(stats()),
+        "secrets" => secrets::install(req).map(|()| json!({"ok": true})),
         "shutdown" => Ok(json!({"ok": true})),
         other => Err(format!("unknown op {other:?}")),
     }
@@ -224,6 +254,12 @@ fn run_main_service(cfg: &Value, main_pid: &Arc<Mutex<Option<i32>>>) {
     log(&format!("starting main service {argv:?}"));
     let code = run_service(cfg, &argv, |pid| *main_pid.lock().unwrap() = pid);
     log(&format!("main service exited with code {code}"));
+    main_exited(code, main_pid);
+}
+
+/// Reports the main service's exit `code` on the status port and powers off (unless a shutdown
+/// is already under way).
+fn main_exited(code: i32, main_pid: &Arc<Mutex<Option<i32>>>) {
     if SHUTTING_DOWN.load(std::sync::atomic::Ordering::SeqCst) {
         return;
     }
@@ -235,7 +271,14 @@ fn run_main_service(cfg: &Value, main_pid: &Arc<Mutex<Option<i32>>>) {
     shutdown(main_pid);
 }
 
-/// Runs `argv` with the config's environment and working directory until it exits; returns its
+/// The instance's environment: the config's, then the secret variables.
+fn instance_env() -> Vec<(String, String)> {
+    let mut env = CONFIG_ENV.get().cloned().unwrap_or_default();
+    env.extend(secrets::env());
+    env
+}
+
+/// Runs `argv` with the instance's environment and the config's working directory until it exits; returns its
 /// exit code (127 if it cannot start). `track` is told its PID, then `None` once it exited.
 fn run_service(cfg: &Value, argv: &[String], track: impl Fn(Option<i32>)) -> i32 {
     let Some((prog, args)) = argv.split_first() else {
@@ -243,11 +286,7 @@ fn run_service(cfg: &Value, argv: &[String], track: impl Fn(Option<i32>)) -> i32
     };
     let mut cmd = Command::new(prog);
     cmd.args(args).stdin(Stdio::null());
-    for kv in boot::strings(cfg, "env") {
-        if let Some((k, v)) = kv.split_once('=') {
-            cmd.env(k, v);
-        }
-    }
+    cmd.envs(instance_env());
     if let Some(dir) = cfg
         .get("working_dir")
         .and_then(Value::as_str)

@@ -43,7 +43,7 @@ pub struct RuntimeSpec {
     pub user_data: Option<String>,
     /// VM SSH keys.
     pub ssh_keys: Vec<String>,
-    /// Secret files and variables (containers), in memory only.
+    /// Secret files and variables, in memory only.
     pub secrets: SecretMaterial,
 }
 

@@ -10,25 +10,39 @@ use tokio::net::UnixStream;
 
 use super::VmError;
 
+/// A fresh request id (unique across agent processes sharing a guest).
+pub fn next_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        + u64::from(std::process::id()) * 1_000_000
+}
+
 /// Sends one request and waits up to `timeout` for the answer with the same id.
+pub async fn request(sock: &Path, mut req: Value, timeout: Duration) -> Result<Value, VmError> {
+    let id = next_id();
+    req["id"] = json!(id);
+    exchange(sock, id, format!("{req}\n").as_bytes(), timeout).await
+}
+
+/// Sends `line` (one JSON request carrying `"id": id`, newline-terminated) and waits up to
+/// `timeout` for the answer with that id.
 ///
 /// A fresh connection per request: QEMU's socket chardev serves one client at a time, and a
 /// leading newline flushes any partial line an aborted earlier client left in the guest.
-pub async fn request(sock: &Path, mut req: Value, timeout: Duration) -> Result<Value, VmError> {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-    let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        + u64::from(std::process::id()) * 1_000_000;
-    req["id"] = json!(id);
+pub async fn exchange(
+    sock: &Path,
+    id: u64,
+    line: &[u8],
+    timeout: Duration,
+) -> Result<Value, VmError> {
     let fut = async {
         let stream = UnixStream::connect(sock)
             .await
             .map_err(|e| VmError::Guest(format!("connecting to {}: {e}", sock.display())))?;
         let (r, mut w) = stream.into_split();
-        let mut text = format!("\n{req}\n");
-        text.shrink_to_fit();
-        w.write_all(text.as_bytes())
-            .await
-            .map_err(|e| VmError::Guest(format!("sending to the guest agent: {e}")))?;
+        let sent = |e: std::io::Error| VmError::Guest(format!("sending to the guest agent: {e}"));
+        w.write_all(b"\n").await.map_err(sent)?;
+        w.write_all(line).await.map_err(sent)?;
         let mut reader = BufReader::new(r);
         let mut line = String::new();
         loop {

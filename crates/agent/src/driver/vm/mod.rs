@@ -17,14 +17,16 @@
 //! images/<digest>.ext4            base disk per image digest (shared, read-only backing file)
 //! vms/<id>/spec.json              the instance (its presence means "created")
 //! vms/<id>/disk.qcow2             the instance's overlay disk
-//! vms/<id>/initrd.img             base initramfs + per-VM config archive
+//! vms/<id>/initrd.img             base initramfs + per-VM config archive (no secret values)
+//! vms/<id>/secrets/               tmpfs with the secrets, sent to the guest agent at each boot
 //! vms/<id>/{qmp,ga,console}.sock  QMP, guest agent, interactive serial console
 //! vms/<id>/console.log            serial console log (the instance log)
 //! vms/<id>/qemu.pid, qemu.stderr  the QEMU process
 //! vms/<id>/status, exit_code      exit status from the guest / recorded at stop
 //! vms/<id>/ready                  the QEMU PID whose guest agent answered
 //! ```
-//! Every method rebuilds what it needs from these files, so a new driver on the same state
+//! Secrets reach the guest over the guest agent's virtio-serial port, never the disk (see
+//! `secrets`). Every method rebuilds what it needs from these files, so a new driver on the same state
 //! directory re-attaches to running VMs (same QEMU PID) instead of restarting them.
 
 mod accel;
@@ -38,6 +40,7 @@ mod net;
 mod process;
 mod qmp;
 mod ready;
+mod secrets;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -90,6 +93,9 @@ struct VmSpec {
     /// The command is the image's default (none was given): a service, not the main one.
     #[serde(default)]
     command_is_image_default: bool,
+    /// Secrets are delivered at each boot (their values live only on the `secrets` tmpfs).
+    #[serde(default)]
+    has_secrets: bool,
 }
 
 /// The cached base initramfs for this configuration.
@@ -124,6 +130,7 @@ fn write_initrd(config: &VmConfig, spec: &VmSpec, paths: &VmPaths) -> Result<(),
         "working_dir": spec.working_dir,
         "user_data": spec.user_data,
         "ssh_keys": spec.ssh_keys,
+        "secrets": spec.has_secrets,
     });
     bytes.extend_from_slice(&initramfs::config_archive(config.to_string().as_bytes()));
     let tmp = paths.initrd().with_extension("tmp");
@@ -353,14 +360,18 @@ impl VmDriver {
         Ok(self.qmp(id).await?.vcpu_threads().await?)
     }
 
-    /// Waits until the guest agent answers.
+    /// Waits until the guest agent answers and has the VM's secrets.
     pub async fn wait_ready(&self, id: &str, timeout: Duration) -> Result<(), DriverError> {
         let paths = self.paths(id);
         let Some(pid) = process::running_pid(&paths) else {
             return Err(DriverError::NotRunning(id.into()));
         };
+        let deadline = Instant::now() + timeout;
         guest::wait_ready(&paths.guest_agent(), timeout).await?;
-        ready::mark_ready(&paths, pid);
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_secs(1));
+        ready::confirm(&paths, pid, left).await?;
         Ok(())
     }
 
@@ -500,6 +511,11 @@ impl VmDriver {
         if let Some(pid) = process::running_pid(&paths) {
             return Ok(pid);
         }
+        if spec.has_secrets && !secrets::present(&paths) {
+            return Err(DriverError::Unavailable(format!(
+                "the secrets of VM {id} are not on this node (it is created again)"
+            )));
+        }
         self.capability().map_err(DriverError::Unavailable)?;
         let accel = self.probe().await?.accel;
         {
@@ -619,6 +635,10 @@ impl Driver for VmDriver {
         let _guard = lock.lock().await;
         let paths = self.paths(&spec.id);
         if paths.spec().exists() {
+            // After a host reboot the secrets tmpfs is gone: put the fresh values back.
+            if !spec.secrets.is_empty() && !secrets::present(&paths) {
+                secrets::store(&paths, &spec.secrets)?;
+            }
             return Ok(());
         }
         if spec
@@ -652,9 +672,18 @@ impl Driver for VmDriver {
             tool: "vm",
             message: e.to_string(),
         })?;
+        let result = result.map_err(DriverError::from).and_then(|()| {
+            if spec.secrets.is_empty() {
+                Ok(())
+            } else {
+                secrets::store(&paths, &spec.secrets)
+            }
+        });
         if let Err(e) = result {
-            let _ = std::fs::remove_dir_all(&paths.dir);
-            return Err(e.into());
+            if secrets::unmount(&paths).is_ok() {
+                let _ = std::fs::remove_dir_all(&paths.dir);
+            }
+            return Err(e);
         }
         let vm = VmSpec {
             id: spec.id.clone(),
@@ -671,6 +700,7 @@ impl Driver for VmDriver {
             user_data: spec.user_data.clone(),
             ssh_keys: spec.ssh_keys.clone(),
             command_is_image_default: spec.command == spec.image.default_command,
+            has_secrets: !spec.secrets.is_empty(),
         };
         let text = serde_json::to_string_pretty(&vm).unwrap_or_default();
         let tmp = paths.spec().with_extension("tmp");
@@ -706,6 +736,10 @@ impl Driver for VmDriver {
             self.waiters.watch(id, &paths, pid);
             return Ok(RuntimeState::Starting { pid });
         }
+        if self.load_spec(id).is_ok_and(|s| s.has_secrets) && !secrets::present(&paths) {
+            // The secrets tmpfs is gone (host reboot): create it again to fetch them.
+            return Ok(RuntimeState::Absent);
+        }
         if !paths.pidfile().exists() {
             return Ok(RuntimeState::Created);
         }
@@ -728,10 +762,7 @@ impl Driver for VmDriver {
             return Err(DriverError::NotRunning(id.into()));
         };
         let deadline = Instant::now() + timeout;
-        if !ready::is_ready(&paths, pid) {
-            guest::wait_ready(&paths.guest_agent(), timeout).await?;
-            ready::mark_ready(&paths, pid);
-        }
+        ready::confirm(&paths, pid, timeout).await?;
         let left = deadline
             .saturating_duration_since(Instant::now())
             .max(Duration::from_millis(100));
@@ -797,6 +828,7 @@ impl Driver for VmDriver {
         net::delete_link(&Self::tap_name(id)).await?;
         let (parent, cg_id) = (self.config.cgroup_parent.clone(), id.to_owned());
         let _ = tokio::task::spawn_blocking(move || cgroup::remove(&parent, &cg_id)).await;
+        secrets::unmount(&paths)?;
         if paths.dir.exists() {
             if paths.sock_dir() != paths.dir {
                 let _ = std::fs::remove_dir_all(paths.sock_dir());

@@ -1,5 +1,5 @@
-//! Readiness: a VM is `Starting` from QEMU's start until its guest agent first answered, then
-//! `Running`.
+//! Readiness: a VM is `Starting` from QEMU's start until its guest agent first answered and
+//! took the VM's secrets (if it has any, see `secrets`), then `Running`.
 //!
 //! One waiter task per booting VM pings the guest agent until it answers (or QEMU is gone) and
 //! records the answer in `vms/<id>/ready` (the QEMU PID it answered for). `state()` is then a
@@ -13,13 +13,17 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use super::guest;
 use super::process::{self, VmPaths};
+use super::{guest, secrets, VmError};
 
 /// How long one ping may wait for the answer while the guest boots.
 const PING_TIMEOUT: Duration = Duration::from_millis(500);
 /// Pause between pings that failed fast (QEMU's socket not there yet).
 const PING_PAUSE: Duration = Duration::from_millis(100);
+/// How long the guest agent may take to put the secrets in place.
+const SECRETS_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause after a failed delivery (the guest refused, e.g. a path that is a directory).
+const SECRETS_RETRY: Duration = Duration::from_secs(2);
 
 /// Whether the guest agent of the VM whose QEMU is `pid` has answered.
 pub fn is_ready(paths: &VmPaths, pid: u32) -> bool {
@@ -40,6 +44,22 @@ pub fn mark_ready(paths: &VmPaths, pid: u32) {
     if let Err(e) = res {
         tracing::warn!(path = %paths.ready().display(), "recording VM readiness: {e}");
     }
+}
+
+/// Waits up to `timeout` for the guest agent of QEMU `pid`, hands it the VM's secrets and
+/// records readiness.
+pub async fn confirm(paths: &VmPaths, pid: u32, timeout: Duration) -> Result<(), VmError> {
+    if is_ready(paths, pid) {
+        return Ok(());
+    }
+    let deadline = Instant::now() + timeout;
+    guest::wait_ready(&paths.guest_agent(), timeout).await?;
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .max(SECRETS_TIMEOUT);
+    secrets::deliver(paths, left).await?;
+    mark_ready(paths, pid);
+    Ok(())
 }
 
 /// Forgets readiness (before QEMU is started again).
@@ -71,9 +91,18 @@ impl Waiters {
             while process::running_pid(&paths) == Some(pid) {
                 let ping = guest::request(&sock, json!({"op": "ping"}), PING_TIMEOUT);
                 if ping.await.is_ok() {
-                    mark_ready(&paths, pid);
-                    tracing::info!(id, pid, elapsed = ?started.elapsed(), "VM guest agent answered");
-                    break;
+                    match secrets::deliver(&paths, SECRETS_TIMEOUT).await {
+                        Ok(sent) => {
+                            mark_ready(&paths, pid);
+                            tracing::info!(id, pid, secrets = sent, elapsed = ?started.elapsed(), "VM guest agent answered");
+                            break;
+                        }
+                        // The guest's error names paths, never values.
+                        Err(e) => {
+                            tracing::warn!(id, pid, error = %e, "delivering the VM's secrets");
+                            tokio::time::sleep(SECRETS_RETRY).await;
+                        }
+                    }
                 }
                 tokio::time::sleep(PING_PAUSE).await;
             }
