@@ -860,6 +860,26 @@ mod tests {
         ] {
             assert!(doc.paths.paths.contains_key(p), "{p}");
         }
+        let json = serde_json::to_value(&doc).unwrap();
+        let revoke = &json["paths"]["/v1/pki/revoke/{name}"]["post"];
+        assert!(revoke["responses"]["404"].is_object(), "{revoke}");
+        let params: Vec<&str> = revoke["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|p| p["name"].as_str())
+            .collect();
+        for p in ["name", "role", "serial", "force"] {
+            assert!(params.contains(&p), "{p} in {params:?}");
+        }
+    }
+
+    #[test]
+    fn serials_are_normalized_or_refused() {
+        assert_eq!(normalize_serial("0A:bC").unwrap(), "0abc");
+        for bad in ["", "abc", "zz", &"ab".repeat(33)] {
+            assert!(normalize_serial(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]
