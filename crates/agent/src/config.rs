@@ -52,4 +52,7 @@ pub struct AgentConfig {
     /// cluster CA, `/metrics` takes one or the metrics token; `None`: plain HTTP with the
     /// servers' bearer credential.
     pub api_tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+    /// The server certificates `api_tls` and `server_tls` refuse, kept current from the
+    /// revocations that come with the assignments.
+    pub revocation: Option<std::sync::Arc<nimbus_pki::ServerRevocationList>>,
 }

@@ -151,6 +151,9 @@ impl Agent {
                 .await
             {
                 Ok(resp) => {
+                    if let (Some(list), Some(r)) = (&self.cfg.revocation, &resp.revoked_servers) {
+                        list.set(r.names.iter().cloned(), r.serials.iter().cloned());
+                    }
                     let map = {
                         let mut held = self.net_map.lock().expect("net map lock");
                         match (resp.network, &resp.network_delta) {

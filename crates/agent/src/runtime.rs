@@ -193,7 +193,11 @@ impl Agent {
         });
         let api = crate::http::router(agent.clone());
         let mut tasks = vec![if let Some(tls) = agent.cfg.api_tls.clone() {
-            crate::tls::serve(listener, api, tls)
+            let revocation: Arc<dyn nimbus_pki::Revocation> = match agent.cfg.revocation.clone() {
+                Some(r) => r,
+                None => Arc::new(nimbus_pki::NoRevocation),
+            };
+            crate::tls::serve(listener, api, tls, revocation)
         } else {
             tokio::spawn(async move {
                 if let Err(e) = axum::serve(listener, api).await {

@@ -96,8 +96,11 @@ impl ServerLink {
         let start = self.current.load(Ordering::Relaxed);
         let mut last = String::from("no servers configured");
         let token = self.token();
-        for k in 0..n {
+        let mut retried = false;
+        let mut k = 0;
+        while k < n {
             let idx = (start + k) % n;
+            k += 1;
             let Some(base) = self.servers.get(idx) else {
                 break;
             };
@@ -132,6 +135,17 @@ impl ServerLink {
                     let text = resp.text().await.unwrap_or_default();
                     match serde_json::from_str::<ErrorBody>(&text) {
                         Ok(b) if b.error.code == nimbus_api::ErrorCode::Unavailable => {
+                            last = b.error.message;
+                        }
+                        // A kept-alive connection that outlived the node's previous
+                        // certificate (refused before the router, then closed): again on a
+                        // new connection, with the renewed certificate.
+                        Ok(b)
+                            if b.error.code == nimbus_api::ErrorCode::CertificateExpired
+                                && !retried =>
+                        {
+                            retried = true;
+                            k -= 1;
                             last = b.error.message;
                         }
                         Ok(b) => return Err(LinkError::Refused(b.error)),

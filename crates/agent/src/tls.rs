@@ -3,7 +3,10 @@
 //! client without one in (a Prometheus with the metrics token): a request carries
 //! [`ServerPeer`] exactly when its connection presented a server certificate, and `http.rs`
 //! lets only such requests past its routes other than `/metrics` and `/agent/healthz`. Any
-//! other certificate fails the handshake.
+//! other certificate fails the handshake. A request over a connection whose server certificate
+//! expired or was revoked since the handshake (the agent learns the revoked server
+//! certificates with its assignments) is refused with `401 certificate_expired` /
+//! `certificate_revoked` and the connection closed.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,11 +20,41 @@ use tower::ServiceExt;
 #[derive(Debug, Clone)]
 pub struct ServerPeer(pub String);
 
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// The `401` (closing the connection) of a request whose server certificate is no longer good.
+fn stale_response(p: &nimbus_pki::PeerCert, why: nimbus_pki::Stale) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    use nimbus_api::{ApiError, ErrorBody, ErrorCode};
+    let (code, what) = match why {
+        nimbus_pki::Stale::Expired => (ErrorCode::CertificateExpired, "expired"),
+        nimbus_pki::Stale::Revoked => (ErrorCode::CertificateRevoked, "is revoked"),
+    };
+    let error = ApiError::new(
+        code,
+        format!(
+            "the certificate of {} (serial {}) {what}",
+            p.identity, p.serial
+        ),
+    );
+    (
+        axum::http::StatusCode::UNAUTHORIZED,
+        [(axum::http::header::CONNECTION, "close")],
+        axum::Json(ErrorBody { error }),
+    )
+        .into_response()
+}
+
 /// Serves `router` on `listener` with `config` until the task is aborted.
 pub fn serve(
     listener: TcpListener,
     router: Router,
     config: Arc<rustls::ServerConfig>,
+    revocation: Arc<dyn nimbus_pki::Revocation>,
 ) -> tokio::task::JoinHandle<()> {
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     tokio::spawn(async move {
@@ -37,6 +70,7 @@ pub fn serve(
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let router = router.clone();
+            let revocation = revocation.clone();
             tokio::spawn(async move {
                 let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp))
                     .await
@@ -54,14 +88,29 @@ pub fn serve(
                     .1
                     .peer_certificates()
                     .and_then(|c| c.first())
-                    .and_then(|d| nimbus_pki::PeerCert::from_der(d).ok())
-                    .map(|p| ServerPeer(p.identity.name));
+                    .and_then(|d| nimbus_pki::PeerCert::from_der(d).ok());
                 let svc = hyper::service::service_fn(
                     move |mut req: hyper::Request<hyper::body::Incoming>| {
+                        let mut refused = None;
                         if let Some(p) = &peer {
-                            req.extensions_mut().insert(p.clone());
+                            match nimbus_pki::stale(p, revocation.as_ref(), unix_now()) {
+                                Some(why) => {
+                                    tracing::info!(%addr, peer = %p.identity, ?why, "agent API: request on a verified connection refused");
+                                    refused = Some(stale_response(p, why));
+                                }
+                                None => {
+                                    req.extensions_mut()
+                                        .insert(ServerPeer(p.identity.name.clone()));
+                                }
+                            }
                         }
-                        router.clone().oneshot(req)
+                        let router = router.clone();
+                        async move {
+                            match refused {
+                                Some(r) => Ok(r),
+                                None => router.oneshot(req).await,
+                            }
+                        }
                     },
                 );
                 let _ = hyper::server::conn::http1::Builder::new()

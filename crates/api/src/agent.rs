@@ -150,6 +150,10 @@ pub struct AssignmentsResponse {
     /// the whole map.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network_delta: Option<crate::netmap_delta::NetworkMapDelta>,
+    /// The server certificates the node's API must refuse (its servers' whole list; a
+    /// revocation wakes every node's poll).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_servers: Option<crate::pki::ServerRevocations>,
 }
 
 /// The datapath a node must converge to: the networks with instances on it, the remote

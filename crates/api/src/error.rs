@@ -13,6 +13,11 @@ pub enum ErrorCode {
     InvalidArgument,
     /// Missing or wrong bearer token.
     Unauthorized,
+    /// The connection's client certificate expired after its handshake (a kept-alive
+    /// connection): reconnect with a renewed certificate.
+    CertificateExpired,
+    /// The connection's client certificate was revoked (by its holder's name or its serial).
+    CertificateRevoked,
     /// The token is valid but may not do this.
     Forbidden,
     /// The resource does not exist.
@@ -40,7 +45,7 @@ impl ErrorCode {
     pub fn http_status(self) -> u16 {
         match self {
             Self::BadRequest => 400,
-            Self::Unauthorized => 401,
+            Self::Unauthorized | Self::CertificateExpired | Self::CertificateRevoked => 401,
             Self::Forbidden => 403,
             Self::NotFound => 404,
             Self::MethodNotAllowed => 405,
@@ -60,6 +65,8 @@ impl ErrorCode {
             Self::BadRequest => "bad_request",
             Self::InvalidArgument => "invalid_argument",
             Self::Unauthorized => "unauthorized",
+            Self::CertificateExpired => "certificate_expired",
+            Self::CertificateRevoked => "certificate_revoked",
             Self::Forbidden => "forbidden",
             Self::NotFound => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",

@@ -51,3 +51,49 @@ pub struct IssuedCert {
     /// Expiry (Unix seconds).
     pub not_after: i64,
 }
+
+/// `POST /v1/pki/revoke/{name}` query: what to revoke of the holder `name`.
+///
+/// - By name (no `serial`): every certificate of the holder, for good; a node of that name
+///   cannot join again, a server of that id cannot come back (a new data dir gets a new id).
+/// - By `serial`: that one certificate; the holder's other certificates keep working and a
+///   node may join again under its name with a fresh join token (a stolen key, a decommissioned
+///   machine whose node comes back).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeQuery {
+    /// `node` (default) or `server` (a server's name is `server-<id in hex>`, as `nimbus
+    /// server list` shows).
+    #[serde(default)]
+    pub role: RevokeRole,
+    /// Revoke only the certificate with this serial (hex, as issued).
+    #[serde(default)]
+    pub serial: Option<String>,
+    /// Allow revoking the answering server itself, or the last server not revoked.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// Whose certificate a revocation names.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RevokeRole {
+    /// An agent's node.
+    #[default]
+    Node,
+    /// A server.
+    Server,
+}
+
+/// The server revocations an agent refuses on its API (sent with its assignments; see
+/// `nimbus_state::pki`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ServerRevocations {
+    /// Revoked server names (every certificate of each).
+    #[serde(default)]
+    pub names: Vec<String>,
+    /// Serials (hex) of revoked server certificates.
+    #[serde(default)]
+    pub serials: Vec<String>,
+}

@@ -546,9 +546,24 @@ impl Client {
 
     /// Revokes every certificate of node `name` (refused at the next handshake or request).
     pub async fn revoke_node(&self, name: &str) -> Result<()> {
-        self.send(self.req(Method::POST, &format!("/v1/pki/revoke/{name}")))
+        self.revoke(name, &nimbus_api::pki::RevokeQuery::default())
             .await
-            .map(|_| ())
+    }
+
+    /// Revokes certificates of the node or server `name`: all of them, or the one of
+    /// `q.serial` (see [`nimbus_api::pki::RevokeQuery`]).
+    pub async fn revoke(&self, name: &str, q: &nimbus_api::pki::RevokeQuery) -> Result<()> {
+        let mut rb = self.req(Method::POST, &format!("/v1/pki/revoke/{name}"));
+        if q.role == nimbus_api::pki::RevokeRole::Server {
+            rb = rb.query(&[("role", "server")]);
+        }
+        if let Some(s) = &q.serial {
+            rb = rb.query(&[("serial", s)]);
+        }
+        if q.force {
+            rb = rb.query(&[("force", "true")]);
+        }
+        self.send(rb).await.map(|_| ())
     }
 
     /// Raw request for tests: returns status and body text.

@@ -294,6 +294,18 @@ pub enum ServerCmd {
         /// Node id or URL.
         server: String,
     },
+    /// Revoke a server's certificates: all of them for good (it cannot come back under its
+    /// id), or only the one of --serial. Servers and agents refuse them within a second.
+    Revoke {
+        /// The server's name, `server-<id in hex>` (the NAME column of `nimbus server list`).
+        name: String,
+        /// Revoke only the certificate with this serial (hex).
+        #[arg(long)]
+        serial: Option<String>,
+        /// Also when it is the server answering, or the last server not revoked.
+        #[arg(long)]
+        force: bool,
+    },
     /// One-time tokens new agents join with (`nimbus agent --join-token`).
     #[command(subcommand)]
     JoinToken(JoinTokenCmd),
@@ -537,11 +549,15 @@ pub enum NodeCmd {
         #[arg(long)]
         force: bool,
     },
-    /// Revoke every certificate of a node: refused at its next handshake or request (on
-    /// every server within a second).
+    /// Revoke every certificate of a node for good (the name cannot join again), or only the
+    /// one of --serial (the node may join again with a fresh join token): refused at its next
+    /// handshake or request, on every server within a second.
     Revoke {
         /// Node.
         name: String,
+        /// Revoke only the certificate with this serial (hex, as the agent logs it).
+        #[arg(long)]
+        serial: Option<String>,
     },
 }
 

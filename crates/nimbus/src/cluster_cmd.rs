@@ -1,4 +1,5 @@
-//! `nimbus server list|join|remove`: control-plane cluster membership through the API.
+//! `nimbus server list|join|remove|revoke`: control-plane cluster membership (and server
+//! certificates) through the API.
 
 use anyhow::{Context, Result};
 use nimbus_client::{Client, ClusterInfo};
@@ -14,11 +15,15 @@ fn print(info: &ClusterInfo, output: Output) -> Result<()> {
         "cluster {}",
         info.cluster_id.as_deref().unwrap_or("(not formed yet)")
     );
-    println!("{:<18} {:<8} {:<7} URL", "ID", "ROLE", "LEADER");
+    println!(
+        "{:<18} {:<20} {:<8} {:<7} URL",
+        "ID", "NAME", "ROLE", "LEADER"
+    );
     for m in &info.members {
         println!(
-            "{:<18} {:<8} {:<7} {}",
+            "{:<18} {:<20} {:<8} {:<7} {}",
             m.id,
+            format!("server-{:x}", m.id),
             if m.voter { "voter" } else { "learner" },
             if m.leader { "*" } else { "" },
             m.url
@@ -57,6 +62,23 @@ pub async fn run(c: &Client, cmd: &ServerCmd) -> Result<()> {
             let info = c.cluster_remove_server(id).await?;
             println!("server {id} removed");
             print(&info, Output::Table)
+        }
+        ServerCmd::Revoke {
+            name,
+            serial,
+            force,
+        } => {
+            let q = nimbus_api::pki::RevokeQuery {
+                role: nimbus_api::pki::RevokeRole::Server,
+                serial: serial.clone(),
+                force: *force,
+            };
+            c.revoke(name, &q).await?;
+            match serial {
+                Some(s) => println!("certificate {s} of {name} revoked"),
+                None => println!("{name} revoked: its certificates are refused from now on"),
+            }
+            Ok(())
         }
         ServerCmd::JoinToken(crate::cli::JoinTokenCmd::Create { ttl }) => {
             let t = c.create_join_token(ttl.as_secs()).await?;

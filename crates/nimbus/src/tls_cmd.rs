@@ -196,24 +196,27 @@ pub struct NodeTls {
     /// The agent API: verifies a server certificate if the client presents one (only
     /// `/metrics` and `/agent/healthz` answer a client without one; see `nimbus_agent::http`).
     pub api_tls: Arc<rustls::ServerConfig>,
+    /// The server certificates both configs refuse (the agent keeps it current).
+    pub revocation: Arc<nimbus_pki::ServerRevocationList>,
     dir: PathBuf,
 }
 
 fn node_configs(dir: &Path, ca_pem: &str, cert_pem: &str, key_pem: &str) -> Result<NodeTls> {
     let store = Arc::new(CertStore::new(&format!("{cert_pem}{ca_pem}"), key_pem)?);
     let roots = nimbus_pki::verify::roots(ca_pem)?;
+    let revocation = Arc::new(nimbus_pki::ServerRevocationList::default());
     let server_tls = nimbus_pki::client_config(
         Arc::new(ClusterServerVerifier::new(
             roots.clone(),
             vec![Role::Server],
-            Arc::new(NoRevocation),
+            revocation.clone(),
         )),
         Some(store.clone()),
     )?;
     let api_verifier = nimbus_pki::ClusterClientVerifier::new(
         roots,
         vec![Role::Server],
-        Arc::new(NoRevocation),
+        revocation.clone(),
         false,
     )?;
     let api_tls = Arc::new(nimbus_pki::server_config(
@@ -224,6 +227,7 @@ fn node_configs(dir: &Path, ca_pem: &str, cert_pem: &str, key_pem: &str) -> Resu
         store,
         server_tls,
         api_tls,
+        revocation,
         dir: dir.to_owned(),
     })
 }

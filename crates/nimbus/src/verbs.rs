@@ -518,9 +518,16 @@ pub async fn node(c: &Client, cmd: NodeCmd) -> Result<()> {
             c.cordon_node(&name, false).await?;
             println!("{name} uncordoned");
         }
-        NodeCmd::Revoke { name } => {
-            c.revoke_node(&name).await?;
-            println!("{name} revoked: its certificates are refused from now on");
+        NodeCmd::Revoke { name, serial } => {
+            let q = nimbus_api::pki::RevokeQuery {
+                serial: serial.clone(),
+                ..Default::default()
+            };
+            c.revoke(&name, &q).await?;
+            match serial {
+                Some(s) => println!("certificate {s} of {name} revoked"),
+                None => println!("{name} revoked: its certificates are refused from now on"),
+            }
         }
     }
     Ok(())

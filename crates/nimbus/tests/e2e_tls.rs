@@ -742,6 +742,11 @@ async fn certificates_rotate_under_load_without_dropping_requests() {
 
 /// The serial of the certificate the server presents now.
 async fn server_serial(cloud: &TlsCloud) -> String {
+    server_cert(cloud).await.serial
+}
+
+/// The certificate the server presents now.
+async fn server_cert(cloud: &TlsCloud) -> nimbus_pki::PeerCert {
     let probe = Arc::new(nimbus_pki::config::ChainProbe::default());
     let cfg = nimbus_pki::pinning_probe_config(probe.clone()).unwrap();
     let tcp = tokio::net::TcpStream::connect(cloud.url.trim_start_matches("https://"))
@@ -754,5 +759,213 @@ async fn server_serial(cloud: &TlsCloud) -> String {
         )
         .await;
     let chain = probe.chain.lock().unwrap().clone();
-    nimbus_pki::PeerCert::from_der(&chain[0]).unwrap().serial
+    nimbus_pki::PeerCert::from_der(&chain[0]).unwrap()
+}
+
+fn serial_of(chain_pem: &str) -> String {
+    let der = nimbus_pki::certs_from_pem(chain_pem).unwrap();
+    nimbus_pki::PeerCert::from_der(&der[0]).unwrap().serial
+}
+
+/// A client of an agent's API presenting `cert` (chain, key).
+fn agent_client(cloud: &TlsCloud, cert: &(String, String)) -> reqwest::Client {
+    let roots = nimbus_pki::verify::roots(&cloud.ca_pem()).unwrap();
+    let v = nimbus_pki::ClusterServerVerifier::new(
+        roots,
+        vec![Role::Agent],
+        Arc::new(nimbus_pki::NoRevocation),
+    );
+    let store = Arc::new(nimbus_pki::CertStore::new(&cert.0, &cert.1).unwrap());
+    reqwest::Client::builder()
+        .use_preconfigured_tls(nimbus_pki::client_config(Arc::new(v), Some(store)).unwrap())
+        .timeout(Duration::from_secs(5))
+        .build()
+        .unwrap()
+}
+
+/// `GET /metrics` of an agent (a server certificate opens it): the status and the error
+/// code, or the transport error.
+async fn agent_metrics(http: &reqwest::Client, agent_url: &str) -> Result<(u16, String), String> {
+    let r = http
+        .get(format!("{agent_url}/metrics"))
+        .send()
+        .await
+        .map_err(|e| format!("{e:?}"))?;
+    let status = r.status().as_u16();
+    let body: serde_json::Value = r.json().await.unwrap_or_default();
+    Ok((
+        status,
+        body["error"]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+    ))
+}
+
+/// Agents learn the revoked server certificates from their servers: one revoked by serial
+/// (`nimbus server revoke NAME --serial`) is refused by the agent's API within a second on its
+/// kept-alive connection (401 certificate_revoked) and then at the handshake, while another
+/// certificate of the same server still works; a server certificate kept alive past its
+/// expiry gets 401 certificate_expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_server_certificate_is_refused_by_the_agent_within_a_second() {
+    if !deps() {
+        return;
+    }
+    let mut cloud = TlsCloud::start(bin(), &[]).expect("nimbus server");
+    let token = cloud.join_token("1h").unwrap();
+    cloud.join_agent("n1", Some(&token)).expect("agent joins");
+    let c = cloud.client();
+    let node = eventually(Duration::from_secs(30), || async {
+        c.list_nodes().await.ok().and_then(|n| {
+            n.into_iter()
+                .find(|n| n.meta.name == "n1" && n.state == NodeState::Ready)
+        })
+    })
+    .await
+    .expect("n1 ready");
+    let url = node.agent_url.clone();
+    let ca = cluster_ca(&cloud);
+    let name = server_cert(&cloud).await.identity.name;
+    let id = Identity::new(Role::Server, &name);
+    let now = SystemTime::now();
+    let stolen = valid_for_an_hour(&ca, &id);
+    let other = valid_for_an_hour(&ca, &id);
+    let short = signed(
+        &ca,
+        &id,
+        now - Duration::from_secs(60),
+        now + Duration::from_secs(3),
+    );
+    let (kept, short_lived) = (agent_client(&cloud, &stolen), agent_client(&cloud, &short));
+    assert_eq!(agent_metrics(&kept, &url).await, Ok((200, String::new())));
+    assert_eq!(
+        agent_metrics(&short_lived, &url).await,
+        Ok((200, String::new()))
+    );
+
+    let out = cloud
+        .cli()
+        .args(["server", "revoke", &name, "--serial", &serial_of(&stolen.0)])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let revoked_at = Instant::now();
+    let refused = eventually(Duration::from_secs(1), || async {
+        match agent_metrics(&kept, &url).await {
+            Ok((200, _)) => None,
+            other => Some(other),
+        }
+    })
+    .await;
+    let took = revoked_at.elapsed();
+    assert!(
+        refused.is_some() && took < Duration::from_secs(1),
+        "the agent still took the revoked certificate {took:?} after the revoke"
+    );
+    eprintln!("the agent refused the revoked server certificate {took:?} after the revoke");
+    assert_eq!(refused.unwrap(), Ok((401, "certificate_revoked".into())));
+    assert!(
+        agent_metrics(&agent_client(&cloud, &stolen), &url)
+            .await
+            .is_err(),
+        "a new connection with it fails the handshake"
+    );
+    assert_eq!(
+        agent_metrics(&agent_client(&cloud, &other), &url).await,
+        Ok((200, String::new())),
+        "another certificate of the same server still works"
+    );
+
+    // Expiry on the kept-alive connection.
+    let expires = now + Duration::from_secs(3);
+    if let Ok(left) = expires.duration_since(SystemTime::now()) {
+        tokio::time::sleep(left + Duration::from_millis(1100)).await;
+    }
+    assert_eq!(
+        agent_metrics(&short_lived, &url).await,
+        Ok((401, "certificate_expired".into()))
+    );
+}
+
+/// `nimbus server revoke` of an unknown server fails with one line; the cluster's last
+/// server (here also the one answering) is not revoked without --force.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_revoke_refuses_unknown_names_and_the_last_server() {
+    let cloud = TlsCloud::start(bin(), &[]).expect("nimbus server");
+    let one_line_failure = |args: &[&str]| {
+        let out = cloud.cli().args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        assert!(!out.status.success(), "{args:?} must fail");
+        assert_eq!(err.lines().count(), 1, "{args:?}: one line: {err}");
+        err
+    };
+    let err = one_line_failure(&["server", "revoke", "server-0"]);
+    assert!(err.contains("\"server-0\" not found"), "{err}");
+    let err = one_line_failure(&["server", "revoke", "Not_A_Name"]);
+    assert!(err.contains("name"), "{err}");
+    let name = server_cert(&cloud).await.identity.name;
+    let err = one_line_failure(&["server", "revoke", &name]);
+    assert!(err.contains("--force"), "{err}");
+    // The raw answer: a JSON 404 with its stable code.
+    let r = reqwest::Client::builder()
+        .use_preconfigured_tls(cloud.tls_config(None))
+        .build()
+        .unwrap()
+        .post(format!("{}/v1/pki/revoke/server-0?role=server", cloud.url))
+        .bearer_auth(&cloud.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "not_found");
+    // Nothing changed: the server still works with its certificate.
+    let token = cloud.join_token("1h").expect("the server still works");
+    join(&cloud, &token, "after")
+        .await
+        .expect("and issues certificates");
+}
+
+/// A connection kept alive past its client certificate's expiry (`--cert-lifetime`) gets
+/// `401 certificate_expired` at its next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_kept_alive_past_its_certificate_expiry_gets_401() {
+    let cloud = TlsCloud::start(bin(), &["--cert-lifetime", "4s"]).expect("nimbus server");
+    let token = cloud.join_token("1h").unwrap();
+    let (c, k) = join(&cloud, &token, "ex1").await.expect("join");
+    let der = nimbus_pki::certs_from_pem(&c).unwrap();
+    let not_after = nimbus_pki::PeerCert::from_der(&der[0]).unwrap().not_after;
+    let http = mtls(&cloud, (&c, &k));
+    let healthz = |http: reqwest::Client| {
+        let url = format!("{}/healthz", cloud.url);
+        async move {
+            let r = http.get(url).send().await.map_err(|e| format!("{e:?}"))?;
+            let status = r.status().as_u16();
+            let body: serde_json::Value = r.json().await.unwrap_or_default();
+            Ok::<_, String>((
+                status,
+                body["error"]["code"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            ))
+        }
+    };
+    assert_eq!(healthz(http.clone()).await, Ok((200, String::new())));
+    let left = not_after - nimbus_server::identity::unix_now();
+    tokio::time::sleep(Duration::from_millis(left.max(0) as u64 * 1000 + 1100)).await;
+    assert_eq!(
+        healthz(http.clone()).await,
+        Ok((401, "certificate_expired".into())),
+        "the kept-alive connection"
+    );
+    assert!(
+        healthz(http).await.is_err(),
+        "then the connection is closed and a new handshake fails"
+    );
 }

@@ -9,6 +9,7 @@
 //! - [`ca`]: CA creation, key + CSR generation, issuance from a CSR;
 //! - [`peer`]: what a presented certificate says (identity, serial, validity);
 //! - [`verify`]: rustls verifiers that check chain, role and a revocation list;
+//! - [`revocation`]: revocation lists, and the per-request check of a verified connection;
 //! - [`store`]: the hot-swappable leaf certificate both TLS sides resolve per handshake, and
 //!   when to renew it;
 //! - [`config`]: TLS 1.3-only rustls configs (AES-128-GCM first, ECDSA P-256 keys).
@@ -16,14 +17,16 @@
 pub mod ca;
 pub mod config;
 pub mod peer;
+pub mod revocation;
 pub mod store;
 pub mod verify;
 
 pub use ca::{new_key_and_csr, Ca, Issued};
 pub use config::{client_config, pinning_probe_config, server_config};
 pub use peer::PeerCert;
+pub use revocation::{stale, NoRevocation, Revocation, ServerRevocationList, Stale};
 pub use store::{renew_at, CertStore};
-pub use verify::{ClusterClientVerifier, ClusterServerVerifier, NoRevocation, Revocation};
+pub use verify::{ClusterClientVerifier, ClusterServerVerifier};
 
 /// What a certificate holder is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -14,23 +14,7 @@ use rustls::{
     SignatureScheme,
 };
 
-use crate::{PeerCert, Role};
-
-/// The revocation list a verifier consults on every handshake.
-pub trait Revocation: Send + Sync + std::fmt::Debug {
-    /// Whether `peer` (its serial or its holder) is revoked.
-    fn is_revoked(&self, peer: &PeerCert) -> bool;
-}
-
-/// Nothing is revoked.
-#[derive(Debug, Default)]
-pub struct NoRevocation;
-
-impl Revocation for NoRevocation {
-    fn is_revoked(&self, _: &PeerCert) -> bool {
-        false
-    }
-}
+use crate::{PeerCert, Revocation, Role};
 
 fn algorithms() -> WebPkiSupportedAlgorithms {
     rustls::crypto::ring::default_provider().signature_verification_algorithms

@@ -85,20 +85,31 @@ impl Forwarder {
         path: &str,
         body: Option<&CommandEnvelope>,
     ) -> Result<Result<T, WriteError>, CallError> {
-        let mut rb = self
-            .http
-            .post(format!("{}{path}", url.trim_end_matches('/')))
-            .bearer_auth(&self.secret);
-        if let Some(b) = body {
-            rb = rb.json(b);
-        }
-        let resp = rb.send().await.map_err(|e| {
-            if e.is_connect() {
-                CallError::NotSent(format!("cannot connect to the leader at {url}"))
-            } else {
-                CallError::Unknown(format!("the leader at {url} did not answer: {e}"))
+        let mut retried = false;
+        let resp = loop {
+            let mut rb = self
+                .http
+                .post(format!("{}{path}", url.trim_end_matches('/')))
+                .bearer_auth(&self.secret);
+            if let Some(b) = body {
+                rb = rb.json(b);
             }
-        })?;
+            let resp = rb.send().await.map_err(|e| {
+                if e.is_connect() {
+                    CallError::NotSent(format!("cannot connect to the leader at {url}"))
+                } else {
+                    CallError::Unknown(format!("the leader at {url} did not answer: {e}"))
+                }
+            })?;
+            // A kept-alive connection that outlived this server's previous certificate is
+            // refused before the router (nothing applied) and closed: a new one presents the
+            // renewed certificate.
+            if resp.status() == reqwest::StatusCode::UNAUTHORIZED && !retried {
+                retried = true;
+                continue;
+            }
+            break resp;
+        };
         if !resp.status().is_success() {
             return Err(CallError::Unknown(format!(
                 "the leader at {url} answered HTTP {}",

@@ -14,9 +14,14 @@
 //!   CSR for a certificate `nimbus://agent/<name>`; the redeem is a Raft command, so a token
 //!   works once cluster-wide.
 //! - **Renewal**: `POST /v1/pki/renew` with the current client certificate.
-//! - **Revocation**: `POST /v1/pki/revoke/{name}` (admin) records the holder in the state;
-//!   every handshake and every request checks it (so open keep-alive connections are cut off
-//!   at their next request).
+//! - **Revocation**: `POST /v1/pki/revoke/{name}` (admin) records in the state a holder (a
+//!   node, or a server with `role=server`: every certificate it has or will get, for good) or
+//!   one certificate (`serial=`: the holder may come back with a new one, e.g. a node joining
+//!   again with a fresh token). Every handshake and every request checks the list, and the
+//!   expiry (so an open keep-alive connection is cut off at its next request: `401
+//!   certificate_revoked` / `certificate_expired`). Agents learn the server revocations with
+//!   their assignments. A server refuses to revoke itself or the last server not revoked
+//!   without `force=true`.
 //!
 //! | route | credential | what |
 //! |---|---|---|
@@ -24,7 +29,7 @@
 //! | `GET /v1/pki/ca` | admin | the CA certificate |
 //! | `POST /v1/pki/join` | join token (body) | certificate for a new node |
 //! | `POST /v1/pki/renew` | agent certificate | certificate for the same node |
-//! | `POST /v1/pki/revoke/{name}` | admin | revoke every certificate of a node |
+//! | `POST /v1/pki/revoke/{name}` | admin | revoke a node's or server's certificates, or one |
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -36,7 +41,8 @@ use axum::http::StatusCode;
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use nimbus_api::pki::{
-    CreateJoinTokenRequest, IssuedCert, JoinToken, NodeJoinRequest, RenewRequest,
+    CreateJoinTokenRequest, IssuedCert, JoinToken, NodeJoinRequest, RenewRequest, RevokeQuery,
+    RevokeRole,
 };
 use nimbus_api::{ApiError, ErrorCode};
 use nimbus_pki::{Ca, CertStore, Identity, PeerCert, Revocation, Role};
@@ -45,7 +51,7 @@ use nimbus_state::raft::RaftNode;
 use nimbus_state::Command;
 
 use crate::app::AppState;
-use crate::error::{ApiJson, HttpResult};
+use crate::error::{ApiJson, ApiQuery, HttpResult};
 use crate::masterkey::MasterKeys;
 use crate::StartError;
 
@@ -118,9 +124,15 @@ impl std::fmt::Debug for StateRevocation {
 
 impl Revocation for StateRevocation {
     fn is_revoked(&self, peer: &PeerCert) -> bool {
-        self.0
-            .get()
-            .is_some_and(|r| r.read(|s| s.pki.revoked.contains_key(&peer.identity.name)))
+        self.0.get().is_some_and(|r| {
+            r.read(|s| {
+                s.pki.is_revoked(
+                    &peer.identity.name,
+                    peer.identity.role == Role::Server,
+                    &peer.serial,
+                )
+            })
+        })
     }
 }
 
@@ -417,6 +429,11 @@ impl Pki {
         Ok((format!("{}{}", issued.cert_pem, ca.cert_pem()), key))
     }
 
+    /// This server's certificate identity.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
     /// Whether the API is served over TLS.
     pub fn is_tls(&self) -> bool {
         self.server_tls.is_some()
@@ -529,7 +546,8 @@ pub fn install_ca(
         JoinToken,
         NodeJoinRequest,
         RenewRequest,
-        IssuedCert
+        IssuedCert,
+        RevokeRole
     ))
 )]
 pub struct PkiDoc;
@@ -666,24 +684,119 @@ async fn renew(
     Ok(Json(issue(&app, &req.csr, &peer.identity)?))
 }
 
-/// Revoke every certificate of a node (admin).
-#[utoipa::path(post, path = "/v1/pki/revoke/{name}", params(("name" = String, Path)), responses((status = 204), (status = 400, body = nimbus_api::ErrorBody), (status = 401, body = nimbus_api::ErrorBody), (status = 403, body = nimbus_api::ErrorBody)))]
+/// Revoke every certificate of a node or server (`role=server`), or one (`serial`) (admin).
+#[utoipa::path(post, path = "/v1/pki/revoke/{name}", params(("name" = String, Path), RevokeQuery), responses((status = 204, description = "revoked (again: no change)"), (status = 400, body = nimbus_api::ErrorBody), (status = 401, body = nimbus_api::ErrorBody), (status = 403, body = nimbus_api::ErrorBody), (status = 404, description = "no server of that name (`role=server`): code `not_found`", body = nimbus_api::ErrorBody), (status = 409, description = "it is the answering server or the last server not revoked (use `force`), or this server runs without TLS", body = nimbus_api::ErrorBody), (status = 422, body = nimbus_api::ErrorBody)))]
 async fn revoke(
     State(app): State<AppState>,
     UrlPath(name): UrlPath<String>,
+    ApiQuery(q): ApiQuery<RevokeQuery>,
 ) -> HttpResult<StatusCode> {
     if !nimbus_pki::valid_name(&name) {
         return Err(
             ApiError::invalid("name", "use 1 to 63 lowercase letters, digits or '-'").into(),
         );
     }
-    app.propose(Command::Pki(PkiCommand::Revoke {
-        node: name.clone(),
-        now: unix_now(),
-    }))
-    .await?;
-    tracing::info!(node = %name, "revoked the node's certificates");
+    let serial = match &q.serial {
+        Some(s) => Some(normalize_serial(s)?),
+        None => None,
+    };
+    let server = q.role == RevokeRole::Server;
+    if server {
+        check_server_revocation(&app, &name, serial.as_deref(), q.force)?;
+    }
+    let now = unix_now();
+    let cmd = match (serial.clone(), server) {
+        (Some(serial), _) => PkiCommand::RevokeSerial {
+            serial,
+            holder: name.clone(),
+            server,
+            now,
+        },
+        (None, true) => PkiCommand::RevokeServer {
+            name: name.clone(),
+            now,
+        },
+        (None, false) => PkiCommand::Revoke {
+            node: name.clone(),
+            now,
+        },
+    };
+    app.propose(Command::Pki(cmd)).await?;
+    tracing::info!(holder = %name, server, serial = ?serial, "revoked certificates");
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// A serial as the CA writes it (lowercase hex, even length: [`nimbus_pki::Issued::serial`]).
+fn normalize_serial(s: &str) -> Result<String, ApiError> {
+    let s = s
+        .trim()
+        .trim_start_matches("0x")
+        .replace(':', "")
+        .to_ascii_lowercase();
+    if s.is_empty()
+        || s.len() > 64
+        || !s.len().is_multiple_of(2)
+        || !s.bytes().all(|b| b.is_ascii_hexdigit())
+    {
+        return Err(ApiError::invalid(
+            "serial",
+            "a certificate serial is 2 to 64 hex digits (an even number), as issued",
+        ));
+    }
+    Ok(s)
+}
+
+/// A server revocation must name a server of the cluster (a member, or one revoked before),
+/// and may not take out the answering server or the last server not revoked unless forced.
+fn check_server_revocation(
+    app: &AppState,
+    name: &str,
+    serial: Option<&str>,
+    force: bool,
+) -> Result<(), ApiError> {
+    let members: Vec<String> = app
+        .raft
+        .members()
+        .iter()
+        .map(|m| crate::peers::server_identity(m.id).name)
+        .collect();
+    let revoked = app.read(|s| s.pki.revoked_servers.clone());
+    if !members.iter().any(|m| m == name) && !revoked.contains_key(name) {
+        return Err(ApiError::new(
+            ErrorCode::NotFound,
+            format!("server {name:?} not found (`nimbus server list` shows the servers: server-<id in hex>)"),
+        )
+        .with_field("name"));
+    }
+    if force {
+        return Ok(());
+    }
+    let own = app.pki.identity();
+    let own_serial = app
+        .pki
+        .own
+        .as_ref()
+        .and_then(|o| o.current())
+        .map(|c| c.serial);
+    let is_own = match serial {
+        None => own.role == Role::Server && own.name == name,
+        Some(s) => own_serial.as_deref() == Some(s),
+    };
+    if is_own {
+        return Err(ApiError::conflict(format!(
+            "{name} is the server answering this request: revoking it cuts it off from the cluster; use --force (or ask another server)"
+        )));
+    }
+    if serial.is_none()
+        && !members
+            .iter()
+            .any(|m| m != name && !revoked.contains_key(m))
+    {
+        return Err(ApiError::conflict(format!(
+            "{name} is the last server not revoked: the cluster would have none; use --force"
+        )));
+    }
+    Ok(())
 }
 
 /// The route a node joins by (no bearer token: the join token is in the body).
@@ -700,16 +813,33 @@ pub fn certificate_identity(
     req: &Request,
 ) -> Option<Result<crate::auth::Identity, ApiError>> {
     let PeerIdentity(peer) = req.extensions().get::<PeerIdentity>()?;
-    if app.pki.revocation.is_revoked(peer) {
-        return Some(Err(ApiError::new(
-            ErrorCode::Unauthorized,
-            format!("the certificate of {} is revoked", peer.identity),
-        )));
+    if let Some(why) = nimbus_pki::stale(peer, app.pki.revocation.as_ref(), unix_now()) {
+        return Some(Err(stale_error(peer, why)));
     }
     Some(Ok(match peer.identity.role {
         Role::Agent => crate::auth::Identity::Node(peer.identity.name.clone()),
         Role::Server => crate::auth::Identity::Server,
     }))
+}
+
+/// The `401` of a request whose connection's certificate is no longer good.
+pub fn stale_error(peer: &PeerCert, why: nimbus_pki::Stale) -> ApiError {
+    match why {
+        nimbus_pki::Stale::Expired => ApiError::new(
+            ErrorCode::CertificateExpired,
+            format!(
+                "the certificate of {} (serial {}) expired; reconnect with a renewed one",
+                peer.identity, peer.serial
+            ),
+        ),
+        nimbus_pki::Stale::Revoked => ApiError::new(
+            ErrorCode::CertificateRevoked,
+            format!(
+                "the certificate of {} (serial {}) is revoked",
+                peer.identity, peer.serial
+            ),
+        ),
+    }
 }
 
 /// Whether this is a certificate renewal (`POST /v1/pki/renew` with a client certificate): the
@@ -744,6 +874,26 @@ mod tests {
             "/v1/pki/ca",
         ] {
             assert!(doc.paths.paths.contains_key(p), "{p}");
+        }
+        let json = serde_json::to_value(&doc).unwrap();
+        let revoke = &json["paths"]["/v1/pki/revoke/{name}"]["post"];
+        assert!(revoke["responses"]["404"].is_object(), "{revoke}");
+        let params: Vec<&str> = revoke["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|p| p["name"].as_str())
+            .collect();
+        for p in ["name", "role", "serial", "force"] {
+            assert!(params.contains(&p), "{p} in {params:?}");
+        }
+    }
+
+    #[test]
+    fn serials_are_normalized_or_refused() {
+        assert_eq!(normalize_serial("0A:bC").unwrap(), "0abc");
+        for bad in ["", "abc", "zz", &"ab".repeat(33)] {
+            assert!(normalize_serial(bad).is_err(), "{bad:?}");
         }
     }
 

@@ -339,7 +339,7 @@ impl Server {
             ));
         }
         let serve = if let Some(tls) = pki.server_tls.clone() {
-            tls::serve(listener, router, tls)
+            tls::serve(listener, router, tls, pki.revocation.clone())
         } else {
             tokio::spawn(async move {
                 if let Err(e) = axum::serve(

@@ -1,6 +1,9 @@
 //! Serving the API over TLS 1.3: a rustls handshake per connection, then HTTP/1.1 (with
 //! upgrades) into the router, each request carrying the peer address and, if the client
-//! presented a verified certificate, its [`PeerIdentity`].
+//! presented a verified certificate, its [`PeerIdentity`]. Such a request is refused before
+//! the router (`401 certificate_expired` / `certificate_revoked`, and the connection closed)
+//! once the certificate expired or was revoked since the handshake: a kept-alive connection
+//! does not outlive its certificate.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -86,12 +89,14 @@ pub fn serve(
     listener: TcpListener,
     router: Router,
     config: Arc<rustls::ServerConfig>,
+    revocation: Arc<dyn nimbus_pki::Revocation>,
 ) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move { accept(&listener, router, config).await })
+    tokio::spawn(async move { accept(&listener, router, config, revocation).await })
 }
 
 /// Serves `router` on `listener` with `config` until `stop` fires (or is dropped); the task
-/// then hands the listener back (connections already accepted run on).
+/// then hands the listener back (connections already accepted run on). Nothing is revoked
+/// yet while it serves (the TLS bootstrap's provisional CA).
 pub fn serve_until(
     listener: TcpListener,
     router: Router,
@@ -100,14 +105,19 @@ pub fn serve_until(
 ) -> tokio::task::JoinHandle<TcpListener> {
     tokio::spawn(async move {
         tokio::select! {
-            () = accept(&listener, router, config) => {}
+            () = accept(&listener, router, config, Arc::new(nimbus_pki::NoRevocation)) => {}
             _ = stop => {}
         }
         listener
     })
 }
 
-async fn accept(listener: &TcpListener, router: Router, config: Arc<rustls::ServerConfig>) {
+async fn accept(
+    listener: &TcpListener,
+    router: Router,
+    config: Arc<rustls::ServerConfig>,
+    revocation: Arc<dyn nimbus_pki::Revocation>,
+) {
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     loop {
         let (tcp, addr) = match listener.accept().await {
@@ -119,8 +129,25 @@ async fn accept(listener: &TcpListener, router: Router, config: Arc<rustls::Serv
             }
         };
         let _ = tcp.set_nodelay(true);
-        tokio::spawn(connection(acceptor.clone(), tcp, addr, router.clone()));
+        tokio::spawn(connection(
+            acceptor.clone(),
+            tcp,
+            addr,
+            router.clone(),
+            revocation.clone(),
+        ));
     }
+}
+
+/// The error response that also ends the connection.
+fn refused_response(e: nimbus_api::ApiError) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let mut r = crate::error::HttpError(e).into_response();
+    r.headers_mut().insert(
+        axum::http::header::CONNECTION,
+        axum::http::HeaderValue::from_static("close"),
+    );
+    r
 }
 
 async fn connection(
@@ -128,6 +155,7 @@ async fn connection(
     tcp: tokio::net::TcpStream,
     addr: SocketAddr,
     router: Router,
+    revocation: Arc<dyn nimbus_pki::Revocation>,
 ) {
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(Lingering(Some(tcp))))
         .await
@@ -148,10 +176,22 @@ async fn connection(
         .map(PeerIdentity);
     let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         req.extensions_mut().insert(ConnectInfo(addr));
+        let mut refused = None;
         if let Some(p) = &peer {
+            let now = crate::identity::unix_now();
+            if let Some(why) = nimbus_pki::stale(&p.0, revocation.as_ref(), now) {
+                tracing::info!(%addr, peer = %p.0.identity, ?why, "request on a verified connection refused");
+                refused = Some(refused_response(crate::identity::stale_error(&p.0, why)));
+            }
             req.extensions_mut().insert(p.clone());
         }
-        router.clone().oneshot(req)
+        let router = router.clone();
+        async move {
+            match refused {
+                Some(r) => Ok(r),
+                None => router.oneshot(req).await,
+            }
+        }
     });
     if let Err(e) = hyper::server::conn::http1::Builder::new()
         .serve_connection(TokioIo::new(tls), svc)

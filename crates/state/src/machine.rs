@@ -155,6 +155,9 @@ impl From<StateData> for StateMachine {
     }
 }
 
+/// The wake-up key of a revocation of server certificates (every node's poll waits on it).
+const PKI_WAKE_KEY: &str = "pki";
+
 /// The kinds of change revisions, each with its wake-up key (`n/NODE` for a node's own
 /// assignments and map, `net/KEY`, `g/KEY`, `lb/KEY`).
 #[derive(Debug, Clone, Copy)]
@@ -288,7 +291,14 @@ impl StateMachine {
     fn apply_command(&mut self, index: u64, env: &CommandEnvelope) -> CommandResult {
         match &env.command {
             Command::Noop => Ok(CommandOutput::None),
-            Command::Pki(c) => self.data.pki.apply(c).map(|()| CommandOutput::None),
+            Command::Pki(c) => {
+                self.data.pki.apply(c)?;
+                if c.concerns_agents() {
+                    self.data.pki.server_revocations_revision = self.revision;
+                    self.woken.insert(PKI_WAKE_KEY.to_string());
+                }
+                Ok(CommandOutput::None)
+            }
             Command::Batch { commands: envs } => Ok(CommandOutput::Batch(
                 envs.iter()
                     .map(|e| {
@@ -565,10 +575,16 @@ impl StateMachine {
             .fold(own, u64::max)
     }
 
-    /// The revision at which `node`'s assignments last changed: the latest of its own and
-    /// those of the load balancers it serves.
+    /// The revision at which `node`'s assignments last changed: the latest of its own, the last
+    /// revocation of server certificates (sent with them) and those of the load balancers it
+    /// serves.
     pub fn assignment_revision(&self, node: &str) -> u64 {
-        let own = self.assignment_revisions.get(node).copied().unwrap_or(0);
+        let own = self
+            .assignment_revisions
+            .get(node)
+            .copied()
+            .unwrap_or(0)
+            .max(self.pki.server_revocations_revision);
         self.lbs_served_by(node)
             .filter_map(|k| self.lb_revisions.get(k))
             .copied()
@@ -583,11 +599,12 @@ impl StateMachine {
             .map(|(k, _)| k)
     }
 
-    /// The wake-up keys a long-poll of `node` waits on: its own, its networks', the groups it
-    /// shows, the load balancers it serves (see `raft/wakeups.rs`).
+    /// The wake-up keys a long-poll of `node` waits on: its own, the revocations of server
+    /// certificates, its networks', the groups it shows, the load balancers it serves (see
+    /// `raft/wakeups.rs`).
     pub fn wake_keys(&self, node: &str) -> Vec<String> {
         let (nets, groups) = self.map_keys(node);
-        let mut keys = vec![Revisions::Assignments.wake_key(node)];
+        let mut keys = vec![Revisions::Assignments.wake_key(node), PKI_WAKE_KEY.into()];
         keys.extend(nets.iter().map(|n| Revisions::Network.wake_key(n)));
         keys.extend(groups.iter().map(|g| Revisions::Group.wake_key(g)));
         keys.extend(self.lbs_served_by(node).map(|k| Revisions::Lb.wake_key(k)));

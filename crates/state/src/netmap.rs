@@ -232,5 +232,6 @@ pub fn assignments_of(sm: &StateMachine, node: &str, with_network: bool) -> Assi
         loadbalancers: sm.lb_assignments(node),
         network: with_network.then(|| network_map(sm, node)),
         network_delta: None,
+        revoked_servers: Some(sm.pki.server_revocations()),
     }
 }

@@ -1,5 +1,7 @@
 //! The cluster's PKI records: the CA certificate every server verifies with, one-time join
-//! tokens (stored as SHA-256 hashes, expiring) and revoked certificate holders. Times come in
+//! tokens (stored as SHA-256 hashes, expiring) and the revocations: of holders by name (nodes
+//! and servers, every certificate they hold or will hold) and of single certificates by serial
+//! (the holder may come back with a new one). Times come in
 //! the commands (the proposer's clock), so `apply` stays deterministic. The CA private key is
 //! here only sealed under the cluster master key (which never enters the state), so every
 //! server holding the master key can issue certificates (see `nimbus_server::identity`).
@@ -27,6 +29,27 @@ pub struct PkiState {
     /// Revoked holders (node names): when (Unix seconds). Their certificates are refused.
     #[serde(default)]
     pub revoked: BTreeMap<String, i64>,
+    /// Revoked servers (`server-<id>`): when (Unix seconds).
+    #[serde(default)]
+    pub revoked_servers: BTreeMap<String, i64>,
+    /// Revoked certificates by serial (hex).
+    #[serde(default)]
+    pub revoked_serials: BTreeMap<String, RevokedSerial>,
+    /// State revision of the last revocation that concerns servers (agents refuse revoked
+    /// server certificates: it wakes their assignment polls).
+    #[serde(default)]
+    pub server_revocations_revision: u64,
+}
+
+/// One revoked certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevokedSerial {
+    /// Its holder's name.
+    pub holder: String,
+    /// Whether the holder is a server (else a node).
+    pub server: bool,
+    /// When (Unix seconds).
+    pub at: i64,
 }
 
 /// A PKI mutation.
@@ -69,6 +92,34 @@ pub enum PkiCommand {
         /// The proposer's time (Unix seconds).
         now: i64,
     },
+    /// Revoke every certificate of server `name` (`server-<id>`).
+    RevokeServer {
+        /// Server name.
+        name: String,
+        /// The proposer's time (Unix seconds).
+        now: i64,
+    },
+    /// Revoke the one certificate `serial` of `holder`.
+    RevokeSerial {
+        /// Serial (lowercase hex).
+        serial: String,
+        /// The holder's name.
+        holder: String,
+        /// Whether the holder is a server.
+        server: bool,
+        /// The proposer's time (Unix seconds).
+        now: i64,
+    },
+}
+
+impl PkiCommand {
+    /// Whether agents must learn of this command (it revokes server certificates).
+    pub fn concerns_agents(&self) -> bool {
+        matches!(
+            self,
+            Self::RevokeServer { .. } | Self::RevokeSerial { server: true, .. }
+        )
+    }
 }
 
 impl PkiState {
@@ -139,6 +190,49 @@ impl PkiState {
                 self.revoked.entry(node.clone()).or_insert(*now);
                 Ok(())
             }
+            PkiCommand::RevokeServer { name, now } => {
+                self.revoked_servers.entry(name.clone()).or_insert(*now);
+                Ok(())
+            }
+            PkiCommand::RevokeSerial {
+                serial,
+                holder,
+                server,
+                now,
+            } => {
+                self.revoked_serials
+                    .entry(serial.clone())
+                    .or_insert_with(|| RevokedSerial {
+                        holder: holder.clone(),
+                        server: *server,
+                        at: *now,
+                    });
+                Ok(())
+            }
+        }
+    }
+
+    /// Whether the certificate `serial` of `name` (a server if `server`, else a node) is
+    /// revoked.
+    pub fn is_revoked(&self, name: &str, server: bool, serial: &str) -> bool {
+        let holders = if server {
+            &self.revoked_servers
+        } else {
+            &self.revoked
+        };
+        holders.contains_key(name) || self.revoked_serials.contains_key(serial)
+    }
+
+    /// What agents must refuse.
+    pub fn server_revocations(&self) -> nimbus_api::pki::ServerRevocations {
+        nimbus_api::pki::ServerRevocations {
+            names: self.revoked_servers.keys().cloned().collect(),
+            serials: self
+                .revoked_serials
+                .iter()
+                .filter(|(_, r)| r.server)
+                .map(|(s, _)| s.clone())
+                .collect(),
         }
     }
 }
@@ -198,6 +292,40 @@ mod tests {
             ErrorCode::Forbidden
         );
         redeem(&mut s, "h", "n2", 10).unwrap();
+    }
+
+    #[test]
+    fn revocations_by_name_are_per_role_and_by_serial_per_certificate() {
+        let mut s = PkiState::default();
+        s.apply(&PkiCommand::RevokeServer {
+            name: "server-1".into(),
+            now: 5,
+        })
+        .unwrap();
+        s.apply(&PkiCommand::RevokeSerial {
+            serial: "0abc".into(),
+            holder: "n1".into(),
+            server: false,
+            now: 6,
+        })
+        .unwrap();
+        assert!(s.is_revoked("server-1", true, "01"));
+        assert!(
+            !s.is_revoked("server-1", false, "01"),
+            "a node of that name"
+        );
+        assert!(s.is_revoked("n1", false, "0abc"));
+        assert!(!s.is_revoked("n1", false, "0abd"), "n1's next certificate");
+        // A serial revocation leaves the name admissible.
+        create(&mut s, "h", 100, 0);
+        redeem(&mut s, "h", "n1", 10).unwrap();
+        assert_eq!(
+            s.server_revocations(),
+            nimbus_api::pki::ServerRevocations {
+                names: vec!["server-1".into()],
+                serials: vec![],
+            }
+        );
     }
 
     #[test]
