@@ -14,6 +14,7 @@ pub mod requests;
 pub mod resources;
 pub mod secret;
 pub mod validate;
+pub mod volume;
 
 pub use error::{ApiError, ErrorBody, ErrorCode};
 pub use network::*;

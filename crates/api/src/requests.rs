@@ -93,6 +93,9 @@ pub struct CreateInstanceRequest {
     /// variable (`env`), for containers and VMs.
     #[serde(default)]
     pub secrets: Vec<crate::secret::SecretUse>,
+    /// Volumes of the project to attach (refused until volumes have a data path).
+    #[serde(default)]
+    pub volumes: Vec<crate::volume::VolumeUse>,
 }
 
 /// A validated create: everything `apply` needs to make the instance (it resolves the image,

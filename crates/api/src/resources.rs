@@ -308,6 +308,9 @@ pub struct InstanceSpec {
     /// Secrets delivered to the instance as files or environment variables.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub secrets: Vec<crate::secret::SecretUse>,
+    /// Volumes attached to the instance.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<crate::volume::VolumeUse>,
 }
 
 fn default_network() -> String {

@@ -262,6 +262,7 @@ pub fn create_instance(
     }
     let publish = net::publish_list(&req.publish)?;
     crate::secret::secret_uses(&req.secrets, &req.env)?;
+    crate::volume::volume_uses(&req.volumes, vm)?;
     Ok(InstanceDraft {
         name: req.name.clone(),
         project: project.to_string(),
@@ -295,6 +296,7 @@ pub fn create_instance(
             security_groups,
             publish,
             secrets: req.secrets.clone(),
+            volumes: req.volumes.clone(),
         },
     })
 }

@@ -15,6 +15,7 @@ use serde::Serialize;
 
 mod network;
 mod secret;
+mod volume;
 
 /// Client failures.
 #[derive(Debug, thiserror::Error)]

@@ -136,6 +136,12 @@ pub enum Command {
     /// Secrets (sealed values for instances and load balancers).
     #[command(subcommand)]
     Secret(crate::secret_cmd::SecretCmd),
+    /// Persistent volumes.
+    #[command(subcommand, alias = "vol")]
+    Volume(crate::volume_cmd::VolumeCmd),
+    /// Storage pools.
+    #[command(subcommand)]
+    Storage(crate::volume_cmd::StorageCmd),
     /// The server cluster as a whole.
     #[command(subcommand)]
     Cluster(crate::secret_cmd::ClusterCmd),
@@ -498,6 +504,10 @@ pub struct LaunchArgs {
     /// Set an environment variable from a secret of the project (repeatable).
     #[arg(long = "secret-env", value_name = "NAME:VAR")]
     pub secret_env: Vec<String>,
+    /// Attach a volume of the project: NAME:/PATH, or NAME for a VM's raw disk (repeatable;
+    /// refused until volumes have a data path).
+    #[arg(long = "volume", value_name = "NAME:/PATH")]
+    pub volumes: Vec<String>,
     /// Command and arguments (after `--`).
     #[arg(last = true)]
     pub command: Vec<String>,

@@ -10,6 +10,7 @@ mod net_cmd;
 mod secret_cmd;
 mod tls_cmd;
 mod verbs;
+mod volume_cmd;
 
 use std::process::ExitCode;
 
@@ -124,6 +125,13 @@ async fn run(cli: Cli) -> Result<i32> {
                     secret_cmd::run(&c, cmd).await?;
                 }
                 Command::Cluster(cmd) => secret_cmd::cluster(&c, cmd).await?,
+                Command::Volume(_) => {
+                    let Command::Volume(cmd) = cli.command else {
+                        unreachable!()
+                    };
+                    volume_cmd::run(&c, cmd).await?;
+                }
+                Command::Storage(cmd) => volume_cmd::storage(&c, cmd).await?,
                 Command::Events { follow, all, o } => {
                     verbs::events(&c, *follow, *all, o.output).await?;
                 }

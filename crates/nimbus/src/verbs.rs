@@ -169,6 +169,7 @@ pub async fn launch(c: &Client, a: LaunchArgs) -> Result<()> {
         security_groups: a.security_groups.clone(),
         publish: a.publish.clone(),
         secrets: secret_uses(&a.secrets, &a.secret_env)?,
+        volumes: crate::volume_cmd::volume_uses(&a.volumes)?,
     };
     let inst = c
         .create_instance(&req, a.idempotency_key.as_deref())

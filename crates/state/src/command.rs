@@ -326,6 +326,53 @@ pub enum Command {
         /// `project/name` -> the value re-wrapped by the new key (same ciphertext).
         items: BTreeMap<String, nimbus_seal::Sealed>,
     },
+    /// Create a volume from a validated request (`nimbus_api::volume::create_volume`).
+    CreateVolume {
+        /// Project.
+        project: String,
+        /// The validated request.
+        volume: nimbus_api::volume::VolumeDraft,
+    },
+    /// Delete a volume attached to nothing.
+    DeleteVolume {
+        /// Project.
+        project: String,
+        /// Name.
+        name: String,
+    },
+    /// Record a snapshot of a volume.
+    SnapshotVolume {
+        /// Project.
+        project: String,
+        /// Volume.
+        name: String,
+        /// Snapshot name.
+        snapshot: String,
+    },
+    /// Grow a volume.
+    ResizeVolume {
+        /// Project.
+        project: String,
+        /// Volume.
+        name: String,
+        /// New size in bytes (not below the current one).
+        size_bytes: u64,
+        /// Expected version.
+        #[serde(default)]
+        version: Option<u64>,
+    },
+    /// Roll a volume back to one of its own snapshots.
+    RestoreVolume {
+        /// Project.
+        project: String,
+        /// Volume.
+        name: String,
+        /// `SNAP` or `VOLUME@SNAP`.
+        snapshot: String,
+        /// Expected version.
+        #[serde(default)]
+        version: Option<u64>,
+    },
     /// Backend health of the LBs a node serves, by LB id.
     ReportLbHealth {
         /// Node.
@@ -373,6 +420,8 @@ pub enum CommandOutput {
     VipLease(nimbus_api::lb::VipLeaseResponse),
     /// A secret (metadata only).
     Secret(Box<nimbus_api::secret::Secret>),
+    /// A volume.
+    Volume(Box<nimbus_api::volume::Volume>),
     /// How many items a command changed.
     Count(u64),
     /// The results of a [`Command::Batch`], in order.

@@ -21,6 +21,7 @@ pub mod tracked;
 pub mod utilization;
 pub mod vip;
 mod vm_probe;
+pub mod volumes;
 pub mod vpc;
 
 pub use command::{
@@ -43,3 +44,5 @@ mod preemption_tests;
 mod utilization_tests;
 #[cfg(test)]
 mod vm_probe_tests;
+#[cfg(test)]
+mod volumes_tests;

@@ -100,6 +100,12 @@ pub struct StateData {
     /// The cluster PKI: CA certificate, join tokens, revoked holders.
     #[serde(default)]
     pub pki: crate::pki::PkiState,
+    /// Volumes by `project/name`.
+    #[serde(default)]
+    pub volumes: BTreeMap<String, nimbus_api::volume::Volume>,
+    /// Storage pools by name (the built-in `local` is not stored unless changed).
+    #[serde(default)]
+    pub storage_pools: BTreeMap<String, nimbus_api::volume::StoragePool>,
 }
 
 /// The replicated state ([`StateData`], which it dereferences to) with its derived indexes,
@@ -243,7 +249,7 @@ pub(crate) fn touch(m: &mut Meta, env: &CommandEnvelope) {
     m.updated_at.clone_from(&env.time);
 }
 
-fn check_version(m: &Meta, expected: Option<u64>) -> Result<(), ApiError> {
+pub(crate) fn check_version(m: &Meta, expected: Option<u64>) -> Result<(), ApiError> {
     match expected {
         Some(v) if v != m.version => Err(ApiError {
             code: ErrorCode::VersionConflict,
@@ -511,6 +517,25 @@ impl StateMachine {
             } => self.create_secret(env, project, name, sealed, labels),
             Command::DeleteSecret { project, name } => self.delete_secret(env, project, name),
             Command::RewrapSecrets { from, to, items } => self.rewrap_secrets(env, from, to, items),
+            Command::CreateVolume { project, volume } => self.create_volume(env, project, volume),
+            Command::DeleteVolume { project, name } => self.delete_volume(env, project, name),
+            Command::SnapshotVolume {
+                project,
+                name,
+                snapshot,
+            } => self.snapshot_volume(env, project, name, snapshot),
+            Command::ResizeVolume {
+                project,
+                name,
+                size_bytes,
+                version,
+            } => self.resize_volume(env, project, name, *size_bytes, *version),
+            Command::RestoreVolume {
+                project,
+                name,
+                snapshot,
+                version,
+            } => self.restore_volume(env, project, name, snapshot, *version),
         }
     }
 
@@ -701,6 +726,11 @@ impl StateMachine {
                 "project {name:?} still has load balancers; delete them first"
             )));
         }
+        if self.project_volumes(name, None).next().is_some() {
+            return Err(ApiError::conflict(format!(
+                "project {name:?} still has volumes; delete them first"
+            )));
+        }
         self.projects.remove(name);
         self.drop_project_networks(name);
         self.event(env, name, "project", name, "Deleted", String::new());
@@ -743,6 +773,7 @@ impl StateMachine {
                 .enumerate()
                 .map(|(i, u)| (format!("secrets[{i}].secret"), u.secret.as_str())),
         )?;
+        self.check_volume_uses(&project, &spec)?;
         let image = self.resolve_image(&spec)?;
         spec.image.clone_from(&image.meta.name);
         spec.image_digest.clone_from(&image.digest);

@@ -152,6 +152,7 @@ pub(crate) fn instance(name: &str, mem: u64) -> Instance {
             security_groups: vec![],
             publish: vec![],
             secrets: vec![],
+            volumes: vec![],
         },
         status: InstanceStatus::default(),
     }

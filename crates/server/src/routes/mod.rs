@@ -20,6 +20,7 @@ pub mod page;
 pub mod projects;
 pub mod secrets;
 pub mod spec;
+pub mod volumes;
 
 /// The OpenAPI document.
 #[derive(OpenApi)]
@@ -87,6 +88,15 @@ pub mod spec;
         secrets::delete,
         secrets::for_instance,
         secrets::rotate,
+        volumes::create,
+        volumes::list,
+        volumes::get,
+        volumes::delete,
+        volumes::snapshot,
+        volumes::resize,
+        volumes::restore,
+        volumes::list_pools,
+        volumes::get_pool,
     ),
     components(schemas(nimbus_api::ErrorBody, nimbus_api::ApiError, nimbus_api::ErrorCode)),
     modifiers(&Documented)
@@ -230,6 +240,7 @@ pub fn router(app: AppState) -> Router {
             get(secrets::for_instance),
         )
         .route("/v1/cluster/master-key/rotate", post(secrets::rotate))
+        .merge(volumes::router())
         .merge(crate::identity::router())
         .layer(DefaultBodyLimit::max(limit));
     let upload = Router::new()
