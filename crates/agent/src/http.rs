@@ -1,6 +1,8 @@
 //! The agent's own API, called by the control plane: exec, logs, console; and `/metrics`.
+//! Described by its own OpenAPI document (`/agent/v1/openapi.json`, fuzzed in CI with a server
+//! certificate); every error is the server API's JSON error body (`nimbus_http`).
 //!
-//! - exec, logs, console: only the servers. Over TLS (a node joined with a certificate) that
+//! - exec, logs, console, the OpenAPI document: only the servers. Over TLS (a node joined with a certificate) that
 //!   is a server certificate of the cluster CA, and nothing else; in plain HTTP the servers'
 //!   credential for this node (the `agent_api_token` of its registration answer; never the
 //!   node token every agent holds).
@@ -168,6 +170,7 @@ async fn not_found() -> Response {
 )]
 struct AgentApiDoc;
 
+/// Adds the two ways in: a server certificate (mutual TLS) or a bearer token.
 struct Security;
 
 impl utoipa::Modify for Security {
