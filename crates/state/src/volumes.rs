@@ -185,22 +185,14 @@ impl StateMachine {
             size_bytes: v.size_bytes,
             created_at: env.time.clone(),
         };
-        let v = self
-            .volumes
-            .get_mut(&volume_key(project, name))
-            .expect("found above");
-        v.snapshots.push(snap);
-        touch(&mut v.meta, env);
-        let v = v.clone();
-        self.event(
+        self.update_volume(
             env,
             project,
-            "volume",
             name,
+            |v| v.snapshots.push(snap),
             "Snapshotted",
             format!("snapshot {snapshot}"),
-        );
-        Ok(out(&v))
+        )
     }
 
     pub(crate) fn resize_volume(
@@ -224,30 +216,22 @@ impl StateMachine {
                 ),
             ));
         }
-        let from = v.size_bytes;
-        let v = self
-            .volumes
-            .get_mut(&volume_key(project, name))
-            .expect("found above");
-        if size_bytes == from {
+        if size_bytes == v.size_bytes {
             return Ok(out(v));
         }
-        v.size_bytes = size_bytes;
-        touch(&mut v.meta, env);
-        let v = v.clone();
-        self.event(
+        let from = v.size_bytes;
+        self.update_volume(
             env,
             project,
-            "volume",
             name,
+            |v| v.size_bytes = size_bytes,
             "Resized",
             format!(
                 "{} -> {}",
                 nimbus_api::validate::format_size(from),
                 nimbus_api::validate::format_size(size_bytes)
             ),
-        );
-        Ok(out(&v))
+        )
     }
 
     /// Rolls a volume back to one of its own snapshots (its size becomes the snapshot's);
@@ -279,21 +263,35 @@ impl StateMachine {
             )));
         }
         let size = s.size_bytes;
+        self.update_volume(
+            env,
+            project,
+            name,
+            |v| v.size_bytes = size,
+            "Restored",
+            format!("from snapshot {snap}"),
+        )
+    }
+
+    /// Applies `change` to a volume found (and checked) before, moves its version and records
+    /// the event `reason` with `message`.
+    fn update_volume(
+        &mut self,
+        env: &CommandEnvelope,
+        project: &str,
+        name: &str,
+        change: impl FnOnce(&mut Volume),
+        reason: &str,
+        message: String,
+    ) -> CommandResult {
         let v = self
             .volumes
             .get_mut(&volume_key(project, name))
-            .expect("found above");
-        v.size_bytes = size;
+            .ok_or_else(|| ApiError::not_found("volume", name))?;
+        change(v);
         touch(&mut v.meta, env);
         let v = v.clone();
-        self.event(
-            env,
-            project,
-            "volume",
-            name,
-            "Restored",
-            format!("from snapshot {snap}"),
-        );
+        self.event(env, project, "volume", name, reason, message);
         Ok(out(&v))
     }
 
